@@ -1,0 +1,10 @@
+//! Sluice's local test ground as a library: a real control plane built from pinned Go
+//! modules (see `e2e/cluster/`), KWOK nodes, a process node, a service proxy and a load
+//! generator. Integration tests use [`TestCluster`](cluster::TestCluster).
+
+pub mod cluster;
+pub mod load;
+pub mod node;
+pub mod scenario;
+pub mod svc_proxy;
+pub mod telemetry;

@@ -1,0 +1,1 @@
+//! Sluice GPU placement engine (see docs/architecture.md).
