@@ -1,0 +1,50 @@
+# Sluice: the few commands people need. `make help` lists them.
+SHELL := /bin/bash
+CARGO ?= cargo
+E2E := target/debug/sluice-e2e
+export SLUICE_REPO := $(CURDIR)
+
+.PHONY: help build test unit e2e lint fmt crds cluster-up cluster-down demo bench bench-agent bench-placement bench-lossless
+
+help: ## List the commands
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
+
+build: ## Build every binary (debug)
+	$(CARGO) build --workspace --bins
+
+test: ## The whole suite: unit tests, then e2e against a real local control plane
+	./e2e/test.sh
+
+unit: ## Unit tests only (no cluster)
+	$(CARGO) test --workspace --lib --bins
+
+lint: ## cargo fmt --check and clippy -D warnings
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+crds: ## Regenerate crds/ from the Rust types
+	$(CARGO) run -q -p sluice-operator -- crds > crds/sluice.dev.yaml
+
+cluster-up: ## Start the local test ground (idempotent); kubeconfig in target/e2e/kubeconfig
+	$(CARGO) build -q -p sluice-e2e --bins
+	$(E2E) cluster up
+
+cluster-down: ## Stop everything cluster-up started and remove its state
+	@if [ -x $(E2E) ]; then $(E2E) cluster down; else echo "nothing to stop (no $(E2E))"; fi
+
+demo: ## Bring the test ground up, install Sluice and show it working
+	./e2e/demo.sh
+
+bench: bench-agent bench-placement bench-lossless ## All benchmarks; JSON under target/bench/
+
+bench-agent: ## Agent overhead: direct vs sluice-agent vs HAProxy
+	./agent/bench/run.sh
+
+bench-placement: ## GPU placement policies on the Alibaba trace and synthetic fleets
+	./placement/bench/run.sh
+
+bench-lossless: ## Rolling-release baselines (and Sluice) under load on the test ground
+	./e2e/bench-lossless.sh
