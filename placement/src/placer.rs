@@ -1,0 +1,1128 @@
+//! The placer: Sluice's policy and the baselines, in one gang-placement harness.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{FleetError, PlaceError};
+use crate::fleet::{Fleet, MILLI_PER_GPU, Node, PodAssignment};
+use crate::fx::{FxMap, splitmix64};
+use crate::profile::{
+    Compiled, View, WorkloadProfile, allowed_products, pods_fit, product_ok, whole_counts,
+};
+use crate::request::{GangPlacement, GangRequest, GpuDemand, MigSelector, TopologyLevel};
+
+/// A placement policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Policy {
+    /// Sluice: topology-aware fragmentation gradient descent with gang domains, preferred
+    /// levels, spreading and packing tie-breaks.
+    Sluice,
+    /// FGD as in the paper: minimise the increase of node fragmentation relative to the
+    /// workload; topology-blind (required domains are still honoured by the harness).
+    Fgd,
+    /// First node (in fleet order) that fits, lowest GPU indices.
+    FirstFit,
+    /// Node with the least remaining GPU and CPU after placement; tightest GPU.
+    BestFit,
+    /// GPU packing: shares onto GPUs already in use, then the most-allocated node.
+    Packing,
+    /// Uniformly random feasible node and GPUs (seeded, deterministic).
+    Random {
+        /// Seed.
+        seed: u64,
+    },
+}
+
+impl Policy {
+    /// Short name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Policy::Sluice => "sluice",
+            Policy::Fgd => "fgd",
+            Policy::FirstFit => "first-fit",
+            Policy::BestFit => "best-fit",
+            Policy::Packing => "packing",
+            Policy::Random { .. } => "random",
+        }
+    }
+}
+
+/// Tunables of Sluice's scoring.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlacerConfig {
+    /// Penalty, in GPUs of fragmentation, per replica of the same owner already in the
+    /// candidate's spread domain.
+    pub spread_weight: f64,
+    /// Weight of the domain-level (multi-node gang) fragmentation term.
+    pub domain_weight: f64,
+}
+
+impl Default for PlacerConfig {
+    fn default() -> Self {
+        PlacerConfig {
+            spread_weight: 4.0,
+            domain_weight: 1.0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Choice {
+    score: f64,
+    mask: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GMode {
+    Any,
+    SingleGroup,
+    Exactly(u8),
+}
+
+impl GMode {
+    fn code(self) -> u64 {
+        match self {
+            GMode::Any => 0,
+            GMode::SingleGroup => 1,
+            GMode::Exactly(g) => 2 + u64::from(g),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lvl {
+    Label(usize),
+    Node,
+    Group,
+}
+
+struct Rq {
+    pods: u32,
+    demand: GpuDemand,
+    cpu: u64,
+    mem: u64,
+    allowed: Option<Vec<bool>>,
+    min_mem: u64,
+    mig: MigSelector,
+    required: Option<Lvl>,
+    preferred: Option<Lvl>,
+    spread: Option<(usize, String, Option<u32>)>,
+    key: u64,
+}
+
+#[derive(Default)]
+struct DomAgg {
+    level: usize,
+    per_pod: u32,
+    pods: u32,
+    w: f64,
+    allowed: Option<Vec<bool>>,
+    min_mem: u64,
+    cap: Vec<u32>,
+    free: Vec<u64>,
+}
+
+#[derive(Default)]
+struct Ctx {
+    doms: Vec<DomAgg>,
+    fine: Option<usize>,
+    fine_free: Vec<u64>,
+    fine_cap: Vec<u64>,
+    spread_min: u32,
+    decision: u64,
+}
+
+type Overlay = Vec<(usize, Vec<u32>, u64, u64)>;
+/// (total score, first pod's score, per pod: node index and GPU mask).
+type Greedy = (f64, f64, Vec<(usize, u64)>);
+
+/// The gang placer. One instance per fleet; it caches evaluations keyed by node state.
+pub struct Placer {
+    policy: Policy,
+    profile: WorkloadProfile,
+    config: PlacerConfig,
+    compiled: Option<Compiled>,
+    memo: FxMap<u64, Option<Choice>>,
+    memo_fleet: u64,
+    req_keys: HashMap<String, u64>,
+    decisions: u64,
+}
+
+fn view_of(n: &Node) -> View<'_> {
+    View {
+        product: n.product,
+        gpu_mem: n.gpu_mem_mib,
+        mig: n.mig,
+        free: &n.free,
+        group_of: &n.group_of,
+        ngroups: n.ngroups,
+        cpu_cap: n.cpu_cap,
+        cpu_free: n.cpu_free,
+        mem_cap: n.mem_cap,
+        mem_free: n.mem_free,
+    }
+}
+
+fn mask_iter(mask: u64) -> impl Iterator<Item = usize> {
+    (0..64).filter(move |i| mask & (1u64 << i) != 0)
+}
+
+impl Placer {
+    /// Sluice's placer, keeping the fleet unfragmented for `profile` (an empty profile
+    /// uses [`WorkloadProfile::inference_default`]).
+    pub fn new(profile: WorkloadProfile) -> Self {
+        Self::with_policy(Policy::Sluice, profile)
+    }
+
+    /// A placer with any policy (baselines for benchmarks).
+    pub fn with_policy(policy: Policy, profile: WorkloadProfile) -> Self {
+        Placer {
+            policy,
+            profile,
+            config: PlacerConfig::default(),
+            compiled: None,
+            memo: FxMap::default(),
+            memo_fleet: 0,
+            req_keys: HashMap::new(),
+            decisions: 0,
+        }
+    }
+
+    /// Change the tunables.
+    pub fn with_config(mut self, config: PlacerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// Replace the workload profile (e.g. when the set of InferenceSets changes).
+    pub fn set_profile(&mut self, profile: WorkloadProfile) {
+        self.profile = profile;
+        self.compiled = None;
+        self.memo.clear();
+    }
+
+    /// Fragmentation of the whole fleet relative to the profile, in GPUs (FGD's measure,
+    /// with Sluice's topology terms for the Sluice policy).
+    pub fn fleet_fragmentation(&mut self, fleet: &Fleet) -> f64 {
+        self.ensure_compiled(fleet);
+        let c = self.compiled.as_ref().expect("compiled");
+        fleet
+            .nodes
+            .iter()
+            .filter(|n| n.usable())
+            .map(|n| c.frag(&view_of(n)))
+            .sum::<f64>()
+            / f64::from(MILLI_PER_GPU)
+    }
+
+    /// Choose where a gang goes, all pods or none. Does not change the fleet; record the
+    /// result with [`Fleet::allocate`] (or use [`Placer::place_and_allocate`]).
+    pub fn place(&mut self, fleet: &Fleet, req: &GangRequest) -> Result<GangPlacement, PlaceError> {
+        self.ensure_compiled(fleet);
+        let rq = self.resolve(fleet, req)?;
+        self.decisions += 1;
+        let ctx = self.context(fleet, &rq);
+        match self.place_gang(fleet, &ctx, &rq) {
+            Some((score, pods)) => Ok(self.output(fleet, req, &rq, score, &pods)),
+            None => Err(self.diagnose(fleet, req, &rq)),
+        }
+    }
+
+    /// Place a gang and record it in the fleet under `id`, owned by the spread group (if any).
+    pub fn place_and_allocate(
+        &mut self,
+        fleet: &mut Fleet,
+        id: &str,
+        req: &GangRequest,
+    ) -> Result<GangPlacement, PlaceError> {
+        let p = self.place(fleet, req)?;
+        let group = req.spread.as_ref().map(|s| s.group.as_str());
+        fleet
+            .allocate(id, group, &p.pods)
+            .map_err(|e: FleetError| PlaceError::InvalidRequest(e.to_string()))?;
+        Ok(p)
+    }
+
+    fn ensure_compiled(&mut self, fleet: &Fleet) {
+        let stale = match &self.compiled {
+            Some(c) => c.fleet_uid != fleet.uid || c.products != fleet.products.len(),
+            None => true,
+        };
+        if stale {
+            let aware = self.policy == Policy::Sluice;
+            self.compiled = Some(Compiled::build(fleet, &self.profile, aware));
+            self.memo.clear();
+            self.req_keys.clear();
+        }
+        if self.memo_fleet != fleet.uid || self.memo.len() > 4_000_000 {
+            self.memo.clear();
+            self.memo_fleet = fleet.uid;
+        }
+    }
+
+    fn lvl(fleet: &Fleet, l: &TopologyLevel) -> Result<Lvl, PlaceError> {
+        Ok(match l {
+            TopologyLevel::Label(k) => Lvl::Label(
+                fleet
+                    .level_index(k)
+                    .ok_or_else(|| PlaceError::UnknownLevel(k.clone()))?,
+            ),
+            TopologyLevel::Node => Lvl::Node,
+            TopologyLevel::GpuGroup => Lvl::Group,
+        })
+    }
+
+    fn resolve(&mut self, fleet: &Fleet, req: &GangRequest) -> Result<Rq, PlaceError> {
+        if req.pods == 0 {
+            return Err(PlaceError::InvalidRequest(
+                "a gang needs at least one pod".into(),
+            ));
+        }
+        let demand = req.gpu.normalized();
+        if let GpuDemand::Whole(g) = demand
+            && g as usize > crate::fleet::MAX_GPUS_PER_NODE
+        {
+            return Err(PlaceError::InvalidRequest(format!(
+                "{g} GPUs per pod is more than any node has"
+            )));
+        }
+        let required = req
+            .required
+            .as_ref()
+            .map(|l| Self::lvl(fleet, l))
+            .transpose()?;
+        let preferred = req
+            .preferred
+            .as_ref()
+            .map(|l| Self::lvl(fleet, l))
+            .transpose()?;
+        let spread = match &req.spread {
+            None => None,
+            Some(s) => {
+                let lvl = match Self::lvl(fleet, &s.level)? {
+                    Lvl::Label(i) => i,
+                    Lvl::Node => fleet.config().levels.len(),
+                    Lvl::Group => {
+                        return Err(PlaceError::InvalidRequest(
+                            "spread level must be a label level or the node".into(),
+                        ));
+                    }
+                };
+                Some((lvl, s.group.clone(), s.max_skew))
+            }
+        };
+        let mut prods = req.selector.products.clone();
+        prods.sort();
+        let k = format!(
+            "{:?}|{}|{}|{:?}|{}|{:?}",
+            demand,
+            req.cpu_milli,
+            req.memory_mib,
+            prods,
+            req.selector.min_memory_mib,
+            req.selector.mig
+        );
+        let next = self.req_keys.len() as u64;
+        if next >= (1 << 24) {
+            self.req_keys.clear();
+            self.memo.clear();
+        }
+        let next = self.req_keys.len() as u64;
+        let key = *self.req_keys.entry(k).or_insert(next);
+        Ok(Rq {
+            pods: req.pods,
+            demand,
+            cpu: req.cpu_milli,
+            mem: req.memory_mib,
+            allowed: allowed_products(fleet, &req.selector.products),
+            min_mem: req.selector.min_memory_mib,
+            mig: req.selector.mig,
+            required,
+            preferred,
+            spread,
+            key,
+        })
+    }
+
+    fn context(&self, fleet: &Fleet, rq: &Rq) -> Ctx {
+        let mut ctx = Ctx {
+            decision: self.decisions,
+            ..Default::default()
+        };
+        if self.policy != Policy::Sluice {
+            return ctx;
+        }
+        let c = self.compiled.as_ref().expect("compiled");
+        for t in &c.domain_types {
+            let n = fleet.domains[t.level].names.len();
+            ctx.doms.push(DomAgg {
+                level: t.level,
+                per_pod: t.per_pod,
+                pods: t.pods,
+                w: t.w,
+                allowed: t.allowed.clone(),
+                min_mem: t.min_mem,
+                cap: vec![0; n],
+                free: vec![0; n],
+            });
+        }
+        let levels = fleet.config().levels.len();
+        if levels > 0 {
+            let f = levels - 1;
+            ctx.fine = Some(f);
+            let n = fleet.domains[f].names.len();
+            ctx.fine_free = vec![0; n];
+            ctx.fine_cap = vec![0; n];
+        }
+        for node in fleet.nodes.iter().filter(|n| n.usable()) {
+            let v = view_of(node);
+            let free: u64 = node.free.iter().map(|&f| u64::from(f)).sum();
+            for d in &mut ctx.doms {
+                if product_ok(&d.allowed, d.min_mem, MigSelector::Any, &v) {
+                    let dom = node.domains[d.level] as usize;
+                    d.cap[dom] += pods_fit(&v, d.per_pod);
+                    d.free[dom] += free;
+                }
+            }
+            if let Some(f) = ctx.fine {
+                let dom = node.domains[f] as usize;
+                ctx.fine_free[dom] += free;
+                ctx.fine_cap[dom] += (node.free.len() as u64) * u64::from(MILLI_PER_GPU);
+            }
+        }
+        if let Some((lvl, group, _)) = &rq.spread {
+            // Emptiest eligible domain (with at least one node matching the selector).
+            let mut min = u32::MAX;
+            let mut seen: FxMap<u32, ()> = FxMap::default();
+            for (i, node) in fleet.nodes.iter().enumerate().filter(|(_, n)| n.usable()) {
+                if !product_ok(&rq.allowed, rq.min_mem, rq.mig, &view_of(node)) {
+                    continue;
+                }
+                let d = if *lvl < levels {
+                    node.domains[*lvl]
+                } else {
+                    i as u32
+                };
+                if seen.insert(d, ()).is_none() {
+                    min = min.min(fleet.spread_count(group, *lvl, d));
+                }
+            }
+            ctx.spread_min = if min == u32::MAX { 0 } else { min };
+        }
+        ctx
+    }
+
+    /// Candidate GPU sets on a node for one pod, in a canonical order.
+    fn options(&self, v: &View, rq: &Rq, gmode: GMode, out: &mut Vec<u64>) {
+        out.clear();
+        let group_ok = |g: u8| match gmode {
+            GMode::Any | GMode::SingleGroup => true,
+            GMode::Exactly(x) => x == g,
+        };
+        match rq.demand {
+            GpuDemand::None => out.push(0),
+            GpuDemand::Milli(m) => {
+                let mut seen: [(u32, u8); 64] = [(u32::MAX, 0); 64];
+                let mut ns = 0;
+                let dedupe = matches!(self.policy, Policy::Sluice | Policy::Fgd);
+                for (i, &f) in v.free.iter().enumerate() {
+                    if f >= m && group_ok(v.group_of[i]) {
+                        let key = (f, v.group_of[i]);
+                        if dedupe && seen[..ns].contains(&key) {
+                            continue;
+                        }
+                        seen[ns] = key;
+                        ns += 1;
+                        out.push(1u64 << i);
+                    }
+                }
+            }
+            GpuDemand::Whole(g) => {
+                let mut groups = [0u8; 64];
+                let whole = whole_counts(v, &mut groups);
+                if whole < g {
+                    return;
+                }
+                let blind = self.policy != Policy::Sluice;
+                if gmode == GMode::Any && blind {
+                    // Topology-blind: the lowest-index free GPUs.
+                    let mut mask = 0u64;
+                    let mut k = 0;
+                    for (i, &f) in v.free.iter().enumerate() {
+                        if k < g && f == MILLI_PER_GPU {
+                            mask |= 1 << i;
+                            k += 1;
+                        }
+                    }
+                    out.push(mask);
+                    return;
+                }
+                for gr in 0..v.ngroups {
+                    if !group_ok(gr) || u32::from(groups[gr as usize]) < g {
+                        continue;
+                    }
+                    let mut mask = 0u64;
+                    let mut k = 0;
+                    for (i, &f) in v.free.iter().enumerate() {
+                        if k < g && f == MILLI_PER_GPU && v.group_of[i] == gr {
+                            mask |= 1 << i;
+                            k += 1;
+                        }
+                    }
+                    out.push(mask);
+                }
+                if out.is_empty() && gmode == GMode::Any {
+                    // Span groups, taking from the groups with the fewest whole GPUs first.
+                    let mut order: Vec<u8> = (0..v.ngroups).collect();
+                    order.sort_by_key(|&gr| (groups[gr as usize], gr));
+                    let mut mask = 0u64;
+                    let mut k = 0;
+                    for gr in order {
+                        for (i, &f) in v.free.iter().enumerate() {
+                            if k < g && f == MILLI_PER_GPU && v.group_of[i] == gr {
+                                mask |= 1 << i;
+                                k += 1;
+                            }
+                        }
+                    }
+                    out.push(mask);
+                }
+            }
+        }
+    }
+
+    fn milli_of(rq: &Rq) -> u32 {
+        match rq.demand {
+            GpuDemand::None => 0,
+            GpuDemand::Whole(_) => MILLI_PER_GPU,
+            GpuDemand::Milli(m) => m,
+        }
+    }
+
+    /// The node-local part of the score and the GPU choice (memoisable for FGD/Sluice).
+    fn base_choice(
+        &self,
+        v: &View,
+        rq: &Rq,
+        gmode: GMode,
+        idx: usize,
+        decision: u64,
+    ) -> Option<Choice> {
+        let mut opts = Vec::with_capacity(8);
+        self.options(v, rq, gmode, &mut opts);
+        if opts.is_empty() {
+            return None;
+        }
+        let milli = Self::milli_of(rq);
+        let ngpu = v.free.len().max(1) as f64;
+        let total_free: u64 = v.free.iter().map(|&f| u64::from(f)).sum();
+        match self.policy {
+            Policy::Sluice | Policy::Fgd => {
+                let c = self.compiled.as_ref().expect("compiled");
+                let before = c.frag(v);
+                let mut buf = [0u32; 64];
+                let n = v.free.len();
+                let mut best: Option<Choice> = None;
+                for &mask in &opts {
+                    buf[..n].copy_from_slice(v.free);
+                    for i in mask_iter(mask) {
+                        buf[i] -= milli;
+                    }
+                    let after = View {
+                        free: &buf[..n],
+                        cpu_free: v.cpu_free.saturating_sub(rq.cpu),
+                        mem_free: v.mem_free.saturating_sub(rq.mem),
+                        ..*v
+                    };
+                    let score = (c.frag(&after) - before) / f64::from(MILLI_PER_GPU);
+                    if best.is_none_or(|b| score < b.score - 1e-9) {
+                        best = Some(Choice { score, mask });
+                    }
+                }
+                best
+            }
+            Policy::FirstFit => Some(Choice {
+                score: idx as f64,
+                mask: opts[0],
+            }),
+            Policy::BestFit | Policy::Packing => {
+                // Tightest option: the GPU (or group) with the least free capacity.
+                let tight = |mask: u64| -> u64 {
+                    match rq.demand {
+                        GpuDemand::Whole(_) => {
+                            let gr = mask_iter(mask).next().map(|i| v.group_of[i]).unwrap_or(0);
+                            v.free
+                                .iter()
+                                .enumerate()
+                                .filter(|(i, f)| v.group_of[*i] == gr && **f == MILLI_PER_GPU)
+                                .count() as u64
+                        }
+                        _ => mask_iter(mask).map(|i| u64::from(v.free[i])).sum(),
+                    }
+                };
+                let mask = *opts.iter().min_by_key(|&&m| tight(m)).expect("non-empty");
+                let used = mask_iter(mask).count() as u64 * u64::from(milli);
+                let score = if self.policy == Policy::BestFit {
+                    let gpu_after = (total_free - used) as f64 / (ngpu * f64::from(MILLI_PER_GPU));
+                    let cpu_after = if v.cpu_cap > 0 {
+                        v.cpu_free.saturating_sub(rq.cpu) as f64 / v.cpu_cap as f64
+                    } else {
+                        0.0
+                    };
+                    gpu_after + cpu_after
+                } else {
+                    let alloc = 1.0 - total_free as f64 / (ngpu * f64::from(MILLI_PER_GPU));
+                    let occupied = matches!(rq.demand, GpuDemand::Milli(_))
+                        && mask_iter(mask).any(|i| v.free[i] < MILLI_PER_GPU);
+                    -alloc - if occupied { 1.0 } else { 0.0 }
+                };
+                Some(Choice { score, mask })
+            }
+            Policy::Random { seed } => {
+                let h = splitmix64(seed ^ splitmix64(decision ^ splitmix64(idx as u64)));
+                let mask = opts[(h % opts.len() as u64) as usize];
+                Some(Choice {
+                    score: (splitmix64(h) >> 11) as f64 / (1u64 << 53) as f64,
+                    mask,
+                })
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn eval(
+        &mut self,
+        fleet: &Fleet,
+        ctx: &Ctx,
+        rq: &Rq,
+        idx: usize,
+        ov: &Overlay,
+        gmode: GMode,
+    ) -> Option<Choice> {
+        let node = &fleet.nodes[idx];
+        if !node.usable() {
+            return None;
+        }
+        let ovl = ov.iter().find(|o| o.0 == idx);
+        let v = match ovl {
+            Some((_, free, cpu, mem)) => View {
+                free,
+                cpu_free: *cpu,
+                mem_free: *mem,
+                ..view_of(node)
+            },
+            None => view_of(node),
+        };
+        if !product_ok(&rq.allowed, rq.min_mem, rq.mig, &v) {
+            return None;
+        }
+        if (v.cpu_cap > 0 && v.cpu_free < rq.cpu) || (v.mem_cap > 0 && v.mem_free < rq.mem) {
+            return None;
+        }
+        match rq.demand {
+            GpuDemand::None => {}
+            GpuDemand::Whole(g) => {
+                if v.free.iter().filter(|&&f| f == MILLI_PER_GPU).count() < g as usize {
+                    return None;
+                }
+            }
+            GpuDemand::Milli(m) => {
+                if !v.free.iter().any(|&f| f >= m) {
+                    return None;
+                }
+            }
+        }
+        let memoisable = ovl.is_none()
+            && matches!(self.policy, Policy::Sluice | Policy::Fgd)
+            && matches!(gmode, GMode::Any | GMode::SingleGroup);
+        let base = if memoisable {
+            let key = (u64::from(node.state) << 32) | (rq.key << 8) | gmode.code();
+            match self.memo.get(&key) {
+                Some(c) => *c,
+                None => {
+                    let c = self.base_choice(&v, rq, gmode, idx, ctx.decision);
+                    self.memo.insert(key, c);
+                    c
+                }
+            }
+        } else {
+            self.base_choice(&v, rq, gmode, idx, ctx.decision)
+        }?;
+        if self.policy != Policy::Sluice {
+            return Some(base);
+        }
+        let mut score = base.score;
+        let milli = Self::milli_of(rq);
+        let used = mask_iter(base.mask).count() as u64 * u64::from(milli);
+        let total_free: u64 = v.free.iter().map(|&f| u64::from(f)).sum();
+        // Multi-node gang domains (e.g. NVLink cliques) that stop being able to take a gang.
+        if !ctx.doms.is_empty() {
+            let mut buf = [0u32; 64];
+            let n = v.free.len();
+            buf[..n].copy_from_slice(v.free);
+            for i in mask_iter(base.mask) {
+                buf[i] -= milli;
+            }
+            let after = View {
+                free: &buf[..n],
+                ..v
+            };
+            let mut delta = 0.0;
+            for d in &ctx.doms {
+                if !product_ok(&d.allowed, d.min_mem, MigSelector::Any, &v) {
+                    continue;
+                }
+                let dom = node.domains[d.level] as usize;
+                let (cap0, free0) = (d.cap[dom], d.free[dom]);
+                let cap1 =
+                    cap0.saturating_sub(pods_fit(&v, d.per_pod)) + pods_fit(&after, d.per_pod);
+                let free1 = free0.saturating_sub(used);
+                let f0 = if cap0 < d.pods { free0 } else { 0 };
+                let f1 = if cap1 < d.pods { free1 } else { 0 };
+                delta += d.w * (f1 as f64 - f0 as f64);
+            }
+            score += self.config.domain_weight * delta / f64::from(MILLI_PER_GPU);
+        }
+        if let Some((lvl, group, max_skew)) = &rq.spread {
+            let levels = fleet.config().levels.len();
+            let d = if *lvl < levels {
+                node.domains[*lvl]
+            } else {
+                idx as u32
+            };
+            let count = fleet.spread_count(group, *lvl, d);
+            if let Some(skew) = max_skew
+                && count + 1 > ctx.spread_min + skew
+            {
+                return None;
+            }
+            score += self.config.spread_weight * f64::from(count);
+        }
+        // Tie-breaks: fuller node, then fuller finest domain (keeps whole nodes and whole
+        // racks/cliques free for large gangs).
+        let ngpu_milli = (v.free.len().max(1) as f64) * f64::from(MILLI_PER_GPU);
+        score += 1e-4 * ((total_free - used) as f64 / ngpu_milli);
+        if let Some(f) = ctx.fine {
+            let dom = node.domains[f] as usize;
+            let cap = ctx.fine_cap[dom].max(1) as f64;
+            score += 1e-5 * (ctx.fine_free[dom] as f64 / cap);
+        }
+        Some(Choice {
+            score,
+            mask: base.mask,
+        })
+    }
+
+    /// Greedy: place the pods one by one inside `scope`, best node each time.
+    fn greedy(
+        &mut self,
+        fleet: &Fleet,
+        ctx: &Ctx,
+        rq: &Rq,
+        scope: Option<&[usize]>,
+        gmode: GMode,
+    ) -> Option<Greedy> {
+        let mut ov: Overlay = Vec::new();
+        let mut out = Vec::with_capacity(rq.pods as usize);
+        let mut total = 0.0;
+        let mut first = 0.0;
+        let milli = Self::milli_of(rq);
+        for pod in 0..rq.pods {
+            let mut best: Option<(usize, Choice)> = None;
+            let n = scope.map_or(fleet.nodes.len(), <[usize]>::len);
+            for k in 0..n {
+                let idx = scope.map_or(k, |s| s[k]);
+                if let Some(c) = self.eval(fleet, ctx, rq, idx, &ov, gmode)
+                    && best.is_none_or(|(_, b)| c.score < b.score)
+                {
+                    best = Some((idx, c));
+                }
+            }
+            let (idx, c) = best?;
+            if pod == 0 {
+                first = c.score;
+            }
+            total += c.score;
+            out.push((idx, c.mask));
+            if rq.pods > 1 {
+                let node = &fleet.nodes[idx];
+                let pos = match ov.iter().position(|o| o.0 == idx) {
+                    Some(p) => p,
+                    None => {
+                        ov.push((idx, node.free.clone(), node.cpu_free, node.mem_free));
+                        ov.len() - 1
+                    }
+                };
+                let o = &mut ov[pos];
+                for i in mask_iter(c.mask) {
+                    o.1[i] -= milli;
+                }
+                o.2 = o.2.saturating_sub(rq.cpu);
+                o.3 = o.3.saturating_sub(rq.mem);
+            }
+        }
+        Some((total, first, out))
+    }
+
+    fn quick_room(&self, fleet: &Fleet, rq: &Rq, members: &[usize]) -> bool {
+        let need = match rq.demand {
+            GpuDemand::None => return true,
+            GpuDemand::Whole(g) => u64::from(g) * u64::from(rq.pods),
+            GpuDemand::Milli(_) => u64::from(rq.pods),
+        };
+        let mut have = 0u64;
+        for &i in members {
+            let n = &fleet.nodes[i];
+            if !n.usable() || !product_ok(&rq.allowed, rq.min_mem, rq.mig, &view_of(n)) {
+                continue;
+            }
+            have += match rq.demand {
+                GpuDemand::Milli(m) => n.free.iter().filter(|&&f| f >= m).count() as u64,
+                _ => n.free.iter().filter(|&&f| f == MILLI_PER_GPU).count() as u64,
+            };
+            if have >= need {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn place_at(
+        &mut self,
+        fleet: &Fleet,
+        ctx: &Ctx,
+        rq: &Rq,
+        lvl: Option<Lvl>,
+    ) -> Option<(f64, Vec<(usize, u64)>)> {
+        let sluice = self.policy == Policy::Sluice;
+        let pick = |best: &mut Option<Greedy>, cand: Greedy| {
+            let key = if sluice { cand.0 } else { cand.1 };
+            let bkey = best.as_ref().map(|b| if sluice { b.0 } else { b.1 });
+            if bkey.is_none_or(|b| key < b) {
+                *best = Some(cand);
+            }
+        };
+        let mut best = None;
+        match lvl {
+            None => {
+                return self
+                    .greedy(fleet, ctx, rq, None, GMode::Any)
+                    .map(|r| (r.0, r.2));
+            }
+            Some(Lvl::Group) if rq.pods == 1 => {
+                return self
+                    .greedy(fleet, ctx, rq, None, GMode::SingleGroup)
+                    .map(|r| (r.0, r.2));
+            }
+            Some(Lvl::Node | Lvl::Label(_)) if rq.pods == 1 => {
+                return self
+                    .greedy(fleet, ctx, rq, None, GMode::Any)
+                    .map(|r| (r.0, r.2));
+            }
+            Some(Lvl::Label(l)) => {
+                for d in 0..fleet.domains[l].members.len() {
+                    let members = &fleet.domains[l].members[d];
+                    if !self.quick_room(fleet, rq, members) {
+                        continue;
+                    }
+                    let members = members.clone();
+                    if let Some(r) = self.greedy(fleet, ctx, rq, Some(&members), GMode::Any) {
+                        pick(&mut best, r);
+                    }
+                }
+            }
+            Some(Lvl::Node) => {
+                for i in 0..fleet.nodes.len() {
+                    if !self.quick_room(fleet, rq, &[i]) {
+                        continue;
+                    }
+                    if let Some(r) = self.greedy(fleet, ctx, rq, Some(&[i]), GMode::Any) {
+                        pick(&mut best, r);
+                    }
+                }
+            }
+            Some(Lvl::Group) => {
+                for i in 0..fleet.nodes.len() {
+                    if !self.quick_room(fleet, rq, &[i]) {
+                        continue;
+                    }
+                    for g in 0..fleet.nodes[i].ngroups {
+                        if let Some(r) = self.greedy(fleet, ctx, rq, Some(&[i]), GMode::Exactly(g))
+                        {
+                            pick(&mut best, r);
+                        }
+                    }
+                }
+            }
+        }
+        best.map(|r| (r.0, r.2))
+    }
+
+    fn place_gang(
+        &mut self,
+        fleet: &Fleet,
+        ctx: &Ctx,
+        rq: &Rq,
+    ) -> Option<(f64, Vec<(usize, u64)>)> {
+        // Sluice tries the preferred level first (when it is finer than the required one).
+        if self.policy == Policy::Sluice
+            && let Some(p) = rq.preferred
+            && Some(p) != rq.required
+            && let Some(r) = self.place_at(fleet, ctx, rq, Some(p))
+        {
+            return Some(r);
+        }
+        self.place_at(fleet, ctx, rq, rq.required)
+    }
+
+    fn output(
+        &self,
+        fleet: &Fleet,
+        req: &GangRequest,
+        rq: &Rq,
+        score: f64,
+        pods: &[(usize, u64)],
+    ) -> GangPlacement {
+        let milli = Self::milli_of(rq);
+        let assignments: Vec<PodAssignment> = pods
+            .iter()
+            .map(|&(idx, mask)| PodAssignment {
+                node: fleet.nodes[idx].name.clone(),
+                gpus: mask_iter(mask).map(|i| i as u32).collect(),
+                milli_per_gpu: milli,
+                cpu_milli: rq.cpu,
+                memory_mib: rq.mem,
+            })
+            .collect();
+        let first = pods[0].0;
+        let required_domain = rq.required.map(|l| match l {
+            Lvl::Label(i) => fleet.domains[i].names[fleet.nodes[first].domains[i] as usize].clone(),
+            Lvl::Node => fleet.nodes[first].name.clone(),
+            Lvl::Group => {
+                let g = mask_iter(pods[0].1)
+                    .next()
+                    .map(|i| fleet.nodes[first].group_of[i])
+                    .unwrap_or(0);
+                format!("{}/group-{g}", fleet.nodes[first].name)
+            }
+        });
+        let preferred_satisfied = match &req.preferred {
+            None => true,
+            Some(l) => fleet.within_one_domain(&assignments, l).unwrap_or(false),
+        };
+        GangPlacement {
+            pods: assignments,
+            required_domain,
+            preferred_satisfied,
+            score,
+        }
+    }
+
+    fn diagnose(&self, fleet: &Fleet, req: &GangRequest, rq: &Rq) -> PlaceError {
+        let pod = format!("{}, {} mCPU, {} MiB", rq.demand.describe(), rq.cpu, rq.mem);
+        let matching: Vec<usize> = (0..fleet.nodes.len())
+            .filter(|&i| {
+                let n = &fleet.nodes[i];
+                n.usable()
+                    && product_ok(&rq.allowed, rq.min_mem, rq.mig, &view_of(n))
+                    && (rq.demand == GpuDemand::None || !n.free.is_empty())
+            })
+            .collect();
+        if matching.is_empty() {
+            return PlaceError::NoMatchingGpu {
+                selector: req.selector.describe(),
+            };
+        }
+        // Pods of this shape a node holds when empty.
+        let empty_fit = |n: &Node| -> u32 {
+            let by_cpu = if n.cpu_cap > 0 && rq.cpu > 0 {
+                n.cpu_cap / rq.cpu
+            } else {
+                u64::MAX
+            };
+            let by_mem = if n.mem_cap > 0 && rq.mem > 0 {
+                n.mem_cap / rq.mem
+            } else {
+                u64::MAX
+            };
+            let by_gpu = match rq.demand {
+                GpuDemand::None => u64::MAX,
+                GpuDemand::Whole(g) => {
+                    if rq.required == Some(Lvl::Group) {
+                        let mut sizes = vec![0u64; n.ngroups as usize];
+                        n.group_of.iter().for_each(|&gr| sizes[gr as usize] += 1);
+                        sizes.iter().map(|s| s / u64::from(g)).sum()
+                    } else {
+                        n.free.len() as u64 / u64::from(g)
+                    }
+                }
+                GpuDemand::Milli(m) => n.free.len() as u64 * u64::from(MILLI_PER_GPU / m),
+            };
+            by_cpu.min(by_mem).min(by_gpu).min(u64::from(u32::MAX)) as u32
+        };
+        let largest_node = matching
+            .iter()
+            .map(|&i| empty_fit(&fleet.nodes[i]))
+            .max()
+            .unwrap_or(0);
+        if largest_node == 0 {
+            let n = matching
+                .iter()
+                .map(|&i| &fleet.nodes[i])
+                .max_by_key(|n| (n.free.len(), n.cpu_cap, n.mem_cap))
+                .expect("non-empty");
+            return PlaceError::PodLargerThanAnyNode {
+                pod,
+                largest: format!(
+                    "{} GPU, {} mCPU, {} MiB ({})",
+                    n.free.len(),
+                    n.cpu_cap,
+                    n.mem_cap,
+                    if rq.required == Some(Lvl::Group) {
+                        "GPU groups of the node counted separately"
+                    } else {
+                        "whole node"
+                    }
+                ),
+            };
+        }
+        if let Some(req_l) = rq.required
+            && rq.pods > 1
+        {
+            let level = req
+                .required
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            let members: Vec<Vec<usize>> = match req_l {
+                Lvl::Label(l) => fleet.domains[l].members.clone(),
+                Lvl::Node | Lvl::Group => matching.iter().map(|&i| vec![i]).collect(),
+            };
+            let cap_of = |ms: &Vec<usize>| -> u32 {
+                let s: u64 = ms
+                    .iter()
+                    .filter(|&&i| matching.binary_search(&i).is_ok())
+                    .map(|&i| {
+                        if req_l == Lvl::Group {
+                            // One group only: the largest group's fit.
+                            u64::from(Self::group_capacity(&fleet.nodes[i], rq))
+                        } else {
+                            u64::from(empty_fit(&fleet.nodes[i]))
+                        }
+                    })
+                    .sum();
+                s.min(u64::from(u32::MAX)) as u32
+            };
+            let largest = members.iter().map(cap_of).max().unwrap_or(0);
+            if largest < rq.pods {
+                return PlaceError::RequiredDomainTooSmall {
+                    level,
+                    pods: rq.pods,
+                    pod,
+                    largest,
+                };
+            }
+            let best_now = members
+                .iter()
+                .map(|ms| {
+                    ms.iter()
+                        .filter(|&&i| matching.binary_search(&i).is_ok())
+                        .map(|&i| Self::fit_now(&fleet.nodes[i], rq))
+                        .sum::<u32>()
+                })
+                .max()
+                .unwrap_or(0);
+            if rq.spread.as_ref().is_some_and(|s| s.2.is_some()) && best_now >= rq.pods {
+                let s = req.spread.as_ref().expect("spread");
+                return PlaceError::SpreadUnsatisfiable {
+                    level: s.level.to_string(),
+                    max_skew: s.max_skew.unwrap_or(0),
+                };
+            }
+            return PlaceError::RequiredDomainFull {
+                level,
+                pods: rq.pods,
+                pod,
+                best: best_now.min(rq.pods.saturating_sub(1)),
+            };
+        }
+        let now: u32 = matching
+            .iter()
+            .map(|&i| Self::fit_now(&fleet.nodes[i], rq))
+            .sum();
+        if let Some(s) = &req.spread
+            && s.max_skew.is_some()
+            && now >= rq.pods
+        {
+            return PlaceError::SpreadUnsatisfiable {
+                level: s.level.to_string(),
+                max_skew: s.max_skew.unwrap_or(0),
+            };
+        }
+        let free_whole: usize = matching
+            .iter()
+            .map(|&i| {
+                fleet.nodes[i]
+                    .free
+                    .iter()
+                    .filter(|&&f| f == MILLI_PER_GPU)
+                    .count()
+            })
+            .sum();
+        PlaceError::InsufficientCapacity {
+            pods: rq.pods,
+            pod,
+            detail: format!(
+                "{now} pods of this shape fit now on {} matching nodes ({free_whole} whole GPUs free)",
+                matching.len()
+            ),
+        }
+    }
+
+    fn group_capacity(n: &Node, rq: &Rq) -> u32 {
+        let GpuDemand::Whole(g) = rq.demand else {
+            return 1;
+        };
+        let mut sizes = vec![0u32; n.ngroups as usize];
+        n.group_of.iter().for_each(|&gr| sizes[gr as usize] += 1);
+        sizes.iter().map(|s| s / g.max(1)).max().unwrap_or(0)
+    }
+
+    fn fit_now(n: &Node, rq: &Rq) -> u32 {
+        let by_cpu = if n.cpu_cap > 0 && rq.cpu > 0 {
+            n.cpu_free / rq.cpu
+        } else {
+            u64::MAX
+        };
+        let by_mem = if n.mem_cap > 0 && rq.mem > 0 {
+            n.mem_free / rq.mem
+        } else {
+            u64::MAX
+        };
+        let by_gpu = match rq.demand {
+            GpuDemand::None => u64::MAX,
+            GpuDemand::Whole(g) => {
+                let mut groups = [0u8; 64];
+                let v = view_of(n);
+                let whole = whole_counts(&v, &mut groups);
+                if rq.required == Some(Lvl::Group) {
+                    groups[..n.ngroups as usize]
+                        .iter()
+                        .map(|&w| u64::from(w) / u64::from(g))
+                        .sum()
+                } else {
+                    u64::from(whole / g)
+                }
+            }
+            GpuDemand::Milli(m) => n.free.iter().map(|&f| u64::from(f / m)).sum(),
+        };
+        by_cpu.min(by_mem).min(by_gpu).min(1 << 20) as u32
+    }
+}
