@@ -1,0 +1,276 @@
+//! Command line and configuration.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::drain::DrainConfig;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("invalid duration {input:?}: {reason} (examples: 500ms, 2s, 1m)")]
+    Duration { input: String, reason: String },
+}
+
+/// Parses `500ms`, `2s`, `1m`, `1m30s` (humantime); a bare `0` is zero.
+pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
+    let t = s.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(t).map_err(|e| ConfigError::Duration {
+        input: s.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sluice-agent",
+    version,
+    about = "Sluice in-pod agent: lossless drain (graceful TCP shutdown) and connection signals"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, global = true, env = "SLUICE_LOG", default_value = "info")]
+    pub log: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Sit in the data path in front of the application and drain it politely.
+    Proxy(ProxyArgs),
+    /// No data path: watch the application's port in the kernel's tables.
+    Observe(ObserveArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    /// HTTP/1.1 and HTTP/2 (prior knowledge) reverse proxy.
+    Http,
+    /// L4 proxy.
+    Tcp,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DrainArgs {
+    /// No new connection for this long means load balancers stopped sending.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub quiet_period: Duration,
+    /// Longest wait for quiet before closing anyway.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub propagation_timeout: Duration,
+    /// Connections told to leave per second while closing (0: all at once).
+    #[arg(long, default_value_t = 100)]
+    pub close_rate: u32,
+    /// Whole drain's deadline, counted from its start.
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl Default for DrainArgs {
+    fn default() -> Self {
+        let d = DrainConfig::default();
+        DrainArgs {
+            quiet_period: d.quiet_period,
+            propagation_timeout: d.propagation_timeout,
+            close_rate: 100,
+            drain_timeout: d.drain_timeout,
+        }
+    }
+}
+
+impl DrainArgs {
+    pub fn drain_config(&self) -> DrainConfig {
+        DrainConfig {
+            quiet_period: self.quiet_period,
+            propagation_timeout: self.propagation_timeout,
+            drain_timeout: self.drain_timeout,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProxyArgs {
+    /// Address clients connect to.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// The application's address (host:port).
+    #[arg(long)]
+    pub upstream: String,
+    /// Admin endpoint (/healthz, /ready, /drain, /metrics).
+    #[arg(long, default_value = "0.0.0.0:9901")]
+    pub admin: SocketAddr,
+    #[arg(long, value_enum, default_value_t = Protocol::Http)]
+    pub protocol: Protocol,
+    /// Speak HTTP/2 (prior knowledge) to the upstream instead of HTTP/1.1 (http mode).
+    #[arg(long)]
+    pub upstream_http2: bool,
+    /// A client that sends no complete request head for this long is closed (http mode).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// While closing, a connection told to leave is closed once idle this long
+    /// (http: no request; tcp: no byte in either direction).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub idle_close_after: Duration,
+    #[command(flatten)]
+    pub drain: DrainArgs,
+    /// The node's IP (downward API `status.hostIP`): the kubelet may call /drain from it.
+    #[arg(long, env = "HOST_IP")]
+    pub host_ip: Option<IpAddr>,
+}
+
+impl ProxyArgs {
+    /// Defaults for an in-process agent (tests, embedding).
+    pub fn new(listen: SocketAddr, upstream: impl Into<String>, admin: SocketAddr) -> Self {
+        ProxyArgs {
+            listen,
+            upstream: upstream.into(),
+            admin,
+            protocol: Protocol::Http,
+            upstream_http2: false,
+            header_read_timeout: Duration::from_secs(30),
+            idle_close_after: Duration::from_secs(1),
+            drain: DrainArgs::default(),
+            host_ip: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ObserveArgs {
+    /// The application's port.
+    #[arg(long)]
+    pub port: u16,
+    /// Admin endpoint (/healthz, /ready, /drain, /metrics).
+    #[arg(long, default_value = "0.0.0.0:9901")]
+    pub admin: SocketAddr,
+    /// How often to read /proc/net/tcp{,6}.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    #[command(flatten)]
+    pub drain: DrainArgs,
+    /// The node's IP (downward API `status.hostIP`): the kubelet may call /drain from it.
+    #[arg(long, env = "HOST_IP")]
+    pub host_ip: Option<IpAddr>,
+}
+
+impl ObserveArgs {
+    pub fn new(port: u16, admin: SocketAddr) -> Self {
+        ObserveArgs {
+            port,
+            admin,
+            poll_interval: Duration::from_millis(100),
+            drain: DrainArgs::default(),
+            host_ip: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration(" 0 "), Ok(Duration::ZERO));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("2").is_err());
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn cli_defaults() {
+        let cli = Cli::try_parse_from([
+            "sluice-agent",
+            "proxy",
+            "--listen",
+            "0.0.0.0:8080",
+            "--upstream",
+            "127.0.0.1:8081",
+        ])
+        .unwrap();
+        let Command::Proxy(p) = cli.command else {
+            panic!("not proxy")
+        };
+        assert_eq!(p.admin, "0.0.0.0:9901".parse().unwrap());
+        assert_eq!(p.protocol, Protocol::Http);
+        assert_eq!(p.drain.quiet_period, Duration::from_secs(2));
+        assert_eq!(p.drain.propagation_timeout, Duration::from_secs(60));
+        assert_eq!(p.drain.close_rate, 100);
+        assert_eq!(p.drain.drain_timeout, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn cli_all_flags() {
+        let cli = Cli::try_parse_from([
+            "sluice-agent",
+            "proxy",
+            "--listen",
+            "127.0.0.1:1",
+            "--upstream",
+            "localhost:2",
+            "--admin",
+            "127.0.0.1:3",
+            "--protocol",
+            "tcp",
+            "--quiet-period",
+            "500ms",
+            "--propagation-timeout",
+            "1m",
+            "--close-rate",
+            "7",
+            "--drain-timeout",
+            "2s",
+        ])
+        .unwrap();
+        let Command::Proxy(p) = cli.command else {
+            panic!("not proxy")
+        };
+        assert_eq!(p.protocol, Protocol::Tcp);
+        assert_eq!(p.drain.quiet_period, Duration::from_millis(500));
+        assert_eq!(p.drain.close_rate, 7);
+        assert_eq!(p.drain.drain_timeout, Duration::from_secs(2));
+
+        let cli = Cli::try_parse_from([
+            "sluice-agent",
+            "observe",
+            "--port",
+            "8080",
+            "--admin",
+            "127.0.0.1:9901",
+            "--quiet-period",
+            "1s",
+        ])
+        .unwrap();
+        let Command::Observe(o) = cli.command else {
+            panic!("not observe")
+        };
+        assert_eq!(o.port, 8080);
+        assert_eq!(o.drain.quiet_period, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn cli_rejects_bad_duration() {
+        let r = Cli::try_parse_from([
+            "sluice-agent",
+            "observe",
+            "--port",
+            "1",
+            "--quiet-period",
+            "soon",
+        ]);
+        assert!(r.is_err());
+    }
+}

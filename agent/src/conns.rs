@@ -1,0 +1,363 @@
+//! The set of client connections a proxy holds, and the handle each connection's task
+//! watches to learn that it should leave.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::drain::{Observation, Phase};
+use crate::metrics::{CloseReason, Metrics};
+
+/// How urgently a connection is asked to leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CloseLevel {
+    Open = 0,
+    /// Leave politely (drain's closing phase).
+    Graceful = 1,
+    /// Leave now (deadline or forced drain).
+    Now = 2,
+}
+
+/// Shared between a connection's task and the tracker.
+#[derive(Debug, Default)]
+pub struct ConnCtl {
+    level: AtomicU8,
+    notify: Notify,
+    /// Set once the connection turned out to speak HTTP/2.
+    pub is_h2: AtomicBool,
+}
+
+impl ConnCtl {
+    pub fn level(&self) -> CloseLevel {
+        match self.level.load(Ordering::Acquire) {
+            0 => CloseLevel::Open,
+            1 => CloseLevel::Graceful,
+            _ => CloseLevel::Now,
+        }
+    }
+
+    /// Raises the level (never lowers it). Returns whether it changed.
+    fn raise(&self, to: CloseLevel) -> bool {
+        let prev = self.level.fetch_max(to as u8, Ordering::AcqRel);
+        if prev < to as u8 {
+            self.notify.notify_one();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Resolves when the level was raised (at least once since the last wait).
+    pub async fn changed(&self) {
+        self.notify.notified().await
+    }
+}
+
+/// All open connections.
+pub struct ConnTracker {
+    next_id: AtomicU64,
+    conns: Mutex<HashMap<u64, Arc<ConnCtl>>>,
+    base: Instant,
+    /// Nanoseconds after `base` of the newest accept, plus one (0: none yet).
+    last_accept: AtomicU64,
+    /// Closing phase: new connections are born already asked to leave.
+    born_graceful: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl ConnTracker {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(ConnTracker {
+            next_id: AtomicU64::new(0),
+            conns: Mutex::new(HashMap::new()),
+            base: Instant::now(),
+            last_accept: AtomicU64::new(0),
+            born_graceful: AtomicBool::new(false),
+            metrics,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnCtl>>> {
+        // A panic while holding this lock cannot leave the map inconsistent.
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a new connection; the guard unregisters it when dropped.
+    pub fn register(self: &Arc<Self>) -> ConnGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let ctl = Arc::new(ConnCtl::default());
+        if self.born_graceful.load(Ordering::Acquire) {
+            ctl.level.store(CloseLevel::Graceful as u8, Ordering::Release);
+        }
+        self.lock().insert(id, ctl.clone());
+        let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        self.last_accept.store(nanos + 1, Ordering::Release);
+        self.metrics.connections_accepted.inc();
+        self.metrics.connections_active.inc();
+        ConnGuard {
+            tracker: self.clone(),
+            ctl,
+            id,
+            reason: None,
+        }
+    }
+
+    pub fn active(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn last_accept(&self) -> Option<Instant> {
+        match self.last_accept.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(self.base + Duration::from_nanos(n - 1)),
+        }
+    }
+
+    /// Asks up to `n` connections that were not asked yet to leave politely.
+    pub fn request_close(&self, n: usize) -> usize {
+        let conns = self.lock();
+        let mut asked = 0;
+        for ctl in conns.values() {
+            if asked >= n {
+                break;
+            }
+            if ctl.raise(CloseLevel::Graceful) {
+                asked += 1;
+            }
+        }
+        asked
+    }
+
+    /// Raises every connection to `level`.
+    pub fn close_all(&self, level: CloseLevel) {
+        for ctl in self.lock().values() {
+            ctl.raise(level);
+        }
+    }
+
+    pub fn set_born_graceful(&self, on: bool) {
+        self.born_graceful.store(on, Ordering::Release);
+    }
+}
+
+/// Whatever the drain controller drives: a proxy's connections, or observe mode's view.
+pub trait ConnSource: Send + Sync {
+    fn observe(&self) -> Observation;
+    /// Asks up to `n` more connections to leave; returns how many were asked.
+    fn request_close(&self, n: usize) -> usize;
+    /// Drain deadline or forced end: every connection leaves now.
+    fn close_now(&self);
+    fn on_phase(&self, _phase: Phase) {}
+}
+
+/// A proxy's connections as a drain target.
+pub struct ProxyConns {
+    pub tracker: Arc<ConnTracker>,
+    /// http: connections accepted while closing are told to leave after their first
+    /// response. tcp stops accepting instead.
+    pub accept_while_closing: bool,
+}
+
+impl ConnSource for ProxyConns {
+    fn observe(&self) -> Observation {
+        Observation {
+            active: self.tracker.active(),
+            last_new_connection: self.tracker.last_accept(),
+        }
+    }
+    fn request_close(&self, n: usize) -> usize {
+        self.tracker.request_close(n)
+    }
+    fn close_now(&self) {
+        self.tracker.close_all(CloseLevel::Now)
+    }
+    fn on_phase(&self, phase: Phase) {
+        if phase >= Phase::Closing && self.accept_while_closing {
+            self.tracker.set_born_graceful(true);
+        }
+    }
+}
+
+/// Held by a connection's task; unregisters the connection and counts why it closed.
+pub struct ConnGuard {
+    tracker: Arc<ConnTracker>,
+    ctl: Arc<ConnCtl>,
+    id: u64,
+    reason: Option<CloseReason>,
+}
+
+impl ConnGuard {
+    pub fn ctl(&self) -> &Arc<ConnCtl> {
+        &self.ctl
+    }
+    /// Overrides the reason the connection is counted as closed for.
+    pub fn set_reason(&mut self, reason: CloseReason) {
+        self.reason = Some(reason);
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.tracker.lock().remove(&self.id);
+        let reason = self.reason.unwrap_or(match self.ctl.level() {
+            CloseLevel::Open => CloseReason::Client,
+            CloseLevel::Graceful => CloseReason::Drain,
+            CloseLevel::Now => CloseReason::Deadline,
+        });
+        self.tracker.metrics.closed(reason);
+        self.tracker.metrics.connections_active.dec();
+    }
+}
+
+/// How long a closed socket keeps reading (and discarding) what the peer still sends, so
+/// that closing it never makes the kernel answer with RST.
+pub const LINGER: Duration = Duration::from_secs(2);
+const LINGER_MAX_BYTES: usize = 1 << 20;
+
+/// Closes a socket with FIN, never RST: shut down the write side, then read and discard
+/// until the peer's FIN (or [`LINGER`]), and only then drop it. Dropping a socket that has
+/// unread bytes in its receive buffer makes the kernel send RST.
+pub async fn linger_close(mut stream: TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let mut total = 0usize;
+    let deadline = tokio::time::Instant::now() + LINGER;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => {
+                total += n;
+                if total > LINGER_MAX_BYTES {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A `TcpStream` that closes itself with [`linger_close`] when dropped (hyper drops the IO
+/// when a connection ends).
+pub struct LingerStream {
+    inner: Option<TcpStream>,
+}
+
+impl LingerStream {
+    pub fn new(stream: TcpStream) -> Self {
+        LingerStream {
+            inner: Some(stream),
+        }
+    }
+    fn io(&mut self) -> io::Result<&mut TcpStream> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    }
+}
+
+impl Drop for LingerStream {
+    fn drop(&mut self) {
+        if let Some(s) = self.inner.take()
+            && let Ok(h) = tokio::runtime::Handle::try_current()
+        {
+            h.spawn(linger_close(s));
+        }
+    }
+}
+
+impl AsyncRead for LingerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.io() {
+            Ok(s) => Pin::new(s).poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for LingerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.io() {
+            Ok(s) => Pin::new(s).poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.io() {
+            Ok(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.io() {
+            Ok(s) => Pin::new(s).poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.io() {
+            Ok(s) => Pin::new(s).poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracker_counts_and_asks_to_leave() {
+        let m = Arc::new(Metrics::new());
+        let t = ConnTracker::new(m.clone());
+        assert_eq!(t.last_accept(), None);
+        let g1 = t.register();
+        let g2 = t.register();
+        let _g3 = t.register();
+        assert_eq!(t.active(), 3);
+        assert!(t.last_accept().is_some());
+        assert_eq!(t.request_close(2), 2);
+        assert_eq!(t.request_close(5), 1);
+        assert_eq!(t.request_close(5), 0);
+        assert_eq!(g1.ctl().level(), CloseLevel::Graceful);
+        t.close_all(CloseLevel::Now);
+        assert_eq!(g2.ctl().level(), CloseLevel::Now);
+        drop(g1);
+        assert_eq!(t.active(), 2);
+        t.set_born_graceful(true);
+        let g4 = t.register();
+        assert_eq!(g4.ctl().level(), CloseLevel::Graceful);
+        let text = m.render();
+        assert!(text.contains("sluice_agent_connections_closed_total{reason=\"deadline\"} 1"));
+        assert!(text.contains("sluice_agent_connections_accepted_total 4"));
+    }
+
+    #[test]
+    fn level_never_lowers() {
+        let c = ConnCtl::default();
+        assert!(c.raise(CloseLevel::Now));
+        assert!(!c.raise(CloseLevel::Graceful));
+        assert_eq!(c.level(), CloseLevel::Now);
+    }
+}

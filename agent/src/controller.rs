@@ -1,0 +1,189 @@
+//! The drain driver: runs the pure [`DrainMachine`] and [`ClosePacer`] against real time and
+//! a [`ConnSource`], and publishes the phase.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use tokio::sync::{Notify, watch};
+use tracing::info;
+
+use crate::conns::ConnSource;
+use crate::drain::{DrainConfig, DrainMachine, DrainReport, Outcome, Phase, Transition};
+use crate::metrics::Metrics;
+use crate::pacer::ClosePacer;
+
+/// How often the driver looks at the connections while a drain runs.
+const POLL: Duration = Duration::from_millis(20);
+/// Close gaps are stretched by up to this fraction (see [`ClosePacer`]).
+const JITTER: f64 = 0.5;
+
+struct Inner {
+    machine: Mutex<DrainMachine>,
+    source: Arc<dyn ConnSource>,
+    phase: watch::Sender<Phase>,
+    wake: Notify,
+    metrics: Arc<Metrics>,
+    close_rate: u32,
+}
+
+/// Handle to the drain; cheap to clone.
+#[derive(Clone)]
+pub struct Drainer {
+    inner: Arc<Inner>,
+}
+
+impl Drainer {
+    /// Creates the drainer and spawns its driver task (needs a tokio runtime).
+    pub fn spawn(
+        cfg: DrainConfig,
+        close_rate: u32,
+        source: Arc<dyn ConnSource>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let (phase, _) = watch::channel(Phase::Serving);
+        let inner = Arc::new(Inner {
+            machine: Mutex::new(DrainMachine::new(cfg)),
+            source,
+            phase,
+            wake: Notify::new(),
+            metrics,
+            close_rate,
+        });
+        tokio::spawn(drive(inner.clone()));
+        Drainer { inner }
+    }
+
+    fn machine(&self) -> std::sync::MutexGuard<'_, DrainMachine> {
+        lock(&self.inner.machine)
+    }
+
+    pub fn phase(&self) -> Phase {
+        *self.inner.phase.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Phase> {
+        self.inner.phase.subscribe()
+    }
+
+    pub fn config(&self) -> DrainConfig {
+        *self.machine().config()
+    }
+
+    /// Starts the drain; false if it had already begun.
+    pub fn begin(&self) -> bool {
+        let obs = self.inner.source.observe();
+        let started = self.machine().begin(Instant::now(), obs);
+        if started {
+            info!(active = obs.active, "drain started: unready, waiting for quiet");
+            publish(&self.inner, Phase::Quiescing);
+            self.inner.wake.notify_one();
+        }
+        started
+    }
+
+    /// Ends the drain at once: every connection is closed now.
+    pub fn force(&self) {
+        let obs = self.inner.source.observe();
+        let t = self.machine().force(Instant::now(), obs);
+        if let Some(t) = t {
+            info!(active = obs.active, "drain forced");
+            apply(&self.inner, t);
+        }
+        self.inner.wake.notify_one();
+    }
+
+    /// Resolves once the drain is over.
+    pub async fn wait_drained(&self) {
+        let mut rx = self.subscribe();
+        // The sender lives as long as `self`; an error cannot happen while we hold it.
+        let _ = rx.wait_for(|p| *p == Phase::Drained).await;
+    }
+
+    pub fn report(&self) -> DrainReport {
+        let active = self.inner.source.observe().active;
+        self.machine().report(Instant::now(), active)
+    }
+}
+
+fn lock(m: &Mutex<DrainMachine>) -> std::sync::MutexGuard<'_, DrainMachine> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn publish(inner: &Inner, phase: Phase) {
+    inner.source.on_phase(phase);
+    inner.metrics.drain_phase.set(phase.as_i64());
+    inner.phase.send_replace(phase);
+}
+
+fn apply(inner: &Inner, t: Transition) {
+    match t {
+        Transition::StartClosing { quiet_reached } => {
+            info!(quiet_reached, "drain: closing connections");
+            publish(inner, Phase::Closing);
+        }
+        Transition::Drained(outcome) => {
+            if outcome != Outcome::Complete {
+                inner.source.close_now();
+            }
+            info!(?outcome, "drain: drained");
+            publish(inner, Phase::Drained);
+        }
+    }
+}
+
+fn export_durations(inner: &Inner, r: &DrainReport) {
+    if let Some(s) = r.quiesce_seconds {
+        inner.metrics.set_drain_duration("quiescing", s);
+    }
+    if let Some(s) = r.closing_seconds {
+        inner.metrics.set_drain_duration("closing", s);
+    }
+    let total = r
+        .total_seconds
+        .or(r.quiesce_seconds.map(|q| q + r.closing_seconds.unwrap_or(0.0)));
+    if let Some(s) = total {
+        inner.metrics.set_drain_duration("total", s);
+    }
+}
+
+async fn drive(inner: Arc<Inner>) {
+    let mut rx = inner.phase.subscribe();
+    if rx.wait_for(|p| *p != Phase::Serving).await.is_err() {
+        return;
+    }
+    let mut pacer = ClosePacer::new(inner.close_rate, JITTER);
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    loop {
+        let now = Instant::now();
+        let obs = inner.source.observe();
+        let (phase, wakeup, report) = {
+            let mut m = lock(&inner.machine);
+            while let Some(t) = m.step(now, obs) {
+                apply(&inner, t);
+            }
+            (m.phase(), m.next_wakeup(), m.report(now, obs.active))
+        };
+        export_durations(&inner, &report);
+        if phase == Phase::Drained {
+            return;
+        }
+        let mut next = now + POLL;
+        if phase == Phase::Closing {
+            let n = pacer.permits(now, &mut || rng.random::<f64>());
+            if n > 0 {
+                inner.source.request_close(n);
+            }
+            if let Some(p) = pacer.next_at() {
+                next = next.min(p.max(now + Duration::from_millis(1)));
+            }
+        }
+        if let Some(w) = wakeup {
+            next = next.min(w);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(next.into()) => {}
+            _ = inner.wake.notified() => {}
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! TCP mode: an L4 proxy. When a connection is asked to leave it waits for a moment the
+//! connection is idle in both directions (no byte moved for `idle_close_after`), then
+//! half-closes towards the client (FIN), forwards whatever the client still sends until
+//! the client's own FIN, then closes towards the upstream. At the drain deadline it closes
+//! whatever is left, still with FIN.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::conns::{CloseLevel, ConnGuard, LINGER, linger_close};
+use crate::metrics::{CloseReason, Metrics};
+
+const BUF: usize = 32 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct TcpProxy {
+    pub upstream: String,
+    pub idle_close_after: Duration,
+    pub metrics: std::sync::Arc<Metrics>,
+}
+
+impl TcpProxy {
+    pub async fn serve(&self, client: TcpStream, peer: SocketAddr, mut guard: ConnGuard) {
+        let _ = client.set_nodelay(true);
+        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.upstream))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                debug!(%peer, error = %e, "upstream connect failed");
+                self.metrics.upstream_error("connect");
+                guard.set_reason(CloseReason::UpstreamError);
+                linger_close(client).await;
+                return;
+            }
+            Err(_) => {
+                self.metrics.upstream_error("connect_timeout");
+                guard.set_reason(CloseReason::UpstreamError);
+                linger_close(client).await;
+                return;
+            }
+        };
+        let _ = upstream.set_nodelay(true);
+        let ctl = guard.ctl().clone();
+        let (mut client, mut upstream) = (client, upstream);
+        let (mut cr, mut cw) = client.split();
+        let (mut ur, mut uw) = upstream.split();
+        let mut c2u = vec![0u8; BUF];
+        let mut u2c = vec![0u8; BUF];
+        let mut client_open = true; // client → upstream direction still flowing
+        let mut upstream_open = true; // upstream → client direction still flowing
+        let mut last_activity = Instant::now();
+        let mut fin_to_client: Option<Instant> = None;
+        let mut upstream_error = false;
+        let mut level = CloseLevel::Open;
+        let far_future = Instant::now() + Duration::from_secs(86400 * 365);
+
+        loop {
+            level = level.max(ctl.level());
+            if level == CloseLevel::Now {
+                break;
+            }
+            if !client_open && !upstream_open {
+                break;
+            }
+            // When asked to leave: FIN the client at the first idle moment.
+            let idle_at = if level == CloseLevel::Graceful && fin_to_client.is_none() {
+                last_activity + self.idle_close_after
+            } else {
+                far_future
+            };
+            let linger_end = fin_to_client.map_or(far_future, |t| t + LINGER);
+            tokio::select! {
+                r = cr.read(&mut c2u), if client_open => match r {
+                    Ok(0) | Err(_) => {
+                        client_open = false;
+                        let _ = uw.shutdown().await;
+                        if fin_to_client.is_some() {
+                            // Both sides said goodbye to each other through us.
+                            break;
+                        }
+                    }
+                    Ok(n) => {
+                        last_activity = Instant::now();
+                        if uw.write_all(&c2u[..n]).await.is_err() {
+                            upstream_error = true;
+                            break;
+                        }
+                    }
+                },
+                r = ur.read(&mut u2c), if upstream_open => match r {
+                    Ok(0) | Err(_) => {
+                        upstream_open = false;
+                        if fin_to_client.is_none() {
+                            let _ = cw.shutdown().await;
+                            fin_to_client = Some(Instant::now());
+                        }
+                    }
+                    Ok(n) => {
+                        last_activity = Instant::now();
+                        if fin_to_client.is_some() {
+                            // The client was told goodbye; late bytes cannot reach it.
+                            continue;
+                        }
+                        if cw.write_all(&u2c[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                },
+                _ = ctl.changed() => {}
+                _ = tokio::time::sleep_until(idle_at) => {
+                    debug!(%peer, "idle while draining: half-closing towards the client");
+                    let _ = cw.shutdown().await;
+                    fin_to_client = Some(Instant::now());
+                }
+                _ = tokio::time::sleep_until(linger_end) => break,
+            }
+        }
+        if upstream_error {
+            guard.set_reason(CloseReason::UpstreamError);
+        }
+        drop(guard);
+        tokio::join!(linger_close(client), linger_close(upstream));
+    }
+}
