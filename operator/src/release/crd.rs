@@ -1,0 +1,832 @@
+//! The `Release` custom resource (`sluice.dev/v1alpha1`): types, defaults and the
+//! admission rules (OpenAPI schema plus CEL `x-kubernetes-validations`) generated from them.
+//!
+//! The rules live beside the fields they check so that the schema the apiserver enforces
+//! and the Rust types cannot drift apart. Every rule carries a message that says what to
+//! fix, because "failed rule: self >= 1" helps nobody at 3 a.m.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every Sluice resource.
+pub const GROUP: &str = "sluice.dev";
+/// Readiness-gate condition type the operator owns on every pod it runs.
+pub const SERVING_CONDITION: &str = "sluice.dev/serving";
+/// Label on pods and ReplicaSets: the Release that owns them.
+pub const RELEASE_LABEL: &str = "sluice.dev/release";
+/// Label on pods and ReplicaSets: the pod-template revision (hash of the user's template).
+pub const REVISION_LABEL: &str = "sluice.dev/revision";
+/// Pod annotation: when the operator took the pod out of service (RFC 3339).
+pub const DRAIN_STARTED_ANNOTATION: &str = "sluice.dev/drain-started";
+/// Pod annotation: when the operator let the pod be deleted after it went quiet (RFC 3339).
+pub const DRAIN_RELEASED_ANNOTATION: &str = "sluice.dev/drain-released";
+/// Pod annotation honoured by the ReplicaSet controller when it picks pods to delete.
+pub const DELETION_COST_ANNOTATION: &str = "controller.kubernetes.io/pod-deletion-cost";
+/// Release annotation: promote the current pause or gate step (value: any new token;
+/// a value starting with `full` skips all remaining steps).
+pub const PROMOTE_ANNOTATION: &str = "sluice.dev/promote";
+/// Release annotation: abort the release in progress (value: any new token).
+pub const ABORT_ANNOTATION: &str = "sluice.dev/abort";
+/// Deployment annotation: the replica count the Release took over, so that the
+/// Deployment can be handed back at that size.
+pub const REPLICAS_ANNOTATION: &str = "sluice.dev/replicas";
+/// Finalizer that hands pods back to the Deployment before a Release goes away.
+pub const FINALIZER: &str = "sluice.dev/handback";
+/// Field manager for server-side apply of status.
+pub const FIELD_MANAGER: &str = "sluice-release";
+/// The agent image used when `spec.agent.image` is unset and the operator was not given
+/// one (`SLUICE_AGENT_IMAGE`).
+pub const DEFAULT_AGENT_IMAGE: &str = "ghcr.io/sluice-dev/sluice-agent:0.1.0";
+
+/// A lossless, gated rolling release of a Deployment.
+///
+/// The operator takes over the Deployment's rollouts: it runs the pods through
+/// ReplicaSets it owns (stable and canary), keeps the Deployment at zero replicas, moves
+/// traffic by replica ratio step by step, and removes old pods only through the drain
+/// protocol (unserve, wait for quiet, paced close, delete).
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "sluice.dev",
+    version = "v1alpha1",
+    kind = "Release",
+    namespaced,
+    status = "ReleaseStatus",
+    shortname = "rel",
+    category = "sluice",
+    derive = "PartialEq",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Step",
+        type_ = "string",
+        description = "Current step / number of steps",
+        json_path = ".status.stepDisplay"
+    ),
+    printcolumn(
+        name = "Weight",
+        type_ = "integer",
+        description = "Percent of replicas on the canary revision",
+        json_path = ".status.canaryWeight"
+    ),
+    printcolumn(name = "Stable", type_ = "string", json_path = ".status.stableRevision"),
+    printcolumn(name = "Canary", type_ = "string", json_path = ".status.canaryRevision"),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.message"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("size(self.metadata.name) <= 52").message(
+        "metadata.name must be at most 52 characters: it is used in ReplicaSet names and label values"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseSpec {
+    /// The Deployment whose rollouts this Release runs. Users keep editing that
+    /// Deployment (GitOps changes its image); its pod template is the source of each
+    /// new revision.
+    pub workload_ref: WorkloadRef,
+
+    /// Number of pods to run. Defaults to the Deployment's `spec.replicas` at takeover
+    /// (remembered in the Deployment's `sluice.dev/replicas` annotation while the
+    /// Deployment is held at zero).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("replicas must be at least 1"))]
+    pub replicas: Option<i32>,
+
+    /// The steps of a release, in order. After the last step the canary takes 100% and
+    /// becomes the stable revision. No steps means: straight to 100%, still through the
+    /// drain protocol and the gates' throttles.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[x_kube(
+        validation = Rule::new("self.filter(s, has(s.setWeight)).map(s, s.setWeight).isSorted()")
+            .message("setWeight values must not decrease from one step to the next: order the steps by increasing weight")
+    )]
+    pub steps: Vec<Step>,
+
+    /// Signals that must stay green; a failing gate aborts the release.
+    #[serde(default)]
+    pub gates: Gates,
+
+    /// How old pods leave: the drain protocol's timings (passed to the agent too).
+    #[serde(default)]
+    pub drain: DrainPolicy,
+
+    /// The in-pod agent the operator injects into the pods it runs.
+    #[serde(default)]
+    pub agent: AgentSpec,
+
+    /// Time a new pod must have been ready before it receives traffic (its
+    /// `sluice.dev/serving` condition turns True). Default `0s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<DurationString>,
+
+    /// Extra pods allowed above `replicas` while new pods start, like a Deployment's
+    /// `maxSurge`: a number or a percentage of `replicas` (rounded up). Default `25%`,
+    /// at least one pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(
+        validation = Rule::new("type(self) == int ? self >= 1 : self.matches('^[1-9][0-9]?%$|^100%$')")
+            .message("maxSurge must be a positive number of pods or a percentage between 1% and 100%")
+    )]
+    pub max_surge: Option<IntOrString>,
+
+    /// A step that has not finished after this long aborts the release
+    /// (`ProgressDeadlineExceeded`). Default `10m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_deadline: Option<DurationString>,
+
+    /// Hold the release where it is: no step advances and no new drain starts (drains
+    /// already under way finish). Independent of status, so GitOps can set it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
+}
+
+/// Reference to the workload whose rollouts the Release runs.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRef {
+    /// Only `apps/v1`.
+    #[serde(default = "default_apps_v1")]
+    #[x_kube(validation = Rule::new("self == 'apps/v1'").message("workloadRef.apiVersion must be apps/v1"))]
+    pub api_version: String,
+    /// Only `Deployment`.
+    #[serde(default = "default_deployment")]
+    #[x_kube(validation = Rule::new("self == 'Deployment'").message("workloadRef.kind must be Deployment (the only kind supported)"))]
+    pub kind: String,
+    /// Name of the Deployment, in the Release's namespace.
+    #[x_kube(
+        validation = Rule::new("size(self) <= 253 && self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')")
+            .message("workloadRef.name must be a valid Deployment name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit")
+    )]
+    pub name: String,
+}
+
+fn default_apps_v1() -> String {
+    "apps/v1".into()
+}
+fn default_deployment() -> String {
+    "Deployment".into()
+}
+
+/// One step of a release. Exactly one of its fields is set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("[has(self.setWeight), has(self.pause), has(self.gate)].exists_one(x, x)")
+        .message("each step sets exactly one of setWeight, pause or gate")
+)]
+pub struct Step {
+    /// Percent of the replicas that run the new revision (rounded up to whole pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 100").message("setWeight must be a percentage between 0 and 100"))]
+    pub set_weight: Option<i32>,
+    /// Hold for a duration, or until promoted when no duration is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<PauseStep>,
+    /// Hold for a duration while every gate stays green.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateStep>,
+}
+
+/// `pause: {}` waits for `kubectl sluice promote`; `pause: {duration: 30s}` waits 30 s.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PauseStep {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<DurationString>,
+}
+
+/// Hold for `duration`; any gate failing its failure limit meanwhile aborts.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GateStep {
+    pub duration: DurationString,
+}
+
+/// The gates. Health is always on (with defaults) unless `health.enabled: false`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Gates {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthGate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_rate: Option<ConnectionRateGate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comparison: Option<ComparisonGate>,
+}
+
+/// Health of the new revision's pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthGate {
+    /// Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Minimum fraction (0–1) of new pods older than `startupTimeout` that must be
+    /// ready. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("health.minReadyRatio must be a fraction between 0 and 1, for example 0.9"))]
+    pub min_ready_ratio: Option<f64>,
+    /// Maximum container restarts summed over the new pods. Default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("health.maxRestarts must be zero or more"))]
+    pub max_restarts: Option<i32>,
+    /// Fail when a new pod's container is in CrashLoopBackOff. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_on_crash_loop: Option<bool>,
+    /// How long a new pod may take to become ready before it counts as not ready.
+    /// Default `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_timeout: Option<DurationString>,
+    /// Consecutive failed evaluations that abort the release. Default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("health.failureLimit must be at least 1"))]
+    pub failure_limit: Option<i32>,
+    /// Time between evaluations. Default `5s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<DurationString>,
+}
+
+/// The new-connection rate seen by each new pod (from the agent's
+/// `sluice_agent_connections_accepted_total`). It is a throttle first: no new drain
+/// starts and no step moves while a new pod takes connections faster than
+/// `maxPerPod`. Sustained excess with no drain under way counts as a failure (a new
+/// version that makes clients reconnect, for example by closing every connection).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionRateGate {
+    /// New connections per second per new pod.
+    #[x_kube(validation = Rule::new("self > 0.0").message("connectionRate.maxPerPod must be a positive number of new connections per second"))]
+    pub max_per_pod: f64,
+    /// Consecutive failed evaluations (with no drain under way) that abort. Default 6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("connectionRate.failureLimit must be at least 1"))]
+    pub failure_limit: Option<i32>,
+    /// Window over which the rate is measured and time between evaluations. Default `5s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<DurationString>,
+}
+
+/// Canary against stable, from the agents' request metrics (proxy mode, http).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ComparisonGate {
+    /// Largest allowed (canary 5xx ratio − stable 5xx ratio). Default 0.05.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0.0 && self <= 1.0").message("comparison.maxErrorRatioDelta must be a fraction between 0 and 1, for example 0.05"))]
+    pub max_error_ratio_delta: Option<f64>,
+    /// Largest allowed canary p99 latency divided by stable p99 latency. Default 1.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1.0").message("comparison.maxLatencyRatio must be at least 1.0 (1.5 means the canary's p99 may be 50% above stable's)"))]
+    pub max_latency_ratio: Option<f64>,
+    /// Fewer requests than this on either side in a window make it inconclusive.
+    /// Default 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("comparison.minRequests must be at least 1"))]
+    pub min_requests: Option<i64>,
+    /// Consecutive failed evaluations that abort. Default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("comparison.failureLimit must be at least 1"))]
+    pub failure_limit: Option<i32>,
+    /// Measurement window and time between evaluations. Default `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<DurationString>,
+}
+
+/// Drain timings. The agent gets the same values as flags.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainPolicy {
+    /// No new connection for this long means every load balancer has seen the pod
+    /// leave. Default `2s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiet_period: Option<DurationString>,
+    /// Longest wait for quiet; then the drain goes on and the record says so.
+    /// Default `60s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub propagation_timeout: Option<DurationString>,
+    /// Connections per second the agent closes while draining. Default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("drain.closeRate must be at least 1 connection per second"))]
+    pub close_rate: Option<i32>,
+    /// Longest paced close; the pod's termination grace period is raised to cover it.
+    /// Default `90s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_timeout: Option<DurationString>,
+    /// Pods draining at the same time. Default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("drain.maxConcurrent must be at least 1"))]
+    pub max_concurrent: Option<i32>,
+}
+
+/// How the agent sits in the pod.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum AgentMode {
+    /// In the data path: the agent takes the application port's name and proxies to it.
+    #[default]
+    #[serde(rename = "proxy")]
+    Proxy,
+    /// Beside the data path: the agent only watches the application's connections.
+    #[serde(rename = "observe")]
+    Observe,
+}
+
+/// Protocol the agent proxies.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum AgentProtocol {
+    #[default]
+    #[serde(rename = "http")]
+    Http,
+    #[serde(rename = "tcp")]
+    Tcp,
+}
+
+/// The agent injected as a native sidecar.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSpec {
+    /// `proxy` (default) or `observe`.
+    #[serde(default)]
+    pub mode: AgentMode,
+    /// `http` (default) or `tcp`; proxy mode only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<AgentProtocol>,
+    /// Agent image. Default: the operator's `SLUICE_AGENT_IMAGE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("size(self) > 0").message("agent.image must not be empty; leave it out to use the operator's default"))]
+    pub image: Option<String>,
+    /// The application container. Default: the container that declares `port`, else
+    /// the first container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// The application port the agent fronts (proxy) or watches (observe), by name or
+    /// number. Default: the application container's first port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<IntOrString>,
+    /// Port the agent listens on in proxy mode. Default 15001.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("agent.proxyPort must be a port number between 1 and 65535"))]
+    pub proxy_port: Option<i32>,
+    /// Agent admin port (`/ready`, `/drain`, `/metrics`). Default 9901.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("agent.adminPort must be a port number between 1 and 65535"))]
+    pub admin_port: Option<i32>,
+    /// Resources of the agent container. Default: requests 10m CPU, 32Mi memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// A duration such as `500ms`, `30s`, `5m` or `1h30m`.
+///
+/// Kept as the string the user wrote so that a Release stored before a rule existed
+/// still deserializes; the controller parses it with [`parse_duration`] and reports a
+/// bad one in status rather than failing to read the object.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct DurationString(pub String);
+
+impl DurationString {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn parse(&self) -> Result<std::time::Duration, String> {
+        parse_duration(&self.0)
+    }
+}
+
+impl From<&str> for DurationString {
+    fn from(s: &str) -> Self {
+        Self(s.into())
+    }
+}
+
+/// The grammar the schema enforces; [`parse_duration`] accepts exactly this.
+pub const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h))+$";
+
+impl JsonSchema for DurationString {
+    fn schema_name() -> Cow<'static, str> {
+        "DurationString".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut schemars::generate::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "maxLength": 32,
+            "x-kubernetes-validations": [{
+                "rule": format!("self.matches('{DURATION_PATTERN}')"),
+                "message": "must be a duration such as 500ms, 30s, 5m or 1h30m (units ms, s, m, h)"
+            }]
+        })
+    }
+}
+
+/// Parse `500ms`, `30s`, `5m`, `1h30m`: one or more `<digits><unit>` with units ms, s,
+/// m, h.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a duration such as 500ms, 30s, 5m or 1h30m");
+    if s.is_empty() {
+        return Err(bad());
+    }
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    let mut total_ms: u128 = 0;
+    while i < bytes.len() {
+        let start = i;
+        while i < bytes.len() && bytes[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start {
+            return Err(bad());
+        }
+        let n: u128 = s[start..i].parse().map_err(|_| bad())?;
+        let unit_ms = if s[i..].starts_with("ms") {
+            i += 2;
+            1
+        } else if s[i..].starts_with('s') {
+            i += 1;
+            1000
+        } else if s[i..].starts_with('m') {
+            i += 1;
+            60_000
+        } else if s[i..].starts_with('h') {
+            i += 1;
+            3_600_000
+        } else {
+            return Err(bad());
+        };
+        total_ms = total_ms
+            .checked_add(n.checked_mul(unit_ms).ok_or_else(bad)?)
+            .ok_or_else(bad)?;
+    }
+    let ms = u64::try_from(total_ms).map_err(|_| bad())?;
+    Ok(std::time::Duration::from_millis(ms))
+}
+
+/// Format a duration the way users write them (`1m30s`, `500ms`).
+pub fn format_duration(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    if ms % 1000 != 0 {
+        return format!("{ms}ms");
+    }
+    let mut s = (ms / 1000) as u64;
+    let mut out = String::new();
+    let h = s / 3600;
+    s %= 3600;
+    let m = s / 60;
+    s %= 60;
+    if h > 0 {
+        out.push_str(&format!("{h}h"));
+    }
+    if m > 0 {
+        out.push_str(&format!("{m}m"));
+    }
+    if s > 0 {
+        out.push_str(&format!("{s}s"));
+    }
+    out
+}
+
+/// Phase of a release.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum Phase {
+    /// Moving towards the next step.
+    #[default]
+    Progressing,
+    /// Held by a pause step, `spec.paused`, or waiting for a promote.
+    Paused,
+    /// Every pod runs the stable revision and serves.
+    Completed,
+    /// A gate failed or a user aborted: traffic went back to stable.
+    Aborted,
+    /// The release cannot run (no such Deployment, invalid spec).
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Progressing => "Progressing",
+            Phase::Paused => "Paused",
+            Phase::Completed => "Completed",
+            Phase::Aborted => "Aborted",
+            Phase::Failed => "Failed",
+        }
+    }
+    pub const ALL: [Phase; 5] = [
+        Phase::Progressing,
+        Phase::Paused,
+        Phase::Completed,
+        Phase::Aborted,
+        Phase::Failed,
+    ];
+}
+
+/// Everything the controller needs to resume after a restart lives here (and in the
+/// pods' annotations).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// One human sentence on what the release is doing or waiting for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Index of the step in progress; equal to the number of steps once all are done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_step: Option<i32>,
+    /// `2/5` style, for printer columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_display: Option<String>,
+    /// When the current step started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_started_at: Option<String>,
+    /// Target percent of replicas on the canary revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_weight: Option<i32>,
+    /// Replica count the release runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_revision: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_revision: Option<String>,
+    /// The revision that was rolled back; it is not tried again until the Deployment's
+    /// template changes or `kubectl sluice promote` retries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aborted_revision: Option<String>,
+    /// Pods per revision.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revisions: Vec<RevisionStatus>,
+    /// Latest result of each gate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gates: Vec<GateResult>,
+    /// Why the release was aborted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<AbortInfo>,
+    /// Drains in progress and the most recent finished ones (newest last, at most 50).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drains: Vec<DrainRecord>,
+    /// Last `sluice.dev/promote` annotation value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promote_token: Option<String>,
+    /// Last `sluice.dev/abort` annotation value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort_token: Option<String>,
+    /// kstatus-compatible conditions: Ready, Progressing, Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<ReleaseCondition>,
+}
+
+/// Pods of one revision.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionStatus {
+    pub revision: String,
+    /// `stable`, `canary` or `old`.
+    pub role: String,
+    /// Pods this revision should end the current step with.
+    pub desired: i32,
+    /// Pods that exist and are not being deleted.
+    pub current: i32,
+    /// Pods whose containers are ready.
+    pub ready: i32,
+    /// Pods with `sluice.dev/serving=True` (in the Service's endpoints).
+    pub serving: i32,
+    /// Pods being drained.
+    pub draining: i32,
+}
+
+/// Latest evaluation of one gate.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GateResult {
+    /// `health`, `connectionRate` or `comparison`.
+    pub name: String,
+    /// `Passed`, `Failed` or `Inconclusive`.
+    pub result: String,
+    pub consecutive_failures: i32,
+    /// RFC 3339.
+    pub last_evaluated: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Measured values, e.g. `canaryErrorRatio`, `stableP99Seconds`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub values: BTreeMap<String, f64>,
+}
+
+/// Why a release was aborted.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AbortInfo {
+    /// `GateFailed`, `UserAbort` or `ProgressDeadlineExceeded`.
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<String>,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub values: BTreeMap<String, f64>,
+    pub revision: String,
+    /// RFC 3339.
+    pub at: String,
+}
+
+/// One pod's drain.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainRecord {
+    pub pod: String,
+    pub revision: String,
+    /// `Quiescing` (unserved, waiting for quiet), `Closing` (deleted; the agent closes
+    /// connections paced), `Completed`, `QuietTimeout` (completed, but quiet never came
+    /// within the propagation timeout).
+    pub state: String,
+    /// RFC 3339: when the pod was unserved.
+    pub started_at: String,
+    /// Seconds from unserve to quiet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiet_seconds: Option<f64>,
+    /// Connections the agent closed during the drain (last value seen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_closed: Option<i64>,
+    /// Seconds from unserve until the pod was gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
+}
+
+/// A kstatus-compatible condition.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    /// RFC 3339.
+    pub last_transition_time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_like_the_schema_says() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1m500ms"), Ok(Duration::from_millis(60_500)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in ["", "5", "s", "1.5s", "-1s", "5 s", "1d", "1h30", "ms5"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn durations_format_back() {
+        for s in ["500ms", "30s", "5m", "1h30m", "1h0m5s"] {
+            let d = parse_duration(s).unwrap();
+            assert_eq!(parse_duration(&format_duration(d)).unwrap(), d);
+        }
+        assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
+    }
+
+    fn crd_json() -> serde_json::Value {
+        serde_json::to_value(Release::crd()).unwrap()
+    }
+
+    fn rules(v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::Array(rs)) = map.get("x-kubernetes-validations") {
+                    for r in rs {
+                        out.push((
+                            r["rule"].as_str().unwrap_or_default().to_string(),
+                            r["message"].as_str().unwrap_or_default().to_string(),
+                        ));
+                    }
+                }
+                for v in map.values() {
+                    rules(v, out);
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| rules(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn crd_has_the_expected_identity_and_columns() {
+        let crd = Release::crd();
+        assert_eq!(crd.spec.group, "sluice.dev");
+        assert_eq!(crd.spec.names.kind, "Release");
+        assert_eq!(crd.spec.names.plural, "releases");
+        let v = &crd.spec.versions[0];
+        assert_eq!(v.name, "v1alpha1");
+        assert!(v.subresources.as_ref().unwrap().status.is_some());
+        let cols: Vec<_> = v
+            .additional_printer_columns
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(
+            cols,
+            [
+                "Phase", "Step", "Weight", "Stable", "Canary", "Message", "Age"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_rule_has_a_message() {
+        let mut out = Vec::new();
+        rules(&crd_json(), &mut out);
+        assert!(out.len() >= 15, "expected many rules, got {out:?}");
+        for (rule, message) in &out {
+            assert!(!message.is_empty(), "rule {rule} has no message");
+        }
+        let all: Vec<&str> = out.iter().map(|(r, _)| r.as_str()).collect();
+        assert!(all.iter().any(|r| r.contains("isSorted()")));
+        assert!(all.iter().any(|r| r.contains("exists_one")));
+        assert!(all.iter().any(|r| r.contains("self.metadata.name")));
+        assert!(all.iter().any(|r| r.contains(DURATION_PATTERN)));
+    }
+
+    #[test]
+    fn schema_is_structural_enough_for_the_apiserver() {
+        // The apiserver rejects schemas with anyOf/oneOf lacking types, `$ref`s and
+        // non-string enums; catch them here instead of at `kubectl apply` time.
+        let s = serde_json::to_string(&crd_json()).unwrap();
+        assert!(!s.contains("$ref"), "{s}");
+        assert!(!s.contains("\"oneOf\""), "{s}");
+        let spec =
+            &crd_json()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(spec["required"], serde_json::json!(["workloadRef"]));
+        assert_eq!(
+            spec["properties"]["agent"]["properties"]["mode"]["enum"],
+            serde_json::json!(["proxy", "observe"])
+        );
+        assert_eq!(spec["properties"]["steps"]["maxItems"], 64);
+    }
+
+    #[test]
+    fn a_full_release_round_trips() {
+        let yaml = r#"
+apiVersion: sluice.dev/v1alpha1
+kind: Release
+metadata: {name: echo, namespace: default}
+spec:
+  workloadRef: {apiVersion: apps/v1, kind: Deployment, name: echo}
+  steps:
+    - setWeight: 20
+    - pause: {duration: 30s}
+    - setWeight: 50
+    - gate: {duration: 1m}
+    - pause: {}
+  gates:
+    connectionRate: {maxPerPod: 50}
+    comparison: {maxErrorRatioDelta: 0.02, maxLatencyRatio: 1.5}
+  drain: {quietPeriod: 2s, closeRate: 100}
+  agent: {mode: proxy, port: http}
+"#;
+        let r: Release = serde_yaml::from_str(yaml).unwrap();
+        assert_eq!(r.spec.steps.len(), 5);
+        assert_eq!(r.spec.workload_ref.kind, "Deployment");
+        assert_eq!(r.spec.agent.port, Some(IntOrString::String("http".into())));
+        let back: Release = serde_json::from_value(serde_json::to_value(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+}
+#[cfg(test)]
+mod dump {
+    #[test]
+    #[ignore]
+    fn dump_crd() {
+        use kube::CustomResourceExt;
+        println!("{}", serde_yaml::to_string(&super::Release::crd()).unwrap());
+    }
+}

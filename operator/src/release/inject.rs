@@ -1,0 +1,600 @@
+//! Pod-template injection (pure): what the operator adds to the user's pod template before
+//! it becomes a ReplicaSet the Release owns. The user's Deployment is never changed.
+//!
+//! Added:
+//! - the agent as a native sidecar (an init container with `restartPolicy: Always`), with
+//!   the drain policy as flags and `HOST_IP` from the downward API (the agent only lets
+//!   loopback and the node drain it);
+//! - the readiness gate `sluice.dev/serving`, which the operator alone sets;
+//! - `preStop.httpGet` to the agent's `/drain` on the application container, so that
+//!   termination waits for the paced close (a `sleep` preStop is replaced: it is the
+//!   open-loop workaround the agent makes unnecessary; any other preStop is kept);
+//! - a termination grace period long enough for the drain.
+//!
+//! Proxy mode with a named application port (`http`): the agent takes the name (so a
+//! Service whose `targetPort` is `http` reaches the agent) and listens on `proxyPort`; the
+//! application's port is renamed `sluice-app` and keeps its number, and the application's
+//! probes that referred to the name are rewritten to the number. With an unnamed port the
+//! Service must target `proxyPort` (see docs/release.md).
+
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler,
+    ObjectFieldSelector, PodReadinessGate, PodTemplateSpec, Probe, ResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::crd::{AgentMode, AgentProtocol, SERVING_CONDITION, format_duration};
+use super::settings::{AgentSettings, DrainSettings};
+
+/// Name of the injected sidecar.
+pub const AGENT_CONTAINER: &str = "sluice-agent";
+/// New name of the application's port when the agent takes its name.
+pub const RENAMED_APP_PORT: &str = "sluice-app";
+/// Name of the agent's admin port.
+pub const ADMIN_PORT_NAME: &str = "sluice-admin";
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum InjectError {
+    #[error("the pod template has no containers")]
+    NoContainers,
+    #[error("agent.container {0:?} is not a container of the pod template")]
+    NoSuchContainer(String),
+    #[error(
+        "agent.port {0:?} is not a named port of any container: name the application's port or set agent.port to a number"
+    )]
+    NoSuchPort(String),
+    #[error(
+        "container {0:?} declares no port: declare the application's containerPort or set agent.port"
+    )]
+    NoPort(String),
+    #[error("agent.proxyPort {0} is also the application's port: choose another agent.proxyPort")]
+    PortClash(i32),
+}
+
+/// The result of injection, with notes for the user (surfaced as events).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Injected {
+    pub template: PodTemplateSpec,
+    /// The application container's port number the agent fronts or watches.
+    pub app_port: i32,
+    pub notes: Vec<String>,
+}
+
+/// Inject the agent, readiness gate and preStop into a copy of `template`.
+pub fn inject(
+    template: &PodTemplateSpec,
+    agent: &AgentSettings,
+    drain: &DrainSettings,
+) -> Result<Injected, InjectError> {
+    let mut t = template.clone();
+    let spec = t.spec.get_or_insert_with(Default::default);
+    if spec.containers.is_empty() {
+        return Err(InjectError::NoContainers);
+    }
+    let mut notes = Vec::new();
+
+    // Which container, and which port.
+    let idx = match (&agent.container, &agent.port) {
+        (Some(name), _) => spec
+            .containers
+            .iter()
+            .position(|c| &c.name == name)
+            .ok_or_else(|| InjectError::NoSuchContainer(name.clone()))?,
+        (None, Some(IntOrString::String(port))) => spec
+            .containers
+            .iter()
+            .position(|c| port_by_name(c, port).is_some())
+            .ok_or_else(|| InjectError::NoSuchPort(port.clone()))?,
+        (None, Some(IntOrString::Int(n))) => spec
+            .containers
+            .iter()
+            .position(|c| c.ports.iter().flatten().any(|p| p.container_port == *n))
+            .unwrap_or(0),
+        (None, None) => 0,
+    };
+    let app = &spec.containers[idx];
+    let (app_port, app_port_name) = match &agent.port {
+        Some(IntOrString::String(name)) => {
+            let p = port_by_name(app, name).ok_or_else(|| InjectError::NoSuchPort(name.clone()))?;
+            (p.container_port, Some(name.clone()))
+        }
+        Some(IntOrString::Int(n)) => {
+            let name = app
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.container_port == *n)
+                .and_then(|p| p.name.clone());
+            (*n, name)
+        }
+        None => {
+            let p = app
+                .ports
+                .iter()
+                .flatten()
+                .next()
+                .ok_or_else(|| InjectError::NoPort(app.name.clone()))?;
+            (p.container_port, p.name.clone())
+        }
+    };
+
+    let admin = agent.admin_port;
+    let mut args: Vec<String> = Vec::new();
+    let mut agent_ports = vec![ContainerPort {
+        name: Some(ADMIN_PORT_NAME.into()),
+        container_port: admin,
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }];
+    match agent.mode {
+        AgentMode::Proxy => {
+            if agent.proxy_port == app_port {
+                return Err(InjectError::PortClash(app_port));
+            }
+            args.extend([
+                "proxy".into(),
+                "--listen".into(),
+                format!("0.0.0.0:{}", agent.proxy_port),
+                "--upstream".into(),
+                format!("127.0.0.1:{app_port}"),
+                "--protocol".into(),
+                match agent.protocol {
+                    AgentProtocol::Http => "http".into(),
+                    AgentProtocol::Tcp => "tcp".into(),
+                },
+            ]);
+            match &app_port_name {
+                Some(name) => {
+                    // The agent takes the name; the application keeps its number under a
+                    // new name, and its own probes and hooks follow the number.
+                    agent_ports.push(ContainerPort {
+                        name: Some(name.clone()),
+                        container_port: agent.proxy_port,
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    });
+                    let app = &mut spec.containers[idx];
+                    for p in app.ports.iter_mut().flatten() {
+                        if p.name.as_deref() == Some(name.as_str()) {
+                            p.name = Some(RENAMED_APP_PORT.into());
+                        }
+                    }
+                    rewrite_named_port(app, name, app_port);
+                    notes.push(format!(
+                        "proxy mode: the agent took port name {name:?} (listening on {}); the application keeps port {app_port} as {RENAMED_APP_PORT:?}",
+                        agent.proxy_port
+                    ));
+                }
+                None => {
+                    agent_ports.push(ContainerPort {
+                        name: Some("sluice-proxy".into()),
+                        container_port: agent.proxy_port,
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    });
+                    notes.push(format!(
+                        "proxy mode: the application's port {app_port} has no name, so a Service cannot be moved to the agent by name; point the Service's targetPort at {} (see docs/release.md)",
+                        agent.proxy_port
+                    ));
+                }
+            }
+        }
+        AgentMode::Observe => {
+            args.extend(["observe".into(), "--port".into(), app_port.to_string()]);
+        }
+    }
+    args.extend([
+        "--admin".into(),
+        format!("0.0.0.0:{admin}"),
+        "--quiet-period".into(),
+        format_duration(drain.quiet_period),
+        "--propagation-timeout".into(),
+        format_duration(drain.propagation_timeout),
+        "--close-rate".into(),
+        drain.close_rate.to_string(),
+        "--drain-timeout".into(),
+        format_duration(drain.drain_timeout),
+    ]);
+
+    let sidecar = Container {
+        name: AGENT_CONTAINER.into(),
+        image: Some(agent.image.clone()),
+        args: Some(args),
+        restart_policy: Some("Always".into()),
+        ports: Some(agent_ports),
+        env: Some(vec![EnvVar {
+            name: "HOST_IP".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "status.hostIP".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/ready".into()),
+                port: IntOrString::Int(admin),
+                ..Default::default()
+            }),
+            period_seconds: Some(2),
+            failure_threshold: Some(1),
+            ..Default::default()
+        }),
+        resources: Some(agent.resources.clone().unwrap_or_else(|| {
+            ResourceRequirements {
+                requests: Some(
+                    [
+                        ("cpu".to_string(), Quantity("10m".into())),
+                        ("memory".to_string(), Quantity("32Mi".into())),
+                    ]
+                    .into(),
+                ),
+                ..Default::default()
+            }
+        })),
+        ..Default::default()
+    };
+    let inits = spec.init_containers.get_or_insert_with(Vec::new);
+    inits.retain(|c| c.name != AGENT_CONTAINER);
+    inits.push(sidecar);
+
+    let gates = spec.readiness_gates.get_or_insert_with(Vec::new);
+    if !gates.iter().any(|g| g.condition_type == SERVING_CONDITION) {
+        gates.push(PodReadinessGate {
+            condition_type: SERVING_CONDITION.into(),
+        });
+    }
+
+    let app = &mut spec.containers[idx];
+    let lifecycle = app.lifecycle.get_or_insert_with(Lifecycle::default);
+    if lifecycle.pre_stop.as_ref().is_none_or(is_sleep) {
+        if lifecycle.pre_stop.is_some() {
+            notes.push(format!(
+                "replaced the sleep preStop of container {:?} with the agent's /drain",
+                app.name
+            ));
+        }
+        lifecycle.pre_stop = Some(LifecycleHandler {
+            http_get: Some(HTTPGetAction {
+                path: Some("/drain".into()),
+                port: IntOrString::Int(admin),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    } else {
+        notes.push(format!(
+            "container {:?} has its own preStop hook; it was kept, so termination does not wait for the agent's paced close",
+            app.name
+        ));
+    }
+
+    let need = drain.drain_timeout.as_secs() as i64 + 10;
+    let grace = spec.termination_grace_period_seconds.unwrap_or(30);
+    spec.termination_grace_period_seconds = Some(grace.max(need));
+
+    Ok(Injected {
+        template: t,
+        app_port,
+        notes,
+    })
+}
+
+fn port_by_name<'a>(c: &'a Container, name: &str) -> Option<&'a ContainerPort> {
+    c.ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some(name))
+}
+
+/// A preStop that only waits (`sleep` action, or `exec` of `sleep N` directly or through
+/// a shell): the open-loop drain the agent replaces.
+fn is_sleep(h: &LifecycleHandler) -> bool {
+    if h.sleep.is_some() {
+        return true;
+    }
+    let Some(cmd) = h.exec.as_ref().and_then(|e| e.command.as_ref()) else {
+        return false;
+    };
+    let words: Vec<&str> = match cmd.as_slice() {
+        [sh, flag, script] if sh.ends_with("sh") && flag == "-c" => {
+            script.split_whitespace().collect()
+        }
+        other => other.iter().map(|s| s.as_str()).collect(),
+    };
+    matches!(words.as_slice(), [sleep, n] if sleep.ends_with("sleep") && n.parse::<f64>().is_ok())
+}
+
+fn rewrite_named_port(c: &mut Container, name: &str, number: i32) {
+    let fix = |p: &mut IntOrString| {
+        if matches!(p, IntOrString::String(s) if s == name) {
+            *p = IntOrString::Int(number);
+        }
+    };
+    let fix_probe = |probe: &mut Option<Probe>| {
+        if let Some(p) = probe {
+            if let Some(h) = p.http_get.as_mut() {
+                fix(&mut h.port);
+            }
+            if let Some(t) = p.tcp_socket.as_mut() {
+                fix(&mut t.port);
+            }
+        }
+    };
+    fix_probe(&mut c.readiness_probe);
+    fix_probe(&mut c.liveness_probe);
+    fix_probe(&mut c.startup_probe);
+    if let Some(l) = c.lifecycle.as_mut() {
+        for h in [l.pre_stop.as_mut(), l.post_start.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(g) = h.http_get.as_mut() {
+                fix(&mut g.port);
+            }
+            if let Some(t) = h.tcp_socket.as_mut() {
+                fix(&mut t.port);
+            }
+        }
+    }
+}
+
+/// A short, stable name for a pod template: FNV-1a over its JSON, in the alphabet
+/// Kubernetes uses for pod-template hashes (no vowels, no look-alikes).
+pub fn revision_of(template: &PodTemplateSpec) -> String {
+    let bytes = serde_json::to_vec(template).unwrap_or_default();
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut out = String::with_capacity(10);
+    for _ in 0..10 {
+        out.push(ALPHABET[(h % ALPHABET.len() as u64) as usize] as char);
+        h /= ALPHABET.len() as u64;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::release::crd::ReleaseSpec;
+    use crate::release::settings::Settings;
+
+    fn template(yaml: &str) -> PodTemplateSpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    const ECHO: &str = r#"
+metadata: {labels: {app: echo}}
+spec:
+  containers:
+    - name: echo
+      image: sluice/echo:v1
+      ports: [{name: http, containerPort: 8080}]
+      readinessProbe: {httpGet: {path: /healthz, port: http}}
+      lifecycle: {preStop: {sleep: {seconds: 15}}}
+"#;
+
+    fn settings(extra: &str) -> Settings {
+        let spec: ReleaseSpec =
+            serde_yaml::from_str(&format!("workloadRef: {{name: echo}}\n{extra}")).unwrap();
+        Settings::from_spec(&spec, "sluice/agent:dev").unwrap()
+    }
+
+    fn inject_with(t: &str, extra: &str) -> Result<Injected, InjectError> {
+        let s = settings(extra);
+        inject(&template(t), &s.agent, &s.drain)
+    }
+
+    #[test]
+    fn proxy_mode_takes_the_port_name() {
+        let out = inject_with(ECHO, "").unwrap();
+        let spec = out.template.spec.unwrap();
+        let app = &spec.containers[0];
+        let app_port = &app.ports.as_ref().unwrap()[0];
+        assert_eq!(app_port.name.as_deref(), Some(RENAMED_APP_PORT));
+        assert_eq!(app_port.container_port, 8080);
+        // The app's probe followed the number, not the name now owned by the agent.
+        assert_eq!(
+            app.readiness_probe
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .port,
+            IntOrString::Int(8080)
+        );
+        let agent = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(agent.name, AGENT_CONTAINER);
+        assert_eq!(agent.restart_policy.as_deref(), Some("Always"));
+        assert_eq!(agent.image.as_deref(), Some("sluice/agent:dev"));
+        let http = agent
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|p| p.name.as_deref() == Some("http"))
+            .unwrap();
+        assert_eq!(http.container_port, 15001);
+        let args = agent.args.as_ref().unwrap().join(" ");
+        assert!(args.starts_with("proxy --listen 0.0.0.0:15001 --upstream 127.0.0.1:8080 --protocol http --admin 0.0.0.0:9901"), "{args}");
+        assert!(
+            args.contains(
+                "--quiet-period 2s --propagation-timeout 1m --close-rate 100 --drain-timeout 1m30s"
+            ),
+            "{args}"
+        );
+        assert_eq!(agent.env.as_ref().unwrap()[0].name, "HOST_IP");
+        assert_eq!(
+            spec.readiness_gates.as_ref().unwrap()[0].condition_type,
+            SERVING_CONDITION
+        );
+        // The sleep preStop is replaced by the agent's drain.
+        let pre = app.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap();
+        assert!(pre.sleep.is_none());
+        assert_eq!(
+            pre.http_get.as_ref().unwrap().path.as_deref(),
+            Some("/drain")
+        );
+        assert_eq!(pre.http_get.as_ref().unwrap().port, IntOrString::Int(9901));
+        assert_eq!(spec.termination_grace_period_seconds, Some(100));
+        assert_eq!(out.app_port, 8080);
+        assert!(out.notes.iter().any(|n| n.contains("took port name")));
+    }
+
+    #[test]
+    fn observe_mode_changes_no_port() {
+        let out = inject_with(ECHO, "agent: {mode: observe}").unwrap();
+        let spec = out.template.spec.unwrap();
+        assert_eq!(
+            spec.containers[0].ports.as_ref().unwrap()[0]
+                .name
+                .as_deref(),
+            Some("http")
+        );
+        let agent = &spec.init_containers.as_ref().unwrap()[0];
+        let args = agent.args.as_ref().unwrap().join(" ");
+        assert!(
+            args.starts_with("observe --port 8080 --admin 0.0.0.0:9901"),
+            "{args}"
+        );
+        assert_eq!(agent.ports.as_ref().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn unnamed_port_in_proxy_mode_is_explained() {
+        let t = "spec: {containers: [{name: app, image: x, ports: [{containerPort: 8080}]}]}";
+        let out = inject_with(t, "").unwrap();
+        assert!(
+            out.notes.iter().any(|n| n.contains("targetPort at 15001")),
+            "{:?}",
+            out.notes
+        );
+        let spec = out.template.spec.unwrap();
+        let agent = &spec.init_containers.as_ref().unwrap()[0];
+        assert!(
+            agent
+                .ports
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|p| p.name.as_deref() == Some("sluice-proxy"))
+        );
+    }
+
+    #[test]
+    fn picks_the_container_that_owns_the_port() {
+        let t = r#"
+spec:
+  containers:
+    - {name: log, image: x}
+    - {name: web, image: y, ports: [{name: web, containerPort: 80}]}
+"#;
+        let out = inject_with(t, "agent: {port: web}").unwrap();
+        let spec = out.template.spec.unwrap();
+        assert!(spec.containers[0].lifecycle.is_none());
+        assert!(
+            spec.containers[1]
+                .lifecycle
+                .as_ref()
+                .unwrap()
+                .pre_stop
+                .is_some()
+        );
+        assert_eq!(out.app_port, 80);
+    }
+
+    #[test]
+    fn errors_say_what_to_fix() {
+        let t = "spec: {containers: [{name: app, image: x}]}";
+        assert_eq!(
+            inject_with(t, "").unwrap_err(),
+            InjectError::NoPort("app".into())
+        );
+        assert!(
+            inject_with(ECHO, "agent: {port: grpc}")
+                .unwrap_err()
+                .to_string()
+                .contains("not a named port")
+        );
+        assert_eq!(
+            inject_with(ECHO, "agent: {container: nope}").unwrap_err(),
+            InjectError::NoSuchContainer("nope".into())
+        );
+        assert_eq!(
+            inject_with(ECHO, "agent: {proxyPort: 8080}").unwrap_err(),
+            InjectError::PortClash(8080)
+        );
+        assert_eq!(
+            inject_with("spec: {containers: []}", "").unwrap_err(),
+            InjectError::NoContainers
+        );
+    }
+
+    #[test]
+    fn own_prestop_is_kept_unless_it_only_sleeps() {
+        let t = r#"
+spec:
+  containers:
+    - name: app
+      image: x
+      ports: [{containerPort: 80}]
+      lifecycle: {preStop: {exec: {command: [nginx, -s, quit]}}}
+"#;
+        let out = inject_with(t, "agent: {mode: observe}").unwrap();
+        let pre = out.template.spec.unwrap().containers[0]
+            .lifecycle
+            .clone()
+            .unwrap()
+            .pre_stop
+            .unwrap();
+        assert!(pre.exec.is_some());
+        assert!(out.notes.iter().any(|n| n.contains("own preStop")));
+        for cmd in [vec!["sleep", "15"], vec!["/bin/sh", "-c", "sleep 5"]] {
+            let h = LifecycleHandler {
+                exec: Some(k8s_openapi::api::core::v1::ExecAction {
+                    command: Some(cmd.iter().map(|s| s.to_string()).collect()),
+                }),
+                ..Default::default()
+            };
+            assert!(is_sleep(&h), "{cmd:?}");
+        }
+    }
+
+    #[test]
+    fn injection_is_idempotent_on_gates_and_keeps_longer_grace() {
+        let t = r#"
+spec:
+  terminationGracePeriodSeconds: 600
+  readinessGates: [{conditionType: sluice.dev/serving}]
+  containers: [{name: app, image: x, ports: [{containerPort: 80}]}]
+"#;
+        let out = inject_with(t, "agent: {mode: observe}").unwrap();
+        let spec = out.template.spec.unwrap();
+        assert_eq!(spec.readiness_gates.unwrap().len(), 1);
+        assert_eq!(spec.termination_grace_period_seconds, Some(600));
+    }
+
+    #[test]
+    fn revisions_are_stable_and_differ_by_template() {
+        let a = template(ECHO);
+        let mut b = a.clone();
+        b.spec.as_mut().unwrap().containers[0].image = Some("sluice/echo:v2".into());
+        assert_eq!(revision_of(&a), revision_of(&a.clone()));
+        assert_ne!(revision_of(&a), revision_of(&b));
+        assert_eq!(revision_of(&a).len(), 10);
+        assert!(
+            revision_of(&a)
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        );
+    }
+}

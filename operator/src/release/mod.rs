@@ -1,0 +1,18 @@
+//! The Release controller: lossless, gated rolling releases of a Deployment.
+//!
+//! Shape (see DESIGN.md): gather observed state (I/O, [`controller`]) → the pure
+//! [`plan`] → an idempotent executor (I/O, [`controller`]) → status. Everything a
+//! restart needs lives in the Release's status and in the pods' annotations.
+//!
+//! - [`crd`]: the `Release` resource and its admission rules;
+//! - [`settings`]: the spec validated, with defaults;
+//! - [`inject`]: what the operator adds to pod templates;
+//! - [`gates`]: agent metrics parsing and gate evaluation;
+
+pub mod crd;
+pub mod gates;
+pub mod inject;
+pub mod plan;
+pub mod settings;
+
+pub use crd::{Release, ReleaseSpec, ReleaseStatus};

@@ -1,0 +1,439 @@
+//! A `ReleaseSpec` checked and with every default filled in (pure). The admission rules
+//! catch most mistakes; this is the second line for objects stored before a rule existed
+//! or written with validation off, and the one place where defaults live.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::crd::{AgentMode, AgentProtocol, DurationString, ReleaseSpec, parse_duration};
+
+/// One step, resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StepKind {
+    SetWeight(i32),
+    /// `None`: until promoted.
+    Pause(Option<Duration>),
+    Gate(Duration),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthSettings {
+    pub min_ready_ratio: f64,
+    pub max_restarts: i32,
+    pub fail_on_crash_loop: bool,
+    pub startup_timeout: Duration,
+    pub failure_limit: i32,
+    pub interval: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnectionRateSettings {
+    pub max_per_pod: f64,
+    pub failure_limit: i32,
+    pub interval: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ComparisonSettings {
+    pub max_error_ratio_delta: f64,
+    pub max_latency_ratio: f64,
+    pub min_requests: i64,
+    pub failure_limit: i32,
+    pub interval: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DrainSettings {
+    pub quiet_period: Duration,
+    pub propagation_timeout: Duration,
+    pub close_rate: i32,
+    pub drain_timeout: Duration,
+    pub max_concurrent: i32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentSettings {
+    pub mode: AgentMode,
+    pub protocol: AgentProtocol,
+    pub image: String,
+    pub container: Option<String>,
+    pub port: Option<IntOrString>,
+    pub proxy_port: i32,
+    pub admin_port: i32,
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+}
+
+/// The spec with defaults applied and durations parsed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub deployment: String,
+    pub replicas: Option<i32>,
+    pub steps: Vec<StepKind>,
+    pub health: Option<HealthSettings>,
+    pub connection_rate: Option<ConnectionRateSettings>,
+    pub comparison: Option<ComparisonSettings>,
+    pub drain: DrainSettings,
+    pub agent: AgentSettings,
+    pub warmup: Duration,
+    pub max_surge: IntOrString,
+    pub progress_deadline: Duration,
+    pub paused: bool,
+}
+
+fn dur(
+    errs: &mut Vec<String>,
+    field: &str,
+    v: &Option<DurationString>,
+    default: Duration,
+) -> Duration {
+    match v {
+        None => default,
+        Some(d) => match parse_duration(&d.0) {
+            Ok(d) => d,
+            Err(e) => {
+                errs.push(format!("{field}: {e}"));
+                default
+            }
+        },
+    }
+}
+
+impl Settings {
+    /// Pods allowed above `replicas` while new pods start (at least one).
+    pub fn surge(&self, replicas: i32) -> i32 {
+        let n = match &self.max_surge {
+            IntOrString::Int(n) => *n,
+            IntOrString::String(s) => {
+                let pct: i32 = s.trim_end_matches('%').parse().unwrap_or(25);
+                (replicas * pct + 99) / 100
+            }
+        };
+        n.max(1)
+    }
+
+    /// Validate and fill defaults. Errors name the field and what to fix.
+    pub fn from_spec(
+        spec: &ReleaseSpec,
+        default_agent_image: &str,
+    ) -> Result<Settings, Vec<String>> {
+        let mut errs = Vec::new();
+        let warmup = dur(&mut errs, "warmup", &spec.warmup, Duration::ZERO);
+        let progress_deadline = dur(
+            &mut errs,
+            "progressDeadline",
+            &spec.progress_deadline,
+            Duration::from_secs(600),
+        );
+        let mut steps = Vec::new();
+        let mut step_durs = Vec::new();
+        for (i, s) in spec.steps.iter().enumerate() {
+            let set = [s.set_weight.is_some(), s.pause.is_some(), s.gate.is_some()]
+                .iter()
+                .filter(|x| **x)
+                .count();
+            if set != 1 {
+                step_durs.push(format!(
+                    "steps[{i}]: set exactly one of setWeight, pause or gate"
+                ));
+                continue;
+            }
+            if let Some(w) = s.set_weight {
+                steps.push(StepKind::SetWeight(w));
+            } else if let Some(p) = &s.pause {
+                let d = p.duration.as_ref().map(|d| {
+                    d.parse()
+                        .map_err(|e| format!("steps[{i}].pause.duration: {e}"))
+                });
+                match d {
+                    Some(Err(e)) => step_durs.push(e),
+                    Some(Ok(d)) => steps.push(StepKind::Pause(Some(d))),
+                    None => steps.push(StepKind::Pause(None)),
+                }
+            } else if let Some(g) = &s.gate {
+                match g.duration.parse() {
+                    Ok(d) => steps.push(StepKind::Gate(d)),
+                    Err(e) => step_durs.push(format!("steps[{i}].gate.duration: {e}")),
+                }
+            }
+        }
+        errs.extend(step_durs);
+
+        let health = spec.gates.health.clone().unwrap_or_default();
+        let health = if health.enabled == Some(false) {
+            None
+        } else {
+            Some(HealthSettings {
+                min_ready_ratio: health.min_ready_ratio.unwrap_or(1.0),
+                max_restarts: health.max_restarts.unwrap_or(2),
+                fail_on_crash_loop: health.fail_on_crash_loop.unwrap_or(true),
+                startup_timeout: dur(
+                    &mut errs,
+                    "gates.health.startupTimeout",
+                    &health.startup_timeout,
+                    Duration::from_secs(300),
+                ),
+                failure_limit: health.failure_limit.unwrap_or(2),
+                interval: dur(
+                    &mut errs,
+                    "gates.health.interval",
+                    &health.interval,
+                    Duration::from_secs(5),
+                ),
+            })
+        };
+        let connection_rate = spec
+            .gates
+            .connection_rate
+            .as_ref()
+            .map(|c| ConnectionRateSettings {
+                max_per_pod: c.max_per_pod,
+                failure_limit: c.failure_limit.unwrap_or(6),
+                interval: dur(
+                    &mut errs,
+                    "gates.connectionRate.interval",
+                    &c.interval,
+                    Duration::from_secs(5),
+                ),
+            });
+        let comparison = spec.gates.comparison.as_ref().map(|c| ComparisonSettings {
+            max_error_ratio_delta: c.max_error_ratio_delta.unwrap_or(0.05),
+            max_latency_ratio: c.max_latency_ratio.unwrap_or(1.5),
+            min_requests: c.min_requests.unwrap_or(50),
+            failure_limit: c.failure_limit.unwrap_or(2),
+            interval: dur(
+                &mut errs,
+                "gates.comparison.interval",
+                &c.interval,
+                Duration::from_secs(10),
+            ),
+        });
+        let d = &spec.drain;
+        let drain = DrainSettings {
+            quiet_period: dur(
+                &mut errs,
+                "drain.quietPeriod",
+                &d.quiet_period,
+                Duration::from_secs(2),
+            ),
+            propagation_timeout: dur(
+                &mut errs,
+                "drain.propagationTimeout",
+                &d.propagation_timeout,
+                Duration::from_secs(60),
+            ),
+            close_rate: d.close_rate.unwrap_or(100),
+            drain_timeout: dur(
+                &mut errs,
+                "drain.drainTimeout",
+                &d.drain_timeout,
+                Duration::from_secs(90),
+            ),
+            max_concurrent: d.max_concurrent.unwrap_or(2),
+        };
+        let a = &spec.agent;
+        let agent = AgentSettings {
+            mode: a.mode,
+            protocol: a.protocol.unwrap_or_default(),
+            image: a
+                .image
+                .clone()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| default_agent_image.to_string()),
+            container: a.container.clone(),
+            port: a.port.clone(),
+            proxy_port: a.proxy_port.unwrap_or(15001),
+            admin_port: a.admin_port.unwrap_or(9901),
+            resources: a.resources.clone(),
+        };
+
+        // The same checks as the admission rules, for objects that bypassed them.
+        if spec.workload_ref.kind != "Deployment" || spec.workload_ref.api_version != "apps/v1" {
+            errs.push("workloadRef: only apps/v1 Deployment is supported".into());
+        }
+        if spec.workload_ref.name.is_empty() {
+            errs.push("workloadRef.name: must name a Deployment".into());
+        }
+        if let Some(r) = spec.replicas
+            && r < 1
+        {
+            errs.push("replicas: must be at least 1".into());
+        }
+        let mut last = 0;
+        for s in &steps {
+            if let StepKind::SetWeight(w) = s {
+                if !(0..=100).contains(w) {
+                    errs.push(format!("setWeight {w}: must be between 0 and 100"));
+                } else if *w < last {
+                    errs.push(format!(
+                        "setWeight {w} after {last}: weights must not decrease"
+                    ));
+                }
+                last = *w;
+            }
+        }
+        if drain.close_rate < 1 {
+            errs.push("drain.closeRate: must be at least 1".into());
+        }
+        if drain.max_concurrent < 1 {
+            errs.push("drain.maxConcurrent: must be at least 1".into());
+        }
+        if let Some(c) = &connection_rate
+            && !(c.max_per_pod > 0.0)
+        {
+            errs.push("gates.connectionRate.maxPerPod: must be positive".into());
+        }
+        for (name, limit) in [
+            ("health", health.as_ref().map(|h| h.failure_limit)),
+            (
+                "connectionRate",
+                connection_rate.as_ref().map(|c| c.failure_limit),
+            ),
+            ("comparison", comparison.as_ref().map(|c| c.failure_limit)),
+        ] {
+            if let Some(l) = limit
+                && l < 1
+            {
+                errs.push(format!("gates.{name}.failureLimit: must be at least 1"));
+            }
+        }
+        let max_surge = spec
+            .max_surge
+            .clone()
+            .unwrap_or(IntOrString::String("25%".into()));
+        match &max_surge {
+            IntOrString::Int(n) if *n < 1 => errs.push("maxSurge: must be at least 1".into()),
+            IntOrString::String(s)
+                if !s.ends_with('%')
+                    || !matches!(s.trim_end_matches('%').parse::<i32>(), Ok(1..=100)) =>
+            {
+                errs.push("maxSurge: must be a number or a percentage between 1% and 100%".into())
+            }
+            _ => {}
+        }
+        if !errs.is_empty() {
+            return Err(errs);
+        }
+        Ok(Settings {
+            deployment: spec.workload_ref.name.clone(),
+            replicas: spec.replicas,
+            steps,
+            health,
+            connection_rate,
+            comparison,
+            drain,
+            agent,
+            warmup,
+            max_surge,
+            progress_deadline,
+            paused: spec.paused,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::release::crd::*;
+
+    fn spec(yaml: &str) -> ReleaseSpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let s = Settings::from_spec(&spec("workloadRef: {name: echo}"), "img").unwrap();
+        assert_eq!(s.deployment, "echo");
+        assert!(s.steps.is_empty());
+        assert_eq!(s.drain.quiet_period, Duration::from_secs(2));
+        assert_eq!(s.drain.propagation_timeout, Duration::from_secs(60));
+        assert_eq!(s.drain.close_rate, 100);
+        assert_eq!(s.drain.drain_timeout, Duration::from_secs(90));
+        assert_eq!(s.agent.image, "img");
+        assert_eq!(s.agent.mode, AgentMode::Proxy);
+        assert_eq!(s.agent.admin_port, 9901);
+        assert!(s.health.is_some());
+        assert!(s.connection_rate.is_none());
+        assert_eq!(s.surge(6), 2);
+        assert_eq!(s.surge(1), 1);
+    }
+
+    #[test]
+    fn steps_resolve() {
+        let s = Settings::from_spec(
+            &spec(
+                "workloadRef: {name: echo}\nsteps: [{setWeight: 10}, {pause: {}}, {pause: {duration: 1m}}, {gate: {duration: 30s}}]",
+            ),
+            "img",
+        )
+        .unwrap();
+        assert_eq!(
+            s.steps,
+            vec![
+                StepKind::SetWeight(10),
+                StepKind::Pause(None),
+                StepKind::Pause(Some(Duration::from_secs(60))),
+                StepKind::Gate(Duration::from_secs(30)),
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_specs_say_what_to_fix() {
+        let cases = [
+            (
+                "workloadRef: {name: echo}\nsteps: [{setWeight: 50}, {setWeight: 20}]",
+                "must not decrease",
+            ),
+            (
+                "workloadRef: {name: echo}\nsteps: [{setWeight: 150}]",
+                "between 0 and 100",
+            ),
+            (
+                "workloadRef: {name: echo}\nsteps: [{setWeight: 5, pause: {}}]",
+                "exactly one",
+            ),
+            (
+                "workloadRef: {name: echo}\nsteps: [{gate: {duration: 5x}}]",
+                "steps[0].gate.duration",
+            ),
+            (
+                "workloadRef: {name: echo}\ndrain: {quietPeriod: soon}",
+                "drain.quietPeriod",
+            ),
+            (
+                "workloadRef: {name: echo}\ndrain: {closeRate: 0}",
+                "closeRate",
+            ),
+            (
+                "workloadRef: {name: echo, kind: StatefulSet}",
+                "only apps/v1 Deployment",
+            ),
+            ("workloadRef: {name: echo}\nmaxSurge: 0", "maxSurge"),
+            ("workloadRef: {name: echo}\nmaxSurge: 'x%'", "maxSurge"),
+            (
+                "workloadRef: {name: echo}\ngates: {connectionRate: {maxPerPod: 0}}",
+                "maxPerPod",
+            ),
+            (
+                "workloadRef: {name: echo}\ngates: {comparison: {failureLimit: 0}}",
+                "comparison.failureLimit",
+            ),
+        ];
+        for (y, want) in cases {
+            let errs = Settings::from_spec(&spec(y), "img").unwrap_err();
+            assert!(
+                errs.iter().any(|e| e.contains(want)),
+                "{y}: {errs:?} should mention {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn surge_percentages_round_up() {
+        let s = Settings::from_spec(&spec("workloadRef: {name: e}\nmaxSurge: 50%"), "i").unwrap();
+        assert_eq!(s.surge(5), 3);
+        let s = Settings::from_spec(&spec("workloadRef: {name: e}\nmaxSurge: 3"), "i").unwrap();
+        assert_eq!(s.surge(10), 3);
+    }
+}
