@@ -1,0 +1,183 @@
+//! `sluice-echo`: the test ground's example workload.
+//!
+//! An HTTP/1.1 and HTTP/2 server that answers every request with its version and pod name
+//! (headers `x-version`, `x-pod-name` and the body), so the load generator can tell which
+//! pod answered. Flags shape it like real services: added latency, an error rate, a slow
+//! start (`/ready` answers 503 until warm) and what it does on SIGTERM: `exit` at once (the
+//! naive app) or `graceful` (stop accepting, finish in-flight requests, close keep-alive
+//! connections politely, then exit).
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OnSigterm {
+    /// Exit at once: in-flight requests and keep-alive connections are cut.
+    Exit,
+    /// Stop accepting, finish in-flight requests, close idle keep-alive connections, exit.
+    Graceful,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sluice-echo",
+    about = "Echo app for Sluice's test ground",
+    disable_version_flag = true
+)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    /// Version reported in `x-version` and the body (the image tag on the process node).
+    #[arg(long, default_value = "v1")]
+    version: String,
+    /// Pod name reported in `x-pod-name`; defaults to $POD_NAME, then the host name.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// Extra latency added to every request.
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    latency: Duration,
+    /// Fraction of requests (0..=1) answered with 500.
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Warm-up: `/ready` answers 503 for this long after start.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// What to do on SIGTERM.
+    #[arg(long, value_enum, default_value = "graceful")]
+    on_sigterm: OnSigterm,
+    /// In graceful mode, the longest it waits for connections to finish before exiting.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+}
+
+struct State {
+    version: String,
+    pod: String,
+    latency: Duration,
+    error_rate: f64,
+    warm_at: Instant,
+    draining: AtomicBool,
+}
+
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path();
+    let (status, body) = match path {
+        "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+        "/ready" => {
+            if state.draining.load(Ordering::Relaxed) {
+                (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_string())
+            } else if Instant::now() < state.warm_at {
+                (StatusCode::SERVICE_UNAVAILABLE, "warming up\n".to_string())
+            } else {
+                (StatusCode::OK, "ready\n".to_string())
+            }
+        }
+        _ => {
+            if !state.latency.is_zero() {
+                tokio::time::sleep(state.latency).await;
+            }
+            if state.error_rate > 0.0 && rand::random::<f64>() < state.error_rate {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "injected error\n".to_string(),
+                )
+            } else {
+                (
+                    StatusCode::OK,
+                    format!("version={} pod={}\n", state.version, state.pod),
+                )
+            }
+        }
+    };
+    let resp = Response::builder()
+        .status(status)
+        .header("x-version", &state.version)
+        .header("x-pod-name", &state.pod)
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid");
+    Ok(resp)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let state = Arc::new(State {
+        version: args.version.clone(),
+        pod: args.pod_name.clone().unwrap_or_else(host_name),
+        latency: args.latency,
+        error_rate: args.error_rate,
+        warm_at: Instant::now() + args.warmup,
+        draining: AtomicBool::new(false),
+    });
+    let listener = TcpListener::bind(args.listen).await?;
+    eprintln!(
+        "sluice-echo {} pod={} listening on {} (on SIGTERM: {:?})",
+        state.version, state.pod, args.listen, args.on_sigterm
+    );
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => { eprintln!("accept: {e}"); continue; }
+                };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
+                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move { let _ = conn.await; });
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    match args.on_sigterm {
+        OnSigterm::Exit => {
+            eprintln!("SIGTERM: exiting at once");
+            std::process::exit(0);
+        }
+        OnSigterm::Graceful => {
+            state.draining.store(true, Ordering::Relaxed);
+            drop(listener);
+            eprintln!("SIGTERM: draining {} connections", graceful.count());
+            if tokio::time::timeout(args.drain_timeout, graceful.shutdown())
+                .await
+                .is_err()
+            {
+                eprintln!("drain timeout reached; exiting with connections open");
+            } else {
+                eprintln!("drained; exiting");
+            }
+        }
+    }
+    Ok(())
+}
