@@ -38,7 +38,10 @@ pub struct Admin {
 /// preStop hook comes from the node's IP).
 pub fn drain_allowed(peer: IpAddr, host_ip: Option<IpAddr>) -> bool {
     let peer = match peer {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     };
     peer.is_loopback() || host_ip.is_some_and(|h| h == peer)
@@ -72,7 +75,11 @@ impl Admin {
         }
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path()) {
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET | &Method::HEAD, "/ready") => {
@@ -166,7 +173,10 @@ mod tests {
         assert!(drain_allowed("::1".parse().unwrap(), None));
         assert!(drain_allowed("::ffff:127.0.0.1".parse().unwrap(), None));
         assert!(drain_allowed("10.0.0.5".parse().unwrap(), Some(node)));
-        assert!(drain_allowed("::ffff:10.0.0.5".parse().unwrap(), Some(node)));
+        assert!(drain_allowed(
+            "::ffff:10.0.0.5".parse().unwrap(),
+            Some(node)
+        ));
         assert!(!drain_allowed("10.0.0.6".parse().unwrap(), Some(node)));
         assert!(!drain_allowed("10.0.0.5".parse().unwrap(), None));
         assert!(!drain_allowed("192.168.1.1".parse().unwrap(), None));

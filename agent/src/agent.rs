@@ -72,7 +72,9 @@ async fn start_admin(
     admin: Admin,
 ) -> Result<(SocketAddr, JoinHandle<()>), AgentError> {
     let l = bind(addr).await?;
-    let local = l.local_addr().map_err(|source| AgentError::Bind { addr, source })?;
+    let local = l
+        .local_addr()
+        .map_err(|source| AgentError::Bind { addr, source })?;
     info!(%local, "admin endpoint listening");
     Ok((local, tokio::spawn(Arc::new(admin).serve(l))))
 }
@@ -92,12 +94,10 @@ pub async fn start_proxy(args: ProxyArgs) -> Result<RunningAgent, AgentError> {
         metrics.clone(),
     );
     let listener = bind(args.listen).await?;
-    let listen_addr = listener
-        .local_addr()
-        .map_err(|source| AgentError::Bind {
-            addr: args.listen,
-            source,
-        })?;
+    let listen_addr = listener.local_addr().map_err(|source| AgentError::Bind {
+        addr: args.listen,
+        source,
+    })?;
     let (admin_addr, admin_task) = start_admin(
         args.admin,
         Admin {

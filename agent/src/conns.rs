@@ -95,7 +95,8 @@ impl ConnTracker {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let ctl = Arc::new(ConnCtl::default());
         if self.born_graceful.load(Ordering::Acquire) {
-            ctl.level.store(CloseLevel::Graceful as u8, Ordering::Release);
+            ctl.level
+                .store(CloseLevel::Graceful as u8, Ordering::Release);
         }
         self.lock().insert(id, ctl.clone());
         let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);

@@ -75,7 +75,10 @@ impl Drainer {
         let obs = self.inner.source.observe();
         let started = self.machine().begin(Instant::now(), obs);
         if started {
-            info!(active = obs.active, "drain started: unready, waiting for quiet");
+            info!(
+                active = obs.active,
+                "drain started: unready, waiting for quiet"
+            );
             publish(&self.inner, Phase::Quiescing);
             self.inner.wake.notify_one();
         }
@@ -139,9 +142,9 @@ fn export_durations(inner: &Inner, r: &DrainReport) {
     if let Some(s) = r.closing_seconds {
         inner.metrics.set_drain_duration("closing", s);
     }
-    let total = r
-        .total_seconds
-        .or(r.quiesce_seconds.map(|q| q + r.closing_seconds.unwrap_or(0.0)));
+    let total = r.total_seconds.or(r
+        .quiesce_seconds
+        .map(|q| q + r.closing_seconds.unwrap_or(0.0)));
     if let Some(s) = total {
         inner.metrics.set_drain_duration("total", s);
     }

@@ -162,7 +162,9 @@ impl Metrics {
     }
 
     pub fn set_drain_duration(&self, phase: &'static str, seconds: f64) {
-        self.drain_duration.get_or_create(&[("phase", phase)]).set(seconds);
+        self.drain_duration
+            .get_or_create(&[("phase", phase)])
+            .set(seconds);
     }
 
     /// OpenMetrics text.

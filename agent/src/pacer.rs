@@ -130,7 +130,7 @@ mod tests {
                 events.push(ms);
             }
             k += 1;
-            ms += if k % 7 == 0 { 300 } else { 3 };
+            ms += if k.is_multiple_of(7) { 300 } else { 3 };
         }
         for &start in &events {
             let in_window = events

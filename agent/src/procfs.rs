@@ -131,7 +131,8 @@ pub fn parse_snmp(text: &str) -> HashMap<String, HashMap<String, i64>> {
     let mut lines = text.lines();
     while let Some(names) = lines.next() {
         let Some(values) = lines.next() else { break };
-        let (Some((p1, names)), Some((p2, values))) = (names.split_once(':'), values.split_once(':'))
+        let (Some((p1, names)), Some((p2, values))) =
+            (names.split_once(':'), values.split_once(':'))
         else {
             continue;
         };
@@ -139,7 +140,10 @@ pub fn parse_snmp(text: &str) -> HashMap<String, HashMap<String, i64>> {
             continue;
         }
         let entry = out.entry(p1.trim().to_string()).or_default();
-        for (n, v) in names.split_ascii_whitespace().zip(values.split_ascii_whitespace()) {
+        for (n, v) in names
+            .split_ascii_whitespace()
+            .zip(values.split_ascii_whitespace())
+        {
             if let Ok(v) = v.parse::<i64>() {
                 entry.insert(n.to_string(), v);
             }
@@ -297,7 +301,11 @@ Udp: 10 2
         // On Linux this reads the live tables; every data row must parse.
         for path in ["/proc/net/tcp", "/proc/net/tcp6"] {
             if let Ok(text) = std::fs::read_to_string(path) {
-                let rows = text.lines().skip(1).filter(|l| !l.trim().is_empty()).count();
+                let rows = text
+                    .lines()
+                    .skip(1)
+                    .filter(|l| !l.trim().is_empty())
+                    .count();
                 assert_eq!(parse_tcp_table(&text).len(), rows, "{path}");
             }
         }

@@ -86,12 +86,14 @@ impl HttpProxy {
         };
         match waited {
             None => {
+                drop(guard);
                 linger_close(stream).await;
                 return;
             }
             Some(Err(_)) => {
                 debug!(%peer, "no request before the header read timeout");
                 guard.set_reason(CloseReason::HeaderTimeout);
+                drop(guard);
                 linger_close(stream).await;
                 return;
             }
@@ -275,7 +277,11 @@ impl ProxyService {
         {
             parts.headers.insert(header::HOST, v);
         }
-        let xff = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        let xff = match parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
             Some(prev) => format!("{prev}, {}", self.peer.ip()),
             None => self.peer.ip().to_string(),
         };
@@ -364,10 +370,16 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);

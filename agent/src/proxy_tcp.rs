@@ -27,24 +27,25 @@ pub struct TcpProxy {
 impl TcpProxy {
     pub async fn serve(&self, client: TcpStream, peer: SocketAddr, mut guard: ConnGuard) {
         let _ = client.set_nodelay(true);
-        let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.upstream))
-            .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                debug!(%peer, error = %e, "upstream connect failed");
-                self.metrics.upstream_error("connect");
-                guard.set_reason(CloseReason::UpstreamError);
-                linger_close(client).await;
-                return;
-            }
-            Err(_) => {
-                self.metrics.upstream_error("connect_timeout");
-                guard.set_reason(CloseReason::UpstreamError);
-                linger_close(client).await;
-                return;
-            }
-        };
+        let upstream =
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.upstream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "upstream connect failed");
+                    self.metrics.upstream_error("connect");
+                    guard.set_reason(CloseReason::UpstreamError);
+                    drop(guard);
+                    linger_close(client).await;
+                    return;
+                }
+                Err(_) => {
+                    self.metrics.upstream_error("connect_timeout");
+                    guard.set_reason(CloseReason::UpstreamError);
+                    drop(guard);
+                    linger_close(client).await;
+                    return;
+                }
+            };
         let _ = upstream.set_nodelay(true);
         let ctl = guard.ctl().clone();
         let (mut client, mut upstream) = (client, upstream);
