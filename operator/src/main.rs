@@ -1,4 +1,161 @@
-fn main() {
-    eprintln!("sluice-operator: not built yet");
-    std::process::exit(2);
+//! `sluice-operator`: the binary edge. `crds` prints the CRDs; `run` runs the controllers.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sluice_operator::{admin, crds, leader, telemetry};
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice-operator",
+    version,
+    about = "Lossless rolling releases and GPU inference fleets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions as YAML (what `crds/` holds).
+    Crds,
+    /// Run the controllers (leader-elected).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kubeconfig to use; without it, in-cluster config or $KUBECONFIG.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// Where /healthz, /readyz and /metrics are served.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    admin_addr: SocketAddr,
+    /// Namespace of the leader-election Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "sluice-system")]
+    lease_namespace: String,
+    #[arg(long, default_value = "sluice-operator")]
+    lease_name: String,
+    /// This replica's identity in the Lease (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// How long a Lease stays valid without renewal; a standby takes over after this.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: telemetry::LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Crds => {
+            print!("{}", crds::all_yaml()?);
+            Ok(())
+        }
+        Command::Run(args) => run(args).await,
+    }
+}
+
+async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no in-cluster config and no kubeconfig: pass --kubeconfig")?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    telemetry::init(args.log_format);
+    let client = client(args.kubeconfig.as_deref()).await?;
+    let registry = prometheus_client::registry::Registry::with_prefix("sluice");
+    let state = admin::AdminState::new(registry);
+
+    let admin_addr = args.admin_addr;
+    let admin_state = state.clone();
+    let admin = tokio::spawn(async move { admin::serve(admin_addr, admin_state).await });
+
+    let version = client
+        .apiserver_version()
+        .await
+        .context("cannot reach the Kubernetes API server")?;
+    tracing::info!(server = %version.git_version, "connected to the API server");
+    state.set_ready(true);
+
+    let identity = match args.identity {
+        Some(id) => id,
+        None => hostname(),
+    };
+    let elector = leader::LeaderElector::new(
+        client.clone(),
+        leader::LeaseConfig {
+            namespace: args.lease_namespace,
+            name: args.lease_name,
+            identity: identity.clone(),
+            lease_duration: args.lease_duration,
+            retry_period: args.lease_duration / 5,
+        },
+    );
+    let (leading_tx, mut leading) = watch::channel(false);
+    let elector = std::sync::Arc::new(elector);
+    let election = {
+        let elector = elector.clone();
+        tokio::spawn(async move { elector.run(leading_tx).await })
+    };
+
+    tracing::info!(%identity, "waiting for leadership");
+    tokio::select! {
+        res = leading.wait_for(|l| *l) => { res.context("leader election stopped")?; }
+        res = admin => return admin_exit(res),
+        _ = shutdown_signal() => return Ok(()),
+    }
+    tracing::info!(%identity, "leading: starting controllers");
+    // Controllers are started here as they arrive (Release, InferenceSet).
+
+    tokio::select! {
+        _ = leading.wait_for(|l| !*l) => {
+            election.abort();
+            anyhow::bail!("lost leadership: exiting so that a fresh start re-joins the election");
+        }
+        _ = shutdown_signal() => {
+            election.abort();
+            if let Err(err) = elector.release().await {
+                tracing::warn!(error = %err, "could not release the Lease on shutdown");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn admin_exit(res: Result<std::io::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    match res {
+        Ok(Ok(())) => anyhow::bail!("admin server stopped"),
+        Ok(Err(err)) => Err(err).context("admin server failed (is the --admin-addr port in use?)"),
+        Err(err) => Err(err).context("admin server panicked"),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "sluice-operator".to_string())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler can be installed");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
