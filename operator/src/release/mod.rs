@@ -16,3 +16,6 @@ pub mod plan;
 pub mod settings;
 
 pub use crd::{Release, ReleaseSpec, ReleaseStatus};
+
+#[cfg(test)]
+mod plan_tests;

@@ -188,7 +188,7 @@ pub fn plan(o: &Observed, now: f64) -> Plan {
             if o.deleting && o.has_finalizer {
                 actions.push(Action::RemoveFinalizer);
             }
-            return failed(status, actions, msg, o.generation, now);
+            return failed(&o.status, status, actions, msg, o.generation, now);
         }
     };
     let mut c = Ctx {
@@ -215,7 +215,7 @@ pub fn plan(o: &Observed, now: f64) -> Plan {
             "Deployment {:?} not found in the Release's namespace",
             settings.deployment
         );
-        return failed(c.status, c.actions, msg, o.generation, now);
+        return failed(&o.status, c.status, c.actions, msg, o.generation, now);
     };
 
     let n = settings
@@ -258,7 +258,7 @@ pub fn plan(o: &Observed, now: f64) -> Plan {
         && !o.replica_sets.iter().any(|r| r.revision == dep.revision)
     {
         let msg = format!("cannot run the Deployment's template: {err}");
-        return failed(c.status, c.actions, msg, o.generation, now);
+        return failed(&o.status, c.status, c.actions, msg, o.generation, now);
     }
     move_pods(&mut c, o, dep, n, &wants, 0);
     if c.status.canary_revision.is_some() {
@@ -271,6 +271,7 @@ pub fn plan(o: &Observed, now: f64) -> Plan {
 }
 
 fn failed(
+    prev: &ReleaseStatus,
     mut status: ReleaseStatus,
     actions: Vec<Action>,
     msg: String,
@@ -278,7 +279,7 @@ fn failed(
     now: f64,
 ) -> Plan {
     let mut actions = actions;
-    if status.phase != Some(Phase::Failed) || status.message.as_deref() != Some(msg.as_str()) {
+    if prev.phase != Some(Phase::Failed) || prev.message.as_deref() != Some(msg.as_str()) {
         actions.push(Action::Event {
             warning: true,
             reason: "ReleaseFailed".into(),
