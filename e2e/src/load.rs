@@ -175,6 +175,9 @@ pub struct LoadConfig {
     pub streams: usize,
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    /// The instant the schedule starts from (now when `None`); scenarios pass theirs so that
+    /// their marks and the records share one clock.
+    pub origin: Option<Instant>,
 }
 
 impl Default for LoadConfig {
@@ -189,6 +192,7 @@ impl Default for LoadConfig {
             streams: 4,
             timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
+            origin: None,
         }
     }
 }
@@ -635,8 +639,8 @@ pub async fn run_load(
         cfg.duration <= Duration::from_secs(3600),
         "duration is capped at one hour"
     );
-    let origin = Instant::now();
-    let origin_unix_ms = unix_ms();
+    let origin = cfg.origin.unwrap_or_else(Instant::now);
+    let origin_unix_ms = unix_ms().saturating_sub(origin.elapsed().as_millis() as u64);
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         origin,
@@ -807,6 +811,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         streams: args.streams,
         timeout: args.timeout,
         connect_timeout: args.timeout.min(Duration::from_secs(2)),
+        origin: None,
     };
     let report = run_load(cfg, None).await?;
     if let Some(path) = &args.records {
