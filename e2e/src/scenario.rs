@@ -157,7 +157,7 @@ pub struct RunSpec {
     /// Load before the release (the steady-state reference).
     #[serde(with = "humantime_serde_secs")]
     pub steady: Duration,
-    /// Load after the release completed.
+    /// Load after the release completed (plus the propagation delay).
     #[serde(with = "humantime_serde_secs")]
     pub tail: Duration,
     /// Give up when the release takes longer.
@@ -433,6 +433,7 @@ pub async fn run_one(
         strategy.name().to_ascii_lowercase(),
         spec.delay.as_secs()
     );
+    check_node(client, &spec.node).await?;
     tracing::info!(%namespace, strategy = %strategy.name(), delay = ?spec.delay, "run starting");
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns_obj: Namespace = serde_json::from_value(serde_json::json!({
@@ -449,6 +450,26 @@ pub async fn run_one(
             .await;
     }
     result
+}
+
+/// Fails with advice when the process node is not there to run the pods.
+async fn check_node(client: &Client, node: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Node;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let n = nodes.get_opt(node).await?.with_context(|| {
+        format!("process node {node} is not registered; `make cluster-up` starts it (or run `sluice-e2e node --name {node}`)")
+    })?;
+    let ready = n
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    anyhow::ensure!(
+        ready,
+        "process node {node} is not Ready; is `sluice-e2e node` running?"
+    );
+    Ok(())
 }
 
 async fn run_in_namespace(
@@ -505,7 +526,8 @@ async fn run_in_namespace(
     let old_pods = pod_names(client, ns).await?;
 
     let origin = Instant::now();
-    let max_total = spec.steady + spec.max_release + spec.tail + Duration::from_secs(5);
+    let max_total =
+        spec.steady + spec.max_release + spec.tail + spec.delay + Duration::from_secs(5);
     let cfg = LoadConfig {
         target,
         path: "/".into(),
@@ -535,8 +557,11 @@ async fn run_in_namespace(
     }
     .await;
     let release_end = origin.elapsed();
+    // The tail outlasts the propagation delay: what a slow load balancer does after the
+    // release is part of the release's cost.
+    let tail = spec.tail + spec.delay;
     if released.is_ok() {
-        tokio::time::sleep(spec.tail).await;
+        tokio::time::sleep(tail).await;
     }
     let _ = stop_tx.send(true);
     let report: LoadReport = load_task.await.context("load task")??;
@@ -548,7 +573,7 @@ async fn run_in_namespace(
     let storm = storm_factor(
         &report.conn_log,
         &new_pods,
-        (rs_ms, re_ms + spec.tail.as_secs_f64() * 1000.0),
+        (rs_ms, re_ms + tail.as_secs_f64() * 1000.0),
     );
     Ok(RunResult {
         strategy: strategy.name(),
