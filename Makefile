@@ -25,8 +25,9 @@ lint: ## cargo fmt --check and clippy -D warnings
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-crds: ## Regenerate crds/ from the Rust types
+crds: ## Regenerate crds/ (and the chart's copy) from the Rust types
 	$(CARGO) run -q -p sluice-operator -- crds > crds/sluice.dev.yaml
+	cp crds/sluice.dev.yaml charts/sluice/crds/sluice.dev.yaml
 
 cluster-up: ## Start the local test ground (idempotent); kubeconfig in target/e2e/kubeconfig
 	$(CARGO) build -q -p sluice-e2e --bins

@@ -1,11 +1,13 @@
-//! The CRDs this operator serves, generated from the Rust types. `crds/` in the repository
-//! holds the committed output of [`all_yaml`]; a test fails when it is stale.
+//! The CRDs this operator serves, generated from the Rust types. `crds/sluice.dev.yaml`
+//! (for `kubectl apply`) and `charts/sluice/crds/sluice.dev.yaml` (for Helm) hold the
+//! committed output of [`all_yaml`]; a test fails when either is stale.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
 /// Every CRD, in a stable order.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    Vec::new()
+    use kube::CustomResourceExt;
+    vec![crate::release::Release::crd()]
 }
 
 /// All CRDs as one multi-document YAML stream, as `sluice-operator crds` prints it.
@@ -22,12 +24,29 @@ pub fn all_yaml() -> Result<String, serde_yaml::Error> {
 mod tests {
     #[test]
     fn committed_crds_are_up_to_date() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/sluice.dev.yaml");
-        let committed = std::fs::read_to_string(path).expect("crds/sluice.dev.yaml exists");
         let generated = super::all_yaml().expect("CRDs serialize");
-        assert!(
-            committed == generated,
-            "crds/sluice.dev.yaml is stale: run `make crds` and commit the result"
-        );
+        for file in ["crds/sluice.dev.yaml", "charts/sluice/crds/sluice.dev.yaml"] {
+            let path = format!("{}/../{file}", env!("CARGO_MANIFEST_DIR"));
+            let committed = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                committed == generated,
+                "{file} is stale: run `make crds` and commit the result"
+            );
+        }
+    }
+
+    #[test]
+    fn every_crd_is_structural_and_served_as_v1alpha1() {
+        for crd in super::all() {
+            assert_eq!(crd.spec.group, "sluice.dev");
+            let version = &crd.spec.versions[0];
+            assert_eq!(version.name, "v1alpha1");
+            assert!(version.served && version.storage);
+            assert!(
+                version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(),
+                "{} must have a status subresource",
+                crd.spec.names.kind
+            );
+        }
     }
 }

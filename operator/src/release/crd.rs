@@ -478,7 +478,7 @@ pub fn format_duration(d: std::time::Duration) -> String {
     if ms == 0 {
         return "0s".into();
     }
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let mut s = (ms / 1000) as u64;

@@ -8,14 +8,20 @@
 //! - [`settings`]: the spec validated, with defaults;
 //! - [`inject`]: what the operator adds to pod templates;
 //! - [`gates`]: agent metrics parsing and gate evaluation;
+//! - [`plan`]: the pure planner;
+//! - [`controller`]: gather, execute, status (I/O); [`metrics`]: its Prometheus metrics.
 
+pub mod controller;
 pub mod crd;
 pub mod gates;
 pub mod inject;
+pub mod metrics;
 pub mod plan;
 pub mod settings;
 
+pub use controller::run;
 pub use crd::{Release, ReleaseSpec, ReleaseStatus};
+pub use metrics::{ReleaseMetrics, register};
 
 #[cfg(test)]
 mod plan_tests;

@@ -10,6 +10,8 @@ use super::gates::{PodSignals, RevisionWindow};
 use super::plan::*;
 use super::settings::Settings;
 
+type SignalFn = Box<dyn Fn(&PodView, f64) -> Option<PodSignals>>;
+
 struct Sim {
     now: f64,
     spec: ReleaseSpec,
@@ -31,7 +33,7 @@ struct Sim {
     /// Revisions whose pods crash-loop.
     crashing: Vec<String>,
     /// Per-pod signal override; default: quiet for a long time, no new connections.
-    signals: Box<dyn Fn(&PodView, f64) -> Option<PodSignals>>,
+    signals: SignalFn,
     drains_started: BTreeMap<String, usize>,
     events: Vec<(bool, String, String)>,
     /// Pods deleted by a scale-down without having been drained while serving.

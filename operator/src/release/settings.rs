@@ -279,7 +279,7 @@ impl Settings {
             errs.push("drain.maxConcurrent: must be at least 1".into());
         }
         if let Some(c) = &connection_rate
-            && !(c.max_per_pod > 0.0)
+            && (c.max_per_pod.is_nan() || c.max_per_pod <= 0.0)
         {
             errs.push("gates.connectionRate.maxPerPod: must be positive".into());
         }

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# `make test`: unit tests, then e2e against a real local control plane. Reuses a running
+# test ground (make cluster-up); otherwise starts one and stops it again at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export SLUICE_REPO=$PWD
+export RUST_BACKTRACE=1
+
+cargo build --workspace --bins
+e2e=target/debug/sluice-e2e
+
+started_here=0
+if [ -z "${SLUICE_E2E_KUBECONFIG:-}" ]; then
+  if ! $e2e cluster up | tee /dev/stderr | grep -q "already runs"; then
+    started_here=1
+  fi
+  export SLUICE_E2E_KUBECONFIG=$PWD/target/e2e/kubeconfig
+fi
+stop() {
+  rc=$?
+  if [ "$started_here" = 1 ] && [ -z "${SLUICE_E2E_KEEP:-}" ]; then
+    $e2e cluster down || true
+  fi
+  exit $rc
+}
+trap stop EXIT
+
+# The upstream tools the e2e tests call (kubectl, helm) come from the same cache.
+eval "$(bash e2e/cluster/build.sh kubectl helm | sed -E 's/^[a-z-]+=(.*)$/PATH="\1:$PATH"/')"
+export PATH
+
+cargo test --workspace --no-fail-fast -- --test-threads="${SLUICE_TEST_THREADS:-2}"

@@ -1,0 +1,720 @@
+//! The Release controller's I/O: gather the observed state, run the pure planner, execute
+//! its actions idempotently, write status.
+//!
+//! Only the leader runs this (the operator shell starts [`run`] once it holds the Lease).
+//! The only in-memory state is a short history of agent metric samples per pod; losing it
+//! (restart) makes the next decisions wait for fresh samples, never act early.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, ReplicaSetSpec};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::crd::{
+    ABORT_ANNOTATION, DEFAULT_AGENT_IMAGE, DELETION_COST_ANNOTATION, DRAIN_RELEASED_ANNOTATION,
+    DRAIN_STARTED_ANNOTATION, FIELD_MANAGER, FINALIZER, PROMOTE_ANNOTATION, RELEASE_LABEL,
+    REPLICAS_ANNOTATION, REVISION_LABEL, Release, SERVING_CONDITION,
+};
+use super::gates::{AgentSample, RevisionWindow, parse_agent_metrics, pod_signals};
+use super::inject::{inject, revision_of};
+use super::metrics::ReleaseMetrics;
+use super::plan::{
+    Action, DeploymentView, Observed, PodView, ReplicaSetView, parse_rfc3339, plan, rfc3339,
+};
+use super::settings::Settings;
+
+/// Errors of one reconcile; each has a metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("serializing: {0}")]
+    Serialize(#[from] serde_json::Error),
+    #[error("object has no {0}")]
+    MissingField(&'static str),
+    #[error("Deployment {0:?} has no pod template spec")]
+    NoTemplate(String),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Kube(kube::Error::Api(_)) => "api",
+            Error::Kube(_) => "kube",
+            Error::Serialize(_) => "serialize",
+            Error::MissingField(_) => "invalid_object",
+            Error::NoTemplate(_) => "invalid_workload",
+        }
+    }
+}
+
+type Samples = HashMap<String, VecDeque<AgentSample>>;
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub metrics: ReleaseMetrics,
+    pub recorder: Recorder,
+    pub agent_image: String,
+    samples: Mutex<Samples>,
+}
+
+fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Run the Release controller until the returned future is dropped.
+///
+/// The agent image injected when a Release does not name one comes from
+/// `SLUICE_AGENT_IMAGE` (else [`DEFAULT_AGENT_IMAGE`]).
+pub async fn run(client: Client, metrics: ReleaseMetrics) {
+    let agent_image =
+        std::env::var("SLUICE_AGENT_IMAGE").unwrap_or_else(|_| DEFAULT_AGENT_IMAGE.to_string());
+    let reporter = Reporter {
+        controller: "sluice-release".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        metrics,
+        agent_image,
+        samples: Mutex::new(HashMap::new()),
+    });
+    let releases: Api<Release> = Api::all(client.clone());
+    let rs: Api<ReplicaSet> = Api::all(client.clone());
+    let pods: Api<Pod> = Api::all(client.clone());
+    let deployments: Api<Deployment> = Api::all(client.clone());
+    let controller = Controller::new(releases, watcher::Config::default());
+    let store = controller.store();
+    controller
+        .owns(rs, watcher::Config::default().labels(RELEASE_LABEL))
+        .watches(
+            pods,
+            watcher::Config::default().labels(RELEASE_LABEL),
+            |pod: Pod| {
+                let ns = pod.namespace();
+                pod.labels()
+                    .get(RELEASE_LABEL)
+                    .map(|name| {
+                        let r = ObjectRef::new(name);
+                        match ns {
+                            Some(ns) => r.within(&ns),
+                            None => r,
+                        }
+                    })
+                    .into_iter()
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            deployments,
+            watcher::Config::default(),
+            move |dep: Deployment| {
+                let ns = dep.namespace().unwrap_or_default();
+                let name = dep.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|r| {
+                        r.namespace().as_deref() == Some(ns.as_str())
+                            && r.spec.workload_ref.name == name
+                    })
+                    .map(|r| ObjectRef::from_obj(&*r))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(err) = res {
+                tracing::debug!(error = %err, "release reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn error_policy(release: Arc<Release>, err: &Error, ctx: Arc<Context>) -> Requeue {
+    tracing::warn!(release = %release.name_any(), error = %err, "reconcile failed");
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&vec![("kind", err.metric_label().to_string())])
+        .inc();
+    Requeue::requeue(Duration::from_secs(if err.metric_label() == "conflict" {
+        1
+    } else {
+        5
+    }))
+}
+
+#[tracing::instrument(skip_all, fields(release = %release.name_any(), ns = release.namespace().unwrap_or_default()))]
+async fn reconcile(release: Arc<Release>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let started = Instant::now();
+    let res = reconcile_inner(&release, &ctx).await;
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    res
+}
+
+async fn reconcile_inner(release: &Release, ctx: &Context) -> Result<Requeue, Error> {
+    let ns = release
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = release.name_any();
+    let uid = release.uid().ok_or(Error::MissingField("metadata.uid"))?;
+    let client = ctx.client.clone();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let rss: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+
+    // Gather.
+    let settings = Settings::from_spec(&release.spec, &ctx.agent_image);
+    let deployment = deployments.get_opt(&release.spec.workload_ref.name).await?;
+    let dep_view = deployment.as_ref().map(|d| deployment_view(d, &settings));
+    let selector = format!("{RELEASE_LABEL}={name}");
+    let owned = |m: &ObjectMeta| {
+        m.owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.uid == uid && o.controller == Some(true))
+    };
+    let rs_list = rss.list(&ListParams::default().labels(&selector)).await?;
+    let replica_sets: Vec<ReplicaSetView> = rs_list
+        .items
+        .iter()
+        .filter(|r| owned(&r.metadata))
+        .filter_map(|r| {
+            Some(ReplicaSetView {
+                name: r.name_any(),
+                revision: r.labels().get(REVISION_LABEL)?.clone(),
+                replicas: r.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+            })
+        })
+        .collect();
+    let rs_names: Vec<&str> = replica_sets.iter().map(|r| r.name.as_str()).collect();
+    let pod_list = pods.list(&ListParams::default().labels(&selector)).await?;
+    let our_pods: Vec<&Pod> = pod_list
+        .items
+        .iter()
+        .filter(|p| {
+            p.owner_references()
+                .iter()
+                .any(|o| o.kind == "ReplicaSet" && rs_names.contains(&o.name.as_str()))
+        })
+        .collect();
+
+    let now = now_secs();
+    let admin_port = settings
+        .as_ref()
+        .map(|s| s.agent.admin_port)
+        .unwrap_or(9901);
+    let scraped = scrape_all(&our_pods, admin_port).await;
+    let (rate_window, cmp_window) = match &settings {
+        Ok(s) => (
+            s.connection_rate
+                .as_ref()
+                .map(|c| c.interval.as_secs_f64())
+                .unwrap_or(5.0),
+            s.comparison
+                .as_ref()
+                .map(|c| c.interval.as_secs_f64())
+                .unwrap_or(10.0),
+        ),
+        Err(_) => (5.0, 10.0),
+    };
+    let keep = rate_window.max(cmp_window) + 10.0;
+    let mut views = Vec::new();
+    let mut windows: BTreeMap<String, RevisionWindow> = BTreeMap::new();
+    {
+        let mut samples = ctx.samples.lock().expect("samples lock");
+        let prefix = format!("{ns}/");
+        let present: Vec<String> = our_pods
+            .iter()
+            .map(|p| format!("{ns}/{}", p.name_any()))
+            .collect();
+        samples.retain(|k, _| !k.starts_with(&prefix) || present.contains(k));
+        for (pod, sample) in our_pods.iter().zip(scraped) {
+            let key = format!("{ns}/{}", pod.name_any());
+            let hist = samples.entry(key).or_default();
+            if let Some(s) = sample {
+                hist.push_back(s);
+            }
+            while hist.front().is_some_and(|s| now - s.at > keep) && hist.len() > 2 {
+                hist.pop_front();
+            }
+            let hist = hist.make_contiguous();
+            let mut view = pod_view(pod);
+            if !hist.is_empty() {
+                view.signals = Some(pod_signals(hist, rate_window, now));
+            }
+            if view.drain_started.is_none() && !view.deleting {
+                windows
+                    .entry(view.revision.clone())
+                    .or_default()
+                    .add_pod(hist, cmp_window);
+            }
+            views.push(view);
+        }
+    }
+
+    let annotations = release.annotations();
+    let observed = Observed {
+        generation: release.metadata.generation.unwrap_or(0),
+        deleting: release.metadata.deletion_timestamp.is_some(),
+        has_finalizer: release.finalizers().iter().any(|f| f == FINALIZER),
+        settings,
+        status: release.status.clone().unwrap_or_default(),
+        promote: annotations.get(PROMOTE_ANNOTATION).cloned(),
+        abort: annotations.get(ABORT_ANNOTATION).cloned(),
+        deployment: dep_view,
+        replica_sets,
+        pods: views,
+        windows,
+    };
+
+    // Plan.
+    let plan = plan(&observed, now);
+
+    // Execute.
+    let reference = release.object_ref(&());
+    for action in &plan.actions {
+        tracing::debug!(?action, "executing");
+        match action {
+            Action::AddFinalizer => {
+                let mut f: Vec<String> = release.finalizers().to_vec();
+                f.push(FINALIZER.into());
+                patch_release_meta(ctx, &ns, &name, json!({"metadata": {"finalizers": f}})).await?;
+            }
+            Action::RemoveFinalizer => {
+                let f: Vec<&String> = release
+                    .finalizers()
+                    .iter()
+                    .filter(|f| *f != FINALIZER)
+                    .collect();
+                patch_release_meta(ctx, &ns, &name, json!({"metadata": {"finalizers": f}})).await?;
+                ctx.metrics.forget(&ns, &name);
+                // The object may be gone now: no status to write.
+                return Ok(Requeue::await_change());
+            }
+            Action::RecordDeploymentReplicas(n) => {
+                merge(
+                    &deployments,
+                    &release.spec.workload_ref.name,
+                    json!({"metadata": {"annotations": {REPLICAS_ANNOTATION: n.to_string()}}}),
+                )
+                .await?;
+            }
+            Action::ScaleDeployment(n) => {
+                merge(
+                    &deployments,
+                    &release.spec.workload_ref.name,
+                    json!({"spec": {"replicas": n}}),
+                )
+                .await?;
+            }
+            Action::CreateReplicaSet { revision, replicas } => {
+                let dep = deployment
+                    .as_ref()
+                    .ok_or(Error::MissingField("Deployment"))?;
+                let settings = observed
+                    .settings
+                    .as_ref()
+                    .map_err(|_| Error::MissingField("valid spec"))?;
+                let rs = build_replica_set(release, dep, settings, revision, *replicas)?;
+                match rss.create(&PostParams::default(), &rs).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 409 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Action::ScaleReplicaSet { name: rs, replicas } => {
+                merge(&rss, rs, json!({"spec": {"replicas": replicas}})).await?;
+            }
+            Action::DeleteReplicaSet { name: rs } => {
+                match rss.delete(rs, &Default::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Action::SetServing { pod, serving } => set_serving(&pods, pod, *serving).await?,
+            Action::StartDrain { pod } => {
+                merge(
+                    &pods,
+                    pod,
+                    json!({"metadata": {"annotations": {DRAIN_STARTED_ANNOTATION: rfc3339(now)}}}),
+                )
+                .await?;
+                set_serving(&pods, pod, false).await?;
+            }
+            Action::ReleasePod { pod } => {
+                merge(
+                    &pods,
+                    pod,
+                    json!({"metadata": {"annotations": {
+                        DRAIN_RELEASED_ANNOTATION: rfc3339(now),
+                        DELETION_COST_ANNOTATION: "-1000000",
+                    }}}),
+                )
+                .await?;
+            }
+            Action::Event {
+                warning,
+                reason,
+                note,
+            } => {
+                let ev = Event {
+                    type_: if *warning {
+                        EventType::Warning
+                    } else {
+                        EventType::Normal
+                    },
+                    reason: reason.clone(),
+                    note: Some(note.chars().take(1000).collect()),
+                    action: "Release".into(),
+                    secondary: None,
+                };
+                if let Err(err) = ctx.recorder.publish(&ev, &reference).await {
+                    tracing::warn!(error = %err, "could not publish event");
+                }
+                tracing::info!(reason, note, "event");
+            }
+        }
+    }
+
+    // Status.
+    let releases: Api<Release> = Api::namespaced(client, &ns);
+    let body = json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "Release",
+        "status": plan.status,
+    });
+    releases
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+
+    // Metrics.
+    let phase = plan.status.phase.unwrap_or_default();
+    ctx.metrics
+        .set_phase(&ns, &name, phase, plan.status.current_step);
+    for e in &plan.evaluations {
+        ctx.metrics.evaluation(e);
+    }
+    for d in &plan.finished_drains {
+        ctx.metrics.drain_finished(d);
+    }
+    if let Some(a) = &plan.status.abort
+        && o_abort_changed(&observed, a)
+    {
+        ctx.metrics
+            .aborts
+            .get_or_create(&vec![("reason", a.reason.clone())])
+            .inc();
+    }
+    Ok(Requeue::requeue(plan.requeue_after))
+}
+
+fn o_abort_changed(o: &Observed, a: &super::crd::AbortInfo) -> bool {
+    o.status.abort.as_ref() != Some(a)
+}
+
+async fn patch_release_meta(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    body: serde_json::Value,
+) -> Result<(), Error> {
+    let api: Api<Release> = Api::namespaced(ctx.client.clone(), ns);
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&body))
+        .await?;
+    Ok(())
+}
+
+async fn merge<K>(api: &Api<K>, name: &str, body: serde_json::Value) -> Result<(), Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&body))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Set the readiness-gate condition. Strategic merge keys conditions by type, so the
+/// kubelet's conditions are left alone.
+async fn set_serving(pods: &Api<Pod>, pod: &str, serving: bool) -> Result<(), Error> {
+    let body = json!({"status": {"conditions": [{
+        "type": SERVING_CONDITION,
+        "status": if serving { "True" } else { "False" },
+        "reason": if serving { "Serving" } else { "Draining" },
+        "message": if serving { "sluice: in service" } else { "sluice: taken out of service for a drain" },
+        "lastTransitionTime": rfc3339(now_secs()),
+    }]}});
+    match pods
+        .patch_status(pod, &PatchParams::default(), &Patch::Strategic(&body))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn deployment_view(d: &Deployment, settings: &Result<Settings, Vec<String>>) -> DeploymentView {
+    let spec = d.spec.clone().unwrap_or_default();
+    let inject_error = match settings {
+        Ok(s) => inject(&spec.template, &s.agent, &s.drain)
+            .err()
+            .map(|e| e.to_string()),
+        Err(_) => None,
+    };
+    DeploymentView {
+        revision: revision_of(&spec.template),
+        spec_replicas: spec.replicas.unwrap_or(1),
+        recorded_replicas: d
+            .annotations()
+            .get(REPLICAS_ANNOTATION)
+            .and_then(|v| v.parse().ok()),
+        available_replicas: d
+            .status
+            .as_ref()
+            .and_then(|s| s.available_replicas)
+            .unwrap_or(0),
+        inject_error,
+    }
+}
+
+fn time_secs(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> f64 {
+    t.0.as_millisecond() as f64 / 1000.0
+}
+
+fn pod_view(p: &Pod) -> PodView {
+    let status = p.status.clone().unwrap_or_default();
+    let conditions = status.conditions.unwrap_or_default();
+    let cond = |t: &str| conditions.iter().find(|c| c.type_ == t);
+    let ready = cond("ContainersReady").filter(|c| c.status == "True");
+    let statuses: Vec<_> = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(status.init_container_statuses.iter().flatten())
+        .collect();
+    let ann = p.annotations();
+    PodView {
+        name: p.name_any(),
+        revision: p.labels().get(REVISION_LABEL).cloned().unwrap_or_default(),
+        created: p
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(time_secs)
+            .unwrap_or(0.0),
+        deleting: p.metadata.deletion_timestamp.is_some(),
+        containers_ready: ready.is_some(),
+        ready_since: ready
+            .and_then(|c| c.last_transition_time.as_ref())
+            .map(time_secs),
+        serving: cond(SERVING_CONDITION).map(|c| c.status == "True"),
+        restarts: statuses.iter().map(|s| s.restart_count).sum(),
+        crash_looping: statuses.iter().any(|s| {
+            s.state
+                .as_ref()
+                .and_then(|st| st.waiting.as_ref())
+                .and_then(|w| w.reason.as_deref())
+                == Some("CrashLoopBackOff")
+        }),
+        drain_started: ann
+            .get(DRAIN_STARTED_ANNOTATION)
+            .and_then(|v| parse_rfc3339(v)),
+        drain_released: ann
+            .get(DRAIN_RELEASED_ANNOTATION)
+            .and_then(|v| parse_rfc3339(v)),
+        signals: None,
+    }
+}
+
+/// The ReplicaSet of one revision: the Deployment's template, injected, labelled with
+/// the Release and the revision, owned by the Release.
+pub fn build_replica_set(
+    release: &Release,
+    dep: &Deployment,
+    settings: &Settings,
+    revision: &str,
+    replicas: i32,
+) -> Result<ReplicaSet, Error> {
+    let name = release.name_any();
+    let spec = dep
+        .spec
+        .as_ref()
+        .ok_or_else(|| Error::NoTemplate(dep.name_any()))?;
+    let injected = inject(&spec.template, &settings.agent, &settings.drain)
+        .map_err(|_| Error::NoTemplate(dep.name_any()))?;
+    let mut template = injected.template;
+    let labels = template
+        .metadata
+        .get_or_insert_with(Default::default)
+        .labels
+        .get_or_insert_with(BTreeMap::new);
+    labels.insert(RELEASE_LABEL.into(), name.clone());
+    labels.insert(REVISION_LABEL.into(), revision.into());
+    let labels = labels.clone();
+    let mut match_labels = spec.selector.match_labels.clone().unwrap_or_default();
+    match_labels.insert(RELEASE_LABEL.into(), name.clone());
+    match_labels.insert(REVISION_LABEL.into(), revision.into());
+    let owner = OwnerReference {
+        api_version: "sluice.dev/v1alpha1".into(),
+        kind: "Release".into(),
+        name: name.clone(),
+        uid: release.uid().ok_or(Error::MissingField("metadata.uid"))?,
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    };
+    Ok(ReplicaSet {
+        metadata: ObjectMeta {
+            name: Some(format!("{name}-{revision}")),
+            namespace: release.namespace(),
+            labels: Some(labels),
+            owner_references: Some(vec![owner]),
+            annotations: Some(
+                [(
+                    "sluice.dev/agent-notes".to_string(),
+                    injected.notes.join("\n"),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        spec: Some(ReplicaSetSpec {
+            replicas: Some(replicas),
+            min_ready_seconds: spec.min_ready_seconds,
+            selector: LabelSelector {
+                match_labels: Some(match_labels),
+                match_expressions: spec.selector.match_expressions.clone(),
+            },
+            template: Some(template),
+        }),
+        status: None,
+    })
+}
+
+/// Scrape every running pod's agent in parallel (1 s timeout each).
+async fn scrape_all(pods: &[&Pod], admin_port: i32) -> Vec<Option<AgentSample>> {
+    let futs = pods.iter().map(|p| {
+        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
+        async move {
+            let ip = ip?;
+            let text = tokio::time::timeout(
+                Duration::from_secs(1),
+                http_get(&ip, admin_port as u16, "/metrics"),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            Some(parse_agent_metrics(&text, now_secs()))
+        }
+    });
+    futures::future::join_all(futs).await
+}
+
+/// A minimal HTTP/1.0 GET (the agent's admin endpoint is plain HTTP on the pod IP).
+async fn http_get(ip: &str, port: u16, path: &str) -> std::io::Result<String> {
+    let addr = if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    };
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(std::io::Error::other(format!(
+            "agent answered {}",
+            head.lines().next().unwrap_or("")
+        )));
+    }
+    Ok(body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::release::crd::ReleaseSpec;
+
+    #[test]
+    fn replica_sets_are_owned_labelled_and_injected() {
+        let mut release = Release::new(
+            "echo",
+            serde_yaml::from_str::<ReleaseSpec>("workloadRef: {name: echo}").unwrap(),
+        );
+        release.metadata.namespace = Some("default".into());
+        release.metadata.uid = Some("u-1".into());
+        let dep: Deployment = serde_yaml::from_str(r#"
+metadata: {name: echo, namespace: default}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec: {containers: [{name: echo, image: "sluice/echo:v1", ports: [{name: http, containerPort: 8080}]}]}
+"#).unwrap();
+        let settings = Settings::from_spec(&release.spec, "sluice/agent:dev").unwrap();
+        let rs = build_replica_set(&release, &dep, &settings, "abc", 2).unwrap();
+        assert_eq!(rs.metadata.name.as_deref(), Some("echo-abc"));
+        let owner = &rs.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("Release", Some(true))
+        );
+        let spec = rs.spec.unwrap();
+        let sel = spec.selector.match_labels.unwrap();
+        assert_eq!(sel.get("app").map(String::as_str), Some("echo"));
+        assert_eq!(sel.get(REVISION_LABEL).map(String::as_str), Some("abc"));
+        let t = spec.template.unwrap();
+        let labels = t.metadata.unwrap().labels.unwrap();
+        // The selector matches the template, as the apiserver requires.
+        assert!(sel.iter().all(|(k, v)| labels.get(k) == Some(v)));
+        assert_eq!(
+            t.spec.unwrap().init_containers.unwrap()[0].name,
+            "sluice-agent"
+        );
+    }
+
+    #[test]
+    fn error_labels() {
+        assert_eq!(Error::MissingField("x").metric_label(), "invalid_object");
+        assert_eq!(
+            Error::NoTemplate("x".into()).metric_label(),
+            "invalid_workload"
+        );
+    }
+}

@@ -1,0 +1,190 @@
+//! Prometheus metrics of the Release controller (`sluice_release_*` under the operator's
+//! `sluice` registry prefix).
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use super::crd::Phase;
+use super::gates::{Evaluation, Verdict};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Handles to every metric; cheap to clone.
+#[derive(Clone)]
+pub struct ReleaseMetrics {
+    /// 1 for the Release's current phase, 0 for the others.
+    pub phase: Family<Labels, Gauge>,
+    /// Current step index.
+    pub step: Family<Labels, Gauge>,
+    pub gate_evaluations: Family<Labels, Counter>,
+    pub gate_failures: Family<Labels, Counter>,
+    pub aborts: Family<Labels, Counter>,
+    pub drain_duration: Histogram,
+    pub drain_quiet: Histogram,
+    pub drain_connections_closed: Counter,
+    pub drains: Family<Labels, Counter>,
+    pub reconcile_duration: Histogram,
+    pub reconcile_errors: Family<Labels, Counter>,
+}
+
+impl Default for ReleaseMetrics {
+    fn default() -> Self {
+        Self {
+            phase: Family::default(),
+            step: Family::default(),
+            gate_evaluations: Family::default(),
+            gate_failures: Family::default(),
+            aborts: Family::default(),
+            drain_duration: Histogram::new(exponential_buckets(0.5, 2.0, 10)),
+            drain_quiet: Histogram::new(exponential_buckets(0.25, 2.0, 10)),
+            drain_connections_closed: Counter::default(),
+            drains: Family::default(),
+            reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            reconcile_errors: Family::default(),
+        }
+    }
+}
+
+/// Register the Release metrics under `<prefix>_release_` and return their handles.
+pub fn register(registry: &mut Registry) -> ReleaseMetrics {
+    let m = ReleaseMetrics::default();
+    let r = registry.sub_registry_with_prefix("release");
+    r.register(
+        "phase",
+        "Release phase (1 for the current one)",
+        m.phase.clone(),
+    );
+    r.register("step", "Index of the step in progress", m.step.clone());
+    r.register(
+        "gate_evaluations",
+        "Gate evaluations by gate and result",
+        m.gate_evaluations.clone(),
+    );
+    r.register(
+        "gate_failures",
+        "Failed gate evaluations",
+        m.gate_failures.clone(),
+    );
+    r.register("aborts", "Releases aborted, by reason", m.aborts.clone());
+    r.register(
+        "drain_duration_seconds",
+        "From unserving a pod until it is gone",
+        m.drain_duration.clone(),
+    );
+    r.register(
+        "drain_quiet_seconds",
+        "From unserving a pod until no new connection reached it for the quiet period",
+        m.drain_quiet.clone(),
+    );
+    r.register(
+        "drain_connections_closed",
+        "Connections the agents closed while draining",
+        m.drain_connections_closed.clone(),
+    );
+    r.register("drains", "Finished drains by outcome", m.drains.clone());
+    r.register(
+        "reconcile_duration_seconds",
+        "Time per reconcile",
+        m.reconcile_duration.clone(),
+    );
+    r.register(
+        "reconcile_errors",
+        "Failed reconciles by error kind",
+        m.reconcile_errors.clone(),
+    );
+    m
+}
+
+impl ReleaseMetrics {
+    pub fn set_phase(&self, ns: &str, name: &str, phase: Phase, step: Option<i32>) {
+        for p in Phase::ALL {
+            self.phase
+                .get_or_create(&vec![
+                    ("namespace", ns.to_string()),
+                    ("name", name.to_string()),
+                    ("phase", p.as_str().to_string()),
+                ])
+                .set(i64::from(p == phase));
+        }
+        self.step
+            .get_or_create(&vec![
+                ("namespace", ns.to_string()),
+                ("name", name.to_string()),
+            ])
+            .set(step.unwrap_or(-1) as i64);
+    }
+
+    pub fn forget(&self, ns: &str, name: &str) {
+        for p in Phase::ALL {
+            self.phase.remove(&vec![
+                ("namespace", ns.to_string()),
+                ("name", name.to_string()),
+                ("phase", p.as_str().to_string()),
+            ]);
+        }
+        self.step.remove(&vec![
+            ("namespace", ns.to_string()),
+            ("name", name.to_string()),
+        ]);
+    }
+
+    pub fn evaluation(&self, e: &Evaluation) {
+        let result = match e.verdict {
+            Verdict::Passed => "passed",
+            Verdict::Failed(_) => "failed",
+            Verdict::Inconclusive(_) => "inconclusive",
+        };
+        self.gate_evaluations
+            .get_or_create(&vec![
+                ("gate", e.gate.to_string()),
+                ("result", result.into()),
+            ])
+            .inc();
+        if matches!(e.verdict, Verdict::Failed(_)) {
+            self.gate_failures
+                .get_or_create(&vec![("gate", e.gate.to_string())])
+                .inc();
+        }
+    }
+
+    pub fn drain_finished(&self, r: &super::crd::DrainRecord) {
+        if let Some(d) = r.duration_seconds {
+            self.drain_duration.observe(d);
+        }
+        if let Some(q) = r.quiet_seconds {
+            self.drain_quiet.observe(q);
+        }
+        if let Some(c) = r.connections_closed {
+            self.drain_connections_closed.inc_by(c.max(0) as u64);
+        }
+        self.drains
+            .get_or_create(&vec![("outcome", r.state.clone())])
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_under_the_release_prefix() {
+        let mut registry = Registry::with_prefix("sluice");
+        let m = register(&mut registry);
+        m.set_phase("default", "echo", Phase::Progressing, Some(1));
+        m.reconcile_errors
+            .get_or_create(&vec![("kind", "kube".into())])
+            .inc();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        assert!(out.contains(
+            "sluice_release_phase{namespace=\"default\",name=\"echo\",phase=\"Progressing\"} 1"
+        ));
+        assert!(out.contains("sluice_release_step{namespace=\"default\",name=\"echo\"} 1"));
+        assert!(out.contains("sluice_release_reconcile_errors_total{kind=\"kube\"} 1"));
+        assert!(out.contains("sluice_release_drain_duration_seconds_bucket"));
+    }
+}
