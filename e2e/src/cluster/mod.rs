@@ -373,7 +373,15 @@ pub fn down() -> anyhow::Result<()> {
         Ok(None) => println!("no test ground state in {}: nothing to stop", dir.display()),
         Err(err) => eprintln!("cluster down: {err:#}; removing the state anyway"),
     }
-    for sub in ["state.json", "kubeconfig", "pki", "etcd", "apiserver", "kcm", "scheduler"] {
+    for sub in [
+        "state.json",
+        "kubeconfig",
+        "pki",
+        "etcd",
+        "apiserver",
+        "kcm",
+        "scheduler",
+    ] {
         let path = dir.join(sub);
         let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
     }
@@ -454,13 +462,15 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 fn ensure_port_free(port: u16) -> anyhow::Result<()> {
-    TcpListener::bind(("127.0.0.1", port)).map(|_| ()).map_err(|e| {
-        anyhow::anyhow!(
-            "port {port} on 127.0.0.1 is not free ({e}): another process listens there \
+    TcpListener::bind(("127.0.0.1", port))
+        .map(|_| ())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "port {port} on 127.0.0.1 is not free ({e}): another process listens there \
              (see `ss -ltnp 'sport = :{port}'`). Stop it, or pick another port with \
              --apiserver-port / SLUICE_APISERVER_PORT, or leave it unset for a free one."
-        )
-    })
+            )
+        })
 }
 
 fn add_blackhole(cidr: &str) -> anyhow::Result<()> {

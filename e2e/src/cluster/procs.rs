@@ -41,7 +41,9 @@ pub fn spawn(name: &str, binary: &Path, args: &[String], log: &Path) -> anyhow::
     let child = cmd
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start {name} ({}): {e}", binary.display()))?;
-    let binary = binary.canonicalize().unwrap_or_else(|_| binary.to_path_buf());
+    let binary = binary
+        .canonicalize()
+        .unwrap_or_else(|_| binary.to_path_buf());
     Ok(Daemon {
         name: name.to_string(),
         pid: child.id() as i32,

@@ -73,7 +73,10 @@ impl TestCluster {
                 match api.create(&PostParams::default(), &node).await {
                     Ok(_) => Ok(()),
                     Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-                    Err(e) => Err(anyhow::Error::from(e).context(format!("creating node {}", node.metadata.name.as_deref().unwrap_or("")))),
+                    Err(e) => Err(anyhow::Error::from(e).context(format!(
+                        "creating node {}",
+                        node.metadata.name.as_deref().unwrap_or("")
+                    ))),
                 }
             }
         }))
@@ -188,9 +191,15 @@ fn kwok_node(name: &str, index: usize, gpu: Option<&GpuNodeProfile>) -> Node {
             ("nvidia.com/gpu.present".to_string(), "true".to_string()),
             ("nvidia.com/gpu.product".to_string(), g.product.clone()),
             ("nvidia.com/gpu.count".to_string(), g.gpus.to_string()),
-            ("nvidia.com/gpu.memory".to_string(), g.memory_mib.to_string()),
+            (
+                "nvidia.com/gpu.memory".to_string(),
+                g.memory_mib.to_string(),
+            ),
             ("nvidia.com/mig.strategy".to_string(), "none".to_string()),
-            ("topology.kubernetes.io/zone".to_string(), format!("zone-{zone}")),
+            (
+                "topology.kubernetes.io/zone".to_string(),
+                format!("zone-{zone}"),
+            ),
             ("sluice.dev/rack".to_string(), format!("rack-{rack}")),
         ]);
         if let Some(size) = g.clique_size {
