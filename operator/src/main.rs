@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice_operator::{admin, crds, leader, telemetry};
+use sluice_operator::{admin, crds, leader, release, telemetry};
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -78,7 +78,8 @@ async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Cl
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
     let client = client(args.kubeconfig.as_deref()).await?;
-    let registry = prometheus_client::registry::Registry::with_prefix("sluice");
+    let mut registry = prometheus_client::registry::Registry::with_prefix("sluice");
+    let release_metrics = release::register(&mut registry);
     let state = admin::AdminState::new(registry);
 
     let admin_addr = args.admin_addr;
@@ -120,9 +121,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = shutdown_signal() => return Ok(()),
     }
     tracing::info!(%identity, "leading: starting controllers");
-    // Controllers are started here as they arrive (Release, InferenceSet).
+    let controllers = tokio::spawn(release::run(client.clone(), release_metrics));
 
     tokio::select! {
+        res = controllers => {
+            election.abort();
+            anyhow::bail!("a controller stopped unexpectedly: {res:?}");
+        }
         _ = leading.wait_for(|l| !*l) => {
             election.abort();
             anyhow::bail!("lost leadership: exiting so that a fresh start re-joins the election");
