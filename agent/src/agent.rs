@@ -26,6 +26,11 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("invalid upstream address {addr:?}: {source}")]
+    Upstream {
+        addr: String,
+        source: http::uri::InvalidUri,
+    },
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -122,7 +127,11 @@ pub async fn start_proxy(args: ProxyArgs) -> Result<RunningAgent, AgentError> {
                 args.header_read_timeout,
                 args.idle_close_after,
                 metrics.clone(),
-            );
+            )
+            .map_err(|source| AgentError::Upstream {
+                addr: args.upstream.clone(),
+                source,
+            })?;
             tokio::spawn(accept_loop(
                 listener,
                 tracker.clone(),

@@ -50,6 +50,8 @@ pub struct Metrics {
     connections_closed: Family<ReasonLabel, Counter>,
     pub requests_in_flight: Gauge,
     requests: Family<CodeLabel, Counter>,
+    /// The common case without the family's lock and hash.
+    requests_200: Counter,
     pub request_duration: Histogram,
     upstream_errors: Family<ReasonLabel, Counter>,
     pub drain_phase: Gauge,
@@ -74,6 +76,7 @@ impl Metrics {
             connections_closed: Family::default(),
             requests_in_flight: Gauge::default(),
             requests: Family::default(),
+            requests_200: Counter::default(),
             request_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             upstream_errors: Family::default(),
             drain_phase: Gauge::default(),
@@ -144,7 +147,12 @@ impl Metrics {
             "Observe mode: TCP connections accepted in the pod's network namespace (all ports)",
             m.passive_opens.clone(),
         );
-        Metrics { registry, ..m }
+        let requests_200 = m.requests.get_or_create(&[("code", 200)]).clone();
+        Metrics {
+            registry,
+            requests_200,
+            ..m
+        }
     }
 
     pub fn closed(&self, reason: CloseReason) {
@@ -154,6 +162,10 @@ impl Metrics {
     }
 
     pub fn request_done(&self, code: u16) {
+        if code == 200 {
+            self.requests_200.inc();
+            return;
+        }
         self.requests.get_or_create(&[("code", code)]).inc();
     }
 

@@ -31,7 +31,7 @@ const FORCE_GRACE: Duration = Duration::from_secs(1);
 pub struct HttpProxy {
     builder: auto::Builder<TokioExecutor>,
     client: Client<HttpConnector, Incoming>,
-    upstream: String,
+    upstream_authority: http::uri::Authority,
     upstream_http2: bool,
     header_read_timeout: Duration,
     idle_close_after: Duration,
@@ -45,7 +45,8 @@ impl HttpProxy {
         header_read_timeout: Duration,
         idle_close_after: Duration,
         metrics: Arc<Metrics>,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, http::uri::InvalidUri> {
+        let upstream_authority = http::uri::Authority::try_from(upstream.as_str())?;
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -62,15 +63,15 @@ impl HttpProxy {
             .pool_idle_timeout(Duration::from_secs(30))
             .http2_only(upstream_http2)
             .build(connector);
-        Arc::new(HttpProxy {
+        Ok(Arc::new(HttpProxy {
             builder,
             client,
-            upstream,
+            upstream_authority,
             upstream_http2,
             header_read_timeout,
             idle_close_after,
             metrics,
-        })
+        }))
     }
 
     /// Serves one client connection until it ends.
@@ -256,12 +257,17 @@ impl ProxyService {
         }
         let (mut parts, body) = req.into_parts();
         let authority = parts.uri.authority().cloned();
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let uri = match Uri::try_from(format!("http://{}{}", self.proxy.upstream, pq)) {
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(self.proxy.upstream_authority.clone());
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        parts.uri = match Uri::from_parts(uri) {
             Ok(u) => u,
             Err(_) => {
                 metrics.request_done(400);
@@ -269,7 +275,6 @@ impl ProxyService {
                 return resp.map(|b| Tracked::new(Either::Right(b), guard));
             }
         };
-        parts.uri = uri;
         strip_hop_by_hop(&mut parts.headers);
         if !parts.headers.contains_key(header::HOST)
             && let Some(a) = authority

@@ -3,8 +3,8 @@
 //! In one run on loopback: an in-process hyper upstream; the load client hits it directly,
 //! through `sluice-agent` (http and tcp mode) and through HAProxy (http and tcp mode), and
 //! measures requests/s at saturation (closed loop, keep-alive), p50/p99 latency at a fixed
-//! moderate rate (open loop: latency counted from the scheduled send time, so a stall is
-//! not hidden), and the proxy process's CPU time per request (utime+stime from
+//! moderate rate (open loop: a request made late by a slow previous response counts from
+//! its scheduled time, so a stall is not hidden), and the proxy process's CPU time per request (utime+stime from
 //! /proc/<pid>/stat). Writes JSON.
 
 use std::convert::Infallible;
@@ -91,7 +91,7 @@ fn main() -> anyhow::Result<()> {
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", args.agent.display()))?;
-        let r = run_proxy(&args, &load_rt, child, port, &direct)?;
+        let r = run_proxy(&args, &load_rt, child, port, &direct).context(name)?;
         results.insert(name.into(), r);
     }
 
@@ -107,10 +107,9 @@ fn main() -> anyhow::Result<()> {
             let child = Command::new(haproxy)
                 .args(["-f", &cfg.to_string_lossy(), "-db"])
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
                 .spawn()
                 .with_context(|| format!("starting {}", haproxy.display()))?;
-            let mut r = run_proxy(&args, &load_rt, child, port, &direct)?;
+            let mut r = run_proxy(&args, &load_rt, child, port, &direct).context(name)?;
             if let Some(o) = r.as_object_mut() {
                 o.insert(
                     "haproxy_config".into(),
@@ -150,7 +149,7 @@ fn haproxy_config(mode: &str, port: u16, upstream: SocketAddr) -> String {
         ""
     };
     format!(
-        "global\n  maxconn 20000\n  nbthread 2\n\ndefaults\n  mode {mode}\n  timeout connect 5s\n  \
+        "global\n  maxconn 4096\n  nbthread 2\n\ndefaults\n  mode {mode}\n  timeout connect 5s\n  \
          timeout client 60s\n  timeout server 60s\n{keepalive}\nfrontend f\n  bind 127.0.0.1:{port}\n  \
          default_backend b\n\nbackend b\n  server s1 {upstream}\n"
     )
@@ -341,8 +340,8 @@ async fn saturate(addr: SocketAddr, conns: usize, dur: Duration) -> anyhow::Resu
     Ok(n)
 }
 
-/// Open loop at `rate` requests/s over a few connections; latency (µs) from each
-/// request's scheduled time to its complete response.
+/// Open loop at `rate` requests/s over a few connections; latency (µs) to each complete
+/// response (see below for where it counts from).
 async fn fixed_rate(addr: SocketAddr, rate: u64, dur: Duration) -> anyhow::Result<Vec<u64>> {
     let conns = latency_conns(rate);
     let per_conn = rate as f64 / conns as f64;
@@ -355,11 +354,21 @@ async fn fixed_rate(addr: SocketAddr, rate: u64, dur: Duration) -> anyhow::Resul
         let offset = gap.mul_f64(i as f64 / conns as f64);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(total_per_conn as usize);
+            let mut prev_done = start;
             for k in 0..total_per_conn {
                 let at = start + offset + gap.mul_f64(k as f64);
                 tokio::time::sleep_until(at).await;
+                // Latency counts from the scheduled time when the previous response made
+                // this request late (no coordinated omission), else from the actual send:
+                // the client's own timer lateness (~1 ms granularity) is not the server's.
+                let from = if prev_done > at {
+                    at
+                } else {
+                    tokio::time::Instant::now()
+                };
                 c.roundtrip().await?;
-                lat.push(at.elapsed().as_micros() as u64);
+                prev_done = tokio::time::Instant::now();
+                lat.push(prev_done.duration_since(from).as_micros() as u64);
             }
             anyhow::Ok(lat)
         }));
