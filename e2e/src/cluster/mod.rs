@@ -22,6 +22,11 @@ use serde::{Deserialize, Serialize};
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// Pod IPs KWOK hands to simulated pods; blackholed likewise.
 pub const KWOK_POD_CIDR: &str = "10.244.0.0/16";
+/// Pod addresses of the process nodes (one /24 each); blackholed as a whole, so a packet for
+/// a vanished pod stays on the machine.
+pub const PROCESS_POD_CIDR: &str = "10.245.0.0/16";
+/// The process node `up` starts.
+pub const PROCESS_NODE: (&str, &str) = ("local-0", "10.245.0.0/24");
 /// Annotation selecting the nodes KWOK manages.
 pub const KWOK_NODE_ANNOTATION: (&str, &str) = ("kwok.x-k8s.io/node", "fake");
 
@@ -186,7 +191,7 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<bool> {
         None => free_port()?,
     };
     // Nothing addressed to a simulated pod or a ClusterIP may leave the machine.
-    for cidr in [SERVICE_CIDR, KWOK_POD_CIDR] {
+    for cidr in [SERVICE_CIDR, KWOK_POD_CIDR, PROCESS_POD_CIDR] {
         add_blackhole(cidr)?;
         state.routes.push(cidr.to_string());
     }
@@ -342,6 +347,40 @@ async fn start_all(
     )?;
     state.daemons.push(kwok);
 
+    // The traffic test ground: a process node whose pods are real processes, and the
+    // service proxy that follows EndpointSlices on loopback.
+    let e2e = e2e_binary()?;
+    let node = procs::spawn(
+        "process-node",
+        &e2e,
+        &[
+            "node".into(),
+            format!("--kubeconfig={kc}"),
+            format!("--name={}", PROCESS_NODE.0),
+            format!("--pod-cidr={}", PROCESS_NODE.1),
+            format!("--images={}", p(&repo_root().join("e2e/images.yaml"))),
+            format!("--log-dir={}", p(&logs.join("pods"))),
+        ],
+        &logs.join("process-node.log"),
+    )?;
+    state.daemons.push(node.clone());
+    let svc_proxy = procs::spawn(
+        "svc-proxy",
+        &e2e,
+        &[
+            "svc-proxy".into(),
+            format!("--kubeconfig={kc}"),
+            format!("--out={}", p(&dir.join("services.json"))),
+        ],
+        &logs.join("svc-proxy.log"),
+    )?;
+    state.daemons.push(svc_proxy);
+    let client = client_for(&kubeconfig).await?;
+    wait_until(&node, Duration::from_secs(60), || {
+        node_ready(&client, PROCESS_NODE.0)
+    })
+    .await?;
+
     // Give the last daemons a moment to fail on bad flags, then check they all run.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for d in &state.daemons {
@@ -368,6 +407,9 @@ pub fn down() -> anyhow::Result<()> {
             for cidr in &state.routes {
                 del_blackhole(cidr);
             }
+            if let Err(err) = crate::node::cleanup_host_network() {
+                eprintln!("cluster down: cleaning the process node's network: {err:#}");
+            }
             println!("stopped {} processes", state.daemons.len());
         }
         Ok(None) => println!("no test ground state in {}: nothing to stop", dir.display()),
@@ -386,6 +428,35 @@ pub fn down() -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
     }
     Ok(())
+}
+
+/// The `sluice-e2e` binary that runs the process node and the service proxy: this one when
+/// called as the CLI, the workspace's build otherwise (from tests).
+fn e2e_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(exe) = std::env::current_exe()
+        && exe.file_name().is_some_and(|n| n == "sluice-e2e")
+    {
+        return Ok(exe);
+    }
+    let built = repo_root().join("target/debug/sluice-e2e");
+    if built.exists() {
+        Ok(built)
+    } else {
+        bail!(
+            "{} is missing: run `cargo build -p sluice-e2e --bins` first",
+            built.display()
+        )
+    }
+}
+
+async fn node_ready(client: &kube::Client, name: &str) -> bool {
+    let nodes = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
+    let Ok(Some(node)) = nodes.get_opt(name).await else {
+        return false;
+    };
+    node.status
+        .and_then(|s| s.conditions)
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// True when the API server behind `kubeconfig` answers `/readyz` with `ok`.
