@@ -2,7 +2,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "sluice-e2e", version, about = "Sluice's local Kubernetes test ground")]
+#[command(
+    name = "sluice-e2e",
+    version,
+    about = "Sluice's local Kubernetes test ground"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
