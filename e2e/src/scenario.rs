@@ -612,9 +612,9 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "| strategy | delay | requests | failed | outcomes | storm factor | p99 steady | p99 release | release | ok req/s |"
+            "| strategy | delay | requests | failed | outcomes | storm factor | peak new conns/s at a new pod | p99 steady | p99 release | release | ok req/s |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
         for r in &self.runs {
             let outcomes: Vec<String> = r
                 .by_outcome
@@ -624,7 +624,7 @@ impl Report {
                 .collect();
             let _ = writeln!(
                 s,
-                "| {} | {:.0} s | {} | {} | {} | {:.1} | {:.1} ms | {:.1} ms | {:.1} s | {:.0} |",
+                "| {} | {:.0} s | {} | {} | {} | {:.1} | {:.0} | {:.1} ms | {:.1} ms | {:.1} s | {:.0} |",
                 r.strategy,
                 r.delay_s,
                 r.requests,
@@ -635,6 +635,7 @@ impl Report {
                     outcomes.join(", ")
                 },
                 r.storm.factor,
+                r.storm.peak_per_s,
                 r.p99_steady_ms,
                 r.p99_release_ms,
                 r.release_s,
@@ -711,22 +712,38 @@ pub fn render_svg(report: &Report) -> String {
             .max()
             .unwrap_or(1)
             .max(1) as f64;
-        let max_err = r.series.iter().map(|b| b.error_count()).max().unwrap_or(0) as f64;
-        let scale = max_rps.max(max_err).max(1.0);
+        let max_err = r
+            .series
+            .iter()
+            .map(|b| b.error_count())
+            .max()
+            .unwrap_or(0)
+            .max(1) as f64;
+        let scale = max_rps;
         let y_up = |v: f64| upper.1 - (upper.1 - upper.0) * v / scale;
+        // Errors get their own scale (right-hand label): a few lost requests must show.
+        let y_err = |v: f64| upper.1 - (upper.1 - upper.0) * v / max_err;
         for b in &r.series {
             let e = b.error_count() as f64;
             if e > 0.0 {
                 let _ = writeln!(
                     s,
-                    r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="#d62728"/>"##,
+                    r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="#d62728" opacity="0.8"><title>{} errors</title></rect>"##,
                     x(b.t),
-                    y_up(e).min(upper.1 - 2.0),
+                    y_err(e).min(upper.1 - 2.0),
                     (x(b.t + 1.0) - x(b.t) - 1.0).max(1.0),
-                    (upper.1 - y_up(e)).max(2.0)
+                    (upper.1 - y_err(e)).max(2.0),
+                    e
                 );
             }
         }
+        let _ = writeln!(
+            s,
+            r##"<text x="{}" y="{}" fill="#d62728" text-anchor="end">{:.0} err/s</text>"##,
+            W - RIGHT,
+            upper.0 + 10.0,
+            max_err
+        );
         let pts: Vec<String> = r
             .series
             .iter()

@@ -429,14 +429,10 @@ impl PodWorker {
                 break;
             }
             let c = &self.ctrs[i];
-            if !c.launched {
-                self.start(i);
-                init_done = false;
-                break;
-            }
-            if let Some(at) = c.restart_at
-                && at <= now
-            {
+            let due = c.restart_at.is_some_and(|at| at <= now);
+            if !c.launched || due {
+                // A sidecar without a startup probe counts as started at once, so the next
+                // init container may start in this same pass.
                 self.start(i);
             }
             let c = &self.ctrs[i];

@@ -1,0 +1,148 @@
+//! Helpers shared by the traffic test ground's e2e tests (`ground_*.rs`).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, PostParams};
+use kube::{Client, ResourceExt};
+use sluice_e2e::cluster::{TestCluster, TestNamespace};
+
+pub const NODE: &str = "local-0";
+
+/// The running test ground with its process node, and a fresh namespace.
+pub async fn ground(prefix: &str) -> anyhow::Result<(TestCluster, TestNamespace)> {
+    let cluster = TestCluster::get()
+        .await
+        .context("the test ground's control plane")?;
+    require_process_node(&cluster.client).await?;
+    let ns = cluster.namespace(prefix).await?;
+    Ok((cluster, ns))
+}
+
+/// Fails (does not skip) when the process node is missing: `make cluster-up` starts it.
+pub async fn require_process_node(client: &Client) -> anyhow::Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    wait_for(
+        Duration::from_secs(30),
+        "process node local-0 to be Ready (`make cluster-up` starts it)",
+        || {
+            let nodes = nodes.clone();
+            async move {
+                let n = nodes.get_opt(NODE).await.ok()??;
+                let ready = n
+                    .status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                ready.then_some(())
+            }
+        },
+    )
+    .await
+}
+
+/// Polls `f` every 200 ms until it yields a value or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn create_pod(client: &Client, ns: &str, pod: serde_json::Value) -> anyhow::Result<Pod> {
+    let pod: Pod = serde_json::from_value(pod)?;
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    Ok(api.create(&PostParams::default(), &pod).await?)
+}
+
+pub fn condition(pod: &Pod, type_: &str) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.status.clone())
+}
+
+pub fn is_ready(pod: &Pod) -> bool {
+    condition(pod, "Ready").as_deref() == Some("True")
+}
+
+/// Waits until the pod satisfies `pred`; returns it.
+pub async fn wait_pod(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&Pod) -> bool,
+) -> anyhow::Result<Pod> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    wait_for(timeout, &format!("pod {name}: {what}"), || {
+        let api = api.clone();
+        let pred = &pred;
+        async move { api.get_opt(name).await.ok()?.filter(|p| pred(p)) }
+    })
+    .await
+}
+
+/// Waits until the pod is gone from the API.
+pub async fn wait_pod_gone(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    wait_for(timeout, &format!("pod {name} to be deleted"), || {
+        let api = api.clone();
+        async move {
+            match api.get_opt(name).await {
+                Ok(None) => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await
+}
+
+pub fn pod_ip(pod: &Pod) -> Option<String> {
+    pod.status.as_ref()?.pod_ip.clone()
+}
+
+pub fn restart_count(pod: &Pod, container: &str) -> i32 {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == container))
+        .map(|c| c.restart_count)
+        .unwrap_or(0)
+}
+
+/// A scratch directory for a test's pods to write to (pods share the host's file system).
+pub fn scratch(ns: &str) -> std::path::PathBuf {
+    let dir = sluice_e2e::cluster::repo_root()
+        .join("target/e2e/scratch")
+        .join(ns);
+    std::fs::create_dir_all(&dir).expect("creating a scratch directory");
+    dir
+}
+
+pub fn name_of(pod: &Pod) -> String {
+    pod.name_any()
+}
