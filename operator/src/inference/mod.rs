@@ -1,0 +1,123 @@
+//! The InferenceSet controller and the gang binder (GPU inference fleets).
+//!
+//! - [`crd`]: the `InferenceSet` resource and its admission rules;
+//! - [`plan`]: the pure planner (gangs, scale, node loss, slot-swap rollouts);
+//! - [`scheduler`]: the gang binder for pods with `schedulerName: sluice`;
+//! - [`controller`]: gather → plan → execute → status;
+//! - [`metrics`]: the `sluice_inference_*` metrics.
+//!
+//! See `docs/inference.md`.
+
+pub mod controller;
+pub mod crd;
+pub mod metrics;
+pub mod plan;
+pub mod scheduler;
+
+#[cfg(test)]
+mod plan_tests;
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::Api;
+use kube::runtime::watcher;
+use prometheus_client::registry::Registry;
+pub use sluice_placement::TopologyConfig;
+use tokio::sync::Notify;
+
+pub use crd::{InferenceSet, InferenceSetSpec, InferenceSetStatus};
+
+/// Errors of a reconcile or a binder round.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cannot build pods from the template: {0}")]
+    Template(String),
+    #[error("serialization: {0}")]
+    Serialize(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// Short label for `sluice_inference_reconcile_errors{error=...}`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(_)) => "api",
+            Error::Kube(_) => "kube",
+            Error::Template(_) => "template",
+            Error::Serialize(_) => "serialize",
+        }
+    }
+}
+
+/// Options of the InferenceSet controller and the binder.
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    /// Topology label levels, coarse to fine (default zone → `sluice.dev/rack` →
+    /// `nvidia.com/gpu.clique`).
+    pub topology: TopologyConfig,
+    /// Run the gang binder (pods with `schedulerName: sluice`). Default true via `new`.
+    pub binder: bool,
+    /// Run the InferenceSet controller.
+    pub controller: bool,
+}
+
+impl Config {
+    /// Both the controller and the binder with the default topology levels.
+    pub fn new() -> Self {
+        Self {
+            topology: TopologyConfig::default(),
+            binder: true,
+            controller: true,
+        }
+    }
+}
+
+/// Register the metrics and return the future that runs the InferenceSet controller and
+/// the gang binder (shared Node and Pod caches). Spawn it after winning leadership; it
+/// runs until dropped.
+pub fn run(
+    client: kube::Client,
+    registry: &mut Registry,
+    config: Config,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let metrics = metrics::register(registry);
+    async move {
+        let wake = Arc::new(Notify::new());
+        let (nodes, node_watch) = scheduler::reflect(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default(),
+            wake.clone(),
+        );
+        let (pods, pod_watch) = scheduler::reflect(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default(),
+            wake.clone(),
+        );
+        let binder = {
+            let (client, nodes, pods, metrics) =
+                (client.clone(), nodes.clone(), pods.clone(), metrics.clone());
+            async move {
+                if config.binder {
+                    scheduler::run(client, nodes, pods, wake, config.topology, metrics).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let controller = async move {
+            if config.controller {
+                controller::run(client, pods, nodes, metrics).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = node_watch => tracing::error!("node watch ended"),
+            _ = pod_watch => tracing::error!("pod watch ended"),
+            _ = binder => tracing::error!("gang binder ended"),
+            _ = controller => tracing::error!("InferenceSet controller ended"),
+        }
+    }
+}
