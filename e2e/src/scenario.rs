@@ -73,6 +73,22 @@ pub trait Strategy: Send + Sync {
     fn release<'a>(&'a self, ctx: &'a RunContext) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(ctx.set_image(&ctx.new_image))
     }
+    /// Waits until the release is complete. The default: the Deployment rolled out its
+    /// template (all new pods available, no old pod left).
+    fn wait_released<'a>(
+        &'a self,
+        ctx: &'a RunContext,
+        replicas: i32,
+        deadline: Instant,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(wait_rolled_out(
+            &ctx.client,
+            &ctx.namespace,
+            &ctx.name,
+            replicas,
+            deadline,
+        ))
+    }
 }
 
 /// The common-practice baselines.
@@ -141,7 +157,7 @@ pub fn strategy_by_name(name: &str) -> Option<Arc<dyn Strategy>> {
     match name.to_ascii_lowercase().as_str() {
         "b1" => Some(Arc::new(b1())),
         "b2" => Some(Arc::new(b2())),
-        _ => None,
+        other => crate::scenario_sluice::strategy_by_name(other),
     }
 }
 
@@ -227,16 +243,20 @@ pub struct RunResult {
 /// The connection storm seen by the new pods.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Storm {
-    /// max over new pods of (peak new connections in one second ÷ the pod's mean
-    /// new-connection rate over the release window); 1 means perfectly even arrival, the
-    /// window's length in seconds means everything arrived in one second.
+    /// The highest new-connection count any new pod got in one second, divided by the
+    /// steady rate: the rate each new pod would see if the connections the new pods gained
+    /// over the release window had arrived evenly spread over the pods and the window.
+    /// 1 is a perfectly paced migration; the window's length in seconds means one pod got
+    /// its fair share in a single second.
     pub factor: f64,
-    /// The pod with the highest factor.
+    /// The pod that saw the peak.
     pub pod: Option<String>,
-    /// Its peak, new connections per second.
+    /// The peak, new connections in one second at one new pod.
     pub peak_per_s: f64,
-    /// Its mean over the window, new connections per second.
-    pub mean_per_s: f64,
+    /// The steady (fair-share) rate, new connections per second per new pod.
+    pub steady_per_s: f64,
+    /// New connections the new pods gained in the window.
+    pub connections: u64,
     pub window_s: f64,
 }
 
@@ -260,26 +280,23 @@ pub fn storm_factor(
         let b = (((c.open_ms - start) / 1000.0) as usize).min(bins - 1);
         per_pod.entry(pod).or_insert_with(|| vec![0; bins])[b] += 1;
     }
-    let mut best = Storm {
+    let connections: u64 = per_pod.values().flatten().sum();
+    let steady = connections as f64 / new_pods.len().max(1) as f64 / window_s;
+    let peak = per_pod
+        .iter()
+        .map(|(pod, counts)| (*counts.iter().max().unwrap_or(&0), *pod))
+        .max();
+    Storm {
+        factor: match peak {
+            Some((p, _)) if steady > 0.0 => p as f64 / steady,
+            _ => 0.0,
+        },
+        pod: peak.map(|(_, pod)| pod.to_string()),
+        peak_per_s: peak.map(|(p, _)| p as f64).unwrap_or(0.0),
+        steady_per_s: steady,
+        connections,
         window_s,
-        ..Default::default()
-    };
-    for (pod, counts) in per_pod {
-        let total: u64 = counts.iter().sum();
-        let peak = *counts.iter().max().unwrap_or(&0) as f64;
-        let mean = total as f64 / window_s;
-        let factor = if mean > 0.0 { peak / mean } else { 0.0 };
-        if factor > best.factor {
-            best = Storm {
-                factor,
-                pod: Some(pod.to_string()),
-                peak_per_s: peak,
-                mean_per_s: mean,
-                window_s,
-            };
-        }
     }
-    best
 }
 
 /// p99 latency of the requests scheduled inside `[from, to)` ms.
@@ -546,14 +563,9 @@ async fn run_in_namespace(
     let release_start = origin.elapsed();
     let released = async {
         strategy.release(&ctx).await?;
-        wait_rolled_out(
-            client,
-            ns,
-            APP,
-            spec.replicas,
-            Instant::now() + spec.max_release,
-        )
-        .await
+        strategy
+            .wait_released(&ctx, spec.replicas, Instant::now() + spec.max_release)
+            .await
     }
     .await;
     let release_end = origin.elapsed();
@@ -864,10 +876,15 @@ pub struct ScenarioArgs {
 
 pub fn strategies_for(name: &str) -> anyhow::Result<Vec<Arc<dyn Strategy>>> {
     match name.to_ascii_lowercase().as_str() {
-        "baselines" | "all" => Ok(vec![Arc::new(b1()), Arc::new(b2())]),
+        "baselines" => Ok(vec![Arc::new(b1()), Arc::new(b2())]),
+        "all" => Ok(vec![
+            Arc::new(b1()),
+            Arc::new(b2()),
+            Arc::new(crate::scenario_sluice::Sluice::proxy()),
+        ]),
         other => strategy_by_name(other)
             .map(|s| vec![s])
-            .with_context(|| format!("unknown scenario {name}; known: b1, b2, baselines")),
+            .with_context(|| format!("unknown scenario {name}; known: b1, b2, baselines, sluice, sluice-observe, sluice-rollback-5xx, sluice-rollback-slow, sluice-kill9, all")),
     }
 }
 
@@ -958,7 +975,8 @@ mod tests {
             .collect();
         let s = storm_factor(&conns, &new, (0.0, 10_000.0));
         assert_eq!(s.peak_per_s, 20.0);
-        assert!((s.mean_per_s - 2.0).abs() < 1e-9);
+        assert!((s.steady_per_s - 2.0).abs() < 1e-9);
+        assert_eq!(s.connections, 20);
         assert!((s.factor - 10.0).abs() < 1e-9);
         assert_eq!(s.pod.as_deref(), Some("n1"));
     }
@@ -968,12 +986,21 @@ mod tests {
         let new: BTreeSet<String> = ["n1".to_string(), "n2".to_string()].into();
         let mut conns: Vec<_> = (0..10)
             .map(|i| conn(i, "n1", f64::from(i as u32) * 1000.0 + 500.0))
+            .chain((0..10).map(|i| conn(50 + i, "n2", f64::from(i as u32) * 1000.0 + 700.0)))
             .collect();
         // An old pod's burst and connections outside the window do not count.
         conns.extend((0..50).map(|i| conn(100 + i, "old", 2000.0)));
         conns.push(conn(200, "n2", 20_000.0));
         let s = storm_factor(&conns, &new, (0.0, 10_000.0));
         assert!((s.factor - 1.0).abs() < 1e-9);
+        assert!(s.pod.is_some());
+        assert_eq!(s.connections, 20);
+        // Evenly in time but all to one of two pods: twice the fair share.
+        let one_sided: Vec<_> = (0..20)
+            .map(|i| conn(i, "n1", f64::from(i as u32) * 500.0 + 100.0))
+            .collect();
+        let s = storm_factor(&one_sided, &new, (0.0, 10_000.0));
+        assert!((s.factor - 2.0).abs() < 1e-9);
         assert_eq!(s.pod.as_deref(), Some("n1"));
         let none = storm_factor(&[], &new, (0.0, 10_000.0));
         assert_eq!(none.factor, 0.0);

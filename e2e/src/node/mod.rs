@@ -63,6 +63,10 @@ pub struct NodeArgs {
     /// Where container logs go, relative to the repository root.
     #[arg(long, default_value = "target/e2e/logs/pods")]
     pub log_dir: PathBuf,
+    /// Remove every namespace, veth, bridge and route any process node made (killing the
+    /// pods' processes) and exit; for after a crash. `cluster down` does the same.
+    #[arg(long)]
+    pub cleanup: bool,
 }
 
 /// A client from a kubeconfig file.
@@ -122,7 +126,7 @@ fn node_labels(args: &NodeArgs) -> BTreeMap<String, String> {
     labels
 }
 
-fn node_status(args: &NodeArgs, host_ip: &str) -> NodeStatus {
+fn node_status(args: &NodeArgs, host_ip: &str, since: &Time) -> NodeStatus {
     let mut resources = BTreeMap::from([
         ("cpu".to_string(), Quantity(args.cpu.clone())),
         ("memory".to_string(), Quantity(args.memory.clone())),
@@ -139,7 +143,8 @@ fn node_status(args: &NodeArgs, host_ip: &str) -> NodeStatus {
         reason: Some(reason.into()),
         message: Some(format!("sluice process node: {reason}")),
         last_heartbeat_time: Some(now.clone()),
-        last_transition_time: Some(now.clone()),
+        // The conditions have held since the node process started.
+        last_transition_time: Some(since.clone()),
     };
     NodeStatus {
         capacity: Some(resources.clone()),
@@ -216,8 +221,10 @@ async fn register(
 }
 
 async fn report_status(client: &Client, args: &NodeArgs, host_ip: &str) -> anyhow::Result<()> {
+    static SINCE: std::sync::OnceLock<Time> = std::sync::OnceLock::new();
+    let since = SINCE.get_or_init(|| Time(Timestamp::now()));
     let nodes: Api<Node> = Api::all(client.clone());
-    let patch = serde_json::json!({ "status": node_status(args, host_ip) });
+    let patch = serde_json::json!({ "status": node_status(args, host_ip, since) });
     nodes
         .patch_status(&args.name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
@@ -324,6 +331,9 @@ fn dispatch(
 }
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+    if args.cleanup {
+        return cleanup_host_network();
+    }
     let repo = runtime::repo_root();
     let client = client_from_kubeconfig(&args.kubeconfig).await?;
     let cidr: net::Cidr = args
@@ -392,15 +402,16 @@ mod tests {
             max_pods: 110,
             images: PathBuf::new(),
             log_dir: PathBuf::new(),
+            cleanup: false,
         }
     }
 
     #[test]
     fn node_advertises_gpus_only_when_asked() {
-        let plain = node_status(&args(0), "10.245.1.1");
+        let plain = node_status(&args(0), "10.245.1.1", &Time(Timestamp::now()));
         assert!(!plain.allocatable.unwrap().contains_key("nvidia.com/gpu"));
         assert!(!node_labels(&args(0)).contains_key("nvidia.com/gpu.product"));
-        let gpu = node_status(&args(8), "10.245.1.1");
+        let gpu = node_status(&args(8), "10.245.1.1", &Time(Timestamp::now()));
         assert_eq!(
             gpu.allocatable.unwrap()["nvidia.com/gpu"],
             Quantity("8".into())
