@@ -26,7 +26,7 @@ fmt: ## Format the code
 	$(CARGO) fmt --all
 
 crds: ## Regenerate crds/ (and the chart's copy) from the Rust types
-	$(CARGO) run -q -p sluice-operator -- crds > crds/sluice.dev.yaml
+	$(CARGO) run -q -p sluice-operator --bin sluice-operator -- crds > crds/sluice.dev.yaml
 	cp crds/sluice.dev.yaml charts/sluice/crds/sluice.dev.yaml
 
 cluster-up: ## Start the local test ground (idempotent); kubeconfig in target/e2e/kubeconfig

@@ -118,6 +118,8 @@ async fn crds_chart_rbac_and_a_hundred_kwok_nodes() -> anyhow::Result<()> {
     for (verb, resource) in [
         ("watch", "releases.sluice.dev"),
         ("patch", "releases.sluice.dev/status"),
+        ("list", "inferencesets.sluice.dev"),
+        ("patch", "inferencesets.sluice.dev/status"),
         ("patch", "deployments.apps"),
         ("create", "replicasets.apps"),
         ("delete", "pods"),

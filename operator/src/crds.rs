@@ -7,7 +7,10 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 /// Every CRD, in a stable order.
 pub fn all() -> Vec<CustomResourceDefinition> {
     use kube::CustomResourceExt;
-    vec![crate::release::Release::crd()]
+    vec![
+        crate::release::Release::crd(),
+        crate::inference::InferenceSet::crd(),
+    ]
 }
 
 /// All CRDs as one multi-document YAML stream, as `sluice-operator crds` prints it.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice_operator::{admin, crds, leader, release, telemetry};
+use sluice_operator::{admin, crds, inference, leader, release, telemetry};
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -48,6 +48,14 @@ struct RunArgs {
     lease_duration: Duration,
     #[arg(long, value_enum, default_value = "text")]
     log_format: telemetry::LogFormat,
+    /// GPU topology levels for InferenceSet placement: node label keys, coarse to fine
+    /// (node and the GPU groups inside it are always the finest levels).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "topology.kubernetes.io/zone,sluice.dev/rack,nvidia.com/gpu.clique"
+    )]
+    topology_levels: Vec<String>,
 }
 
 #[tokio::main]
@@ -80,6 +88,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = client(args.kubeconfig.as_deref()).await?;
     let mut registry = prometheus_client::registry::Registry::with_prefix("sluice");
     let release_metrics = release::register(&mut registry);
+    let inference = inference::run(
+        client.clone(),
+        &mut registry,
+        inference::Config {
+            topology: inference::TopologyConfig {
+                levels: args.topology_levels,
+            },
+            ..inference::Config::new()
+        },
+    );
     let state = admin::AdminState::new(registry);
 
     let admin_addr = args.admin_addr;
@@ -121,12 +139,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = shutdown_signal() => return Ok(()),
     }
     tracing::info!(%identity, "leading: starting controllers");
-    let controllers = tokio::spawn(release::run(client.clone(), release_metrics));
+    let controllers = tokio::spawn(async move {
+        tokio::select! {
+            _ = release::run(client.clone(), release_metrics) => "Release",
+            _ = inference => "InferenceSet",
+        }
+    });
 
     tokio::select! {
         res = controllers => {
             election.abort();
-            anyhow::bail!("a controller stopped unexpectedly: {res:?}");
+            anyhow::bail!("the {} controller stopped unexpectedly", res.unwrap_or("(panicked)"));
         }
         _ = leading.wait_for(|l| !*l) => {
             election.abort();
