@@ -369,7 +369,19 @@ async fn execute(set: &InferenceSet, ctx: &Context, actions: &[Action]) -> Resul
             }
             Action::DeletePods { pods } => {
                 for p in pods {
-                    match api.delete(p, &DeleteParams::default()).await {
+                    // A pod whose node no longer exists has no kubelet to confirm its end:
+                    // delete it at once (as the pod garbage collector would, later).
+                    let node_gone = ctx
+                        .pods
+                        .get(&ObjectRef::<Pod>::new(p).within(&ns))
+                        .and_then(|pod| pod.spec.as_ref().and_then(|s| s.node_name.clone()))
+                        .is_some_and(|n| ctx.nodes.get(&ObjectRef::<Node>::new(&n)).is_none());
+                    let dp = if node_gone {
+                        DeleteParams::default().grace_period(0)
+                    } else {
+                        DeleteParams::default()
+                    };
+                    match api.delete(p, &dp).await {
                         Ok(_) => {}
                         Err(kube::Error::Api(s)) if s.code == 404 => {}
                         Err(e) => return Err(e.into()),

@@ -147,9 +147,22 @@ fn one() -> i32 {
 /// The pod template is large and validated by the API server when pods are created; its
 /// schema here is kept open (like Deployment's in most CRDs) so that the CRD stays small.
 pub fn template_schema(_: &mut schemars::generate::SchemaGenerator) -> schemars::Schema {
+    let open = serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
     schemars::json_schema!({
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": true,
+        "properties": {
+            "metadata": open.clone(),
+            "spec": {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": true,
+                "properties": {
+                    "containers": {"type": "array", "maxItems": 64, "items": open.clone()},
+                    "nodeName": {"type": "string", "maxLength": 253},
+                    "schedulerName": {"type": "string", "maxLength": 253}
+                }
+            }
+        },
         "x-kubernetes-validations": [
             {"rule": "has(self.spec) && has(self.spec.containers) && size(self.spec.containers) > 0",
              "message": "template.spec.containers must list the model server container"},
@@ -232,9 +245,16 @@ pub struct WarmupSpec {
 /// Schema of `warmup.probe`: open object (a core/v1 Probe), checked by the API server when
 /// the pods are created.
 pub fn probe_schema(_: &mut schemars::generate::SchemaGenerator) -> schemars::Schema {
+    let open = serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
     schemars::json_schema!({
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": true,
+        "properties": {
+            "httpGet": open.clone(),
+            "tcpSocket": open.clone(),
+            "exec": open.clone(),
+            "grpc": open.clone()
+        },
         "x-kubernetes-validations": [
             {"rule": "has(self.httpGet) || has(self.tcpSocket) || has(self.exec) || has(self.grpc)",
              "message": "warmup.probe needs one handler: httpGet, tcpSocket, exec or grpc"}

@@ -478,9 +478,11 @@ pub fn plan(o: &Observed, now: f64) -> Plan {
     // A surge gang that found no room proves there is no spare capacity: roll by slot swap.
     // While a gang drains or terminates its GPUs are about to free up: wait for them
     // rather than conclude there is no room.
-    let freeing = all
-        .iter()
-        .any(|g| matches!(g.state, GangState::Draining | GangState::Gone));
+    let freeing = all.iter().any(|g| match g.state {
+        GangState::Draining => true,
+        GangState::Gone => g.pods.iter().any(|p| p.node.is_some() && !p.node_lost),
+        _ => false,
+    });
     let surge_blocked = !freeing
         && slots.values().any(|gs| {
             gs.iter().any(|n| {

@@ -1,0 +1,352 @@
+//! InferenceSet end to end on the local test ground (KWOK GPU nodes): gangs placed inside
+//! their required rack, scale up, node loss, a full fleet, and a slot-swap rollout that
+//! never takes more than `maxUnavailable` replicas out of service.
+//!
+//! Needs the test ground (`make cluster-up`); ignored by a plain `cargo test`:
+//! `cargo test -p sluice-operator --test inference_e2e -- --ignored --nocapture`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde_json::json;
+use sluice_e2e::cluster::{GpuNodeProfile, TestCluster};
+use sluice_operator::inference::{self, InferenceSet};
+
+async fn install_crd(client: &kube::Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd = InferenceSet::crd();
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    crds.patch(
+        &name,
+        &PatchParams::apply("sluice-e2e").force(),
+        &Patch::Apply(&crd),
+    )
+    .await?;
+    for _ in 0..100 {
+        let c = crds.get(&name).await?;
+        let est = c
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        if est {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("CRD {name} not established")
+}
+
+fn set_manifest(name: &str, pool: &str, replicas: i32, version: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "InferenceSet",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "podsPerReplica": 2,
+            "gpusPerPod": 4,
+            "gpu": {"products": ["NVIDIA-H100-80GB-HBM3"]},
+            "topology": {"required": "sluice.dev/rack", "preferred": "node"},
+            "updateStrategy": {"maxUnavailable": 1, "maxSurge": 1, "surgeTimeout": "2s"},
+            "drain": {"quietPeriod": "1s"},
+            "nodeLossGracePeriod": "5s",
+            "template": {
+                "metadata": {"labels": {"app": name}, "annotations": {"model-version": version}},
+                "spec": {
+                    "nodeSelector": {"sluice.dev/pool": pool},
+                    "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
+                    "containers": [{"name": "model", "image": "fake/model-server:1"}]
+                }
+            }
+        }
+    })
+}
+
+struct Snapshot {
+    serving: i32,
+    updated: i32,
+    progressing: bool,
+    pods: Vec<Pod>,
+}
+
+async fn snapshot(
+    sets: &Api<InferenceSet>,
+    pods: &Api<Pod>,
+    name: &str,
+) -> anyhow::Result<Snapshot> {
+    let s = sets.get(name).await?;
+    let st = s.status.unwrap_or_default();
+    let progressing = st
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Progressing" && c.status == "True");
+    let pods = pods
+        .list(&ListParams::default().labels(&format!("sluice.dev/inferenceset={name}")))
+        .await?
+        .items;
+    Ok(Snapshot {
+        serving: st.serving_replicas,
+        updated: st.updated_replicas,
+        progressing: progressing || st.observed_generation != s.metadata.generation,
+        pods,
+    })
+}
+
+/// Wait until `replicas` serve, all updated, rollout complete; track the fewest serving.
+async fn wait_settled(
+    sets: &Api<InferenceSet>,
+    pods: &Api<Pod>,
+    name: &str,
+    replicas: i32,
+    timeout: Duration,
+) -> anyhow::Result<(Snapshot, i32)> {
+    let start = Instant::now();
+    let mut min_serving = i32::MAX;
+    loop {
+        let s = snapshot(sets, pods, name).await?;
+        min_serving = min_serving.min(s.serving);
+        let live = s
+            .pods
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .count();
+        if s.serving == replicas
+            && s.updated == replicas
+            && !s.progressing
+            && live == (replicas * 2) as usize
+        {
+            return Ok((s, min_serving));
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "not settled after {timeout:?}: serving {} updated {} progressing {} pods {}",
+                s.serving,
+                s.updated,
+                s.progressing,
+                live
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every gang's pods lie in one rack; no GPU is given twice on a node.
+fn check_placement(pods: &[Pod], racks: &BTreeMap<String, String>) -> anyhow::Result<()> {
+    let mut gangs: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut used: BTreeSet<(String, String)> = BTreeSet::new();
+    for p in pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        let node = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .context("unbound pod")?;
+        let gang = p.metadata.labels.as_ref().unwrap()["sluice.dev/gang"].clone();
+        let ids = p
+            .metadata
+            .annotations
+            .as_ref()
+            .unwrap()
+            .get("sluice.dev/gpu-ids")
+            .cloned()
+            .context("no gpu-ids")?;
+        if ids.split(',').count() != 4 {
+            bail!("pod {:?} got GPUs {ids}", p.metadata.name);
+        }
+        for id in ids.split(',') {
+            if !used.insert((node.clone(), id.to_string())) {
+                bail!("GPU {id} of {node} given twice");
+            }
+        }
+        gangs
+            .entry(gang)
+            .or_default()
+            .insert(racks.get(&node).cloned().unwrap_or_default());
+    }
+    for (g, r) in gangs {
+        if r.len() != 1 {
+            bail!("gang {g} spans racks {r:?}");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs the test ground: make cluster-up"]
+async fn inference_set_places_scales_survives_node_loss_and_rolls_by_slot_swap()
+-> anyhow::Result<()> {
+    let cluster = TestCluster::get().await?;
+    let client = cluster.client.clone();
+    install_crd(&client).await?;
+    let ns = cluster.namespace("infs").await?;
+    let pool = ns.name.clone();
+
+    // 8 nodes × 8 H100 in two NVLink groups of 4; racks of 2 nodes (4 racks).
+    let profile = GpuNodeProfile {
+        rack_size: 2,
+        racks_per_zone: 4,
+        gpu_topology: Some(r#"{"groups":[[0,1,2,3],[4,5,6,7]]}"#.into()),
+        ..Default::default()
+    };
+    let nodes = cluster.create_kwok_nodes(&pool, 8, Some(&profile)).await?;
+    let node_api: Api<Node> = Api::all(client.clone());
+    let mut racks = BTreeMap::new();
+    for n in &nodes {
+        let node = node_api
+            .patch(
+                n,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"sluice.dev/pool": pool}}})),
+            )
+            .await?;
+        racks.insert(
+            n.clone(),
+            node.metadata.labels.unwrap()["sluice.dev/rack"].clone(),
+        );
+    }
+    let cleanup = NodeCleanup(cluster.clone(), nodes.clone());
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let operator = tokio::spawn(inference::run(
+        client.clone(),
+        &mut registry,
+        inference::Config::new(),
+    ));
+
+    let sets: Api<InferenceSet> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let apply = |replicas: i32, version: &'static str| {
+        let sets = sets.clone();
+        let pool = pool.clone();
+        async move {
+            sets.patch(
+                "llm",
+                &PatchParams::apply("sluice-e2e").force(),
+                &Patch::Apply(set_manifest("llm", &pool, replicas, version)),
+            )
+            .await
+        }
+    };
+
+    // 1. Three TP=8 replicas (2 pods × 4 GPUs), each inside one rack.
+    let t = Instant::now();
+    apply(3, "v1").await?;
+    let (s, _) = wait_settled(&sets, &pods, "llm", 3, Duration::from_secs(60)).await?;
+    check_placement(&s.pods, &racks)?;
+    println!("3 replicas serving after {:.1}s", t.elapsed().as_secs_f64());
+
+    // 2. Scale to 5.
+    let t = Instant::now();
+    apply(5, "v1").await?;
+    let (s, _) = wait_settled(&sets, &pods, "llm", 5, Duration::from_secs(60)).await?;
+    check_placement(&s.pods, &racks)?;
+    println!("scaled to 5 after {:.1}s", t.elapsed().as_secs_f64());
+
+    // 3. Node loss: delete a node holding a pod; its whole replica is placed again.
+    let victim_pod = s
+        .pods
+        .iter()
+        .find(|p| p.spec.as_ref().unwrap().node_name.is_some())
+        .unwrap();
+    let victim_node = victim_pod.spec.as_ref().unwrap().node_name.clone().unwrap();
+    let lost_gangs: BTreeSet<String> = s
+        .pods
+        .iter()
+        .filter(|p| p.spec.as_ref().unwrap().node_name.as_deref() == Some(victim_node.as_str()))
+        .map(|p| p.metadata.labels.as_ref().unwrap()["sluice.dev/gang"].clone())
+        .collect();
+    let t = Instant::now();
+    cluster
+        .delete_nodes(std::slice::from_ref(&victim_node))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (s, _) = wait_settled(&sets, &pods, "llm", 5, Duration::from_secs(90)).await?;
+    let live_gangs: BTreeSet<String> = s
+        .pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| p.metadata.labels.as_ref().unwrap()["sluice.dev/gang"].clone())
+        .collect();
+    if !live_gangs.is_disjoint(&lost_gangs) {
+        bail!("lost gangs {lost_gangs:?} still live");
+    }
+    check_placement(&s.pods, &racks)?;
+    println!(
+        "node {victim_node} deleted: {} replica(s) placed again in {:.1}s",
+        lost_gangs.len(),
+        t.elapsed().as_secs_f64()
+    );
+
+    // 4. Fill the fleet: 7 nodes = 14 pods of 4 GPUs = 7 replicas, no spare GPU.
+    apply(7, "v1").await?;
+    let (s, _) = wait_settled(&sets, &pods, "llm", 7, Duration::from_secs(60)).await?;
+    check_placement(&s.pods, &racks)?;
+
+    // 5. Roll to v2 on the full fleet: slot swap, never more than 1 replica out.
+    let t = Instant::now();
+    apply(7, "v2").await?;
+    let (s, min_serving) = wait_settled(&sets, &pods, "llm", 7, Duration::from_secs(180)).await?;
+    check_placement(&s.pods, &racks)?;
+    let versions: BTreeSet<String> = s
+        .pods
+        .iter()
+        .map(|p| p.metadata.annotations.as_ref().unwrap()["model-version"].clone())
+        .collect();
+    println!(
+        "rolled 7 replicas on a full fleet in {:.1}s, fewest serving {min_serving}",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(versions, BTreeSet::from(["v2".to_string()]));
+    assert!(
+        min_serving >= 6,
+        "more than maxUnavailable=1 out: {min_serving} serving"
+    );
+
+    operator.abort();
+    cluster.delete_nodes(&nodes).await?;
+    cleanup.disarm();
+    Ok(())
+}
+
+/// Deletes the test's nodes if the test fails half-way (with its own client: the test's
+/// runtime is gone by then).
+struct NodeCleanup(TestCluster, Vec<String>);
+
+impl NodeCleanup {
+    fn disarm(mut self) {
+        self.1.clear();
+    }
+}
+
+impl Drop for NodeCleanup {
+    fn drop(&mut self) {
+        if self.1.is_empty() {
+            return;
+        }
+        let (kubeconfig, nodes) = (self.0.kubeconfig.clone(), std::mem::take(&mut self.1));
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let client = sluice_e2e::cluster::client_for(&kubeconfig).await.ok()?;
+                let api: Api<Node> = Api::all(client);
+                for n in nodes {
+                    let _ = api.delete(&n, &Default::default()).await;
+                }
+                Some(())
+            })
+        })
+        .join();
+    }
+}
