@@ -10,6 +10,7 @@ pub mod conns;
 pub mod controller;
 pub mod drain;
 pub mod metrics;
+pub mod node_topology;
 pub mod observe;
 pub mod pacer;
 pub mod procfs;
