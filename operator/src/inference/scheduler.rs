@@ -219,6 +219,9 @@ fn is_pending_for_us(p: &Pod) -> bool {
     let spec = p.spec.as_ref();
     spec.and_then(|s| s.scheduler_name.as_deref()) == Some(SCHEDULER_NAME)
         && spec.and_then(|s| s.node_name.as_deref()).is_none()
+        && spec
+            .and_then(|s| s.scheduling_gates.as_ref())
+            .is_none_or(|g| g.is_empty())
         && p.metadata.deletion_timestamp.is_none()
         && p.status
             .as_ref()
