@@ -162,8 +162,8 @@ pub trait ConnSource: Send + Sync {
 /// A proxy's connections as a drain target.
 pub struct ProxyConns {
     pub tracker: Arc<ConnTracker>,
-    /// http: connections accepted while closing are told to leave after their first
-    /// response. tcp stops accepting instead.
+    /// http: connections accepted while closing are served and asked to leave at the
+    /// close rate like the others. tcp stops accepting instead.
     pub accept_while_closing: bool,
 }
 
@@ -180,10 +180,12 @@ impl ConnSource for ProxyConns {
     fn close_now(&self) {
         self.tracker.close_all(CloseLevel::Now)
     }
-    fn on_phase(&self, phase: Phase) {
-        if phase >= Phase::Closing && self.accept_while_closing {
-            self.tracker.set_born_graceful(true);
-        }
+    fn on_phase(&self, _phase: Phase) {
+        // http keeps accepting while closing: a slow load balancer still sends new
+        // connections here. Such stragglers are served and join the pool the pacer asks
+        // to leave, at the same close rate. Sending each away on its first response
+        // instead would make them bounce between the draining pods as fast as they are
+        // served, and land on the new pods all at once when the load balancer catches up.
     }
 }
 

@@ -198,6 +198,22 @@ impl DrainMachine {
         Some(from + self.cfg.quiet_period)
     }
 
+    /// A connection that arrives after closing began proves that a load balancer still
+    /// sends new connections here (a slow one: its view is older than the unserve). Such
+    /// stragglers are served and sent away; the drain then does not end before the load
+    /// balancer had as long again to catch up as it has been seen lagging: until the last
+    /// straggler plus the time from the drain's start to it (at least `quiet_period`).
+    /// Ending earlier would let the next reconnects that the load balancer still sends
+    /// here (another pod's drain, say) find a dead pod. `None`: no straggler came.
+    fn linger_until(&self) -> Option<Instant> {
+        let (start, closing, last) = (self.started?, self.closing_at?, self.last_seen_new?);
+        if last < closing {
+            return None;
+        }
+        let lag = last.saturating_duration_since(start);
+        Some(last + lag.max(self.cfg.quiet_period))
+    }
+
     /// Advances the machine. Call it whenever time passes or the observation changes; at
     /// most one transition happens per call, so call again until it returns `None`.
     pub fn step(&mut self, now: Instant, obs: Observation) -> Option<Transition> {
@@ -231,10 +247,16 @@ impl DrainMachine {
                 }
             }
             Phase::Closing => {
-                if obs.active == 0 {
+                let lingering = self.linger_until().is_some_and(|l| now < l);
+                if obs.active == 0 && !lingering {
                     Some(self.finish(now, 0, Outcome::Complete))
                 } else if now >= start + self.cfg.drain_timeout {
-                    Some(self.finish(now, obs.active, Outcome::TimedOut))
+                    let outcome = if obs.active == 0 {
+                        Outcome::Complete
+                    } else {
+                        Outcome::TimedOut
+                    };
+                    Some(self.finish(now, obs.active, outcome))
                 } else {
                     None
                 }
@@ -251,7 +273,10 @@ impl DrainMachine {
                 let quiet = self.quiet_at()?;
                 Some(quiet.min(prop).min(deadline))
             }
-            Phase::Closing => Some(deadline),
+            Phase::Closing => Some(match self.linger_until() {
+                Some(l) => l.min(deadline),
+                None => deadline,
+            }),
             _ => None,
         }
     }
@@ -517,6 +542,60 @@ mod tests {
                 quiet_reached: true
             })
         ));
+    }
+
+    #[test]
+    fn stragglers_during_closing_make_the_drain_linger() {
+        let t0 = Instant::now();
+        let mut m = DrainMachine::new(cfg());
+        m.begin(t0, obs(2, None));
+        assert!(matches!(
+            m.step(t0 + S(2), obs(2, None)),
+            Some(Transition::StartClosing { .. })
+        ));
+        // A reconnect lands here 3 s after the start: the load balancer still sends here.
+        let straggler = t0 + S(3);
+        assert_eq!(m.step(t0 + S(3), obs(1, Some(straggler))), None);
+        // Every connection is gone, but the drain lingers: until 3 s + 3 s.
+        assert_eq!(m.step(t0 + S(4), obs(0, Some(straggler))), None);
+        assert_eq!(m.phase(), Phase::Closing);
+        assert_eq!(m.next_wakeup(), Some(t0 + S(6)));
+        // Another straggler at 5 s pushes it to 10 s.
+        let later = t0 + S(5);
+        assert_eq!(m.step(t0 + S(5), obs(1, Some(later))), None);
+        assert_eq!(m.step(t0 + S(8), obs(0, Some(later))), None);
+        assert_eq!(
+            m.step(t0 + S(10), obs(0, Some(later))),
+            Some(Transition::Drained(Outcome::Complete))
+        );
+        assert_eq!(m.report(t0 + S(10), 0).new_connections_during_drain, 2);
+    }
+
+    #[test]
+    fn lingering_ends_at_the_deadline_as_complete_when_nothing_is_left() {
+        let t0 = Instant::now();
+        let mut m = DrainMachine::new(cfg());
+        m.begin(t0, obs(1, None));
+        m.step(t0 + S(2), obs(1, None));
+        let straggler = t0 + S(20);
+        assert_eq!(m.step(t0 + S(20), obs(0, Some(straggler))), None);
+        assert_eq!(m.next_wakeup(), Some(t0 + S(30)));
+        assert_eq!(
+            m.step(t0 + S(30), obs(0, Some(straggler))),
+            Some(Transition::Drained(Outcome::Complete))
+        );
+    }
+
+    #[test]
+    fn no_straggler_no_linger() {
+        let t0 = Instant::now();
+        let mut m = DrainMachine::new(cfg());
+        m.begin(t0, obs(1, Some(t0 - S(1))));
+        m.step(t0 + S(2), obs(1, Some(t0 - S(1))));
+        assert_eq!(
+            m.step(t0 + MS(2100), obs(0, Some(t0 - S(1)))),
+            Some(Transition::Drained(Outcome::Complete))
+        );
     }
 
     #[test]

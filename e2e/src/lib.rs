@@ -6,5 +6,6 @@ pub mod cluster;
 pub mod load;
 pub mod node;
 pub mod scenario;
+pub mod scenario_sluice;
 pub mod svc_proxy;
 pub mod telemetry;

@@ -97,10 +97,25 @@ pub async fn run(client: Client, metrics: ReleaseMetrics) {
         agent_image,
         samples: Mutex::new(HashMap::new()),
     });
-    let releases: Api<Release> = Api::all(client.clone());
-    let rs: Api<ReplicaSet> = Api::all(client.clone());
-    let pods: Api<Pod> = Api::all(client.clone());
-    let deployments: Api<Deployment> = Api::all(client.clone());
+    // `SLUICE_WATCH_NAMESPACE` limits the controller to one namespace (tests run one
+    // operator per namespace side by side); unset, it watches every namespace.
+    let scope = std::env::var("SLUICE_WATCH_NAMESPACE")
+        .ok()
+        .filter(|ns| !ns.is_empty());
+    fn api<K>(client: &Client, scope: &Option<String>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as Resource>::DynamicType: Default,
+    {
+        match scope {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let releases: Api<Release> = api(&client, &scope);
+    let rs: Api<ReplicaSet> = api(&client, &scope);
+    let pods: Api<Pod> = api(&client, &scope);
+    let deployments: Api<Deployment> = api(&client, &scope);
     let controller = Controller::new(releases, watcher::Config::default());
     let store = controller.store();
     controller
