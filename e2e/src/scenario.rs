@@ -230,7 +230,10 @@ pub struct RunResult {
     /// Release start and end, seconds since the load's origin.
     pub release_start_s: f64,
     pub release_end_s: f64,
+    /// p99 latency of the requests due in the steady window (after a 2 s warm-up).
     pub p99_steady_ms: f64,
+    /// p99 latency of the requests due from the release's start until the propagation
+    /// delay after its end.
     pub p99_release_ms: f64,
     pub storm: Storm,
     pub connections_opened: u64,
@@ -601,7 +604,12 @@ async fn run_in_namespace(
         release_start_s: rs_ms / 1000.0,
         release_end_s: re_ms / 1000.0,
         p99_steady_ms: p99_between(&report.request_log, 2000.0, rs_ms),
-        p99_release_ms: p99_between(&report.request_log, rs_ms, re_ms),
+        // Clients feel a release until the load balancer has caught up with it.
+        p99_release_ms: p99_between(
+            &report.request_log,
+            rs_ms,
+            re_ms + spec.delay.as_secs_f64() * 1000.0,
+        ),
         storm,
         connections_opened: report.connections_opened,
         closed_by_server: report.closed_by_server,
