@@ -4,7 +4,7 @@ CARGO ?= cargo
 E2E := target/debug/sluice-e2e
 export SLUICE_REPO := $(CURDIR)
 
-.PHONY: help build test unit e2e lint fmt crds cluster-up cluster-down demo bench bench-agent bench-placement bench-lossless
+.PHONY: help build test unit lint fmt crds cluster-up cluster-down demo bench bench-agent bench-placement bench-lossless bench-gpu
 
 help: ## List the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -39,7 +39,7 @@ cluster-down: ## Stop everything cluster-up started and remove its state
 demo: ## Bring the test ground up, install Sluice and show it working
 	./e2e/demo.sh
 
-bench: bench-agent bench-placement bench-lossless ## All benchmarks; JSON under target/bench/
+bench: bench-agent bench-placement bench-lossless bench-gpu ## All benchmarks; JSON under target/bench/
 
 bench-agent: ## Agent overhead: direct vs sluice-agent vs HAProxy
 	./agent/bench/run.sh
@@ -49,3 +49,6 @@ bench-placement: ## GPU placement policies on the Alibaba trace and synthetic fl
 
 bench-lossless: ## Rolling-release baselines (and Sluice) under load on the test ground
 	./e2e/bench-lossless.sh
+
+bench-gpu: ## Gang binding throughput (Sluice vs kube-scheduler) and InferenceSet rollouts
+	./e2e/bench-gpu.sh
