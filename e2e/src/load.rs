@@ -582,6 +582,9 @@ async fn worker(
             }
             match outcome {
                 Outcome::Ok | Outcome::Status5xx => {}
+                // HTTP/2: one stream failing says nothing about the others; a connection
+                // the server closed is noticed (and replaced) on its next use.
+                _ if shared.cfg.http2 => {}
                 Outcome::Timeout => {
                     let c = guard.take().expect("matched above");
                     shared.close(c, ClosedBy::Client);
@@ -595,7 +598,8 @@ async fn worker(
         drop(guard);
         record(&shared, &ticket, start, outcome, pod, conn_id);
     }
-    if let Some(c) = slot.lock().await.take() {
+    // The last worker of a slot closes its connection (HTTP/2 streams share it).
+    if let Some(c) = Arc::into_inner(slot).and_then(tokio::sync::Mutex::into_inner) {
         let by = if c.sender.is_closed() {
             ClosedBy::Server
         } else {
