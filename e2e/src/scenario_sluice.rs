@@ -38,7 +38,7 @@ pub enum BadVersion {
 }
 
 /// v1's added latency in the rollback variants, so that "3× slower" is measurable.
-const BASE_LATENCY_MS: u32 = 5;
+const BASE_LATENCY_MS: u32 = 20;
 
 /// The Sluice strategy. One operator process per run, scoped to the run's namespace.
 pub struct Sluice {
@@ -63,7 +63,7 @@ impl Sluice {
             mode,
             bad: None,
             kills: 0,
-            close_rate: 5,
+            close_rate: 8,
             max_concurrent: 6,
             operator: Mutex::new(None),
             kills_done: Mutex::new(0),
