@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
-# Rolling-release baselines under load on the local test ground.
+# Rolling releases under load on the local test ground: the baselines and Sluice side by side.
 #
-# Runs B1 (no preStop, app exits on SIGTERM) and B2 (preStop sleep 15 + graceful app), each
+# Runs B1 (no preStop, app exits on SIGTERM), B2 (preStop sleep 15 + graceful app) and
+# Sluice (a Release in proxy mode; the operator runs as a host process for each run), each
 # at service-proxy propagation delays of 0, 5 and 20 s: a rolling update v1 → v2 of a
 # 6-replica echo Deployment on the process node under 200 keep-alive connections at
 # $RATE requests/s (default 2000; the issue asks for at least 500). Writes target/bench/lossless.json and target/bench/lossless.svg.
 #
-# Environment: SCENARIO (default baselines), DELAYS (0,5,20), RATE (2000), CONNECTIONS (200),
+# Environment: SCENARIO (default all: B1, B2 and Sluice; also baselines, b1, b2, sluice,
+# sluice-observe, sluice-rollback-5xx, sluice-rollback-slow, sluice-kill9), DELAYS (0,5,20), RATE (2000), CONNECTIONS (200),
 # REPLICAS (6), SLUICE_E2E_KUBECONFIG (default target/e2e/kubeconfig; when unset the
 # ground is brought up with `make cluster-up`, which is idempotent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build -q -p sluice-e2e --bins
+# The operator and the agent too: Sluice's runs start target/debug/sluice-operator, and
+# the process node runs the agent sidecar from the built binary.
+cargo build -q --workspace --bins
 if [[ -z "${SLUICE_E2E_KUBECONFIG:-}" ]]; then
   make -s cluster-up
 fi
 kubeconfig="${SLUICE_E2E_KUBECONFIG:-target/e2e/kubeconfig}"
+export SLUICE_E2E_KUBECONFIG="$kubeconfig"
 
 mkdir -p target/bench
 started=$(date +%s)
-target/debug/sluice-e2e scenario "${SCENARIO:-baselines}" \
+target/debug/sluice-e2e scenario "${SCENARIO:-all}" \
   --kubeconfig "$kubeconfig" \
   --delays "${DELAYS:-0,5,20}" \
   --rate "${RATE:-2000}" \

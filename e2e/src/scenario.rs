@@ -890,9 +890,16 @@ pub fn strategies_for(name: &str) -> anyhow::Result<Vec<Arc<dyn Strategy>>> {
             Arc::new(b2()),
             Arc::new(crate::scenario_sluice::Sluice::proxy()),
         ]),
+        list if list.contains(',') => list.split(',').map(strategies_for).try_fold(
+            Vec::new(),
+            |mut all, s| {
+                all.extend(s?);
+                anyhow::Ok(all)
+            },
+        ),
         other => strategy_by_name(other)
             .map(|s| vec![s])
-            .with_context(|| format!("unknown scenario {name}; known: b1, b2, baselines, sluice, sluice-observe, sluice-rollback-5xx, sluice-rollback-slow, sluice-kill9, all")),
+            .with_context(|| format!("unknown scenario {name}; known: b1, b2, baselines, sluice, sluice-observe, sluice-rollback-5xx, sluice-rollback-slow, sluice-kill9, all, or a comma-separated list")),
     }
 }
 
