@@ -187,11 +187,22 @@ async fn reconcile(release: Arc<Release>, ctx: Arc<Context>) -> Result<Requeue, 
     res
 }
 
-async fn reconcile_inner(release: &Release, ctx: &Context) -> Result<Requeue, Error> {
-    let ns = release
+async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Error> {
+    let ns = cached
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
-    let name = release.name_any();
+    let name = cached.name_any();
+    // The planner starts from the status it wrote last. The watch cache can lag behind our
+    // own status patch (the next reconcile often comes before the watch event), and
+    // planning from an older status would repeat events and lose what the last round
+    // recorded (drain records, quiet times); read the Release itself.
+    let Some(release) = Api::<Release>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&name)
+        .await?
+    else {
+        return Ok(Requeue::await_change());
+    };
+    let release = &release;
     let uid = release.uid().ok_or(Error::MissingField("metadata.uid"))?;
     let client = ctx.client.clone();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);

@@ -815,6 +815,11 @@ fn record_drains(c: &mut Ctx, o: &Observed) {
                 c.status.drains.last_mut().expect("just pushed")
             }
         };
+        if rec.quiet_seconds.is_none()
+            && let Some(released) = p.drain_released
+        {
+            rec.quiet_seconds = Some(round3(released - started));
+        }
         if let Some(sig) = &p.signals {
             let closed = sig.connections_closed as i64;
             rec.connections_closed = Some(rec.connections_closed.unwrap_or(0).max(closed));
