@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::crd::{Phase, ReleaseSpec, ReleaseStatus};
+use super::crd::{DrainRecord, Phase, ReleaseSpec, ReleaseStatus};
 use super::gates::{PodSignals, RevisionWindow};
 use super::plan::*;
 use super::settings::Settings;
@@ -925,4 +925,37 @@ fn drain_records_are_capped() {
 fn rfc3339_round_trips() {
     let t = 1_700_000_000.5;
     assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t));
+}
+
+#[test]
+fn a_drain_record_planned_from_an_older_status_gets_its_quiet_time() {
+    // The status the planner starts from lacks what the round that released the pod
+    // recorded (a lagging cache): the record is filled in from the pod's annotations.
+    let mut sim = Sim::new("workloadRef: {name: echo}", 1);
+    sim.pods.push(PodView {
+        name: "echo-v1-a".into(),
+        revision: "v1".into(),
+        created: sim.now - 100.0,
+        containers_ready: true,
+        ready_since: Some(sim.now - 90.0),
+        serving: Some(false),
+        drain_started: Some(sim.now - 10.0),
+        drain_released: Some(sim.now - 7.5),
+        ..Default::default()
+    });
+    sim.status.drains.push(DrainRecord {
+        pod: "echo-v1-a".into(),
+        revision: "v1".into(),
+        state: "Quiescing".into(),
+        started_at: rfc3339(sim.now - 10.0),
+        ..Default::default()
+    });
+    let p = plan(&sim.observed(), sim.now);
+    let rec = p
+        .status
+        .drains
+        .iter()
+        .find(|d| d.pod == "echo-v1-a")
+        .unwrap();
+    assert_eq!(rec.quiet_seconds, Some(2.5));
 }
