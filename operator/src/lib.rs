@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod crds;
+pub mod drain;
 pub mod inference;
 pub mod leader;
 pub mod release;

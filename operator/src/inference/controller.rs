@@ -4,7 +4,7 @@
 //! only meets `AlreadyExists`/`NotFound`, which are success here.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
@@ -25,8 +25,11 @@ use super::Error;
 use super::crd::*;
 use super::metrics::InferenceMetrics;
 use super::plan::{self, Action, Observed, PodView, Settings};
-use crate::release::crd::{DRAIN_STARTED_ANNOTATION, SERVING_CONDITION};
+use crate::drain::History;
+use crate::release::crd::{DRAIN_STARTED_ANNOTATION, SERVING_CONDITION, parse_duration};
+use crate::release::inject::inject;
 use crate::release::plan::{parse_rfc3339, rfc3339};
+use crate::release::settings::{AgentSettings, DrainSettings};
 
 /// Shared by every reconcile.
 pub struct Context {
@@ -35,6 +38,10 @@ pub struct Context {
     pub nodes: Store<Node>,
     pub metrics: InferenceMetrics,
     pub recorder: Recorder,
+    /// Agent image when `spec.agent.image` is not set (`SLUICE_AGENT_IMAGE`).
+    pub agent_image: String,
+    /// Agent samples of draining pods (the drain protocol's quiet signal).
+    pub history: Mutex<History>,
 }
 
 fn now() -> f64 {
@@ -71,15 +78,23 @@ pub fn gang_request(ns: &str, name: &str, spec: &InferenceSetSpec) -> GangReques
 
 /// Revision of everything that defines a replica: template, shape, selectors, warm-up probe.
 pub fn revision(spec: &InferenceSetSpec) -> String {
-    let bytes = serde_json::to_vec(&json!({
+    let mut v = json!({
         "template": spec.template,
         "podsPerReplica": spec.pods_per_replica,
         "gpusPerPod": spec.gpus_per_pod,
         "gpu": spec.gpu,
         "topology": spec.topology,
         "probe": spec.warmup.as_ref().and_then(|w| w.probe.as_ref()),
-    }))
-    .unwrap_or_default();
+    });
+    // Only when set, so that sets without an agent keep their revision.
+    if let Some(a) = &spec.agent {
+        v["agent"] = json!(a);
+        v["drain"] = json!({
+            "closeRate": spec.drain.close_rate,
+            "drainTimeout": spec.drain.drain_timeout,
+        });
+    }
+    let bytes = serde_json::to_vec(&v).unwrap_or_default();
     let mut h: u64 = 0xcbf29ce484222325;
     for b in bytes {
         h ^= u64::from(b);
@@ -95,18 +110,74 @@ pub fn revision(spec: &InferenceSetSpec) -> String {
         .collect()
 }
 
-/// One pod of gang `gang` (pure).
+/// The agent and drain settings to inject, when the set asks for the agent (the same
+/// defaults as a Release's).
+pub fn agent_settings(
+    spec: &InferenceSetSpec,
+    default_image: &str,
+) -> Option<(AgentSettings, DrainSettings)> {
+    let a = spec.agent.as_ref()?;
+    let d = &spec.drain;
+    let dur = |v: &Option<DurationString>, default: u64| {
+        v.as_ref()
+            .and_then(|d| parse_duration(&d.0).ok())
+            .unwrap_or(Duration::from_secs(default))
+    };
+    Some((
+        AgentSettings {
+            mode: a.mode,
+            protocol: a.protocol.unwrap_or_default(),
+            image: a
+                .image
+                .clone()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| default_image.to_string()),
+            container: a.container.clone(),
+            port: a.port.clone(),
+            proxy_port: a.proxy_port.unwrap_or(15001),
+            admin_port: a.admin_port.unwrap_or(9901),
+            resources: a.resources.clone(),
+        },
+        DrainSettings {
+            quiet_period: dur(&d.quiet_period, 5),
+            propagation_timeout: dur(&d.propagation_timeout, 60),
+            close_rate: d.close_rate.unwrap_or(100),
+            drain_timeout: dur(&d.drain_timeout, 90),
+            max_concurrent: 1,
+        },
+    ))
+}
+
+/// One pod of gang `gang` (pure). With `spec.agent`, the template gets the agent sidecar,
+/// readiness gate and preStop `/drain` exactly as a Release's pods do
+/// ([`crate::release::inject`]); the warm-up probe is set before, so that injection
+/// rewrites a probe that names the port the agent takes over.
 pub fn build_pod(
     set: &InferenceSet,
     gang: &str,
     slot: i32,
     rev: &str,
     index: i32,
+    agent_image: &str,
 ) -> Result<Pod, Error> {
     let spec = &set.spec;
     let name = set.name_any();
     let ns = set.namespace().unwrap_or_default();
-    let tmeta = spec.template.metadata.clone().unwrap_or_default();
+    let mut template = spec.template.clone();
+    if let Some(probe) = spec.warmup.as_ref().and_then(|w| w.probe.clone())
+        && let Some(c) = template
+            .spec
+            .as_mut()
+            .and_then(|s| s.containers.first_mut())
+    {
+        c.startup_probe = Some(probe);
+    }
+    if let Some((agent, drain)) = agent_settings(spec, agent_image) {
+        template = inject(&template, &agent, &drain)
+            .map_err(|e| Error::Template(format!("injecting the agent: {e}")))?
+            .template;
+    }
+    let tmeta = template.metadata.clone().unwrap_or_default();
     let mut labels = tmeta.labels.unwrap_or_default();
     labels.insert(SET_LABEL.into(), name.clone());
     labels.insert(SLOT_LABEL.into(), slot.to_string());
@@ -122,10 +193,8 @@ pub fn build_pod(
         GANG_REQUEST_ANNOTATION.into(),
         serde_json::to_string(&gang_request(&ns, &name, spec))?,
     );
-    let mut pspec = spec
-        .template
+    let mut pspec = template
         .spec
-        .clone()
         .ok_or(Error::Template("template.spec is missing".into()))?;
     if pspec.containers.is_empty() {
         return Err(Error::Template("template.spec.containers is empty".into()));
@@ -147,9 +216,6 @@ pub fn build_pod(
     res.requests
         .get_or_insert_with(BTreeMap::new)
         .insert(GPU_RESOURCE.into(), gpus);
-    if let Some(probe) = spec.warmup.as_ref().and_then(|w| w.probe.clone()) {
-        c.startup_probe = Some(probe);
-    }
     let env = c.env.get_or_insert_with(Vec::new);
     let field = |path: &str| EnvVarSource {
         field_ref: Some(ObjectFieldSelector {
@@ -239,6 +305,7 @@ pub fn pod_view(
             .filter(|c| c.status == "False")
             .and_then(|c| c.message.clone()),
         node_lost,
+        signals: None,
     })
 }
 
@@ -282,14 +349,44 @@ async fn reconcile(set: Arc<InferenceSet>, ctx: Arc<Context>) -> Result<Requeue,
     let settings = Settings::from_spec(&set.spec);
     let grace = settings.as_ref().map(|s| s.node_loss_grace).unwrap_or(30.0);
     let nodes = node_readiness(&ctx.nodes);
-    let pods: Vec<PodView> = ctx
+    let ours: Vec<Arc<Pod>> = ctx
         .pods
         .state()
-        .iter()
+        .into_iter()
         .filter(|p| p.metadata.namespace.as_deref() == Some(&ns))
         .filter(|p| p.labels().get(SET_LABEL) == Some(&name))
+        .collect();
+    let mut pods: Vec<PodView> = ours
+        .iter()
         .filter_map(|p| pod_view(p, &nodes, t, grace))
         .collect();
+    // The drain protocol's quiet signal: scrape the agents of draining pods.
+    if let Some((agent, drain)) = agent_settings(&set.spec, &ctx.agent_image) {
+        let draining: Vec<&Pod> = ours
+            .iter()
+            .map(|p| p.as_ref())
+            .filter(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && p.annotations().contains_key(DRAIN_STARTED_ANNOTATION)
+            })
+            .collect();
+        let scraped = crate::drain::scrape_all(&draining, agent.admin_port).await;
+        let keep = drain.quiet_period.as_secs_f64() + 10.0;
+        let prefix = format!("{ns}/{name}/");
+        let mut history = ctx.history.lock().expect("history lock");
+        let present: Vec<String> = draining
+            .iter()
+            .map(|p| format!("{prefix}{}", p.name_any()))
+            .collect();
+        history.retain(&prefix, &present);
+        for (p, sample) in draining.iter().zip(scraped) {
+            let key = format!("{prefix}{}", p.name_any());
+            let signals = history.record(&key, sample, now(), keep, 5.0);
+            if let Some(v) = pods.iter_mut().find(|v| v.name == p.name_any()) {
+                v.signals = signals;
+            }
+        }
+    }
     let o = Observed {
         name: name.clone(),
         generation: set.metadata.generation.unwrap_or(0),
@@ -345,7 +442,7 @@ async fn execute(set: &InferenceSet, ctx: &Context, actions: &[Action]) -> Resul
             } => {
                 let pods = indices
                     .iter()
-                    .map(|i| build_pod(set, gang, *slot, revision, *i))
+                    .map(|i| build_pod(set, gang, *slot, revision, *i, &ctx.agent_image))
                     .collect::<Result<Vec<_>, _>>()?;
                 let jobs: Vec<futures::future::BoxFuture<'static, Result<(), kube::Error>>> = pods
                     .into_iter()
@@ -604,6 +701,9 @@ pub async fn run(
         pods: pods.clone(),
         nodes: nodes.clone(),
         metrics,
+        agent_image: std::env::var("SLUICE_AGENT_IMAGE")
+            .unwrap_or_else(|_| crate::release::crd::DEFAULT_AGENT_IMAGE.to_string()),
+        history: Mutex::new(History::default()),
     });
     let _ = pods.wait_until_ready().await;
     Controller::new(sets, watcher::Config::default())

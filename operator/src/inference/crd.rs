@@ -8,7 +8,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use crate::release::crd::DurationString;
+pub use crate::release::crd::{AgentSpec, DurationString};
 
 /// Label on every pod: the InferenceSet that owns it.
 pub const SET_LABEL: &str = "sluice.dev/inferenceset";
@@ -127,6 +127,14 @@ pub struct InferenceSetSpec {
     /// How a replica leaves service (the lossless drain protocol).
     #[serde(default)]
     pub drain: InferenceDrain,
+
+    /// The Sluice agent, injected into every pod as a native sidecar as for a Release
+    /// (`docs/release.md`): with it a replica leaves service losslessly (closed loop: the
+    /// operator waits until the agent sees no new connection, then the agent closes the
+    /// remaining ones paced). Leave it out to run the template as is (open-loop drain:
+    /// `quietPeriod`, then delete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentSpec>,
 
     /// How long a replica's node may be NotReady before the replica is placed again
     /// elsewhere. A deleted node counts at once. Default `30s`.
@@ -312,15 +320,29 @@ impl Default for UpdateStrategy {
     }
 }
 
-/// Drain timings. The operator unserves a replica (readiness gate `sluice.dev/serving`
-/// False), waits `quietPeriod` for load balancers to notice, then deletes the pods; with
-/// the Sluice agent in the template its preStop `/drain` closes connections paced.
+/// Drain timings (the protocol of `docs/release.md`, shared with Releases). The operator
+/// unserves a replica (readiness gate `sluice.dev/serving` False); with the agent it waits
+/// until no new connection has reached any of the replica's pods for `quietPeriod` (at most
+/// `propagationTimeout`), without it it waits `quietPeriod`; then it deletes the pods, and
+/// the agent's preStop `/drain` closes the remaining connections paced.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct InferenceDrain {
     /// Default `5s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quiet_period: Option<DurationString>,
+    /// Longest wait for quiet (agent only); then the replica is released anyway.
+    /// Default `60s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub propagation_timeout: Option<DurationString>,
+    /// Connections per second the agent closes while draining. Default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("drain.closeRate must be at least 1 connection per second"))]
+    pub close_rate: Option<i32>,
+    /// Longest paced close; the pod's termination grace period is raised to cover it.
+    /// Default `90s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_timeout: Option<DurationString>,
 }
 
 /// Observed state; everything a restart needs is here or on the pods.

@@ -16,6 +16,10 @@ pub struct InferenceMetrics {
     pub placement_seconds: Histogram,
     /// Time to bind all pods of a gang through the API server.
     pub bind_seconds: Histogram,
+    /// Time to build the binder's fleet model from the Node and Pod caches (per round).
+    pub fleet_build_seconds: Histogram,
+    /// Binder rounds (each places every complete pending gang).
+    pub binder_rounds: Counter,
     /// From the gang's last pod creation until all its pods were bound.
     pub gang_wait_seconds: Histogram,
     /// Pods bound.
@@ -43,6 +47,8 @@ impl Default for InferenceMetrics {
         Self {
             placement_seconds: Histogram::new(exponential_buckets(0.00001, 2.0, 18)),
             bind_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            fleet_build_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            binder_rounds: Counter::default(),
             gang_wait_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             binds: Counter::default(),
             gangs_bound: Counter::default(),
@@ -72,6 +78,12 @@ pub fn register(registry: &mut Registry) -> InferenceMetrics {
         "Time to bind all pods of a gang",
         m.bind_seconds.clone(),
     );
+    r.register(
+        "fleet_build_seconds",
+        "Time to build the binder's fleet model from the caches",
+        m.fleet_build_seconds.clone(),
+    );
+    r.register("binder_rounds", "Binder rounds", m.binder_rounds.clone());
     r.register(
         "gang_wait_seconds",
         "From a gang's creation until all its pods were bound",

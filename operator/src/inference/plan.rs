@@ -7,7 +7,7 @@
 //! pods, one revision). A slot normally has one gang; during a rollout it may have an old
 //! and a new one. Gang states, in order: `Pending` (waiting for the binder) → `Starting`
 //! (bound, model loading) → `Warm` (warm-up gate passed) → `Serving` (readiness gate
-//! `sluice.dev/serving` True) → `Draining` (unserved, waiting `quietPeriod`) → deleted.
+//! `sluice.dev/serving` True) → `Draining` (unserved until quiet: [`crate::drain`]) → deleted.
 //! A gang that loses a pod or a node is `Lost`: all its pods go and the slot is placed
 //! again, whole.
 
@@ -28,6 +28,10 @@ pub struct Settings {
     pub max_surge: i32,
     pub surge_timeout: f64,
     pub quiet_period: f64,
+    /// Longest wait for an agent's quiet signal.
+    pub propagation_timeout: f64,
+    /// The pods carry the Sluice agent: drains are closed-loop on its quiet signal.
+    pub agent: bool,
     pub warmup_timeout: f64,
     pub node_loss_grace: f64,
     pub first_token: bool,
@@ -55,6 +59,16 @@ impl Settings {
             10.0,
         );
         let quiet_period = dur("drain.quietPeriod", spec.drain.quiet_period.as_ref(), 5.0);
+        let propagation_timeout = dur(
+            "drain.propagationTimeout",
+            spec.drain.propagation_timeout.as_ref(),
+            60.0,
+        );
+        let _ = dur(
+            "drain.drainTimeout",
+            spec.drain.drain_timeout.as_ref(),
+            90.0,
+        );
         let warm = spec.warmup.as_ref();
         let warmup_timeout = dur(
             "warmup.timeout",
@@ -91,6 +105,8 @@ impl Settings {
             max_surge: us.max_surge.max(0),
             surge_timeout,
             quiet_period,
+            propagation_timeout,
+            agent: spec.agent.is_some(),
             warmup_timeout,
             node_loss_grace,
             first_token: warm.and_then(|w| w.first_token.as_ref()).is_some(),
@@ -128,6 +144,8 @@ pub struct PodView {
     pub unschedulable: Option<String>,
     /// Its node is gone, or NotReady past the grace period.
     pub node_lost: bool,
+    /// The agent's signals while the pod drains (`None`: not scraped yet or no agent).
+    pub signals: Option<crate::drain::PodSignals>,
 }
 
 /// Everything the planner looks at.
@@ -390,14 +408,7 @@ pub fn plan(o: &Observed, now: f64) -> Plan {
                 );
                 c.actions.push(Action::DeletePods { pods: g.live() });
             }
-            GangState::Draining => {
-                let due = g.drain_started.unwrap_or(now) + s.quiet_period;
-                if now >= due {
-                    c.actions.push(Action::DeletePods { pods: g.live() });
-                } else {
-                    c.requeue_in(due - now);
-                }
-            }
+            GangState::Draining => drain_step(&mut c, s, g, now),
             _ => {}
         }
     }
@@ -663,6 +674,56 @@ fn leave(c: &mut Ctx, g: &Gang, now: f64, why: &str) {
     } else {
         c.actions.push(Action::DeletePods { pods: g.live() });
     }
+}
+
+/// A draining gang: every live pod must be quiet (the shared drain protocol,
+/// [`crate::drain`]); then all its pods are deleted together and their agents close the
+/// remaining connections paced in the preStop hook.
+fn drain_step(c: &mut Ctx, s: &Settings, g: &Gang, now: f64) {
+    use crate::drain::{DrainStep, QuietSignal};
+    let started = g.drain_started.unwrap_or(now);
+    let elapsed = now - started;
+    let mut timed_out = false;
+    for p in g.pods.iter().filter(|p| !p.deleting) {
+        let signal = if s.agent {
+            QuietSignal::from_signals(p.signals.as_ref())
+        } else {
+            QuietSignal::NoAgent
+        };
+        let never_served = !p.containers_ready;
+        match crate::drain::drain_step(
+            elapsed,
+            never_served,
+            signal,
+            s.quiet_period,
+            s.propagation_timeout,
+        ) {
+            DrainStep::Wait(secs) => {
+                c.requeue_in(secs);
+                return;
+            }
+            DrainStep::TimedOut => timed_out = true,
+            DrainStep::Quiet => {}
+        }
+    }
+    if s.agent {
+        c.event(
+            timed_out,
+            if timed_out { "QuietTimeout" } else { "ReplicaQuiet" },
+            if timed_out {
+                format!(
+                    "replica {} ({}) saw new connections for the whole propagation timeout ({:.0}s): closing anyway",
+                    g.slot, g.id, s.propagation_timeout
+                )
+            } else {
+                format!(
+                    "replica {} ({}) quiet after {elapsed:.1}s: closing its connections",
+                    g.slot, g.id
+                )
+            },
+        );
+    }
+    c.actions.push(Action::DeletePods { pods: g.live() });
 }
 
 fn drain(c: &mut Ctx, g: &Gang, slot: i32, why: &str) {

@@ -627,3 +627,65 @@ fn gang_names_skip_terminating_ones() {
     assert_eq!(gang_name("llm", 0, "r1", &[p]), "llm-0-r1-1");
     assert_eq!(gang_name("llm", 1, "r1", &[]), "llm-1-r1-0");
 }
+
+fn draining(p: PodView, started: f64, quiet_for: Option<f64>) -> PodView {
+    let mut p = serving(p, "n");
+    p.serving = Some(false);
+    p.drain_started = Some(started);
+    p.signals = quiet_for.map(|q| crate::drain::PodSignals {
+        quiet_seconds: Some(q),
+        ..Default::default()
+    });
+    p
+}
+
+fn with_agent(replicas: i32, pods: i32) -> Settings {
+    let mut sp = spec(replicas, pods, 1, 0);
+    sp.agent = Some(Default::default());
+    sp.drain.quiet_period = Some(DurationString::new("2s"));
+    sp.drain.propagation_timeout = Some(DurationString::new("30s"));
+    Settings::from_spec(&sp).unwrap()
+}
+
+#[test]
+fn with_the_agent_a_gang_is_deleted_only_when_every_pod_is_quiet() {
+    let s = with_agent(1, 2);
+    let gang = |q0, q1| {
+        vec![
+            draining(pod("llm-0-r0-0", 0, "r0", 0, 2), 100.0, q0),
+            draining(pod("llm-0-r0-0", 0, "r0", 1, 2), 100.0, q1),
+        ]
+    };
+    // Not scraped yet: wait, however long the quiet period has passed.
+    let p = plan(&observed(s.clone(), "r1", gang(None, Some(9.0))), 110.0);
+    assert!(deletes(&p).is_empty());
+    // One pod still sees new connections.
+    let p = plan(
+        &observed(s.clone(), "r1", gang(Some(0.5), Some(9.0))),
+        110.0,
+    );
+    assert!(deletes(&p).is_empty());
+    assert!(p.requeue_after <= std::time::Duration::from_secs(1));
+    // Both quiet for the quiet period: released together.
+    let p = plan(
+        &observed(s.clone(), "r1", gang(Some(2.0), Some(9.0))),
+        110.0,
+    );
+    assert_eq!(deletes(&p), vec!["llm-0-r0-0-0", "llm-0-r0-0-1"]);
+    // Never quiet: released at the propagation timeout, with a warning.
+    let p = plan(&observed(s, "r1", gang(Some(0.1), Some(0.1))), 131.0);
+    assert_eq!(deletes(&p).len(), 2);
+    assert!(p.actions.iter().any(|a| matches!(a,
+        Action::Event { warning: true, reason, .. } if reason == "QuietTimeout")));
+}
+
+#[test]
+fn without_the_agent_the_drain_waits_the_quiet_period() {
+    let s = settings(1, 1, 1, 0);
+    let pods = || vec![draining(pod("llm-0-r0-0", 0, "r0", 0, 1), 100.0, None)];
+    assert!(deletes(&plan(&observed(s.clone(), "r1", pods()), 103.0)).is_empty());
+    assert_eq!(
+        deletes(&plan(&observed(s, "r1", pods()), 105.0)),
+        vec!["llm-0-r0-0-0"]
+    );
+}

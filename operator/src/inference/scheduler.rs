@@ -34,8 +34,10 @@ use super::metrics::InferenceMetrics;
 
 /// How long a bind this binder made is assumed while the cache has not caught up.
 const ASSUME_TTL: Duration = Duration::from_secs(60);
-/// Binds in flight at once.
-const BIND_CONCURRENCY: usize = 64;
+/// Most pod binds in flight at once. Placement runs ahead of the binds (a gang is bound as
+/// soon as it is placed) but waits for a free slot here, so a burst of thousands of pods
+/// never opens thousands of requests at once.
+pub const BIND_IN_FLIGHT: usize = 128;
 
 /// Allocatable capacity of a node, from the Node object.
 pub fn node_spec(node: &Node) -> Option<NodeSpec> {
@@ -246,6 +248,11 @@ struct Assumed {
 
 /// The binder.
 pub struct Binder {
+    /// Free bind slots (pods); see [`BIND_IN_FLIGHT`].
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Results of gang binds: (gang key, bound).
+    done_tx: tokio::sync::mpsc::UnboundedSender<(String, bool)>,
+    done_rx: tokio::sync::mpsc::UnboundedReceiver<(String, bool)>,
     client: kube::Client,
     nodes: Store<Node>,
     pods: Store<Pod>,
@@ -272,7 +279,11 @@ impl Binder {
         topology: TopologyConfig,
         metrics: InferenceMetrics,
     ) -> Self {
+        let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
+            slots: Arc::new(tokio::sync::Semaphore::new(BIND_IN_FLIGHT)),
+            done_tx,
+            done_rx,
             client,
             nodes,
             pods,
@@ -292,7 +303,7 @@ impl Binder {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             // Let a burst of events settle into one round.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
             if let Err(e) = self.round().await {
                 tracing::warn!(error = %e, "binder round failed");
                 self.metrics.reconcile_error(&e);
@@ -300,10 +311,16 @@ impl Binder {
         }
     }
 
-    /// Complete pending gangs, oldest first.
+    /// Complete pending gangs, oldest first (not those being bound now).
     fn pending_gangs(&self, pods: &[Arc<Pod>]) -> Vec<PendingGang> {
         let mut by: BTreeMap<String, Vec<Arc<Pod>>> = BTreeMap::new();
-        for p in pods.iter().filter(|p| is_pending_for_us(p)) {
+        let binding = |p: &Pod| {
+            p.metadata
+                .uid
+                .as_ref()
+                .is_some_and(|u| self.assumed.contains_key(u))
+        };
+        for p in pods.iter().filter(|p| is_pending_for_us(p) && !binding(p)) {
             by.entry(gang_key(p)).or_default().push(p.clone());
         }
         let mut out: Vec<PendingGang> = by
@@ -422,15 +439,25 @@ impl Binder {
     }
 
     async fn round(&mut self) -> Result<(), super::Error> {
+        // Gangs whose bind failed were deleted whole: forget their assumptions.
+        while let Ok((key, ok)) = self.done_rx.try_recv() {
+            if !ok {
+                self.assumed.retain(|_, a| a.gang != key);
+            }
+        }
         let pods = self.pods.state();
         let pending = self.pending_gangs(&pods);
         self.metrics.gangs_pending.set(pending.len() as i64);
         if pending.is_empty() {
             return Ok(());
         }
+        self.metrics.binder_rounds.inc();
         let nodes = self.nodes.state();
+        let built = Instant::now();
         let mut fleet = self.fleet(&nodes, &pods);
-        let mut binds: Vec<(PendingGang, Vec<PodAssignment>)> = Vec::new();
+        self.metrics
+            .fleet_build_seconds
+            .observe(built.elapsed().as_secs_f64());
         let mut failures: Vec<(PendingGang, String)> = Vec::new();
         // Node eligibility per (tolerations, nodeSelector) of the gangs in this round.
         let mut eligibility: HashMap<String, Vec<String>> = HashMap::new();
@@ -479,65 +506,59 @@ impl Binder {
             self.metrics
                 .placement_seconds
                 .observe(started.elapsed().as_secs_f64());
-            match placed {
-                Ok(p) => {
-                    let group = req
-                        .spread
-                        .as_ref()
-                        .map(|s| s.group.clone())
-                        .or_else(|| spread_group(&first));
-                    if let Err(e) = fleet.allocate(&g.key, group.as_deref(), &p.pods) {
-                        failures.push((g, format!("placement not recordable: {e}")));
-                        continue;
-                    }
-                    for (pod, a) in g.pods.iter().zip(&p.pods) {
-                        if let Some(uid) = &pod.metadata.uid {
-                            self.assumed.insert(
-                                uid.clone(),
-                                Assumed {
-                                    at: Instant::now(),
-                                    gang: g.key.clone(),
-                                    group: group.clone(),
-                                    assignment: a.clone(),
-                                },
-                            );
-                        }
-                    }
-                    binds.push((g, p.pods));
-                }
+            let p = match placed {
+                Ok(p) => p,
                 Err(e) => {
                     self.metrics.placement_failed(&e);
                     failures.push((g, e.to_string()));
+                    continue;
+                }
+            };
+            let group = req
+                .spread
+                .as_ref()
+                .map(|s| s.group.clone())
+                .or_else(|| spread_group(&first));
+            if let Err(e) = fleet.allocate(&g.key, group.as_deref(), &p.pods) {
+                failures.push((g, format!("placement not recordable: {e}")));
+                continue;
+            }
+            for (pod, a) in g.pods.iter().zip(&p.pods) {
+                if let Some(uid) = &pod.metadata.uid {
+                    self.assumed.insert(
+                        uid.clone(),
+                        Assumed {
+                            at: Instant::now(),
+                            gang: g.key.clone(),
+                            group: group.clone(),
+                            assignment: a.clone(),
+                        },
+                    );
                 }
             }
+            // Bind at once (pipelined with the placement of the next gangs), waiting only
+            // for free bind slots.
+            let n = (g.pods.len() as u32).min(BIND_IN_FLIGHT as u32);
+            let permit = self
+                .slots
+                .clone()
+                .acquire_many_owned(n)
+                .await
+                .expect("bind slots are never closed");
+            let (client, metrics, done) = (
+                self.client.clone(),
+                self.metrics.clone(),
+                self.done_tx.clone(),
+            );
+            tokio::spawn(async move {
+                let ok = bind_gang(client, &g, p.pods, metrics).await;
+                drop(permit);
+                let _ = done.send((g.key.clone(), ok));
+            });
         }
         // Report unschedulable gangs (once per message change).
         for (g, msg) in &failures {
             self.report_unschedulable(g, msg).await;
-        }
-        // Bind concurrently; a gang whose bind fails part-way is deleted whole.
-        let client = self.client.clone();
-        let metrics = self.metrics.clone();
-        let jobs: Vec<futures::future::BoxFuture<'static, (String, bool)>> = binds
-            .into_iter()
-            .map(|(g, assignment)| {
-                let client = client.clone();
-                let metrics = metrics.clone();
-                async move {
-                    let ok = bind_gang(client, &g, assignment, metrics).await;
-                    (g.key.clone(), ok)
-                }
-                .boxed()
-            })
-            .collect();
-        let results: Vec<(String, bool)> = futures::stream::iter(jobs)
-            .buffer_unordered(BIND_CONCURRENCY / 4)
-            .collect()
-            .await;
-        for (key, ok) in results {
-            if !ok {
-                self.assumed.retain(|_, a| a.gang != key);
-            }
         }
         Ok(())
     }

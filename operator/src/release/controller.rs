@@ -20,20 +20,20 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::crd::{
     ABORT_ANNOTATION, DEFAULT_AGENT_IMAGE, DELETION_COST_ANNOTATION, DRAIN_RELEASED_ANNOTATION,
     DRAIN_STARTED_ANNOTATION, FIELD_MANAGER, FINALIZER, PROMOTE_ANNOTATION, RELEASE_LABEL,
     REPLICAS_ANNOTATION, REVISION_LABEL, Release, SERVING_CONDITION,
 };
-use super::gates::{AgentSample, RevisionWindow, parse_agent_metrics, pod_signals};
+use super::gates::{AgentSample, RevisionWindow, pod_signals};
 use super::inject::{inject, revision_of};
 use super::metrics::ReleaseMetrics;
 use super::plan::{
     Action, DeploymentView, Observed, PodView, ReplicaSetView, parse_rfc3339, plan, rfc3339,
 };
 use super::settings::Settings;
+use crate::drain::scrape_all;
 
 /// Errors of one reconcile; each has a metric label.
 #[derive(Debug, thiserror::Error)]
@@ -645,50 +645,6 @@ pub fn build_replica_set(
         }),
         status: None,
     })
-}
-
-/// Scrape every running pod's agent in parallel (1 s timeout each).
-async fn scrape_all(pods: &[&Pod], admin_port: i32) -> Vec<Option<AgentSample>> {
-    let futs = pods.iter().map(|p| {
-        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
-        async move {
-            let ip = ip?;
-            let text = tokio::time::timeout(
-                Duration::from_secs(1),
-                http_get(&ip, admin_port as u16, "/metrics"),
-            )
-            .await
-            .ok()?
-            .ok()?;
-            Some(parse_agent_metrics(&text, now_secs()))
-        }
-    });
-    futures::future::join_all(futs).await
-}
-
-/// A minimal HTTP/1.0 GET (the agent's admin endpoint is plain HTTP on the pod IP).
-async fn http_get(ip: &str, port: u16, path: &str) -> std::io::Result<String> {
-    let addr = if ip.contains(':') {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
-    };
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(std::io::Error::other(format!(
-            "agent answered {}",
-            head.lines().next().unwrap_or("")
-        )));
-    }
-    Ok(body.to_string())
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use super::gates::{
     evaluate_connection_rate, evaluate_health,
 };
 use super::settings::{Settings, StepKind};
+use crate::drain::{DrainStep, QuietSignal, drain_step};
 
 /// Most drain records kept in status.
 pub const MAX_DRAIN_RECORDS: usize = 50;
@@ -561,10 +562,15 @@ fn move_pods(
         }
         let elapsed = c.now - started;
         let never_served = p.ready_since.is_none() && !p.containers_ready;
-        let quiet_for = p.signals.as_ref().and_then(|s| s.quiet_seconds);
-        let is_quiet = never_served || (elapsed >= quiet && quiet_for.is_some_and(|q| q >= quiet));
-        let timed_out = elapsed >= propagation;
-        if is_quiet || timed_out {
+        let step = drain_step(
+            elapsed,
+            never_served,
+            QuietSignal::from_signals(p.signals.as_ref()),
+            quiet,
+            propagation,
+        );
+        let is_quiet = step == DrainStep::Quiet;
+        if is_quiet || step == DrainStep::TimedOut {
             c.actions.push(Action::ReleasePod {
                 pod: p.name.clone(),
             });

@@ -1,0 +1,243 @@
+//! The lossless drain protocol, shared by the Release and the InferenceSet controllers.
+//!
+//! A pod leaves service in four steps:
+//! 1. the operator sets the readiness gate `sluice.dev/serving=False` and annotates
+//!    `sluice.dev/drain-started`: endpoints drop the pod, load balancers follow (late);
+//! 2. the operator scrapes the pod's agent (`/metrics` on its admin port) until no new
+//!    connection has arrived for `quietPeriod` — the closed-loop signal that every load
+//!    balancer has stopped sending — or `propagationTimeout` passes;
+//! 3. the pod is released: deleted (InferenceSet) or picked by its ReplicaSet's scale-down
+//!    (Release), so the kubelet runs the injected preStop `GET /drain`, in which the agent
+//!    closes the remaining keep-alive connections paced (`closeRate`) between requests;
+//! 4. the pod terminates.
+//!
+//! This module holds the pure decision ([`drain_step`]) and the I/O both controllers need
+//! for it: scraping agents ([`scrape`], [`scrape_all`]) and a per-pod sample history
+//! ([`History`]). Parsing the agent's metrics lives in [`crate::release::gates`].
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub use crate::release::gates::{AgentSample, PodSignals, parse_agent_metrics, pod_signals};
+
+/// Where one draining pod stands.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DrainStep {
+    /// Keep waiting; look again in about this many seconds.
+    Wait(f64),
+    /// No load balancer sends to it any more: release it (its connections close paced).
+    Quiet,
+    /// New connections kept coming for the whole propagation timeout: release it anyway.
+    TimedOut,
+}
+
+/// What is known of a draining pod's traffic.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum QuietSignal {
+    /// The pod has no agent: nothing to observe, the drain is open-loop (quiet once
+    /// `quietPeriod` has passed).
+    NoAgent,
+    /// The agent could not be scraped yet.
+    Unknown,
+    /// Seconds since the agent last accepted a connection (see [`PodSignals::quiet_seconds`]).
+    QuietFor(f64),
+}
+
+impl QuietSignal {
+    /// From the agent's signals (`None`: not scraped yet).
+    pub fn from_signals(s: Option<&PodSignals>) -> Self {
+        match s.and_then(|s| s.quiet_seconds) {
+            Some(q) => QuietSignal::QuietFor(q),
+            None => QuietSignal::Unknown,
+        }
+    }
+}
+
+/// Decide a draining pod's next step (pure).
+///
+/// `elapsed`: seconds since the drain started; `never_served`: the pod never became ready
+/// (nothing can be sending to it). A pod is quiet when the drain is at least `quiet_period`
+/// old and the agent saw no new connection for `quiet_period`; it times out at
+/// `propagation_timeout` even if connections keep coming.
+pub fn drain_step(
+    elapsed: f64,
+    never_served: bool,
+    signal: QuietSignal,
+    quiet_period: f64,
+    propagation_timeout: f64,
+) -> DrainStep {
+    if never_served {
+        return DrainStep::Quiet;
+    }
+    let quiet = match signal {
+        QuietSignal::NoAgent => elapsed >= quiet_period,
+        QuietSignal::Unknown => false,
+        QuietSignal::QuietFor(q) => elapsed >= quiet_period && q >= quiet_period,
+    };
+    if quiet {
+        return DrainStep::Quiet;
+    }
+    if elapsed >= propagation_timeout {
+        return DrainStep::TimedOut;
+    }
+    let next = match signal {
+        QuietSignal::NoAgent => quiet_period - elapsed,
+        // Samples come once per round: look again soon.
+        _ => 1.0,
+    };
+    DrainStep::Wait(next.clamp(0.5, (propagation_timeout - elapsed).max(0.5)))
+}
+
+/// Scrape one agent's `/metrics` (`timeout` bounds connect and read).
+pub async fn scrape(ip: &str, admin_port: u16, timeout: Duration, now: f64) -> Option<AgentSample> {
+    let text = tokio::time::timeout(timeout, http_get(ip, admin_port, "/metrics"))
+        .await
+        .ok()?
+        .ok()?;
+    Some(parse_agent_metrics(&text, now))
+}
+
+/// Scrape every pod's agent in parallel (1 s timeout each); `None` where it failed or the
+/// pod has no IP yet.
+pub async fn scrape_all(pods: &[&Pod], admin_port: i32) -> Vec<Option<AgentSample>> {
+    let futs = pods.iter().map(|p| {
+        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
+        async move { scrape(&ip?, admin_port as u16, Duration::from_secs(1), now_secs()).await }
+    });
+    futures::future::join_all(futs).await
+}
+
+fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// A minimal HTTP/1.0 GET (the agent's admin endpoint is plain HTTP on the pod IP).
+pub async fn http_get(ip: &str, port: u16, path: &str) -> std::io::Result<String> {
+    let addr = if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    };
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(std::io::Error::other(format!(
+            "agent answered {}",
+            head.lines().next().unwrap_or("")
+        )));
+    }
+    Ok(body.to_string())
+}
+
+/// Agent samples per pod (`namespace/name`), oldest first. In memory only: losing it
+/// (restart) makes the next drain decisions wait for fresh samples, never act early.
+#[derive(Default)]
+pub struct History {
+    samples: HashMap<String, VecDeque<AgentSample>>,
+}
+
+impl History {
+    /// Add `sample` (if any) to `key`'s history, drop samples older than `keep` seconds
+    /// (keeping at least two), and return the signals at `now`.
+    pub fn record(
+        &mut self,
+        key: &str,
+        sample: Option<AgentSample>,
+        now: f64,
+        keep: f64,
+        rate_window: f64,
+    ) -> Option<PodSignals> {
+        let hist = self.samples.entry(key.to_string()).or_default();
+        if let Some(s) = sample {
+            hist.push_back(s);
+        }
+        while hist.front().is_some_and(|s| now - s.at > keep) && hist.len() > 2 {
+            hist.pop_front();
+        }
+        let hist = hist.make_contiguous();
+        (!hist.is_empty()).then(|| pod_signals(hist, rate_window, now))
+    }
+
+    /// Forget every key under `prefix` that `present` does not name.
+    pub fn retain(&mut self, prefix: &str, present: &[String]) {
+        self.samples
+            .retain(|k, _| !k.starts_with(prefix) || present.contains(k));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pod_that_never_served_is_quiet_at_once() {
+        assert_eq!(
+            drain_step(0.0, true, QuietSignal::Unknown, 5.0, 60.0),
+            DrainStep::Quiet
+        );
+    }
+
+    #[test]
+    fn quiet_needs_the_whole_period_since_the_drain_and_the_last_connection() {
+        let q = |elapsed, quiet_for| {
+            drain_step(elapsed, false, QuietSignal::QuietFor(quiet_for), 5.0, 60.0)
+        };
+        assert_eq!(q(3.0, 10.0), DrainStep::Wait(1.0));
+        assert_eq!(q(6.0, 3.0), DrainStep::Wait(1.0));
+        assert_eq!(q(6.0, 5.0), DrainStep::Quiet);
+    }
+
+    #[test]
+    fn unknown_traffic_waits_until_the_propagation_timeout() {
+        let s = |elapsed| drain_step(elapsed, false, QuietSignal::Unknown, 5.0, 60.0);
+        assert_eq!(s(30.0), DrainStep::Wait(1.0));
+        assert_eq!(s(60.0), DrainStep::TimedOut);
+        assert_eq!(
+            drain_step(61.0, false, QuietSignal::QuietFor(1.0), 5.0, 60.0),
+            DrainStep::TimedOut
+        );
+    }
+
+    #[test]
+    fn without_an_agent_the_drain_is_open_loop() {
+        let s = |elapsed| drain_step(elapsed, false, QuietSignal::NoAgent, 5.0, 60.0);
+        assert_eq!(s(2.0), DrainStep::Wait(3.0));
+        assert_eq!(s(5.0), DrainStep::Quiet);
+    }
+
+    #[test]
+    fn history_keeps_a_window_and_reports_quiet_time() {
+        let mut h = History::default();
+        let sample = |at: f64, accepted: f64| AgentSample {
+            at,
+            connections_accepted: accepted,
+            ..Default::default()
+        };
+        assert_eq!(h.record("ns/a", None, 0.0, 10.0, 5.0), None);
+        h.record("ns/a", Some(sample(0.0, 5.0)), 0.0, 10.0, 5.0);
+        h.record("ns/a", Some(sample(1.0, 7.0)), 1.0, 10.0, 5.0);
+        let s = h
+            .record("ns/a", Some(sample(4.0, 7.0)), 4.0, 10.0, 5.0)
+            .unwrap();
+        assert_eq!(s.quiet_seconds, Some(3.0));
+        assert_eq!(
+            QuietSignal::from_signals(Some(&s)),
+            QuietSignal::QuietFor(3.0)
+        );
+        h.retain("ns/", &["ns/b".to_string()]);
+        assert_eq!(h.record("ns/a", None, 5.0, 10.0, 5.0), None);
+    }
+}
