@@ -1,13 +1,15 @@
 use anyhow::Context;
 use clap::Parser;
-use sluice_agent::config::{Cli, Command};
+use sluice_agent::config::{Cli, Command, Protocol};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     // `node-topology` is a node-level DaemonSet mode, outside the in-pod agent's CLI.
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("node-topology") {
-        tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .init();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -24,10 +26,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         fmt.init();
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
+    let rt = runtime(&cli.command).context("cannot start the tokio runtime")?;
     rt.block_on(async {
         let agent = match cli.command {
             Command::Proxy(args) => sluice_agent::start_proxy(args).await?,
@@ -37,4 +36,39 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok(())
     })?;
     Ok(())
+}
+
+/// The runtime. A sidecar should stay small: at most 2 threads unless `SLUICE_AGENT_WORKERS`
+/// says otherwise.
+///
+/// * http mode: thread per core. The main runtime is single-threaded (accepts, admin,
+///   drain); each client connection is served by one of `SLUICE_AGENT_WORKERS` threads
+///   with a single-threaded runtime each, so a request never wakes another thread.
+///   `SLUICE_AGENT_WORKERS=0` serves everything on the main thread.
+/// * tcp and observe modes: a multi-threaded runtime with that many workers
+///   (0: single-threaded).
+fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = std::env::var("SLUICE_AGENT_WORKERS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get().min(2))
+                .unwrap_or(1)
+        });
+    let http = matches!(command, Command::Proxy(a) if a.protocol == Protocol::Http);
+    if http {
+        // One worker is no better than the main thread itself.
+        sluice_agent::proxy_http::set_worker_threads(if workers > 1 { workers } else { 0 });
+    }
+    if http || workers == 0 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    }
 }

@@ -1,6 +1,7 @@
 //! The agent's Prometheus metrics (OpenMetrics text on `/metrics`). The names are an API:
 //! the operator reads them for its connection-rate and comparison gates.
 
+use std::sync::OnceLock;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::text::encode;
@@ -50,8 +51,9 @@ pub struct Metrics {
     connections_closed: Family<ReasonLabel, Counter>,
     pub requests_in_flight: Gauge,
     requests: Family<CodeLabel, Counter>,
-    /// The common case without the family's lock and hash.
-    requests_200: Counter,
+    /// Each status code's counter once used, so that counting a response takes neither the
+    /// family's lock nor a hash (index: code - 100).
+    requests_by_code: Box<[OnceLock<Counter>]>,
     pub request_duration: Histogram,
     upstream_errors: Family<ReasonLabel, Counter>,
     pub drain_phase: Gauge,
@@ -76,7 +78,7 @@ impl Metrics {
             connections_closed: Family::default(),
             requests_in_flight: Gauge::default(),
             requests: Family::default(),
-            requests_200: Counter::default(),
+            requests_by_code: (100..600).map(|_| OnceLock::new()).collect(),
             request_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             upstream_errors: Family::default(),
             drain_phase: Gauge::default(),
@@ -147,12 +149,9 @@ impl Metrics {
             "Observe mode: TCP connections accepted in the pod's network namespace (all ports)",
             m.passive_opens.clone(),
         );
-        let requests_200 = m.requests.get_or_create(&[("code", 200)]).clone();
-        Metrics {
-            registry,
-            requests_200,
-            ..m
-        }
+        // 200 is always there, so that dashboards see the series from the start.
+        m.request_done_by(200, 0);
+        Metrics { registry, ..m }
     }
 
     pub fn closed(&self, reason: CloseReason) {
@@ -162,11 +161,19 @@ impl Metrics {
     }
 
     pub fn request_done(&self, code: u16) {
-        if code == 200 {
-            self.requests_200.inc();
-            return;
-        }
-        self.requests.get_or_create(&[("code", code)]).inc();
+        self.request_done_by(code, 1);
+    }
+
+    fn request_done_by(&self, code: u16, n: u64) {
+        match self
+            .requests_by_code
+            .get(usize::from(code).wrapping_sub(100))
+        {
+            Some(slot) => slot
+                .get_or_init(|| self.requests.get_or_create(&[("code", code)]).clone())
+                .inc_by(n),
+            None => self.requests.get_or_create(&[("code", code)]).inc_by(n),
+        };
     }
 
     pub fn upstream_error(&self, kind: &'static str) {
@@ -200,6 +207,9 @@ mod tests {
         m.connections_accepted.inc();
         m.closed(CloseReason::Drain);
         m.request_done(200);
+        m.request_done(503);
+        m.request_done(503);
+        m.request_done(999);
         m.request_duration.observe(0.01);
         m.set_drain_duration("total", 1.5);
         m.upstream_error("connect");
@@ -210,6 +220,8 @@ mod tests {
             "sluice_agent_connections_closed_total{reason=\"drain\"} 1",
             "sluice_agent_requests_in_flight 0",
             "sluice_agent_requests_total{code=\"200\"} 1",
+            "sluice_agent_requests_total{code=\"503\"} 2",
+            "sluice_agent_requests_total{code=\"999\"} 1",
             "sluice_agent_request_duration_seconds_count 1",
             "sluice_agent_drain_phase 0",
             "sluice_agent_drain_duration_seconds{phase=\"total\"} 1.5",

@@ -1,13 +1,22 @@
 //! HTTP mode: an HTTP/1.1 + HTTP/2 (prior knowledge) reverse proxy on hyper that drains
 //! politely: `Connection: close` on the next HTTP/1.1 response, idle connections closed,
 //! two-phase GOAWAY on HTTP/2 (hyper's `graceful_shutdown`), in-flight requests finish.
+//!
+//! Upstream connections belong to one client connection each (opened lazily, reused for
+//! every request of that client connection, reopened after an error). For an HTTP/1.1
+//! client the upstream HTTP/1.1 connection is driven by the client connection's own task,
+//! so a request crosses no task boundary: no channel hop to a pool's connection task, no
+//! cross-thread wake-up. HTTP/2 clients (whose streams hyper runs as tasks) get a small
+//! per-connection set of upstream HTTP/1.1 connections, one per concurrent stream, or one
+//! upstream HTTP/2 connection with `--upstream-http2`.
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,27 +24,106 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper::client::conn::{http1 as client1, http2 as client2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::conns::{CloseLevel, ConnCtl, ConnGuard, LingerStream, linger_close};
+use crate::conns::{CloseLevel, ConnCtl, ConnGuard, LINGER, LingerStream, linger_close};
 use crate::metrics::{CloseReason, Metrics};
 
 /// After a forced close, how long in-flight requests still get before the socket goes.
 const FORCE_GRACE: Duration = Duration::from_secs(1);
+/// Longest wait for the upstream to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Upstream HTTP/1.1 connections kept per HTTP/2 client connection between streams.
+const MAX_IDLE_H1_PER_H2_CLIENT: usize = 16;
+
+/// Threads, each with its own single-threaded runtime, that serve the http mode's client
+/// connections (0: the connections run on the runtime that accepted them).
+static WORKER_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets how many threads serve http mode's client connections (thread per core: each
+/// connection, with its upstream connection, lives on one thread, so a request never
+/// wakes another thread). Takes effect for proxies created afterwards.
+pub fn set_worker_threads(n: usize) {
+    WORKER_THREADS.store(n, Ordering::Relaxed);
+}
+
+/// Single-threaded runtimes on their own threads; they stop when this is dropped (once the
+/// sockets they still close are closed).
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    _stop: Vec<tokio::sync::oneshot::Sender<()>>,
+    next: AtomicUsize,
+}
+
+impl Workers {
+    fn start(n: usize) -> Option<Workers> {
+        let mut handles = Vec::new();
+        let mut stop = Vec::new();
+        for i in 0..n {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a worker runtime; serving on the main one");
+                    return None;
+                }
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            handles.push(rt.handle().clone());
+            stop.push(tx);
+            let spawned = std::thread::Builder::new()
+                .name(format!("sluice-http-{i}"))
+                .spawn(move || {
+                    rt.block_on(async {
+                        let _ = rx.await;
+                        // The last connections' sockets may still be closing (FIN, then
+                        // reading until the peer's): let that finish, never cut it short.
+                        tokio::time::sleep(LINGER + Duration::from_millis(500)).await;
+                    });
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start a worker thread; serving on the main runtime");
+                return None;
+            }
+        }
+        Some(Workers {
+            handles,
+            _stop: stop,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    fn pick(&self) -> &tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        &self.handles[i]
+    }
+}
+
+type H1Sender = client1::SendRequest<Incoming>;
+type H2Sender = client2::SendRequest<Incoming>;
+/// An upstream connection's future, driven by the client connection's task.
+type DrivenConn = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 pub struct HttpProxy {
     builder: auto::Builder<TokioExecutor>,
-    client: Client<HttpConnector, Incoming>,
+    upstream: String,
+    /// `upstream` when it is an IP address and port (no resolution per connect).
+    upstream_addr: Option<SocketAddr>,
     upstream_authority: http::uri::Authority,
+    /// `Host` for requests that carry none (HTTP/1.0).
+    upstream_host: HeaderValue,
     upstream_http2: bool,
+    h2_client: client2::Builder<TokioExecutor>,
     header_read_timeout: Duration,
     idle_close_after: Duration,
     metrics: Arc<Metrics>,
+    workers: Option<Workers>,
 }
 
 impl HttpProxy {
@@ -46,7 +134,27 @@ impl HttpProxy {
         idle_close_after: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, http::uri::InvalidUri> {
+        Self::with_workers(
+            upstream,
+            upstream_http2,
+            header_read_timeout,
+            idle_close_after,
+            metrics,
+            WORKER_THREADS.load(Ordering::Relaxed),
+        )
+    }
+
+    fn with_workers(
+        upstream: String,
+        upstream_http2: bool,
+        header_read_timeout: Duration,
+        idle_close_after: Duration,
+        metrics: Arc<Metrics>,
+        workers: usize,
+    ) -> Result<Arc<Self>, http::uri::InvalidUri> {
         let upstream_authority = http::uri::Authority::try_from(upstream.as_str())?;
+        let upstream_host = HeaderValue::from_str(upstream_authority.as_str())
+            .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -54,28 +162,73 @@ impl HttpProxy {
             .header_read_timeout(header_read_timeout)
             .keep_alive(true);
         builder.http2().timer(TokioTimer::new());
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .http2_only(upstream_http2)
-            .build(connector);
+        let mut h2_client = client2::Builder::new(TokioExecutor::new());
+        h2_client.timer(TokioTimer::new());
         Ok(Arc::new(HttpProxy {
             builder,
-            client,
+            upstream_addr: upstream.parse().ok(),
+            upstream,
             upstream_authority,
+            upstream_host,
             upstream_http2,
+            h2_client,
             header_read_timeout,
             idle_close_after,
             metrics,
+            workers: match workers {
+                0 => None,
+                n => Workers::start(n),
+            },
         }))
     }
 
-    /// Serves one client connection until it ends.
-    pub async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, mut guard: ConnGuard) {
+    /// A new TCP connection to the upstream.
+    async fn connect(&self) -> Result<TokioIo<TcpStream>, UpstreamError> {
+        let connect = async {
+            match self.upstream_addr {
+                Some(a) => TcpStream::connect(a).await,
+                None => TcpStream::connect(self.upstream.as_str()).await,
+            }
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(TokioIo::new(s))
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "upstream connect failed");
+                Err(UpstreamError::Connect)
+            }
+            Err(_) => Err(UpstreamError::ConnectTimeout),
+        }
+    }
+
+    /// Serves one client connection until it ends (on a worker thread, if there are any).
+    pub async fn serve(self: Arc<Self>, stream: TcpStream, peer: SocketAddr, guard: ConnGuard) {
+        let Some(workers) = &self.workers else {
+            return self.serve_here(stream, peer, guard).await;
+        };
+        let handle = workers.pick().clone();
+        // Move the socket to the worker's reactor.
+        match stream.into_std() {
+            Ok(std) => {
+                handle.spawn(async move {
+                    match TcpStream::from_std(std) {
+                        Ok(s) => self.serve_here(s, peer, guard).await,
+                        Err(e) => debug!(%peer, error = %e, "cannot move a connection to a worker"),
+                    }
+                });
+            }
+            Err(e) => debug!(%peer, error = %e, "cannot move a connection to a worker"),
+        }
+    }
+
+    async fn serve_here(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        mut guard: ConnGuard,
+    ) {
         let _ = stream.set_nodelay(true);
         let ctl = guard.ctl().clone();
         // hyper's auto builder waits for the first bytes to tell HTTP/1 from HTTP/2 with no
@@ -107,11 +260,20 @@ impl HttpProxy {
             Some(Ok(Ok(_))) => {}
         }
 
-        let svc = ProxyService {
+        let state = Arc::new(ConnState {
+            xff: HeaderValue::from_str(&peer.ip().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            peer_ip: peer.ip(),
             proxy: self.clone(),
             ctl: ctl.clone(),
-            peer,
+            up: Mutex::new(UpState::default()),
+            new_driven: AtomicBool::new(false),
+        });
+        let svc = ProxyService {
+            state: state.clone(),
         };
+        // Upstream HTTP/1.1 connections of this client connection's HTTP/1.1 requests.
+        let mut driven = Driven::default();
         let conn = self
             .builder
             .serve_connection(TokioIo::new(LingerStream::new(stream)), svc);
@@ -158,6 +320,7 @@ impl HttpProxy {
                     break;
                 }
                 _ = ctl.changed() => {}
+                _ = std::future::poll_fn(|cx| state.poll_driven(cx, &mut driven)) => {}
                 _ = async { idle_timer.as_mut().expect("guarded").await }, if idle_timer.is_some() => {
                     idle_timer = None;
                     if !shutdown_sent {
@@ -187,11 +350,233 @@ async fn wait_level(ctl: &ConnCtl, at_least: CloseLevel, idle: Duration) {
     }
 }
 
-#[derive(Clone)]
-struct ProxyService {
+/// Why the upstream could not answer.
+#[derive(Debug, Clone, Copy)]
+enum UpstreamError {
+    Connect,
+    ConnectTimeout,
+    Request,
+}
+
+impl UpstreamError {
+    fn kind(self) -> &'static str {
+        match self {
+            UpstreamError::Connect => "connect",
+            UpstreamError::ConnectTimeout => "connect_timeout",
+            UpstreamError::Request => "request",
+        }
+    }
+}
+
+/// One client connection's state, shared by its requests.
+struct ConnState {
     proxy: Arc<HttpProxy>,
     ctl: Arc<ConnCtl>,
-    peer: SocketAddr,
+    peer_ip: IpAddr,
+    /// `X-Forwarded-For` when the request carries none.
+    xff: HeaderValue,
+    up: Mutex<UpState>,
+    /// Set when `up.new_driven` has connections for the serve loop to pick up.
+    new_driven: AtomicBool,
+}
+
+/// The serve loop's upstream connections.
+#[derive(Default)]
+struct Driven {
+    conns: Vec<DrivenConn>,
+    registered: bool,
+}
+
+#[derive(Default)]
+struct UpState {
+    /// Upstream HTTP/1.1 connections not used by a request (one may still be reading the
+    /// previous response's body).
+    h1: Vec<H1Sender>,
+    h2: Option<H2Sender>,
+    /// New upstream connections for the serve loop to drive.
+    new_driven: Vec<DrivenConn>,
+    waker: Option<Waker>,
+}
+
+impl ConnState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, UpState> {
+        self.up.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drives the upstream connections opened for HTTP/1.1 requests; never ready.
+    fn poll_driven(&self, cx: &mut Context<'_>, driven: &mut Driven) -> Poll<()> {
+        if !driven.registered {
+            // A task's waker stays valid for the task's life.
+            self.lock().waker = Some(cx.waker().clone());
+            driven.registered = true;
+        }
+        if self.new_driven.swap(false, Ordering::Acquire) {
+            let mut up = self.lock();
+            driven.conns.append(&mut up.new_driven);
+        }
+        if !driven.conns.is_empty() {
+            driven
+                .conns
+                .retain_mut(|c| c.as_mut().poll(cx).is_pending());
+        }
+        Poll::Pending
+    }
+
+    /// Hands a new upstream connection to the serve loop (same task: HTTP/1.1 clients).
+    fn drive(&self, conn: DrivenConn) {
+        let waker = {
+            let mut up = self.lock();
+            up.new_driven.push(conn);
+            up.waker.clone()
+        };
+        self.new_driven.store(true, Ordering::Release);
+        // No waker yet: the serve loop has not polled its connections yet and will see
+        // this one when it does (same task, same pass).
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// An upstream HTTP/1.1 connection ready for a request: this client connection's own,
+    /// or a new one.
+    async fn h1_sender(&self, h2_client: bool) -> Result<H1Sender, UpstreamError> {
+        loop {
+            let cand = {
+                let mut up = self.lock();
+                up.h1.retain(|s| !s.is_closed());
+                if h2_client {
+                    // Streams run concurrently: a connection that is not busy, else a new one.
+                    up.h1
+                        .iter()
+                        .position(|s| s.is_ready())
+                        .map(|i| up.h1.swap_remove(i))
+                } else {
+                    // Requests come one after the other: the one connection, once it has
+                    // read the previous response to its end.
+                    up.h1.pop()
+                }
+            };
+            let Some(mut s) = cand else {
+                // Boxed: keeps the connect and handshake futures out of every request's.
+                return Box::pin(self.new_h1(h2_client)).await;
+            };
+            if s.ready().await.is_ok() {
+                return Ok(s);
+            }
+        }
+    }
+
+    async fn new_h1(&self, h2_client: bool) -> Result<H1Sender, UpstreamError> {
+        let io = self.proxy.connect().await?;
+        let (sender, conn) = client1::handshake(io).await.map_err(|e| {
+            debug!(error = %e, "upstream handshake failed");
+            UpstreamError::Connect
+        })?;
+        let conn = Box::pin(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        if h2_client {
+            tokio::spawn(conn);
+        } else {
+            self.drive(conn);
+        }
+        Ok(sender)
+    }
+
+    fn put_h1(&self, sender: H1Sender, h2_client: bool) {
+        let mut up = self.lock();
+        if !h2_client || up.h1.len() < MAX_IDLE_H1_PER_H2_CLIENT {
+            up.h1.push(sender);
+        }
+    }
+
+    async fn h2_sender(&self, fresh: bool) -> Result<H2Sender, UpstreamError> {
+        if !fresh
+            && let Some(s) = self.lock().h2.as_ref()
+            && !s.is_closed()
+        {
+            return Ok(s.clone());
+        }
+        let io = self.proxy.connect().await?;
+        let (sender, conn) = self.proxy.h2_client.handshake(io).await.map_err(|e| {
+            debug!(error = %e, "upstream http2 handshake failed");
+            UpstreamError::Connect
+        })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "upstream http2 connection ended with an error");
+            }
+        });
+        self.lock().h2 = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Sends the request upstream. A request that was not written because the upstream
+    /// connection had just closed (a keep-alive race) is sent once more on a new one.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        h2_client: bool,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let request_failed = |e: hyper::Error| {
+            debug!(error = %e, "upstream request failed");
+            UpstreamError::Request
+        };
+        if self.proxy.upstream_http2 {
+            return Box::pin(self.forward_h2(req)).await;
+        }
+        let mut s = self.h1_sender(h2_client).await?;
+        match s.try_send_request(req).await {
+            Ok(r) => {
+                self.put_h1(s, h2_client);
+                Ok(r)
+            }
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    debug!(error = %e.error(), "upstream connection closed; retrying on a new one");
+                    Box::pin(async move {
+                        let mut s = self.new_h1(h2_client).await?;
+                        let r = s.send_request(req).await.map_err(request_failed)?;
+                        self.put_h1(s, h2_client);
+                        Ok(r)
+                    })
+                    .await
+                }
+                None => Err(request_failed(e.into_error())),
+            },
+        }
+    }
+
+    async fn forward_h2(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let request_failed = |e: hyper::Error| {
+            debug!(error = %e, "upstream request failed");
+            UpstreamError::Request
+        };
+        let mut s = self.h2_sender(false).await?;
+        if s.ready().await.is_err() {
+            s = self.h2_sender(true).await?;
+        }
+        match s.try_send_request(req).await {
+            Ok(r) => Ok(r),
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    let mut s = self.h2_sender(true).await?;
+                    s.send_request(req).await.map_err(request_failed)
+                }
+                None => Err(request_failed(e.into_error())),
+            },
+        }
+    }
+}
+
+#[derive(Clone)]
+struct ProxyService {
+    state: Arc<ConnState>,
 }
 
 type ProxyBody = Tracked<Either<Incoming, Full<Bytes>>>;
@@ -202,8 +587,8 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { Ok(this.handle(req).await) })
+        let state = self.state.clone();
+        Box::pin(async move { Ok(handle(state, req).await) })
     }
 }
 
@@ -218,15 +603,25 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages have a few headers and none of these: one pass over the names is
+    // cheaper than a lookup per hop-by-hop name.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     // Headers named in `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in &named {
+            headers.remove(n);
+        }
+    }
+    for n in HOP_BY_HOP.iter() {
         headers.remove(n);
     }
 }
@@ -241,25 +636,27 @@ fn plain(code: StatusCode, msg: &'static str) -> Response<Full<Bytes>> {
     r
 }
 
-impl ProxyService {
-    async fn handle(self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let metrics = self.proxy.metrics.clone();
-        metrics.requests_in_flight.inc();
-        let guard = RequestGuard {
-            metrics: metrics.clone(),
-            start: Instant::now(),
-        };
-        let version = req.version();
-        if version == Version::HTTP_2 {
-            self.ctl
-                .is_h2
-                .store(true, std::sync::atomic::Ordering::Release);
-        }
-        let (mut parts, body) = req.into_parts();
-        let authority = parts.uri.authority().cloned();
+async fn handle(state: Arc<ConnState>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let proxy = &state.proxy;
+    let metrics = &proxy.metrics;
+    metrics.requests_in_flight.inc();
+    let guard = RequestGuard {
+        metrics: metrics.clone(),
+        start: Instant::now(),
+    };
+    let version = req.version();
+    let h2_client = version == Version::HTTP_2;
+    if h2_client {
+        state.ctl.is_h2.store(true, Ordering::Release);
+    }
+    let (mut parts, body) = req.into_parts();
+    let mut host_from_authority = None;
+    if proxy.upstream_http2 {
+        // HTTP/2 needs the absolute form (`:scheme`, `:authority`).
+        host_from_authority = parts.uri.authority().cloned();
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = Some(self.proxy.upstream_authority.clone());
+        uri.authority = Some(proxy.upstream_authority.clone());
         uri.path_and_query = Some(
             parts
                 .uri
@@ -275,49 +672,59 @@ impl ProxyService {
                 return resp.map(|b| Tracked::new(Either::Right(b), guard));
             }
         };
-        strip_hop_by_hop(&mut parts.headers);
-        if !parts.headers.contains_key(header::HOST)
-            && let Some(a) = authority
-            && let Ok(v) = HeaderValue::from_str(a.as_str())
-        {
-            parts.headers.insert(header::HOST, v);
-        }
-        let xff = match parts
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(prev) => format!("{prev}, {}", self.peer.ip()),
-            None => self.peer.ip().to_string(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            parts.headers.insert("x-forwarded-for", v);
-        }
-        parts.version = if self.proxy.upstream_http2 {
-            Version::HTTP_2
-        } else {
-            Version::HTTP_11
-        };
-        let upstream_req = Request::from_parts(parts, body);
-
-        let mut resp = match self.proxy.client.request(upstream_req).await {
-            Ok(r) => r.map(Either::Left),
-            Err(e) => {
-                let kind = if e.is_connect() { "connect" } else { "request" };
-                debug!(error = %e, kind, "upstream request failed");
-                metrics.upstream_error(kind);
-                plain(StatusCode::BAD_GATEWAY, "upstream unavailable\n").map(Either::Right)
-            }
-        };
-        strip_hop_by_hop(resp.headers_mut());
-        if version < Version::HTTP_2 && self.ctl.level() >= CloseLevel::Graceful {
-            // hyper closes the connection after a response that says so.
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        metrics.request_done(resp.status().as_u16());
-        resp.map(|b| Tracked::new(b, guard))
+    } else if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
+        // HTTP/1.1 upstream: origin form (`/path?query`); the authority goes to `Host`.
+        host_from_authority = parts.uri.authority().cloned();
+        parts.uri = Uri::from(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
     }
+    strip_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key(header::HOST) {
+        let host = host_from_authority
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .unwrap_or_else(|| proxy.upstream_host.clone());
+        parts.headers.insert(header::HOST, host);
+    }
+    let xff = match parts
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", state.peer_ip)).ok(),
+        None => Some(state.xff.clone()),
+    };
+    if let Some(v) = xff {
+        parts
+            .headers
+            .insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    parts.version = if proxy.upstream_http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    let upstream_req = Request::from_parts(parts, body);
+
+    let mut resp = match state.forward(upstream_req, h2_client).await {
+        Ok(r) => r.map(Either::Left),
+        Err(e) => {
+            metrics.upstream_error(e.kind());
+            plain(StatusCode::BAD_GATEWAY, "upstream unavailable\n").map(Either::Right)
+        }
+    };
+    strip_hop_by_hop(resp.headers_mut());
+    if !h2_client && state.ctl.level() >= CloseLevel::Graceful {
+        // hyper closes the connection after a response that says so.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    metrics.request_done(resp.status().as_u16());
+    resp.map(|b| Tracked::new(b, guard))
 }
 
 /// Counts a request as in flight until its response body is done (or dropped).
@@ -371,6 +778,180 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conns::ConnTracker;
+    use http_body_util::{BodyExt, Empty};
+    use std::sync::atomic::AtomicU64;
+    use tokio::net::TcpListener;
+
+    /// An upstream answering "ok"; counts its connections.
+    async fn upstream() -> (SocketAddr, Arc<AtomicU64>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = Arc::new(AtomicU64::new(0));
+        let c = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                c.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, conns)
+    }
+
+    /// An HTTP/2 (prior knowledge) upstream answering "ok"; counts its connections.
+    async fn upstream_h2() -> (SocketAddr, Arc<AtomicU64>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = Arc::new(AtomicU64::new(0));
+        let c = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                c.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        assert_eq!(req.version(), Version::HTTP_2);
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, conns)
+    }
+
+    /// The proxy on worker threads, with its own accept loop.
+    async fn proxy(upstream: SocketAddr, workers: usize) -> (SocketAddr, Arc<ConnTracker>) {
+        proxy_with(upstream, workers, false).await
+    }
+
+    async fn proxy_with(
+        upstream: SocketAddr,
+        workers: usize,
+        upstream_http2: bool,
+    ) -> (SocketAddr, Arc<ConnTracker>) {
+        let metrics = Arc::new(Metrics::new());
+        let p = HttpProxy::with_workers(
+            upstream.to_string(),
+            upstream_http2,
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+            metrics.clone(),
+            workers,
+        )
+        .unwrap();
+        let tracker = ConnTracker::new(metrics);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = tracker.clone();
+        tokio::spawn(async move {
+            while let Ok((s, peer)) = l.accept().await {
+                tokio::spawn(p.clone().serve(s, peer, t.register()));
+            }
+        });
+        (addr, tracker)
+    }
+
+    fn get() -> Request<Empty<Bytes>> {
+        Request::builder()
+            .uri("/x")
+            .header(header::HOST, "test")
+            .body(Empty::new())
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http1_reuses_one_upstream_connection_and_drains_on_workers() {
+        for workers in [0, 2] {
+            let (up, up_conns) = upstream().await;
+            let (addr, tracker) = proxy(up, workers).await;
+            let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+            let (mut tx, conn) = client1::handshake::<_, Empty<Bytes>>(io).await.unwrap();
+            let conn = tokio::spawn(conn);
+            for _ in 0..3 {
+                tx.ready().await.unwrap();
+                let r = tx.send_request(get()).await.unwrap();
+                assert_eq!(r.status(), StatusCode::OK);
+                assert!(!r.headers().contains_key(header::CONNECTION));
+                let body = r.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(&body[..], b"ok");
+            }
+            assert_eq!(up_conns.load(Ordering::Relaxed), 1, "workers={workers}");
+            // Asked to leave: the next response says so, then the connection ends.
+            assert_eq!(tracker.request_close(10), 1);
+            tx.ready().await.unwrap();
+            let r = tx.send_request(get()).await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            assert_eq!(r.headers()[header::CONNECTION], "close");
+            r.into_body().collect().await.unwrap();
+            tokio::time::timeout(Duration::from_secs(5), conn)
+                .await
+                .expect("connection closed after Connection: close")
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn upstream_http2_serves_http1_clients_on_one_upstream_connection_each() {
+        let (up, up_conns) = upstream_h2().await;
+        let (addr, _tracker) = proxy_with(up, 2, true).await;
+        for _client in 0..2 {
+            let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+            let (mut tx, conn) = client1::handshake::<_, Empty<Bytes>>(io).await.unwrap();
+            tokio::spawn(conn);
+            for _ in 0..3 {
+                tx.ready().await.unwrap();
+                let r = tx.send_request(get()).await.unwrap();
+                assert_eq!(r.status(), StatusCode::OK);
+                let body = r.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(&body[..], b"ok");
+            }
+        }
+        assert_eq!(up_conns.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http2_streams_share_a_few_upstream_connections_on_workers() {
+        let (up, up_conns) = upstream().await;
+        let (addr, _tracker) = proxy(up, 2).await;
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (tx, conn) = client2::handshake::<_, _, Empty<Bytes>>(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for _round in 0..3 {
+            let mut streams = Vec::new();
+            for _ in 0..8 {
+                let mut tx = tx.clone();
+                streams.push(tokio::spawn(async move {
+                    let req = Request::builder()
+                        .uri("http://test/x")
+                        .body(Empty::new())
+                        .unwrap();
+                    let r = tx.send_request(req).await.unwrap();
+                    assert_eq!(r.status(), StatusCode::OK);
+                    r.into_body().collect().await.unwrap().to_bytes()
+                }));
+            }
+            for s in streams {
+                assert_eq!(&s.await.unwrap()[..], b"ok");
+            }
+        }
+        let n = up_conns.load(Ordering::Relaxed);
+        assert!(
+            (1..=8).contains(&n),
+            "{n} upstream connections for 8 concurrent streams"
+        );
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {

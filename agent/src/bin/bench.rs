@@ -2,10 +2,13 @@
 //!
 //! In one run on loopback: an in-process hyper upstream; the load client hits it directly,
 //! through `sluice-agent` (http and tcp mode) and through HAProxy (http and tcp mode), and
-//! measures requests/s at saturation (closed loop, keep-alive), p50/p99 latency at a fixed
-//! moderate rate (open loop: a request made late by a slow previous response counts from
-//! its scheduled time, so a stall is not hidden), and the proxy process's CPU time per request (utime+stime from
-//! /proc/<pid>/stat). Writes JSON.
+//! measures requests/s at saturation (closed loop, keep-alive; the targets take turns in
+//! rounds, so that a shared machine's drifting load hits them alike), p50/p99 latency at a
+//! fixed moderate rate (open loop: a request made late by a slow previous response counts
+//! from its scheduled time, so a stall is not hidden; each proxy is measured at the same
+//! time as direct, and the added latency is the difference within that window), and the
+//! proxy process's CPU time per request (utime+stime from /proc/<pid>/stat). Writes JSON
+//! with the agent/HAProxy and agent/direct ratios and the issue's goals.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -39,15 +42,35 @@ struct Args {
     /// Keep-alive connections for the saturation run.
     #[arg(long, default_value_t = 64)]
     conns: usize,
-    /// Seconds of each saturation run.
+    /// Seconds of each target's saturation run (in all, over the rounds).
     #[arg(long, default_value_t = 5)]
     saturation_secs: u64,
+    /// Rounds the saturation runs are split into; the targets take turns in each.
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
     /// Requests/s of the fixed-rate latency run.
     #[arg(long, default_value_t = 2000)]
     rate: u64,
     /// Seconds of each latency run.
     #[arg(long, default_value_t = 5)]
     latency_secs: u64,
+    /// Measure only these targets (comma-separated: agent_http, agent_tcp, haproxy_http,
+    /// haproxy_tcp); `direct` is always measured, it is the baseline.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Another sluice-agent binary (an older build) measured in http mode alongside, as
+    /// `baseline_agent_http`, to compare builds in one run.
+    #[arg(long)]
+    baseline_agent: Option<PathBuf>,
+    /// Extra arguments for every sluice-agent started.
+    #[arg(long, allow_hyphen_values = true)]
+    agent_arg: Vec<String>,
+}
+
+impl Args {
+    fn wants(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| o == name)
+    }
 }
 
 const REQ: &[u8] = b"GET / HTTP/1.1\r\nhost: bench\r\n\r\n";
@@ -65,17 +88,30 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
 
-    let ports: Vec<u16> = (0..6).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
-    let mut results = serde_json::Map::new();
-
-    let direct = load_rt.block_on(measure(&args, upstream, None))?;
-    results.insert("direct".into(), direct.clone());
-
-    for (name, proto, port, admin) in [
-        ("agent_http", "http", ports[0], ports[1]),
-        ("agent_tcp", "tcp", ports[2], ports[3]),
-    ] {
-        let child = Command::new(&args.agent)
+    let ports: Vec<u16> = (0..8).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+    // Every target runs for the whole benchmark (an idle proxy costs nothing), so that the
+    // saturation runs can take turns in rounds and drifting background load on a shared
+    // machine hits every target alike.
+    let mut targets = vec![Target {
+        name: "direct",
+        addr: upstream,
+        child: None,
+        note: None,
+    }];
+    let mut agents = vec![
+        ("agent_http", &args.agent, "http", ports[0], ports[1]),
+        ("agent_tcp", &args.agent, "tcp", ports[2], ports[3]),
+    ];
+    if let Some(baseline) = &args.baseline_agent {
+        agents.push(("baseline_agent_http", baseline, "http", ports[6], ports[7]));
+    }
+    for (name, agent, proto, port, admin) in agents {
+        // The baseline build comes with agent_http.
+        let wanted = args.wants(name) || (name.starts_with("baseline") && args.wants("agent_http"));
+        if !wanted {
+            continue;
+        }
+        let child = Command::new(agent)
             .args([
                 "proxy",
                 "--listen",
@@ -87,21 +123,28 @@ fn main() -> anyhow::Result<()> {
                 "--protocol",
                 proto,
             ])
+            .args(&args.agent_arg)
             .env("SLUICE_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
-            .with_context(|| format!("starting {}", args.agent.display()))?;
-        let r = run_proxy(&args, &load_rt, child, port, &direct).context(name)?;
-        results.insert(name.into(), r);
+            .with_context(|| format!("starting {}", agent.display()))?;
+        targets.push(Target {
+            name,
+            addr: ([127, 0, 0, 1], port).into(),
+            child: Some(child),
+            note: None,
+        });
     }
-
+    let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
     if let Some(haproxy) = &args.haproxy {
-        let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         for (name, mode, port) in [
             ("haproxy_http", "http", ports[4]),
             ("haproxy_tcp", "tcp", ports[5]),
         ] {
+            if !args.wants(name) {
+                continue;
+            }
             let cfg = dir.join(format!("{name}.cfg"));
             std::fs::write(&cfg, haproxy_config(mode, port, upstream))?;
             let child = Command::new(haproxy)
@@ -109,28 +152,44 @@ fn main() -> anyhow::Result<()> {
                 .stdout(Stdio::null())
                 .spawn()
                 .with_context(|| format!("starting {}", haproxy.display()))?;
-            let mut r = run_proxy(&args, &load_rt, child, port, &direct).context(name)?;
-            if let Some(o) = r.as_object_mut() {
-                o.insert(
-                    "haproxy_config".into(),
-                    json!(format!("mode {mode}, nbthread 2")),
-                );
-            }
-            results.insert(name.into(), r);
+            targets.push(Target {
+                name,
+                addr: ([127, 0, 0, 1], port).into(),
+                child: Some(child),
+                note: Some(format!("mode {mode}, nbthread 2")),
+            });
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
+    let measured = load_rt.block_on(measure_all(&args, &targets, upstream));
+    for t in &mut targets {
+        if let Some(c) = &mut t.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let results = measured?;
+
+    let comparison = compare(&results);
     let out = json!({
         "benchmark": "sluice-agent overhead on loopback",
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "config": {
-            "saturation": { "connections": args.conns, "seconds": args.saturation_secs },
+            "saturation": { "connections": args.conns, "seconds": args.saturation_secs,
+                            "rounds": args.rounds,
+                            "method": "targets take turns, seconds/rounds each per round" },
             "latency": { "rate_per_second": args.rate, "seconds": args.latency_secs,
-                         "connections": latency_conns(args.rate) },
+                         "connections": latency_conns(args.rate),
+                         "added_over_direct": "the proxy and direct are measured at the same \
+                          rate at the same time; added = proxy - direct of that window" },
             "request": "GET / (HTTP/1.1 keep-alive), 5-byte response",
             "cpu_per_request": "utime+stime of the proxy process / requests it served",
         },
+        "agent_runtime": std::env::var("SLUICE_AGENT_WORKERS")
+            .map(|w| format!("SLUICE_AGENT_WORKERS={w}"))
+            .unwrap_or_else(|_| "default".into()),
+        "comparison": comparison,
         "results": Value::Object(results),
     });
     if let Some(dir) = args.out.parent() {
@@ -140,6 +199,154 @@ fn main() -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(&out)?);
     drop(up_rt);
     Ok(())
+}
+
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    child: Option<Child>,
+    note: Option<String>,
+}
+
+impl Target {
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+/// Saturation in rounds over all targets, then latency per target (alongside direct).
+async fn measure_all(
+    args: &Args,
+    targets: &[Target],
+    direct: SocketAddr,
+) -> anyhow::Result<serde_json::Map<String, Value>> {
+    for t in targets {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(t.addr).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("{} on {} did not start", t.name, t.addr);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Warm up (connections, pools).
+        saturate(t.addr, args.conns, Duration::from_millis(500))
+            .await
+            .context(t.name)?;
+    }
+    let rounds = args.rounds.max(1);
+    let slice = Duration::from_secs(args.saturation_secs).div_f64(rounds as f64);
+    let mut requests = vec![0u64; targets.len()];
+    let mut cpu = vec![Some(0.0f64); targets.len()];
+    for _ in 0..rounds {
+        for (i, t) in targets.iter().enumerate() {
+            let cpu0 = t.pid().and_then(cpu_seconds);
+            requests[i] += saturate(t.addr, args.conns, slice).await.context(t.name)?;
+            let cpu1 = t.pid().and_then(cpu_seconds);
+            cpu[i] = match (cpu[i], cpu0, cpu1) {
+                (Some(sum), Some(a), Some(b)) => Some(sum + b - a),
+                _ => None,
+            };
+        }
+    }
+    let lat_dur = Duration::from_secs(args.latency_secs);
+    let mut out = serde_json::Map::new();
+    for (i, t) in targets.iter().enumerate() {
+        let n = requests[i];
+        let rps = n as f64 / (slice.as_secs_f64() * rounds as f64);
+        let cpu_per_req_us = match cpu[i] {
+            Some(c) if n > 0 && t.child.is_some() => Some(c / n as f64 * 1e6),
+            _ => None,
+        };
+        let mut r = json!({
+            "target": t.addr.to_string(),
+            "saturation": { "requests": n, "requests_per_second": rps.round() },
+            "cpu_us_per_request": cpu_per_req_us.map(|c| (c * 100.0).round() / 100.0),
+        });
+        let o = r.as_object_mut().expect("object");
+        if t.child.is_none() {
+            let lat = fixed_rate(t.addr, args.rate, lat_dur)
+                .await
+                .context(t.name)?;
+            o.insert("latency".into(), percentiles(lat));
+        } else {
+            let (mine, base) = tokio::join!(
+                fixed_rate(t.addr, args.rate, lat_dur),
+                fixed_rate(direct, args.rate, lat_dur)
+            );
+            let (mine, base) = (
+                percentiles(mine.context(t.name)?),
+                percentiles(base.context("direct")?),
+            );
+            for (key, p) in [("added_p50_us", "p50_us"), ("added_p99_us", "p99_us")] {
+                if let (Some(m), Some(b)) = (mine[p].as_f64(), base[p].as_f64()) {
+                    o.insert(key.into(), json!(m - b));
+                }
+            }
+            o.insert("latency".into(), mine);
+            o.insert("direct_latency_same_window".into(), base);
+        }
+        if let Some(note) = &t.note {
+            o.insert("haproxy_config".into(), json!(note));
+        }
+        out.insert(t.name.into(), r);
+    }
+    Ok(out)
+}
+
+fn percentiles(mut lat: Vec<u64>) -> Value {
+    lat.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
+        lat[i] as f64
+    };
+    json!({
+        "requests": lat.len(),
+        "p50_us": pct(0.50),
+        "p90_us": pct(0.90),
+        "p99_us": pct(0.99),
+        "max_us": lat.last().copied().unwrap_or(0),
+    })
+}
+
+/// Ratios and goals, per protocol: agent/HAProxy and agent/direct throughput, CPU per
+/// request agent/HAProxy, and p99 added over direct at the fixed rate. The goals (issue 3):
+/// at least HAProxy's throughput, under 100 µs added at p99.
+fn compare(results: &serde_json::Map<String, Value>) -> Value {
+    let rps = |name: &str| results.get(name)?["saturation"]["requests_per_second"].as_f64();
+    let cpu = |name: &str| results.get(name)?["cpu_us_per_request"].as_f64();
+    let added = |name: &str, key: &str| results.get(name)?[key].as_f64();
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => json!((a / b * 1000.0).round() / 1000.0),
+        _ => Value::Null,
+    };
+    let mut out = serde_json::Map::new();
+    for proto in ["http", "tcp"] {
+        let agent = format!("agent_{proto}");
+        let haproxy = format!("haproxy_{proto}");
+        if !results.contains_key(&agent) {
+            continue;
+        }
+        let throughput_vs_haproxy = ratio(rps(&agent), rps(&haproxy));
+        let added_p99 = added(&agent, "added_p99_us");
+        out.insert(
+            proto.into(),
+            json!({
+                "throughput_agent_vs_haproxy": throughput_vs_haproxy,
+                "throughput_agent_vs_direct": ratio(rps(&agent), rps("direct")),
+                "cpu_per_request_agent_vs_haproxy": ratio(cpu(&agent), cpu(&haproxy)),
+                "agent_added_p50_us": added(&agent, "added_p50_us"),
+                "agent_added_p99_us": added_p99,
+                "haproxy_added_p50_us": added(&haproxy, "added_p50_us"),
+                "haproxy_added_p99_us": added(&haproxy, "added_p99_us"),
+                "goal_throughput_at_least_haproxy": throughput_vs_haproxy.as_f64().map(|r| r >= 1.0),
+                "goal_added_p99_under_100us": added_p99.map(|a| a < 100.0),
+            }),
+        );
+    }
+    Value::Object(out)
 }
 
 fn haproxy_config(mode: &str, port: u16, upstream: SocketAddr) -> String {
@@ -164,41 +371,6 @@ fn latency_conns(rate: u64) -> usize {
     (rate / 100).clamp(4, 32) as usize
 }
 
-/// Runs the measurements against a proxy child process, then stops it.
-fn run_proxy(
-    args: &Args,
-    rt: &tokio::runtime::Runtime,
-    mut child: Child,
-    port: u16,
-    direct: &Value,
-) -> anyhow::Result<Value> {
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let pid = child.id();
-    let r = rt.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(addr).await.is_err() {
-            if Instant::now() > deadline {
-                bail!("proxy on {addr} did not start");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        measure(args, addr, Some(pid)).await
-    });
-    let _ = child.kill();
-    let _ = child.wait();
-    let mut r = r?;
-    if let Some(o) = r.as_object_mut() {
-        for (key, p) in [("added_p50_us", "p50_us"), ("added_p99_us", "p99_us")] {
-            if let (Some(mine), Some(base)) =
-                (o["latency"][p].as_f64(), direct["latency"][p].as_f64())
-            {
-                o.insert(key.into(), json!(mine - base));
-            }
-        }
-    }
-    Ok(r)
-}
-
 /// CPU seconds (utime + stime) of a process.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -218,41 +390,6 @@ fn clock_ticks() -> f64 {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(100.0)
-}
-
-async fn measure(args: &Args, addr: SocketAddr, pid: Option<u32>) -> anyhow::Result<Value> {
-    // Warm up (connections, pools).
-    saturate(addr, args.conns, Duration::from_millis(500)).await?;
-    let cpu0 = pid.and_then(cpu_seconds);
-    let sat_dur = Duration::from_secs(args.saturation_secs);
-    let n = saturate(addr, args.conns, sat_dur).await?;
-    let cpu1 = pid.and_then(cpu_seconds);
-    let rps = n as f64 / sat_dur.as_secs_f64();
-    let cpu_per_req_us = match (cpu0, cpu1) {
-        (Some(a), Some(b)) if n > 0 => Some((b - a) / n as f64 * 1e6),
-        _ => None,
-    };
-    let mut lat = fixed_rate(addr, args.rate, Duration::from_secs(args.latency_secs)).await?;
-    lat.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if lat.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
-        lat[i] as f64
-    };
-    Ok(json!({
-        "target": addr.to_string(),
-        "saturation": { "requests": n, "requests_per_second": rps.round() },
-        "latency": {
-            "requests": lat.len(),
-            "p50_us": pct(0.50),
-            "p90_us": pct(0.90),
-            "p99_us": pct(0.99),
-            "max_us": lat.last().copied().unwrap_or(0),
-        },
-        "cpu_us_per_request": cpu_per_req_us.map(|c| (c * 100.0).round() / 100.0),
-    }))
 }
 
 struct Conn {
