@@ -544,7 +544,7 @@ impl Sluice {
         let mut done = 0;
         if self.kills > 0 {
             loop {
-                let pause = Duration::from_millis(rand::random_range(500..3000));
+                let pause = Duration::from_millis(rand::random_range(200..1500));
                 tokio::time::sleep(pause).await;
                 let st = release_state(&ctx.client, &ctx.namespace, &ctx.name).await?;
                 if st.phase.as_deref() == Some("Completed") && st.canary.is_none() {
@@ -560,6 +560,12 @@ impl Sluice {
             }
         }
         *self.kills_done.lock().expect("kills lock") = done;
+        if self.kills > 0 {
+            eprintln!(
+                "operator SIGKILLed and restarted {done} time(s) during the release ({})",
+                ctx.namespace
+            );
+        }
         let st = wait_settled(
             &ctx.client,
             &ctx.namespace,
