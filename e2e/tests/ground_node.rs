@@ -289,3 +289,80 @@ async fn liveness_restarts_and_grace_period_ends_in_sigkill() -> anyhow::Result<
     assert!(took < Duration::from_secs(10), "deletion took {took:?}");
     Ok(())
 }
+
+/// Whether a process is gone (or a zombie nobody reaped yet).
+fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_network_pods_run_in_the_host_namespace_and_leave_nothing_behind() -> anyhow::Result<()>
+{
+    let (cluster, ns) = ground("ground-hostnet").await?;
+    let client = &cluster.client;
+    let dir = scratch(&ns.name);
+    // A process of the host's own, which the pod's termination must not touch.
+    let mut bystander = std::process::Command::new("sleep").arg("300").spawn()?;
+    create_pod(
+        client,
+        &ns.name,
+        json!({
+            "metadata": {"name": "hostnet"},
+            "spec": {
+                "nodeName": NODE,
+                "hostNetwork": true,
+                "terminationGracePeriodSeconds": 10,
+                "containers": [{
+                    "name": "main",
+                    "image": "sluice/shell:latest",
+                    // Leaves a child behind when it exits on SIGTERM.
+                    "args": ["-c", "sleep 300 & echo $! > \"$D/child\"; trap 'exit 0' TERM; while :; do sleep 0.1; done"],
+                    "env": [{"name": "D", "value": dir.to_string_lossy()}],
+                    // Ready once the service-account kubeconfig is there and the child started.
+                    "readinessProbe": {"exec": {"command": ["sh", "-c", "test -s \"$KUBECONFIG\" && test -s \"$D/child\""]}, "periodSeconds": 1},
+                }],
+            }
+        }),
+    )
+    .await?;
+    let pod = wait_pod(
+        client,
+        &ns.name,
+        "hostnet",
+        Duration::from_secs(60),
+        "Ready",
+        is_ready,
+    )
+    .await?;
+    let status = pod.status.clone().unwrap_or_default();
+    assert!(status.pod_ip.is_some());
+    assert_eq!(status.pod_ip, status.host_ip, "podIP = hostIP");
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let pod_dir = sluice_e2e::cluster::repo_root()
+        .join("target/e2e/pods")
+        .join(&uid);
+    assert!(pod_dir.join("kubeconfig").exists());
+    let child: i32 = std::fs::read_to_string(dir.join("child"))?.trim().parse()?;
+    assert!(!process_gone(child));
+
+    let api: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    api.delete("hostnet", &DeleteParams::default()).await?;
+    wait_pod_gone(client, &ns.name, "hostnet", Duration::from_secs(30)).await?;
+    // The child left in the pod's process group went with the pod; the host's process did not.
+    wait_for(
+        Duration::from_secs(5),
+        "the pod's leftover child killed",
+        || async { process_gone(child).then_some(()) },
+    )
+    .await?;
+    assert!(bystander.try_wait()?.is_none(), "a host process was killed");
+    assert!(!pod_dir.exists(), "the pod's directory outlived it");
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+    Ok(())
+}

@@ -1,6 +1,8 @@
 //! Smoke e2e of the foundation: CRDs apply server-side, the chart installs with Helm, the
-//! operator's RBAC allows what it needs (and nothing it must not have), and the control
-//! plane carries 100+ KWOK nodes. Runs against the real local control plane.
+//! operator's RBAC allows what it needs (and nothing it must not have), the operator runs
+//! for real as a pod on the process node `local-0` — authenticated as its own
+//! ServiceAccount, Ready through its probes, holding its leader Lease — and the control plane
+//! carries 100+ KWOK nodes. Runs against the real local control plane.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,9 +10,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
-use sluice_e2e::cluster::{TestCluster, repo_root, upstream_binaries};
+use sluice_e2e::cluster::{TestCluster, free_port, repo_root, upstream_binaries};
 
 struct Tools {
     bins: BTreeMap<String, PathBuf>,
@@ -57,6 +60,66 @@ impl Tools {
     }
 }
 
+/// `helm uninstall` when dropped, so that a failing test does not leave an operator running
+/// (it would act on the whole cluster).
+struct Installed<'a> {
+    tools: &'a Tools,
+    namespace: String,
+    done: bool,
+}
+
+impl Installed<'_> {
+    fn uninstall(&mut self) -> anyhow::Result<()> {
+        self.done = true;
+        self.tools
+            .run(
+                "helm",
+                &["uninstall", "sluice", "--namespace", &self.namespace],
+            )
+            .map(|_| ())
+    }
+}
+
+impl Drop for Installed<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.uninstall();
+        }
+    }
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    let status = p.status.as_ref();
+    status.and_then(|s| s.phase.as_deref()) == Some("Running")
+        && status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Polls `check` every 500 ms until it yields a value or `timeout` passes.
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The process node the operator pod is pinned to (`SLUICE_E2E_OPERATOR_NODE`, default
+/// `local-0`): pinned, because on a KWOK node a pod only pretends to run.
+fn operator_node() -> String {
+    std::env::var("SLUICE_E2E_OPERATOR_NODE").unwrap_or_else(|_| "local-0".into())
+}
+
 #[tokio::test]
 async fn crds_chart_rbac_and_a_hundred_kwok_nodes() -> anyhow::Result<()> {
     let cluster = TestCluster::get().await?;
@@ -80,8 +143,15 @@ async fn crds_chart_rbac_and_a_hundred_kwok_nodes() -> anyhow::Result<()> {
         ],
     )?;
 
-    // The chart, into a namespace of this test's own.
+    // The chart, into a namespace of this test's own, set up for the ground: the operator
+    // in the host's network namespace (the API server listens on 127.0.0.1) on a free port,
+    // on the process node.
     let ns = cluster.namespace("smoke").await?;
+    let port = free_port()?;
+    let node = operator_node();
+    let sets =
+        format!("image.tag=dev,hostNetwork=true,metrics.port={port},agent.image=sluice/agent:dev");
+    let node_selector = format!("nodeSelector.kubernetes\\.io/hostname={node}");
     tools.run(
         "helm",
         &[
@@ -90,9 +160,18 @@ async fn crds_chart_rbac_and_a_hundred_kwok_nodes() -> anyhow::Result<()> {
             "charts/sluice",
             "--namespace",
             &ns.name,
+            "--set",
+            &sets,
+            "--set-string",
+            &node_selector,
             "--wait=false",
         ],
     )?;
+    let mut installed = Installed {
+        tools: &tools,
+        namespace: ns.name.clone(),
+        done: false,
+    };
     let deploy = tools.run(
         "kubectl",
         &[
@@ -171,6 +250,94 @@ async fn crds_chart_rbac_and_a_hundred_kwok_nodes() -> anyhow::Result<()> {
         Some(&ns.name)
     ));
 
+    // The operator runs: a pod on the process node, in the host network, Running and Ready
+    // through its /readyz probe…
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &ns.name);
+    let selector = "app.kubernetes.io/name=sluice-operator,app.kubernetes.io/instance=sluice";
+    let pod = wait_for(
+        "the operator pod Running and Ready",
+        Duration::from_secs(120),
+        || {
+            let pods = pods.clone();
+            async move {
+                let list = pods.list(&ListParams::default().labels(selector)).await?;
+                Ok(list.items.into_iter().find(pod_ready))
+            }
+        },
+    )
+    .await?;
+    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+    let spec = pod.spec.clone().unwrap_or_default();
+    assert_eq!(spec.node_name.as_deref(), Some(node.as_str()));
+    assert_eq!(spec.host_network, Some(true));
+    let status = pod.status.clone().unwrap_or_default();
+    assert_eq!(
+        status.pod_ip, status.host_ip,
+        "a host-network pod has the node's IP"
+    );
+
+    // …authenticated as its own ServiceAccount: the only credentials it has are the bound
+    // token the process node requested for it…
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let pod_kubeconfig = repo_root()
+        .join("target/e2e/pods")
+        .join(&uid)
+        .join("kubeconfig");
+    let out = Command::new(&tools.bins["kubectl"])
+        .arg("--kubeconfig")
+        .arg(&pod_kubeconfig)
+        .args([
+            "auth",
+            "whoami",
+            "-o",
+            "jsonpath={.status.userInfo.username}",
+        ])
+        .output()
+        .context("running kubectl auth whoami")?;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("system:serviceaccount:{}:sluice-operator", ns.name),
+        "identity of {}: {}",
+        pod_kubeconfig.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // …and holding its leader Lease (identity: POD_NAME).
+    let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), &ns.name);
+    wait_for(
+        "the Lease held by the operator pod",
+        Duration::from_secs(60),
+        || {
+            let leases = leases.clone();
+            let pod_name = pod_name.clone();
+            async move {
+                let holder = leases
+                    .get_opt("sluice-operator")
+                    .await?
+                    .and_then(|l| l.spec)
+                    .and_then(|s| s.holder_identity);
+                Ok((holder.as_deref() == Some(pod_name.as_str())).then_some(()))
+            }
+        },
+    )
+    .await?;
+
+    // Uninstalled, the pod goes (SIGTERM through the process node) and its credentials with it.
+    installed.uninstall()?;
+    wait_for("the operator pod gone", Duration::from_secs(90), || {
+        let pods = pods.clone();
+        async move {
+            let list = pods.list(&ListParams::default().labels(selector)).await?;
+            Ok(list.items.is_empty().then_some(()))
+        }
+    })
+    .await?;
+    assert!(
+        !pod_kubeconfig.exists(),
+        "{} outlived its pod",
+        pod_kubeconfig.display()
+    );
+
     // 100 KWOK nodes, listed and Ready (KWOK's node controller marks them).
     let prefix = format!("smoke-{}", &ns.name[ns.name.len() - 8..]);
     let names = cluster.create_kwok_nodes(&prefix, 100, None).await?;
@@ -204,7 +371,6 @@ async fn crds_chart_rbac_and_a_hundred_kwok_nodes() -> anyhow::Result<()> {
     let listed = tools.run("kubectl", &["get", "nodes", "-o", "name"])?;
     assert!(listed.lines().filter(|l| l.contains(&prefix)).count() >= 100);
 
-    tools.run("helm", &["uninstall", "sluice", "--namespace", &ns.name])?;
     cluster.delete_nodes(&names).await?;
     Ok(())
 }

@@ -27,6 +27,7 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub mod creds;
 pub mod images;
 pub mod net;
 pub mod pod;
@@ -63,6 +64,9 @@ pub struct NodeArgs {
     /// Where container logs go, relative to the repository root.
     #[arg(long, default_value = "target/e2e/logs/pods")]
     pub log_dir: PathBuf,
+    /// Per-pod directories (service-account credentials), relative to the repository root.
+    #[arg(long, default_value = PODS_DIR)]
+    pub pods_dir: PathBuf,
     /// Remove every namespace, veth, bridge and route any process node made (killing the
     /// pods' processes) and exit; for after a crash. `cluster down` does the same.
     #[arg(long)]
@@ -90,6 +94,8 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Where process nodes keep per-pod directories, relative to the repository root.
+pub const PODS_DIR: &str = "target/e2e/pods";
 pub const NODE_LABEL: &str = "sluice.dev/process-node";
 const FIELD_MANAGER: &str = "sluice-process-node";
 const LEASE_DURATION_S: i32 = 40;
@@ -345,6 +351,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         .await
         .context("setting up the node's bridge")?;
     let images = images::Images::load(&repo.join(&args.images), &repo)?;
+    let cluster = creds::ClusterAccess::from_kubeconfig(&args.kubeconfig)?;
     let node_uid = register(&client, &args, &cidr.to_string(), &host_ip.to_string()).await?;
     renew_lease(&client, &args.name, &node_uid).await?;
     let _heartbeat = heartbeat(client.clone(), args.clone(), host_ip.to_string(), node_uid);
@@ -357,6 +364,8 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         images,
         log_dir: repo.join(&args.log_dir),
         workdir: repo.clone(),
+        cluster,
+        pods_dir: repo.join(&args.pods_dir),
     });
     let pods: Api<Pod> = Api::all(client);
     let (store, writer) = reflector::store();
@@ -402,6 +411,7 @@ mod tests {
             max_pods: 110,
             images: PathBuf::new(),
             log_dir: PathBuf::new(),
+            pods_dir: PathBuf::new(),
             cleanup: false,
         }
     }

@@ -252,9 +252,19 @@ fn kill_netns_processes(ns: &str) {
 }
 
 /// Removes every namespace, veth, bridge and route any process node made (found by their
-/// name prefixes, so it works after a crash), killing the processes still inside.
+/// name prefixes, so it works after a crash), killing the processes still inside, and kills
+/// the host-network pods' process groups recorded under `target/e2e/pods/`.
 pub fn cleanup_host_network() -> anyhow::Result<()> {
     let mut errors = Vec::new();
+    // Host-network pods have no namespace: their recorded process groups go, with the
+    // per-pod directories.
+    let pods_dir = super::runtime::repo_root().join(super::PODS_DIR);
+    if let Ok(entries) = std::fs::read_dir(&pods_dir) {
+        for e in entries.flatten() {
+            super::pod::kill_recorded_groups(&e.path());
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     if let Ok(list) = ip_sync(&["netns", "list"]) {
         for ns in list
             .lines()

@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::creds::{self, ClusterAccess, PodCreds};
 use super::images::{Images, container_env};
 use super::net::NodeNet;
 use super::probe::{self, ProbeKind, ProbeResult, ProbeTarget};
@@ -33,6 +34,28 @@ pub struct NodeCtx {
     pub images: Images,
     pub log_dir: PathBuf,
     pub workdir: PathBuf,
+    /// How pods reach the API server (for their service-account kubeconfigs).
+    pub cluster: ClusterAccess,
+    /// Per-pod directories (`<uid>/`): credentials, process-group records.
+    pub pods_dir: PathBuf,
+}
+
+/// Where a pod's processes run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodNet {
+    /// `hostNetwork: true`: the node's own network namespace; the pod's IP is the node's.
+    Host,
+    /// The pod's own namespace.
+    Ns(String),
+}
+
+impl PodNet {
+    fn netns(&self) -> Option<String> {
+        match self {
+            PodNet::Host => None,
+            PodNet::Ns(ns) => Some(ns.clone()),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,8 +250,13 @@ pub struct PodWorker {
     uid: String,
     name: String,
     ctrs: Vec<Ctr>,
-    netns: Option<String>,
+    net: Option<PodNet>,
+    /// The address allocated from the node's CIDR (not for host-network pods).
     pod_ip: Option<Ipv4Addr>,
+    creds: Option<PodCreds>,
+    /// Credentials are in place (or the pod needs none); containers may start.
+    creds_ready: bool,
+    creds_retry: Option<Instant>,
     start_time: Option<Time>,
     initialized: bool,
     conditions: Vec<PodCondition>,
@@ -275,8 +303,11 @@ impl PodWorker {
             name: pod.name_any(),
             pod,
             ctrs,
-            netns: None,
+            net: None,
             pod_ip: None,
+            creds: None,
+            creds_ready: false,
+            creds_retry: None,
             start_time: None,
             initialized: false,
             conditions,
@@ -299,6 +330,55 @@ impl PodWorker {
             .unwrap_or_else(|| "Always".into())
     }
 
+    fn host_network(&self) -> bool {
+        self.pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false)
+    }
+
+    fn dir(&self) -> PathBuf {
+        creds::pod_dir(&self.ctx.pods_dir, &self.uid)
+    }
+
+    /// The pod's address: the node's for host-network pods.
+    fn ip(&self) -> Option<Ipv4Addr> {
+        match self.net {
+            Some(PodNet::Host) => Some(self.ctx.host_ip),
+            _ => self.pod_ip,
+        }
+    }
+
+    /// Requests the pod's service-account token and writes its kubeconfig; on failure the
+    /// containers wait (as behind a volume the kubelet cannot mount yet) and it is retried.
+    async fn setup_creds(&mut self) {
+        match creds::setup(
+            &self.ctx.client,
+            &self.ctx.cluster,
+            &self.ctx.pods_dir,
+            &self.pod,
+        )
+        .await
+        {
+            Ok(c) => {
+                self.creds = c;
+                self.creds_ready = true;
+                self.creds_retry = None;
+            }
+            Err(e) => {
+                tracing::warn!(pod = %self.key(), "service-account credentials: {e:#}");
+                for c in self.ctrs.iter_mut().filter(|c| !c.launched) {
+                    c.state = CState::Waiting {
+                        reason: "ContainerCreating".into(),
+                        message: Some(format!("{e:#}")),
+                    };
+                }
+                self.creds_retry = Some(Instant::now() + Duration::from_secs(2));
+            }
+        }
+    }
+
     fn key(&self) -> String {
         format!("{}/{}", self.pod.namespace().unwrap_or_default(), self.name)
     }
@@ -319,7 +399,14 @@ impl PodWorker {
         let mut termination: Option<JoinHandle<()>> = None;
         let mut gone = false;
         loop {
-            if !self.terminating && self.netns.is_some() {
+            if !self.terminating
+                && self.net.is_some()
+                && !self.creds_ready
+                && self.creds_retry.is_none_or(|at| at <= Instant::now())
+            {
+                self.setup_creds().await;
+            }
+            if !self.terminating && self.net.is_some() && self.creds_ready {
                 self.progress();
             }
             if !gone {
@@ -334,6 +421,7 @@ impl PodWorker {
                 .iter()
                 .filter_map(|c| c.restart_at)
                 .chain(self.write_retry)
+                .chain(self.creds_retry.filter(|_| !self.creds_ready))
                 .min()
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
@@ -369,6 +457,14 @@ impl PodWorker {
             self.ctx.net.teardown_pod(&self.uid).await;
             self.ctx.net.alloc.lock().expect("poisoned").release(ip);
         }
+        // A host-network pod has no namespace to empty: its own process groups go instead.
+        kill_recorded_groups(&self.dir());
+        self.creds = None;
+        if let Err(e) = std::fs::remove_dir_all(self.dir())
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(pod = %self.key(), "removing {}: {e}", self.dir().display());
+        }
         if !gone {
             self.write_status().await;
             let dp = DeleteParams {
@@ -388,6 +484,15 @@ impl PodWorker {
     }
 
     async fn setup_network(&mut self) {
+        if self.host_network() {
+            // Containers left running by an earlier run of the node go first (the pod's own
+            // process groups only: the host's namespace holds everything else too).
+            kill_recorded_groups(&self.dir());
+            let _ = std::fs::remove_file(self.dir().join("host-process-groups"));
+            self.net = Some(PodNet::Host);
+            self.start_time = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+            return;
+        }
         let existing: Option<Ipv4Addr> = self
             .pod
             .status
@@ -408,7 +513,7 @@ impl PodWorker {
         self.pod_ip = Some(ip);
         match self.ctx.net.setup_pod(&self.uid, ip).await {
             Ok(ns) => {
-                self.netns = Some(ns);
+                self.net = Some(PodNet::Ns(ns));
                 self.start_time = Some(Time(k8s_openapi::jiff::Timestamp::now()));
             }
             Err(e) => {
@@ -460,10 +565,17 @@ impl PodWorker {
     }
 
     fn start(&mut self, idx: usize) {
-        let Some(netns) = self.netns.clone() else {
+        let Some(net) = self.net.clone() else {
             return;
         };
-        let pod_ip = self.pod_ip.map(|i| i.to_string()).unwrap_or_default();
+        let netns = net.netns();
+        let ip = self.ip();
+        let pod_ip = ip.map(|i| i.to_string()).unwrap_or_default();
+        let kubeconfig = self
+            .creds
+            .as_ref()
+            .map(|c| c.kubeconfig.display().to_string());
+        let dir = self.dir();
         let host_ip = self.ctx.host_ip.to_string();
         let pod = self.pod.clone();
         let ns = pod.namespace().unwrap_or_default();
@@ -489,7 +601,11 @@ impl PodWorker {
             .as_ref()
             .map(PathBuf::from)
             .unwrap_or_else(|| self.ctx.workdir.clone());
-        let prepared = container_env(&pod, &c.spec, &pod_ip, &host_ip).and_then(|env| {
+        let prepared = container_env(&pod, &c.spec, &pod_ip, &host_ip).and_then(|mut env| {
+            // The service-account credentials, in place of the projected volume.
+            if let Some(k) = kubeconfig {
+                env.entry("KUBECONFIG".to_string()).or_insert(k);
+            }
             let (program, args) = self.ctx.images.argv(&c.spec, &env)?;
             Ok((env, program, args))
         });
@@ -507,23 +623,35 @@ impl PodWorker {
             }
         };
         let tx = self.ev_tx.clone();
-        let spawned = spawn_container(&netns, &program, &args, &env, &workdir, &log, move |code| {
-            let _ = tx.send(Ev::Exited {
-                idx,
-                generation,
-                code,
-            });
-        });
+        let spawned = spawn_container(
+            netns.as_deref(),
+            &program,
+            &args,
+            &env,
+            &workdir,
+            &log,
+            move |code| {
+                let _ = tx.send(Ev::Exited {
+                    idx,
+                    generation,
+                    code,
+                });
+            },
+        );
         match spawned {
             Ok(s) => {
                 tracing::info!(pod = %format!("{ns}/{}", self.name), container = %c.spec.name, pid = s.proc.pid, program = %program.display(), "started");
+                if net == PodNet::Host
+                    && let Err(e) = record_group(&dir, s.proc.pid)
+                {
+                    tracing::warn!(pod = %format!("{ns}/{}", self.name), "recording the process group: {e:#}");
+                }
                 c.proc = Some(s.proc);
                 c.state = CState::Running {
                     started_at: Timestamp::now(),
                 };
                 let target = ProbeTarget {
-                    pod_ip: self
-                        .pod_ip
+                    pod_ip: ip
                         .map(std::net::IpAddr::V4)
                         .unwrap_or(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST)),
                     netns,
@@ -686,7 +814,8 @@ impl PodWorker {
             .filter(|c| c.kind == Kind::Sidecar)
             .filter_map(stop)
             .collect();
-        let netns = self.netns.clone();
+        let net = self.net.clone();
+        let dir = self.dir();
         let key = self.key();
         tokio::spawn(async move {
             let deadline = Instant::now() + grace;
@@ -694,8 +823,13 @@ impl PodWorker {
             for s in sidecars {
                 s.run(deadline).await;
             }
-            // Anything the containers left behind in the pod's namespace goes too.
-            if let Some(ns) = netns {
+            // Anything the containers left behind in the pod's namespace goes too; for a
+            // host-network pod, in the process groups its containers were started in (never
+            // by namespace: the host's holds everything else).
+            if net == Some(PodNet::Host) {
+                kill_recorded_groups(&dir);
+            }
+            if let Some(ns) = net.and_then(|n| n.netns()) {
                 let leftover = super::net::netns_pids(&ns);
                 if !leftover.is_empty() {
                     tracing::info!(pod = %key, ?leftover, "killing processes left in the pod");
@@ -736,7 +870,7 @@ impl PodWorker {
         let finished = |c: &&Ctr| {
             matches!(c.state, CState::Terminated { .. }) && c.restart_at.is_none() && !c.running()
         };
-        let phase = if self.setup_error.is_some() && self.netns.is_none() {
+        let phase = if self.setup_error.is_some() && self.net.is_none() {
             "Pending"
         } else if !mains.is_empty()
             && mains.iter().all(finished)
@@ -757,7 +891,7 @@ impl PodWorker {
         set_condition(
             &mut conds,
             "PodReadyToStartContainers",
-            self.netns.is_some(),
+            self.net.is_some() && self.creds_ready,
             None,
         );
         set_condition(
@@ -800,8 +934,8 @@ impl PodWorker {
             ..Default::default()
         };
         let pod_ip = self
-            .pod_ip
-            .filter(|_| self.netns.is_some() || self.terminating)
+            .ip()
+            .filter(|_| self.net.is_some() || self.terminating)
             .map(|i| i.to_string());
         PodStatus {
             phase: Some(phase.into()),
@@ -858,6 +992,59 @@ impl PodWorker {
                 tracing::warn!(pod = %self.key(), "writing status: {e}");
                 self.write_retry = Some(Instant::now() + Duration::from_secs(1));
             }
+        }
+    }
+}
+
+/// Records a host-network container's process group (its leader's PID and start time) in the
+/// pod's directory, so that the node can kill exactly the pod's processes later, even after a
+/// restart of the node.
+fn record_group(dir: &std::path::Path, pid: i32) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    std::fs::create_dir_all(dir)?;
+    let start = proc_start_time(pid).unwrap_or_default();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("host-process-groups"))?;
+    writeln!(f, "{pid} {start}")?;
+    Ok(())
+}
+
+/// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks since boot.
+fn proc_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; it ends at the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// SIGKILL to every process group recorded by [`record_group`] that is still the pod's: a
+/// leader that is alive must have the recorded start time (its PID was not reused); a group
+/// whose leader is gone keeps its id reserved while any member lives, so it is still ours.
+pub fn kill_recorded_groups(dir: &std::path::Path) {
+    let Ok(text) = std::fs::read_to_string(dir.join("host-process-groups")) else {
+        return;
+    };
+    for line in text.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(Ok(pid)), Some(Ok(start))) = (
+            parts.next().map(str::parse::<i32>),
+            parts.next().map(str::parse::<u64>),
+        ) else {
+            continue;
+        };
+        if pid <= 1 {
+            continue;
+        }
+        if let Some(now) = proc_start_time(pid)
+            && now != start
+        {
+            continue;
+        }
+        // SAFETY: kill(2) on a process group the pod's container started; at worst it is gone.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
         }
     }
 }

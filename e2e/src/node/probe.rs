@@ -89,11 +89,12 @@ pub enum Action {
 }
 
 /// Where a probe runs: the pod's address (httpGet, tcpSocket come from the node like the
-/// kubelet's) and, for exec, the pod's namespace and the container's environment.
+/// kubelet's) and, for exec, the pod's namespace (`None`: the host's, for `hostNetwork` pods)
+/// and the container's environment.
 #[derive(Clone, Debug)]
 pub struct ProbeTarget {
     pub pod_ip: IpAddr,
-    pub netns: String,
+    pub netns: Option<String>,
     pub env: BTreeMap<String, String>,
     pub workdir: PathBuf,
 }
@@ -213,7 +214,7 @@ async fn http_get(
 /// Runs a command inside the pod's network namespace; its exit status.
 pub async fn exec_in_pod(command: &[String], t: &ProbeTarget) -> anyhow::Result<i32> {
     let mut cmd = super::runtime::pod_command(
-        &t.netns,
+        t.netns.as_deref(),
         &PathBuf::from(&command[0]),
         &command[1..],
         &t.env,

@@ -7,18 +7,16 @@ use std::process::Stdio;
 use anyhow::Context as _;
 use tokio::sync::watch;
 
-/// A command that runs `program` inside the network namespace `netns`, in a process group
-/// of its own (so that SIGKILL reaches everything it started), with exactly `env`.
+/// A command that runs `program` inside the network namespace `netns` (`None`: the host's,
+/// for `hostNetwork` pods), in a process group of its own (so that SIGKILL reaches everything
+/// it started), with exactly `env`.
 pub fn pod_command(
-    netns: &str,
+    netns: Option<&str>,
     program: &Path,
     args: &[String],
     env: &BTreeMap<String, String>,
     workdir: &Path,
 ) -> anyhow::Result<tokio::process::Command> {
-    let ns_path = Path::new("/run/netns").join(netns);
-    let ns_file =
-        std::fs::File::open(&ns_path).with_context(|| format!("opening {}", ns_path.display()))?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .env_clear()
@@ -26,6 +24,12 @@ pub fn pod_command(
         .current_dir(workdir)
         .stdin(Stdio::null())
         .process_group(0);
+    let Some(netns) = netns else {
+        return Ok(cmd);
+    };
+    let ns_path = Path::new("/run/netns").join(netns);
+    let ns_file =
+        std::fs::File::open(&ns_path).with_context(|| format!("opening {}", ns_path.display()))?;
     // SAFETY: between fork and exec only async-signal-safe calls: setns(2) on an fd opened
     // (with O_CLOEXEC) before the fork.
     unsafe {
@@ -89,7 +93,7 @@ pub struct Spawned {
 
 /// Starts a container: output appended to `log`, the exit reported on `on_exit`.
 pub fn spawn_container(
-    netns: &str,
+    netns: Option<&str>,
     program: &Path,
     args: &[String],
     env: &BTreeMap<String, String>,
