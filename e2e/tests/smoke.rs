@@ -149,8 +149,11 @@ async fn crds_chart_rbac_and_a_hundred_kwok_nodes() -> anyhow::Result<()> {
     let ns = cluster.namespace("smoke").await?;
     let port = free_port()?;
     let node = operator_node();
-    let sets =
-        format!("image.tag=dev,hostNetwork=true,metrics.port={port},agent.image=sluice/agent:dev");
+    // watchNamespace: the operator must not act on other tests' objects.
+    let sets = format!(
+        "image.tag=dev,hostNetwork=true,metrics.port={port},agent.image=sluice/agent:dev,watchNamespace={}",
+        ns.name
+    );
     let node_selector = format!("nodeSelector.kubernetes\\.io/hostname={node}");
     tools.run(
         "helm",
