@@ -108,8 +108,9 @@ impl Sluice {
         let drain_timeout = match self.mode {
             Mode::Proxy => "90s",
             // Observe mode cannot ask clients to leave: the graceful app closes its
-            // keep-alive connections once SIGTERM comes, after the agent's drain.
-            Mode::Observe => "8s",
+            // keep-alive connections once SIGTERM comes, after the agent's drain, which
+            // then ends at its timeout. That timeout must outlast the load balancer's lag.
+            Mode::Observe => "30s",
         };
         serde_json::json!({
             "apiVersion": "sluice.dev/v1alpha1",
@@ -500,7 +501,12 @@ impl Strategy for Sluice {
                             args.extend(["--error-rate".into(), f.to_string()]);
                         }
                         BadVersion::Slow(k) => {
-                            args.extend(["--latency".into(), format!("{}ms", BASE_LATENCY_MS * k)]);
+                            // v1's `--latency` flag, k times the value (clap takes a flag once).
+                            let slow = format!("{}ms", BASE_LATENCY_MS * k);
+                            match args.iter().position(|a| a == "--latency") {
+                                Some(i) if i + 1 < args.len() => args[i + 1] = slow,
+                                _ => args.extend(["--latency".into(), slow]),
+                            }
                         }
                     }
                     patch =
@@ -576,6 +582,9 @@ impl Sluice {
             deadline,
         )
         .await?;
+        if self.bad.is_some() {
+            eprintln!("rolled back ({}): {}", ctx.namespace, st.status["abort"]);
+        }
         Ok(st)
     }
 }
