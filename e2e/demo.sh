@@ -3,19 +3,20 @@
 #
 # 1. builds everything and brings the local test ground up (`make cluster-up`: a real
 #    control plane, the process node local-0 whose pods are real processes, a service proxy);
-# 2. applies the CRDs and installs the chart with Helm (`--set replicas=0`: the operator's
-#    pod cannot run on the test ground yet, so the demo runs the operator as a host
-#    process, with the same code and flags);
+# 2. applies the CRDs and installs the chart with Helm: the operator runs as a pod on the
+#    process node (host network, watching the demo's namespace); OPERATOR=host installs the
+#    chart with `replicas=0` and runs the operator as a host process instead;
 # 3. deploys the quickstart (examples/quickstart/: the echo Deployment and Service, and a
 #    Release) and shows the Release taking the Deployment over;
 # 4. measures a rollout v1 → v2 of the same echo app (6 replicas, named port `http`,
 #    `targetPort: http`, as in the quickstart) under load (200 keep-alive connections) behind a
 #    load balancer that learns endpoint changes $DELAY s late, twice side by side: the B2
 #    baseline (`preStop: sleep 15`, graceful app) and a Sluice Release; prints the table and
-#    where the plot is.
+#    where the plot is. These runs start their own operator as a host process, scoped to
+#    each run's namespace (the scenario runner stops and restarts it between runs).
 #
-# Environment: DELAY (default 5), RATE (default 1000 requests/s), KEEP_DEMO=1 keeps the
-# quickstart's namespace.
+# Environment: DELAY (default 5), RATE (default 1000 requests/s), OPERATOR (cluster|host),
+# KEEP_DEMO=1 keeps the quickstart's namespace (and its operator) to play with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export SLUICE_REPO=$PWD
@@ -35,28 +36,43 @@ export SLUICE_E2E_KUBECONFIG=$KUBECONFIG
 eval "$(bash e2e/cluster/build.sh kubectl helm | sed -E 's/^[a-z-]+=(.*)$/PATH="\1:$PATH"/')"
 export PATH
 
-step "CRDs and the Helm chart (operator replicas 0: it runs as a host process here)"
 kubectl apply --server-side --force-conflicts -f crds/ >/dev/null
 kubectl wait --for condition=established --timeout=30s crd/releases.sluice.dev >/dev/null
-helm upgrade --install sluice charts/sluice -n sluice-system --create-namespace \
-  --set replicas=0 --wait --timeout 60s >/dev/null
-helm list -n sluice-system
-
-step "Quickstart: echo Deployment + Service + Release in namespace $ns"
 kubectl delete namespace "$ns" --ignore-not-found --wait=false >/dev/null
 kubectl wait --for=delete "namespace/$ns" --timeout=60s >/dev/null 2>&1 || true
 kubectl create namespace "$ns" >/dev/null
 mkdir -p target/e2e/logs
-echo "starting sluice-operator as a host process (log: target/e2e/logs/operator-demo.log)"
-SLUICE_AGENT_IMAGE=sluice/agent:dev SLUICE_WATCH_NAMESPACE=$ns \
-  target/debug/sluice-operator run --kubeconfig "$KUBECONFIG" --lease-namespace "$ns" \
-  --admin-addr 127.0.0.1:0 --lease-duration 3s >target/e2e/logs/operator-demo.log 2>&1 &
-operator=$!
+operator=""
 cleanup() {
-  kill "$operator" 2>/dev/null || true
-  wait "$operator" 2>/dev/null || true
+  if [ -n "$operator" ]; then
+    kill "$operator" 2>/dev/null || true
+    wait "$operator" 2>/dev/null || true
+    operator=""
+  fi
 }
 trap cleanup EXIT
+if [ "${OPERATOR:-cluster}" = cluster ]; then
+  step "CRDs and the Helm chart: the operator runs in the cluster (a pod on local-0, host network), watching $ns"
+  # The ground's API server listens on the host's 127.0.0.1: the operator pod uses the
+  # host network, so its metrics port must be free on the host.
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  helm upgrade --install sluice charts/sluice -n sluice-system --create-namespace \
+    --set "image.tag=dev,hostNetwork=true,metrics.port=$port,agent.image=sluice/agent:dev,watchNamespace=$ns,replicas=1,leaderElection.leaseDuration=5s" \
+    --set-string 'nodeSelector.kubernetes\.io/hostname=local-0' >/dev/null
+  kubectl -n sluice-system rollout status deployment/sluice-operator --timeout=90s
+else
+  step "CRDs and the Helm chart (replicas 0: the operator runs as a host process)"
+  helm upgrade --install sluice charts/sluice -n sluice-system --create-namespace \
+    --set replicas=0 >/dev/null
+  echo "starting sluice-operator as a host process (log: target/e2e/logs/operator-demo.log)"
+  SLUICE_AGENT_IMAGE=sluice/agent:dev SLUICE_WATCH_NAMESPACE=$ns \
+    target/debug/sluice-operator run --kubeconfig "$KUBECONFIG" --lease-namespace "$ns" \
+    --admin-addr 127.0.0.1:0 --lease-duration 3s >target/e2e/logs/operator-demo.log 2>&1 &
+  operator=$!
+fi
+helm list -n sluice-system
+
+step "Quickstart: echo Deployment + Service + Release in namespace $ns"
 kubectl -n "$ns" apply -f examples/quickstart/echo.yaml -f examples/quickstart/release.yaml
 echo "waiting for the Release to take the Deployment over (its pods get the agent sidecar)..."
 for _ in $(seq 1 120); do
@@ -67,13 +83,17 @@ for _ in $(seq 1 120); do
 done
 kubectl -n "$ns" get release echo
 kubectl -n "$ns" get pods -o custom-columns='POD:.metadata.name,READY:.status.conditions[?(@.type=="Ready")].status,CONTAINERS:.spec.initContainers[*].name'
-cleanup
-trap - EXIT
 if [ -z "${KEEP_DEMO:-}" ]; then
-  # The Release's hand-back finalizer needs the operator; the demo's operator is gone.
-  kubectl -n "$ns" patch release echo --type merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
+  # Deleting the Release hands the pods back to the Deployment (the operator removes its
+  # finalizer); a host-process operator stops now, so its finalizer goes by hand.
+  if [ -n "$operator" ]; then
+    kubectl -n "$ns" patch release echo --type merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
+  fi
   kubectl delete namespace "$ns" --wait=false >/dev/null
+else
+  echo "kept: try  kubectl -n $ns set image deployment/echo echo=sluice/echo:v2; kubectl -n $ns get release echo -w"
 fi
+cleanup
 
 step "Measured: B2 (preStop sleep 15) and Sluice, v1 → v2 under load, load balancer ${delay} s late"
 echo "(each run: its own namespace, 6 replicas, 200 connections at $rate req/s; Sluice's run starts the operator as a host process)"
