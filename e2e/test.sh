@@ -29,6 +29,6 @@ trap stop EXIT
 eval "$(bash e2e/cluster/build.sh kubectl helm | sed -E 's/^[a-z-]+=(.*)$/PATH="\1:$PATH"/')"
 export PATH
 
-# Tests that need the cluster may be #[ignore]d so that a plain `cargo test` stays a fast
-# unit run; here they all run.
-cargo test --workspace --no-fail-fast -- --include-ignored --test-threads="${SLUICE_TEST_THREADS:-2}"
+# Cluster tests find the ground through SLUICE_E2E_KUBECONFIG (a plain `cargo test` starts
+# one itself). Benchmarks are #[ignore]d and run only from `make bench-*`.
+cargo test --workspace --no-fail-fast -- --test-threads="${SLUICE_TEST_THREADS:-2}"

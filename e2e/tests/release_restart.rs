@@ -13,7 +13,6 @@ use sluice_e2e::scenario::{self, RunSpec};
 use sluice_e2e::scenario_sluice::{Sluice, release_state};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the test ground; make test runs it"]
 async fn a_release_survives_operator_kills() -> anyhow::Result<()> {
     let cluster = sluice_e2e::cluster::TestCluster::get().await?;
     require_process_node(&cluster.client).await?;

@@ -2,8 +2,8 @@
 //! their required rack, scale up, node loss, a full fleet, and a slot-swap rollout that
 //! never takes more than `maxUnavailable` replicas out of service.
 //!
-//! Needs the test ground (`make cluster-up`); ignored by a plain `cargo test`:
-//! `cargo test -p sluice-operator --test inference_e2e -- --ignored --nocapture`.
+//! Runs against the test ground (`make test` provides it; a plain `cargo test` starts one):
+//! `cargo test -p sluice-operator --test inference_e2e -- --nocapture`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -181,7 +181,6 @@ fn check_placement(pods: &[Pod], racks: &BTreeMap<String, String>) -> anyhow::Re
 }
 
 #[tokio::test]
-#[ignore = "needs the test ground: make cluster-up"]
 async fn inference_set_places_scales_survives_node_loss_and_rolls_by_slot_swap()
 -> anyhow::Result<()> {
     let cluster = TestCluster::get().await?;
