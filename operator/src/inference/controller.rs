@@ -680,15 +680,21 @@ fn node_changes(nodes: Store<Node>) -> impl futures::Stream<Item = ()> + Send + 
     rx
 }
 
-/// Run the controller until it stops.
+/// Run the controller until it stops (one namespace when `namespace` is set).
 pub async fn run(
     client: kube::Client,
     pods: Store<Pod>,
     nodes: Store<Node>,
     metrics: InferenceMetrics,
+    namespace: Option<String>,
 ) {
-    let sets: Api<InferenceSet> = Api::all(client.clone());
-    let owned: Api<Pod> = Api::all(client.clone());
+    let (sets, owned): (Api<InferenceSet>, Api<Pod>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),

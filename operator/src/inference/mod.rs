@@ -90,11 +90,18 @@ pub fn run(
             watcher::Config::default(),
             wake.clone(),
         );
-        let (pods, pod_watch) = scheduler::reflect(
-            Api::<Pod>::all(client.clone()),
-            watcher::Config::default(),
-            wake.clone(),
-        );
+        // `SLUICE_WATCH_NAMESPACE` limits the controller and the binder to one namespace, as
+        // for the Release controller (tests run one operator per namespace side by side);
+        // nodes stay cluster-wide. Unset, every namespace.
+        let scope = std::env::var("SLUICE_WATCH_NAMESPACE")
+            .ok()
+            .filter(|ns| !ns.is_empty());
+        let pod_api = match &scope {
+            Some(ns) => Api::<Pod>::namespaced(client.clone(), ns),
+            None => Api::<Pod>::all(client.clone()),
+        };
+        let (pods, pod_watch) =
+            scheduler::reflect(pod_api, watcher::Config::default(), wake.clone());
         let binder = {
             let (client, nodes, pods, metrics) =
                 (client.clone(), nodes.clone(), pods.clone(), metrics.clone());
@@ -108,7 +115,7 @@ pub fn run(
         };
         let controller = async move {
             if config.controller {
-                controller::run(client, pods, nodes, metrics).await;
+                controller::run(client, pods, nodes, metrics, scope).await;
             } else {
                 std::future::pending::<()>().await;
             }

@@ -4,15 +4,17 @@
 //! server copies onto the pod in the same write as `spec.nodeName` (so a pod is never
 //! bound without its `sluice.dev/gpu-ids`).
 //!
-//! Each round rebuilds the fleet from the Node and Pod caches (bound pods' GPUs from their
-//! `sluice.dev/gpu-ids`, plus the binds this binder made that the cache has not seen yet),
-//! places every complete pending gang (oldest first) and binds them concurrently. A gang
-//! whose bind fails part-way is deleted whole; its owner creates it again.
+//! A round takes the fleet model (built from the Node and Pod caches: bound pods' GPUs from
+//! their `sluice.dev/gpu-ids`, plus the binds this binder made that the cache has not seen
+//! yet; kept from the last round while the nodes and the pods holding GPUs changed only by
+//! this binder's binds), places every complete pending gang (oldest first) and binds each
+//! as soon as it is placed, at most [`BIND_IN_FLIGHT`] pods at once. A gang whose bind
+//! fails part-way is deleted whole; its owner creates it again.
 //!
 //! Pure pieces ([`node_spec`], [`pod_usage`], [`tolerates`], [`gang_request`],
 //! [`parse_cpu_milli`], [`parse_mem_mib`]) are unit-tested below.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -246,8 +248,30 @@ struct Assumed {
     assignment: PodAssignment,
 }
 
+/// The fleet kept between rounds, with what it was built from.
+struct CachedFleet {
+    fleet: Fleet,
+    /// [`nodes_fingerprint`] of the nodes it was built from.
+    nodes_fp: u64,
+    /// Uids of the pods it accounts for (see [`Binder::accounted`]).
+    accounted: HashSet<String>,
+}
+
+/// Order-independent fingerprint of the nodes' names and resource versions.
+fn nodes_fingerprint(nodes: &[Arc<Node>]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    nodes.iter().fold(nodes.len() as u64, |acc, n| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        n.metadata.name.hash(&mut h);
+        n.metadata.resource_version.hash(&mut h);
+        acc.wrapping_add(h.finish())
+    })
+}
+
 /// The binder.
 pub struct Binder {
+    /// The fleet of the last round (rebuilt when nodes or other pods change).
+    cached: Option<CachedFleet>,
     /// Free bind slots (pods); see [`BIND_IN_FLIGHT`].
     slots: Arc<tokio::sync::Semaphore>,
     /// Results of gang binds: (gang key, bound).
@@ -281,6 +305,7 @@ impl Binder {
     ) -> Self {
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
+            cached: None,
             slots: Arc::new(tokio::sync::Semaphore::new(BIND_IN_FLIGHT)),
             done_tx,
             done_rx,
@@ -366,21 +391,6 @@ impl Binder {
                 }
             }
         }
-        // Forget assumptions the cache has caught up with (or that expired).
-        let now = Instant::now();
-        let by_uid: HashMap<&str, &Arc<Pod>> = pods
-            .iter()
-            .filter_map(|p| p.metadata.uid.as_deref().map(|u| (u, p)))
-            .collect();
-        self.assumed.retain(|uid, a| {
-            now.duration_since(a.at) < ASSUME_TTL
-                && by_uid.get(uid.as_str()).is_some_and(|p| {
-                    p.spec
-                        .as_ref()
-                        .and_then(|s| s.node_name.as_deref())
-                        .is_none()
-                })
-        });
         // Group the bound pods (and the assumed ones) by gang: one allocation each.
         let mut gangs: BTreeMap<String, (Option<String>, Vec<PodAssignment>)> = BTreeMap::new();
         for p in pods.iter().filter(|p| holds_resources(p)) {
@@ -438,6 +448,59 @@ impl Binder {
         fleet
     }
 
+    /// Forget assumptions the cache has caught up with (or that expired).
+    fn forget_confirmed(&mut self, pods: &[Arc<Pod>]) {
+        let now = Instant::now();
+        let by_uid: HashMap<&str, &Arc<Pod>> = pods
+            .iter()
+            .filter_map(|p| p.metadata.uid.as_deref().map(|u| (u, p)))
+            .collect();
+        self.assumed.retain(|uid, a| {
+            now.duration_since(a.at) < ASSUME_TTL
+                && by_uid.get(uid.as_str()).is_some_and(|p| {
+                    p.spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.as_deref())
+                        .is_none()
+                })
+        });
+    }
+
+    /// Pods the fleet accounts for: holding resources and bound (or being bound by us).
+    fn accounted<'a>(&'a self, pods: &'a [Arc<Pod>]) -> impl Iterator<Item = &'a str> + 'a {
+        pods.iter().filter(|p| holds_resources(p)).filter_map(|p| {
+            let uid = p.metadata.uid.as_deref()?;
+            let bound = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+            (bound || self.assumed.contains_key(uid)).then_some(uid)
+        })
+    }
+
+    /// The fleet for this round: the one kept from the last round when neither the nodes
+    /// nor the set of pods holding GPUs changed other than by this binder's own binds;
+    /// otherwise built again from the caches.
+    fn take_fleet(&mut self, nodes: &[Arc<Node>], pods: &[Arc<Pod>]) -> (Fleet, HashSet<String>) {
+        let fp = nodes_fingerprint(nodes);
+        if let Some(c) = self.cached.take()
+            && c.nodes_fp == fp
+        {
+            let mut n = 0;
+            let same = self.accounted(pods).all(|uid| {
+                n += 1;
+                c.accounted.contains(uid)
+            }) && n == c.accounted.len();
+            if same {
+                return (c.fleet, c.accounted);
+            }
+        }
+        let built = Instant::now();
+        let fleet = self.fleet(nodes, pods);
+        let accounted = self.accounted(pods).map(str::to_string).collect();
+        self.metrics
+            .fleet_build_seconds
+            .observe(built.elapsed().as_secs_f64());
+        (fleet, accounted)
+    }
+
     async fn round(&mut self) -> Result<(), super::Error> {
         // Gangs whose bind failed were deleted whole: forget their assumptions.
         while let Ok((key, ok)) = self.done_rx.try_recv() {
@@ -446,6 +509,7 @@ impl Binder {
             }
         }
         let pods = self.pods.state();
+        self.forget_confirmed(&pods);
         let pending = self.pending_gangs(&pods);
         self.metrics.gangs_pending.set(pending.len() as i64);
         if pending.is_empty() {
@@ -453,11 +517,8 @@ impl Binder {
         }
         self.metrics.binder_rounds.inc();
         let nodes = self.nodes.state();
-        let built = Instant::now();
-        let mut fleet = self.fleet(&nodes, &pods);
-        self.metrics
-            .fleet_build_seconds
-            .observe(built.elapsed().as_secs_f64());
+        let (mut fleet, mut accounted) = self.take_fleet(&nodes, &pods);
+        let nodes_fp = nodes_fingerprint(&nodes);
         let mut failures: Vec<(PendingGang, String)> = Vec::new();
         // Node eligibility per (tolerations, nodeSelector) of the gangs in this round.
         let mut eligibility: HashMap<String, Vec<String>> = HashMap::new();
@@ -525,6 +586,7 @@ impl Binder {
             }
             for (pod, a) in g.pods.iter().zip(&p.pods) {
                 if let Some(uid) = &pod.metadata.uid {
+                    accounted.insert(uid.clone());
                     self.assumed.insert(
                         uid.clone(),
                         Assumed {
@@ -556,6 +618,11 @@ impl Binder {
                 let _ = done.send((g.key.clone(), ok));
             });
         }
+        self.cached = Some(CachedFleet {
+            fleet,
+            nodes_fp,
+            accounted,
+        });
         // Report unschedulable gangs (once per message change).
         for (g, msg) in &failures {
             self.report_unschedulable(g, msg).await;
