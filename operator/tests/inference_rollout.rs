@@ -476,7 +476,6 @@ fn check(spec: &Spec, o: &Outcome) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the test ground (process nodes); make test runs it"]
 async fn short_rollout_is_lossless() -> anyhow::Result<()> {
     let spec = Spec {
         replicas: 4,
