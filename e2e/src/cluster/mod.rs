@@ -527,9 +527,30 @@ fn http_get_ok(addr: &str, path: &str) -> bool {
     buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200")
 }
 
-/// A port the kernel reports free right now on 127.0.0.1.
+/// A port free right now on every local address, taken from outside the kernel's ephemeral
+/// range: a port from that range can be grabbed by any outgoing connection between this
+/// call and the moment a daemon binds it.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let candidates: Vec<u16> = (20000..low).chain(high.saturating_add(1)..=65000).collect();
+    anyhow::ensure!(
+        !candidates.is_empty(),
+        "no ports outside the ephemeral range {low}-{high}"
+    );
+    let start = rand::random::<u32>() as usize;
+    for i in 0..candidates.len().min(2000) {
+        let port = candidates[(start + i * 7919) % candidates.len()];
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port found outside the ephemeral range {low}-{high}")
 }
 
 fn ensure_port_free(port: u16) -> anyhow::Result<()> {
@@ -568,6 +589,23 @@ fn del_blackhole(cidr: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_ports_are_bindable_and_outside_the_ephemeral_range() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let bounds: Vec<u16> = range
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        for _ in 0..20 {
+            let port = free_port().unwrap();
+            assert!(
+                port < bounds[0] || port > bounds[1],
+                "{port} is in the ephemeral range {range}"
+            );
+            TcpListener::bind(("0.0.0.0", port)).unwrap();
+        }
+    }
 
     #[test]
     fn a_port_in_use_says_who_to_ask_and_what_to_do() {
