@@ -916,7 +916,7 @@ pub fn write_report(report: &Report, json: &Path, svg: &Path) -> anyhow::Result<
 
 pub async fn run(args: ScenarioArgs) -> anyhow::Result<()> {
     let strategies = strategies_for(&args.name)?;
-    let client = crate::node::client_from_kubeconfig(&args.kubeconfig).await?;
+    let client = crate::cluster::client_for(&args.kubeconfig).await?;
     let mut report = Report {
         generated_unix_ms: chrono::Utc::now().timestamp_millis() as u64,
         cpus: std::thread::available_parallelism()

@@ -547,7 +547,7 @@ pub struct SvcProxyArgs {
 }
 
 pub async fn run(args: SvcProxyArgs) -> anyhow::Result<()> {
-    let client = crate::node::client_from_kubeconfig(&args.kubeconfig).await?;
+    let client = crate::cluster::client_for(&args.kubeconfig).await?;
     let _proxy = ServiceProxy::start(
         client,
         ProxyConfig {

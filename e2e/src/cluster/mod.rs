@@ -477,8 +477,9 @@ pub async fn healthy(kubeconfig: &Path) -> bool {
 pub async fn client_for(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
     let kc = kube::config::Kubeconfig::read_from(kubeconfig)
         .with_context(|| format!("reading {}", kubeconfig.display()))?;
-    let mut config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
-    config.read_timeout = Some(Duration::from_secs(60));
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .with_context(|| format!("loading {}", kubeconfig.display()))?;
     Ok(kube::Client::try_from(config)?)
 }
 

@@ -7,7 +7,7 @@
 //! bridge address), watches the pods with `spec.nodeName=<name>` and gives each a
 //! [`pod::PodWorker`].
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,16 +71,6 @@ pub struct NodeArgs {
     /// pods' processes) and exit; for after a crash. `cluster down` does the same.
     #[arg(long)]
     pub cleanup: bool,
-}
-
-/// A client from a kubeconfig file.
-pub async fn client_from_kubeconfig(path: &Path) -> anyhow::Result<Client> {
-    let kc = kube::config::Kubeconfig::read_from(path)
-        .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .with_context(|| format!("loading kubeconfig {}", path.display()))?;
-    Ok(Client::try_from(cfg)?)
 }
 
 /// Resolves when the process gets SIGTERM or SIGINT.
@@ -341,7 +331,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         return cleanup_host_network();
     }
     let repo = runtime::repo_root();
-    let client = client_from_kubeconfig(&args.kubeconfig).await?;
+    let client = crate::cluster::client_for(&args.kubeconfig).await?;
     let cidr: net::Cidr = args
         .pod_cidr
         .parse()
