@@ -124,20 +124,7 @@ pub fn agent_settings(
             .unwrap_or(Duration::from_secs(default))
     };
     Some((
-        AgentSettings {
-            mode: a.mode,
-            protocol: a.protocol.unwrap_or_default(),
-            image: a
-                .image
-                .clone()
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| default_image.to_string()),
-            container: a.container.clone(),
-            port: a.port.clone(),
-            proxy_port: a.proxy_port.unwrap_or(15001),
-            admin_port: a.admin_port.unwrap_or(9901),
-            resources: a.resources.clone(),
-        },
+        AgentSettings::resolve(a, default_image),
         DrainSettings {
             quiet_period: dur(&d.quiet_period, 5),
             propagation_timeout: dur(&d.propagation_timeout, 60),

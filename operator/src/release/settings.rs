@@ -64,6 +64,26 @@ pub struct AgentSettings {
     pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
 }
 
+impl AgentSettings {
+    /// The spec's agent section with defaults filled in; `default_image` when it names none.
+    pub fn resolve(a: &crate::release::crd::AgentSpec, default_image: &str) -> Self {
+        Self {
+            mode: a.mode,
+            protocol: a.protocol.unwrap_or_default(),
+            image: a
+                .image
+                .clone()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| default_image.to_string()),
+            container: a.container.clone(),
+            port: a.port.clone(),
+            proxy_port: a.proxy_port.unwrap_or(15001),
+            admin_port: a.admin_port.unwrap_or(9901),
+            resources: a.resources.clone(),
+        }
+    }
+}
+
 /// The spec with defaults applied and durations parsed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -232,20 +252,7 @@ impl Settings {
             max_concurrent: d.max_concurrent.unwrap_or(2),
         };
         let a = &spec.agent;
-        let agent = AgentSettings {
-            mode: a.mode,
-            protocol: a.protocol.unwrap_or_default(),
-            image: a
-                .image
-                .clone()
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| default_agent_image.to_string()),
-            container: a.container.clone(),
-            port: a.port.clone(),
-            proxy_port: a.proxy_port.unwrap_or(15001),
-            admin_port: a.admin_port.unwrap_or(9901),
-            resources: a.resources.clone(),
-        };
+        let agent = AgentSettings::resolve(a, default_agent_image);
 
         // The same checks as the admission rules, for objects that bypassed them.
         if spec.workload_ref.kind != "Deployment" || spec.workload_ref.api_version != "apps/v1" {
