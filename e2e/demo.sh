@@ -55,7 +55,13 @@ if [ "${OPERATOR:-cluster}" = cluster ]; then
   step "CRDs and the Helm chart: the operator runs in the cluster (a pod on local-0, host network), watching $ns"
   # The ground's API server listens on the host's 127.0.0.1: the operator pod uses the
   # host network, so its metrics port must be free on the host.
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  # Outside the kernel's ephemeral range, so no outgoing connection takes it meanwhile.
+  port=$(python3 -c '
+import random, socket
+for p in random.sample(range(20000, 32000), 200):
+    try:
+        s = socket.socket(); s.bind(("0.0.0.0", p)); s.close(); print(p); break
+    except OSError: pass')
   helm upgrade --install sluice charts/sluice -n sluice-system --create-namespace \
     --set "image.tag=dev,hostNetwork=true,metrics.port=$port,agent.image=sluice/agent:dev,watchNamespace=$ns,replicas=1,leaderElection.leaseDuration=5s" \
     --set-string 'nodeSelector.kubernetes\.io/hostname=local-0' >/dev/null
