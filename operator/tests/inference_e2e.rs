@@ -267,17 +267,25 @@ async fn inference_set_places_scales_survives_node_loss_and_rolls_by_slot_swap()
     cluster
         .delete_nodes(std::slice::from_ref(&victim_node))
         .await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (s, _) = wait_settled(&sets, &pods, "llm", 5, Duration::from_secs(90)).await?;
-    let live_gangs: BTreeSet<String> = s
-        .pods
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .map(|p| p.metadata.labels.as_ref().unwrap()["sluice.dev/gang"].clone())
-        .collect();
-    if !live_gangs.is_disjoint(&lost_gangs) {
-        bail!("lost gangs {lost_gangs:?} still live");
-    }
+    // Settled *and* without the lost gangs: right after the delete, the old settled state
+    // may still be what the controller reports.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let s = loop {
+        let (s, _) = wait_settled(&sets, &pods, "llm", 5, Duration::from_secs(90)).await?;
+        let live_gangs: BTreeSet<String> = s
+            .pods
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| p.metadata.labels.as_ref().unwrap()["sluice.dev/gang"].clone())
+            .collect();
+        if live_gangs.is_disjoint(&lost_gangs) {
+            break s;
+        }
+        if Instant::now() > deadline {
+            bail!("lost gangs {lost_gangs:?} still live after 90s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     check_placement(&s.pods, &racks)?;
     println!(
         "node {victim_node} deleted: {} replica(s) placed again in {:.1}s",
