@@ -39,21 +39,7 @@ async fn b1_behind_a_slow_load_balancer_loses_requests() -> anyhow::Result<()> {
         r.failed > 0,
         "B1 with a 3 s propagation delay lost nothing: the ground is unrealistic"
     );
-    assert_eq!(r.old_pods.len(), 3);
-    assert_eq!(r.new_pods.len(), 3);
-    assert!(r.old_pods.iter().all(|p| !r.new_pods.contains(p)));
-    // By the end only new pods answer.
-    let last = r
-        .series
-        .iter()
-        .rev()
-        .find(|b| !b.by_pod.is_empty())
-        .expect("answers in the series");
-    assert!(
-        last.by_pod.keys().all(|p| r.new_pods.contains(p)),
-        "old pods still answering at the end: {:?}",
-        last.by_pod
-    );
+    assert_rolled_over(&r, 3);
     assert!(r.release_s > 0.0 && r.release_s < 60.0);
     Ok(())
 }

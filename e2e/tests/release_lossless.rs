@@ -6,7 +6,7 @@ mod ground_common;
 
 use std::time::Duration;
 
-use ground_common::require_process_node;
+use ground_common::{assert_rolled_over, require_process_node};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, ListParams};
 use sluice_e2e::scenario::{self, RunSpec};
@@ -63,17 +63,7 @@ async fn release_is_lossless_behind_a_slow_load_balancer() -> anyhow::Result<()>
         "{} requests",
         r.requests
     );
-    assert_eq!(r.old_pods.len(), 3);
-    assert_eq!(r.new_pods.len(), 3);
-    assert!(r.old_pods.iter().all(|p| !r.new_pods.contains(p)));
-    // Only new pods answer at the end.
-    let last = r
-        .series
-        .iter()
-        .rev()
-        .find(|b| !b.by_pod.is_empty())
-        .expect("answers in the series");
-    assert!(last.by_pod.keys().all(|p| r.new_pods.contains(p)));
+    assert_rolled_over(&r, 3);
 
     assert_eq!(st.phase.as_deref(), Some("Completed"), "{:?}", st.message);
     let conditions = st.status["conditions"]

@@ -146,3 +146,22 @@ pub fn scratch(ns: &str) -> std::path::PathBuf {
 pub fn name_of(pod: &Pod) -> String {
     pod.name_any()
 }
+
+/// The release replaced all `replicas` old pods with new ones, and by the end of the run
+/// only new pods answer.
+pub fn assert_rolled_over(r: &sluice_e2e::scenario::RunResult, replicas: usize) {
+    assert_eq!(r.old_pods.len(), replicas);
+    assert_eq!(r.new_pods.len(), replicas);
+    assert!(r.old_pods.iter().all(|p| !r.new_pods.contains(p)));
+    let last = r
+        .series
+        .iter()
+        .rev()
+        .find(|b| !b.by_pod.is_empty())
+        .expect("answers in the series");
+    assert!(
+        last.by_pod.keys().all(|p| r.new_pods.contains(p)),
+        "old pods still answering at the end: {:?}",
+        last.by_pod
+    );
+}
