@@ -14,7 +14,14 @@ KWOK_VERSION=v0.7.0
 HELM_VERSION=v3.19.5
 
 die() { echo "build.sh: $*" >&2; exit 1; }
-command -v go >/dev/null 2>&1 || die "no Go toolchain on PATH. Install Go >= 1.24 (https://go.dev/dl) and run again."
+# Go is needed only when something must be built; cached binaries run without it.
+need_go() {
+  command -v go >/dev/null 2>&1 || die "no Go toolchain on PATH, and $1 is not cached yet. Install Go >= 1.26 (https://go.dev/dl) and run again."
+  local v; v=$(go env GOVERSION 2>/dev/null); v=${v#go}
+  case $v in
+    1.2[0-5]|1.2[0-5].*|1.1[0-9]*|1.[0-9]|1.[0-9].*) die "Go $v is too old to build $1: the pinned modules need Go >= 1.26 (https://go.dev/dl)." ;;
+  esac
+}
 
 export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
 build_date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
@@ -24,6 +31,7 @@ build() {
   local comp=$1 ver=$2 dir=$3 pkg=$4 bin=$5 ldflags=${6:-}
   local out="$cache/bin/$comp-$ver"
   if [ -x "$out/$bin" ]; then return 0; fi
+  need_go "$bin $ver"
   echo "build.sh: building $bin $ver (cached afterwards in $out)" >&2
   mkdir -p "$out.tmp"
   (cd "$here/$dir" && go build -trimpath -tags selinux,notest -ldflags "-s -w $ldflags" -o "$out.tmp/$bin" "$pkg") \
