@@ -249,7 +249,10 @@ struct AllocRecord {
 static NEXT_UID: AtomicU64 = AtomicU64::new(1);
 
 /// The fleet: nodes, their free capacity and the allocations on them.
-#[derive(Clone, Debug)]
+///
+/// A clone is a new fleet (it gets its own identity), so a [`crate::Placer`] that caches
+/// per-fleet state never mixes up the original and the clone once they diverge.
+#[derive(Debug)]
 pub struct Fleet {
     pub(crate) uid: u64,
     pub(crate) version: u64,
@@ -263,6 +266,24 @@ pub struct Fleet {
     allocations: HashMap<String, AllocRecord>,
     /// group -> per spread level (label levels, then node) -> domain -> replicas.
     spread: HashMap<String, Vec<FxMap<u32, u32>>>,
+}
+
+impl Clone for Fleet {
+    fn clone(&self) -> Self {
+        Fleet {
+            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
+            version: self.version,
+            config: self.config.clone(),
+            nodes: self.nodes.clone(),
+            by_name: self.by_name.clone(),
+            products: self.products.clone(),
+            product_ids: self.product_ids.clone(),
+            domains: self.domains.clone(),
+            states: self.states.clone(),
+            allocations: self.allocations.clone(),
+            spread: self.spread.clone(),
+        }
+    }
 }
 
 impl Fleet {

@@ -134,6 +134,49 @@ struct Ctx {
     decision: u64,
 }
 
+/// Incrementally maintained per-fleet state: Sluice's domain aggregates (the context of a
+/// decision), change epochs per domain and an index of whole free GPUs per domain and
+/// product. Updated at the start of each decision from the nodes whose state changed since
+/// the previous one (a scan of one integer per node), instead of being rebuilt.
+#[derive(Default)]
+struct Index {
+    built: bool,
+    fleet_uid: u64,
+    generation: u64,
+    /// Per node: what is counted (0: nothing; otherwise the interned state + 1 of a usable
+    /// node).
+    seen: Vec<u64>,
+    /// Per node: free milli-GPU counted.
+    free: Vec<u64>,
+    /// Per node: whole free GPUs counted.
+    whole: Vec<u32>,
+    /// Per node × domain type: pods of that type counted.
+    fit: Vec<u32>,
+    /// Per node: when it last changed (`clock`).
+    node_epoch: Vec<u64>,
+    /// Per label level, per domain: when a member last changed.
+    epoch: Vec<Vec<u64>>,
+    clock: u64,
+    nprod: usize,
+    /// Per label level: whole free GPUs per (domain × products + product).
+    whole_by: Vec<Vec<u32>>,
+    /// Sluice's aggregates (domain types, finest label level).
+    ctx: Ctx,
+}
+
+/// A cached greedy pass over one domain: valid while the domain's signature holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct GreedyKey {
+    lvl: u32,
+    dom: u32,
+    shape: u64,
+    pods: u32,
+    gmode: u64,
+}
+
+/// Entries of the greedy cache kept at most (it is cleared when it grows past this).
+const GREEDY_CACHE_MAX: usize = 1 << 20;
+
 type Overlay = Vec<(usize, Vec<u32>, u64, u64)>;
 /// (total score, first pod's score, per pod: node index and GPU mask).
 type Greedy = (f64, f64, Vec<(usize, u64)>);
@@ -148,6 +191,10 @@ pub struct Placer {
     memo_fleet: u64,
     req_keys: HashMap<String, u64>,
     decisions: u64,
+    generation: u64,
+    index: Index,
+    greedy_cache: FxMap<GreedyKey, (Vec<u64>, Option<Greedy>)>,
+    accel: bool,
 }
 
 fn view_of(n: &Node) -> View<'_> {
@@ -165,8 +212,15 @@ fn view_of(n: &Node) -> View<'_> {
     }
 }
 
-fn mask_iter(mask: u64) -> impl Iterator<Item = usize> {
-    (0..64).filter(move |i| mask & (1u64 << i) != 0)
+fn mask_iter(mut mask: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if mask == 0 {
+            return None;
+        }
+        let i = mask.trailing_zeros() as usize;
+        mask &= mask - 1;
+        Some(i)
+    })
 }
 
 impl Placer {
@@ -187,12 +241,26 @@ impl Placer {
             memo_fleet: 0,
             req_keys: HashMap::new(),
             decisions: 0,
+            generation: 0,
+            index: Index::default(),
+            greedy_cache: FxMap::default(),
+            accel: true,
         }
     }
 
     /// Change the tunables.
     pub fn with_config(mut self, config: PlacerConfig) -> Self {
         self.config = config;
+        self.greedy_cache.clear();
+        self
+    }
+
+    /// Without the incremental index, the domain pruning and the per-domain greedy cache:
+    /// every decision rebuilds its aggregates and runs every greedy pass (the reference the
+    /// tests compare the accelerated placer with; same results, slower).
+    #[cfg(test)]
+    pub(crate) fn without_acceleration(mut self) -> Self {
+        self.accel = false;
         self
     }
 
@@ -206,6 +274,7 @@ impl Placer {
         self.profile = profile;
         self.compiled = None;
         self.memo.clear();
+        self.greedy_cache.clear();
     }
 
     /// Fragmentation of the whole fleet relative to the profile, in GPUs (FGD's measure,
@@ -228,8 +297,13 @@ impl Placer {
         self.ensure_compiled(fleet);
         let rq = self.resolve(fleet, req)?;
         self.decisions += 1;
-        let ctx = self.context(fleet, &rq);
-        match self.place_gang(fleet, &ctx, &rq) {
+        self.sync(fleet);
+        let mut ctx = std::mem::take(&mut self.index.ctx);
+        ctx.decision = self.decisions;
+        ctx.spread_min = self.spread_min(fleet, &rq);
+        let res = self.place_gang(fleet, &ctx, &rq);
+        self.index.ctx = ctx;
+        match res {
             Some((score, pods)) => Ok(self.output(fleet, req, &rq, score, &pods)),
             None => Err(self.diagnose(fleet, req, &rq)),
         }
@@ -260,6 +334,8 @@ impl Placer {
             self.compiled = Some(Compiled::build(fleet, &self.profile, aware));
             self.memo.clear();
             self.req_keys.clear();
+            self.greedy_cache.clear();
+            self.generation += 1;
         }
         if self.memo_fleet != fleet.uid || self.memo.len() > 4_000_000 {
             self.memo.clear();
@@ -333,6 +409,7 @@ impl Placer {
         if next >= (1 << 24) {
             self.req_keys.clear();
             self.memo.clear();
+            self.greedy_cache.clear();
         }
         let next = self.req_keys.len() as u64;
         let key = *self.req_keys.entry(k).or_insert(next);
@@ -351,72 +428,171 @@ impl Placer {
         })
     }
 
-    fn context(&self, fleet: &Fleet, rq: &Rq) -> Ctx {
-        let mut ctx = Ctx {
-            decision: self.decisions,
-            ..Default::default()
-        };
-        if self.policy != Policy::Sluice {
-            return ctx;
+    /// Bring the index up to date with the fleet: rebuilt for a new fleet (or profile),
+    /// otherwise only the nodes whose state or schedulability changed are re-counted.
+    fn sync(&mut self, fleet: &Fleet) {
+        let fresh = !self.accel
+            || !self.index.built
+            || self.index.fleet_uid != fleet.uid
+            || self.index.generation != self.generation;
+        if fresh {
+            self.index = self.new_index(fleet);
+            self.greedy_cache.clear();
         }
-        let c = self.compiled.as_ref().expect("compiled");
-        for t in &c.domain_types {
-            let n = fleet.domains[t.level].names.len();
-            ctx.doms.push(DomAgg {
-                level: t.level,
-                per_pod: t.per_pod,
-                pods: t.pods,
-                w: t.w,
-                allowed: t.allowed.clone(),
-                min_mem: t.min_mem,
-                cap: vec![0; n],
-                free: vec![0; n],
-            });
+        if self.greedy_cache.len() > GREEDY_CACHE_MAX {
+            self.greedy_cache.clear();
         }
-        let levels = fleet.config().levels.len();
-        if levels > 0 {
-            let f = levels - 1;
-            ctx.fine = Some(f);
-            let n = fleet.domains[f].names.len();
-            ctx.fine_free = vec![0; n];
-            ctx.fine_cap = vec![0; n];
+        let ix = &mut self.index;
+        // Nodes (and with them domains) may have been added since.
+        let n = fleet.nodes.len();
+        let k = ix.ctx.doms.len();
+        ix.seen.resize(n, 0);
+        ix.free.resize(n, 0);
+        ix.whole.resize(n, 0);
+        ix.node_epoch.resize(n, 0);
+        ix.fit.resize(n * k, 0);
+        for (l, ld) in fleet.domains.iter().enumerate() {
+            ix.epoch[l].resize(ld.names.len(), 0);
+            ix.whole_by[l].resize(ld.names.len() * ix.nprod, 0);
         }
-        for node in fleet.nodes.iter().filter(|n| n.usable()) {
+        for d in &mut ix.ctx.doms {
+            let m = fleet.domains[d.level].names.len();
+            d.cap.resize(m, 0);
+            d.free.resize(m, 0);
+        }
+        if let Some(f) = ix.ctx.fine {
+            let m = fleet.domains[f].names.len();
+            ix.ctx.fine_free.resize(m, 0);
+            ix.ctx.fine_cap.resize(m, 0);
+        }
+        for (i, node) in fleet.nodes.iter().enumerate() {
+            let sig = if node.usable() {
+                u64::from(node.state) + 1
+            } else {
+                0
+            };
+            if ix.seen[i] == sig {
+                continue;
+            }
             let v = view_of(node);
-            let free: u64 = node.free.iter().map(|&f| u64::from(f)).sum();
-            for d in &mut ctx.doms {
-                if product_ok(&d.allowed, d.min_mem, MigSelector::Any, &v) {
+            let ngpu_milli = (node.free.len() as u64) * u64::from(MILLI_PER_GPU);
+            let prod = node.product as usize;
+            if ix.seen[i] != 0 {
+                let (free, whole) = (ix.free[i], ix.whole[i]);
+                for (t, d) in ix.ctx.doms.iter_mut().enumerate() {
+                    if product_ok(&d.allowed, d.min_mem, MigSelector::Any, &v) {
+                        let dom = node.domains[d.level] as usize;
+                        d.cap[dom] -= ix.fit[i * k + t];
+                        d.free[dom] -= free;
+                    }
+                }
+                if let Some(f) = ix.ctx.fine {
+                    let dom = node.domains[f] as usize;
+                    ix.ctx.fine_free[dom] -= free;
+                    ix.ctx.fine_cap[dom] -= ngpu_milli;
+                }
+                for (l, w) in ix.whole_by.iter_mut().enumerate() {
+                    w[node.domains[l] as usize * ix.nprod + prod] -= whole;
+                }
+            }
+            let (mut free, mut whole) = (0, 0);
+            if sig != 0 {
+                free = node.free.iter().map(|&f| u64::from(f)).sum();
+                whole = node.free.iter().filter(|&&f| f == MILLI_PER_GPU).count() as u32;
+            }
+            for (t, d) in ix.ctx.doms.iter_mut().enumerate() {
+                let mut fit = 0;
+                if sig != 0 && product_ok(&d.allowed, d.min_mem, MigSelector::Any, &v) {
                     let dom = node.domains[d.level] as usize;
-                    d.cap[dom] += pods_fit(&v, d.per_pod);
+                    fit = pods_fit(&v, d.per_pod);
+                    d.cap[dom] += fit;
                     d.free[dom] += free;
                 }
+                ix.fit[i * k + t] = fit;
             }
-            if let Some(f) = ctx.fine {
-                let dom = node.domains[f] as usize;
-                ctx.fine_free[dom] += free;
-                ctx.fine_cap[dom] += (node.free.len() as u64) * u64::from(MILLI_PER_GPU);
-            }
-        }
-        if let Some((lvl, group, _)) = &rq.spread {
-            // Emptiest eligible domain (with at least one node matching the selector).
-            let mut min = u32::MAX;
-            let mut seen: FxMap<u32, ()> = FxMap::default();
-            for (i, node) in fleet.nodes.iter().enumerate().filter(|(_, n)| n.usable()) {
-                if !product_ok(&rq.allowed, rq.min_mem, rq.mig, &view_of(node)) {
-                    continue;
+            if sig != 0 {
+                if let Some(f) = ix.ctx.fine {
+                    let dom = node.domains[f] as usize;
+                    ix.ctx.fine_free[dom] += free;
+                    ix.ctx.fine_cap[dom] += ngpu_milli;
                 }
-                let d = if *lvl < levels {
-                    node.domains[*lvl]
-                } else {
-                    i as u32
-                };
-                if seen.insert(d, ()).is_none() {
-                    min = min.min(fleet.spread_count(group, *lvl, d));
+                for (l, w) in ix.whole_by.iter_mut().enumerate() {
+                    w[node.domains[l] as usize * ix.nprod + prod] += whole;
                 }
             }
-            ctx.spread_min = if min == u32::MAX { 0 } else { min };
+            ix.free[i] = free;
+            ix.whole[i] = whole;
+            ix.seen[i] = sig;
+            ix.clock += 1;
+            ix.node_epoch[i] = ix.clock;
+            for (l, e) in ix.epoch.iter_mut().enumerate() {
+                e[node.domains[l] as usize] = ix.clock;
+            }
         }
-        ctx
+    }
+
+    fn new_index(&self, fleet: &Fleet) -> Index {
+        let levels = fleet.config().levels.len();
+        let mut ctx = Ctx::default();
+        if self.policy == Policy::Sluice {
+            let c = self.compiled.as_ref().expect("compiled");
+            for t in &c.domain_types {
+                ctx.doms.push(DomAgg {
+                    level: t.level,
+                    per_pod: t.per_pod,
+                    pods: t.pods,
+                    w: t.w,
+                    allowed: t.allowed.clone(),
+                    min_mem: t.min_mem,
+                    cap: Vec::new(),
+                    free: Vec::new(),
+                });
+            }
+            if levels > 0 {
+                ctx.fine = Some(levels - 1);
+            }
+        }
+        Index {
+            built: true,
+            fleet_uid: fleet.uid,
+            generation: self.generation,
+            epoch: vec![Vec::new(); levels],
+            whole_by: vec![Vec::new(); levels],
+            nprod: fleet.products.len().max(1),
+            ctx,
+            ..Default::default()
+        }
+    }
+
+    /// Replicas of the owner in the emptiest eligible spread domain (with at least one node
+    /// matching the selector); Sluice only.
+    fn spread_min(&self, fleet: &Fleet, rq: &Rq) -> u32 {
+        if self.policy != Policy::Sluice {
+            return 0;
+        }
+        let Some((lvl, group, _)) = &rq.spread else {
+            return 0;
+        };
+        let levels = fleet.config().levels.len();
+        let mut min = u32::MAX;
+        let mut seen: FxMap<u32, ()> = FxMap::default();
+        for (i, node) in fleet.nodes.iter().enumerate().filter(|(_, n)| n.usable()) {
+            if !product_ok(&rq.allowed, rq.min_mem, rq.mig, &view_of(node)) {
+                continue;
+            }
+            let d = if *lvl < levels {
+                node.domains[*lvl]
+            } else {
+                i as u32
+            };
+            if seen.insert(d, ()).is_none() {
+                min = min.min(fleet.spread_count(group, *lvl, d));
+                if min == 0 {
+                    break;
+                }
+            }
+        }
+        if min == u32::MAX { 0 } else { min }
     }
 
     /// Candidate GPU sets on a node for one pod, in a canonical order.
@@ -664,16 +840,17 @@ impl Placer {
         let total_free: u64 = v.free.iter().map(|&f| u64::from(f)).sum();
         // Multi-node gang domains (e.g. NVLink cliques) that stop being able to take a gang.
         if !ctx.doms.is_empty() {
-            let mut buf = [0u32; 64];
-            let n = v.free.len();
-            buf[..n].copy_from_slice(v.free);
-            for i in mask_iter(base.mask) {
-                buf[i] -= milli;
-            }
-            let after = View {
-                free: &buf[..n],
-                ..v
+            // Whole free GPUs before and after (a GPU stops being whole when anything is
+            // taken from it).
+            let whole0 = v.free.iter().filter(|&&f| f == MILLI_PER_GPU).count() as u32;
+            let broken = if milli == 0 {
+                0
+            } else {
+                mask_iter(base.mask)
+                    .filter(|&i| v.free[i] == MILLI_PER_GPU)
+                    .count() as u32
             };
+            let whole1 = whole0 - broken;
             let mut delta = 0.0;
             for d in &ctx.doms {
                 if !product_ok(&d.allowed, d.min_mem, MigSelector::Any, &v) {
@@ -681,8 +858,8 @@ impl Placer {
                 }
                 let dom = node.domains[d.level] as usize;
                 let (cap0, free0) = (d.cap[dom], d.free[dom]);
-                let cap1 =
-                    cap0.saturating_sub(pods_fit(&v, d.per_pod)) + pods_fit(&after, d.per_pod);
+                let fit = |w: u32| w.checked_div(d.per_pod).unwrap_or(0);
+                let cap1 = cap0.saturating_sub(fit(whole0)) + fit(whole1);
                 let free1 = free0.saturating_sub(used);
                 let f0 = if cap0 < d.pods { free0 } else { 0 };
                 let f1 = if cap1 < d.pods { free1 } else { 0 };
@@ -771,6 +948,8 @@ impl Placer {
         Some((total, first, out))
     }
 
+    /// Whether the domain has enough GPU capacity on matching nodes for the whole gang
+    /// (an upper bound: never false where the greedy pass could place it).
     fn quick_room(&self, fleet: &Fleet, rq: &Rq, members: &[usize]) -> bool {
         let need = match rq.demand {
             GpuDemand::None => return true,
@@ -784,7 +963,8 @@ impl Placer {
                 continue;
             }
             have += match rq.demand {
-                GpuDemand::Milli(m) => n.free.iter().filter(|&&f| f >= m).count() as u64,
+                // Several shares of a gang may go to one GPU.
+                GpuDemand::Milli(m) => n.free.iter().map(|&f| u64::from(f / m)).sum(),
                 _ => n.free.iter().filter(|&&f| f == MILLI_PER_GPU).count() as u64,
             };
             if have >= need {
@@ -792,6 +972,108 @@ impl Placer {
             }
         }
         false
+    }
+
+    /// Index bound for a label-level domain: whole free GPUs on nodes of an allowed product
+    /// (selectors other than the product are ignored, so it is an upper bound).
+    fn index_room(&self, l: usize, d: usize, need: u64, prods: &[usize]) -> bool {
+        let ix = &self.index;
+        let row = &ix.whole_by[l][d * ix.nprod..(d + 1) * ix.nprod];
+        let have: u64 = if prods.is_empty() {
+            row.iter().map(|&w| u64::from(w)).sum()
+        } else {
+            prods.iter().map(|&p| u64::from(row[p])).sum()
+        };
+        have >= need
+    }
+
+    /// What a greedy pass over one domain depends on besides the request: the domain's change
+    /// epoch (its nodes' states) and, for Sluice, the aggregates read from outside the
+    /// domain: coarser gang-domain types (unless so roomy that the term is zero for any node)
+    /// and, for node/group domains, the finest label domain's fill (the tie-break).
+    fn domain_sig(&self, fleet: &Fleet, ctx: &Ctx, lvl: Lvl, d: usize, out: &mut Vec<u64>) {
+        out.clear();
+        let ix = &self.index;
+        let (level, rep) = match lvl {
+            Lvl::Label(l) => {
+                out.push(ix.epoch[l][d]);
+                (l, fleet.domains[l].members[d][0])
+            }
+            Lvl::Node | Lvl::Group => {
+                out.push(ix.node_epoch[d]);
+                (usize::MAX, d)
+            }
+        };
+        let node = &fleet.nodes[rep];
+        for t in ctx.doms.iter().filter(|t| t.level < level) {
+            let dom = node.domains[t.level] as usize;
+            let cap = t.cap[dom];
+            // A node holds at most MAX_GPUS_PER_NODE pods of the type: a domain with that
+            // many more than the gang can hold it before and after any placement.
+            if cap
+                >= t.pods
+                    .saturating_add(crate::fleet::MAX_GPUS_PER_NODE as u32)
+            {
+                out.push(u64::MAX);
+            } else {
+                out.push(u64::from(cap));
+                out.push(t.free[dom]);
+            }
+        }
+        if level == usize::MAX
+            && let Some(f) = ctx.fine
+        {
+            let dom = node.domains[f] as usize;
+            out.push(ctx.fine_free[dom]);
+            out.push(ctx.fine_cap[dom]);
+        }
+    }
+
+    /// The greedy pass over one domain of a gang, from the cache when the domain has not
+    /// changed since (same result as running it; only deterministic policies, no spread).
+    #[allow(clippy::too_many_arguments)]
+    fn greedy_domain(
+        &mut self,
+        fleet: &Fleet,
+        ctx: &Ctx,
+        rq: &Rq,
+        lvl: Lvl,
+        d: usize,
+        gmode: GMode,
+        sig: &mut Vec<u64>,
+    ) -> Option<Greedy> {
+        let cacheable =
+            self.accel && rq.spread.is_none() && !matches!(self.policy, Policy::Random { .. });
+        let run = |me: &mut Self| match lvl {
+            Lvl::Label(l) => {
+                let members = &fleet.domains[l].members[d];
+                me.greedy(fleet, ctx, rq, Some(members), gmode)
+            }
+            Lvl::Node | Lvl::Group => me.greedy(fleet, ctx, rq, Some(&[d]), gmode),
+        };
+        if !cacheable {
+            return run(self);
+        }
+        let key = GreedyKey {
+            lvl: match lvl {
+                Lvl::Label(l) => l as u32,
+                Lvl::Node => u32::MAX - 1,
+                Lvl::Group => u32::MAX,
+            },
+            dom: d as u32,
+            shape: rq.key,
+            pods: rq.pods,
+            gmode: gmode.code(),
+        };
+        self.domain_sig(fleet, ctx, lvl, d, sig);
+        if let Some((s, r)) = self.greedy_cache.get(&key)
+            && s == sig
+        {
+            return r.clone();
+        }
+        let r = run(self);
+        self.greedy_cache.insert(key, (sig.clone(), r.clone()));
+        r
     }
 
     fn place_at(
@@ -810,6 +1092,7 @@ impl Placer {
             }
         };
         let mut best = None;
+        let mut sig = Vec::new();
         match lvl {
             None => {
                 return self
@@ -827,13 +1110,28 @@ impl Placer {
                     .map(|r| (r.0, r.2));
             }
             Some(Lvl::Label(l)) => {
+                // Index bound first (no scan of the members), then the exact room check.
+                let need = match rq.demand {
+                    GpuDemand::Whole(g) if self.accel => u64::from(g) * u64::from(rq.pods),
+                    _ => 0,
+                };
+                let prods: Vec<usize> = match &rq.allowed {
+                    Some(a) => (0..a.len()).filter(|&p| a[p]).collect(),
+                    None => Vec::new(),
+                };
+                if need > 0 && rq.allowed.is_some() && prods.is_empty() {
+                    return None;
+                }
                 for d in 0..fleet.domains[l].members.len() {
-                    let members = &fleet.domains[l].members[d];
-                    if !self.quick_room(fleet, rq, members) {
+                    if need > 0 && !self.index_room(l, d, need, &prods) {
                         continue;
                     }
-                    let members = members.clone();
-                    if let Some(r) = self.greedy(fleet, ctx, rq, Some(&members), GMode::Any) {
+                    if !self.quick_room(fleet, rq, &fleet.domains[l].members[d]) {
+                        continue;
+                    }
+                    if let Some(r) =
+                        self.greedy_domain(fleet, ctx, rq, Lvl::Label(l), d, GMode::Any, &mut sig)
+                    {
                         pick(&mut best, r);
                     }
                 }
@@ -843,7 +1141,9 @@ impl Placer {
                     if !self.quick_room(fleet, rq, &[i]) {
                         continue;
                     }
-                    if let Some(r) = self.greedy(fleet, ctx, rq, Some(&[i]), GMode::Any) {
+                    if let Some(r) =
+                        self.greedy_domain(fleet, ctx, rq, Lvl::Node, i, GMode::Any, &mut sig)
+                    {
                         pick(&mut best, r);
                     }
                 }
@@ -854,8 +1154,15 @@ impl Placer {
                         continue;
                     }
                     for g in 0..fleet.nodes[i].ngroups {
-                        if let Some(r) = self.greedy(fleet, ctx, rq, Some(&[i]), GMode::Exactly(g))
-                        {
+                        if let Some(r) = self.greedy_domain(
+                            fleet,
+                            ctx,
+                            rq,
+                            Lvl::Group,
+                            i,
+                            GMode::Exactly(g),
+                            &mut sig,
+                        ) {
                             pick(&mut best, r);
                         }
                     }
@@ -935,6 +1242,10 @@ impl Placer {
                     && (rq.demand == GpuDemand::None || !n.free.is_empty())
             })
             .collect();
+        let mut is_matching = vec![false; fleet.nodes.len()];
+        for &i in &matching {
+            is_matching[i] = true;
+        }
         if matching.is_empty() {
             return PlaceError::NoMatchingGpu {
                 selector: req.selector.describe(),
@@ -1001,14 +1312,18 @@ impl Placer {
                 .as_ref()
                 .map(ToString::to_string)
                 .unwrap_or_default();
-            let members: Vec<Vec<usize>> = match req_l {
-                Lvl::Label(l) => fleet.domains[l].members.clone(),
-                Lvl::Node | Lvl::Group => matching.iter().map(|&i| vec![i]).collect(),
+            let singles: Vec<[usize; 1]>;
+            let members: Vec<&[usize]> = match req_l {
+                Lvl::Label(l) => fleet.domains[l].members.iter().map(Vec::as_slice).collect(),
+                Lvl::Node | Lvl::Group => {
+                    singles = matching.iter().map(|&i| [i]).collect();
+                    singles.iter().map(|s| s.as_slice()).collect()
+                }
             };
-            let cap_of = |ms: &Vec<usize>| -> u32 {
+            let cap_of = |ms: &&[usize]| -> u32 {
                 let s: u64 = ms
                     .iter()
-                    .filter(|&&i| matching.binary_search(&i).is_ok())
+                    .filter(|&&i| is_matching[i])
                     .map(|&i| {
                         if req_l == Lvl::Group {
                             // One group only: the largest group's fit.
@@ -1033,7 +1348,7 @@ impl Placer {
                 .iter()
                 .map(|ms| {
                     ms.iter()
-                        .filter(|&&i| matching.binary_search(&i).is_ok())
+                        .filter(|&&i| is_matching[i])
                         .map(|&i| Self::fit_now(&fleet.nodes[i], rq))
                         .sum::<u32>()
                 })
@@ -1124,5 +1439,279 @@ impl Placer {
             GpuDemand::Milli(m) => n.free.iter().map(|&f| u64::from(f / m)).sum(),
         };
         by_cpu.min(by_mem).min(by_gpu).min(1 << 20) as u32
+    }
+}
+
+#[cfg(test)]
+mod index_tests {
+    //! The incremental index, the domain pruning and the per-domain greedy cache must never
+    //! change a decision: random fleets and operation sequences, accelerated placer against
+    //! the reference that rebuilds everything and runs every greedy pass.
+
+    use super::*;
+    use crate::fleet::{
+        GpuTopology, LABEL_GPU_CLIQUE, LABEL_GPU_MEMORY, LABEL_RACK, LABEL_ZONE, NodeSpec,
+        TopologyConfig,
+    };
+    use crate::fx::Rng;
+    use crate::request::GangRequest;
+
+    const PRODUCTS: [&str; 3] = ["NVIDIA-L40S", "NVIDIA-H200", "NVIDIA-A100-SXM4-40GB"];
+
+    fn random_node(rng: &mut Rng, name: String) -> NodeSpec {
+        let gpus = [2u32, 4, 8, 8, 8][rng.below(5)];
+        let product = PRODUCTS[rng.below(PRODUCTS.len())];
+        let mut n = NodeSpec::new(name, product, gpus).label(
+            LABEL_GPU_MEMORY,
+            if product == "NVIDIA-H200" {
+                "143771"
+            } else {
+                "46068"
+            },
+        );
+        // Zone, rack and clique labels, each sometimes missing (singleton domains).
+        let zone = rng.below(2);
+        let rack = rng.below(4);
+        if rng.below(8) != 0 {
+            n = n.label(LABEL_ZONE, &format!("z{zone}"));
+        }
+        if rng.below(6) != 0 {
+            n = n.label(LABEL_RACK, &format!("z{zone}-r{rack}"));
+        }
+        if rng.below(3) != 0 {
+            n = n.label(
+                LABEL_GPU_CLIQUE,
+                &format!("z{zone}-r{rack}-c{}", rng.below(2)),
+            );
+        }
+        if gpus == 8 && rng.below(2) == 0 {
+            n = n.topology(&GpuTopology {
+                groups: Some(vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]),
+                numa: None,
+            });
+        }
+        if rng.below(3) == 0 {
+            n = n.resources(64_000, 512_000);
+        }
+        n
+    }
+
+    fn random_request(rng: &mut Rng) -> GangRequest {
+        let levels = [
+            None,
+            Some(TopologyLevel::Node),
+            Some(TopologyLevel::GpuGroup),
+            Some(TopologyLevel::label(LABEL_ZONE)),
+            Some(TopologyLevel::label(LABEL_RACK)),
+            Some(TopologyLevel::label(LABEL_GPU_CLIQUE)),
+        ];
+        let mut r = match rng.below(6) {
+            0 => GangRequest::share([250, 500, 700][rng.below(3)]),
+            1 => GangRequest {
+                gpu: GpuDemand::None,
+                ..GangRequest::gpus(1, 1)
+            },
+            _ => GangRequest::gpus(1, [1u32, 2, 4, 8][rng.below(4)]),
+        };
+        r.pods = [1u32, 1, 2, 3, 4][rng.below(5)];
+        r.required = levels[rng.below(levels.len())].clone();
+        if rng.below(3) == 0 {
+            r.preferred = levels[rng.below(levels.len())].clone();
+        }
+        if rng.below(3) == 0 {
+            r = r.products([PRODUCTS[rng.below(PRODUCTS.len())]]);
+        }
+        if rng.below(4) == 0 {
+            r = r.resources(4000 * u64::from(rng.below(8) as u32), 32_000);
+        }
+        if rng.below(6) == 0 {
+            let level = [
+                TopologyLevel::Node,
+                TopologyLevel::label(LABEL_RACK),
+                TopologyLevel::label(LABEL_ZONE),
+            ][rng.below(3)]
+            .clone();
+            let skew = if rng.below(2) == 0 { Some(1) } else { None };
+            r = r.spread(level, &format!("g{}", rng.below(2)), skew);
+        }
+        r
+    }
+
+    /// Runs the same random operations against two placers and asserts equal decisions.
+    fn compare(seed: u64, policy: Policy, nodes: usize, ops: usize) {
+        let mut rng = Rng::new(seed);
+        let mut fleet = Fleet::new(TopologyConfig::default());
+        for i in 0..nodes {
+            fleet
+                .add_node(random_node(&mut rng, format!("n{i}")))
+                .unwrap();
+        }
+        let shapes: Vec<GangRequest> = (0..12).map(|_| random_request(&mut rng)).collect();
+        let profile = WorkloadProfile::from_requests(&shapes);
+        let mut fast = Placer::with_policy(policy, profile.clone());
+        let mut slow = Placer::with_policy(policy, profile).without_acceleration();
+        let mut live: Vec<String> = Vec::new();
+        let mut added = nodes;
+        for op in 0..ops {
+            match rng.below(20) {
+                0..=3 if !live.is_empty() => {
+                    let id = live.swap_remove(rng.below(live.len()));
+                    fleet.release(&id).unwrap();
+                }
+                4 => {
+                    let names: Vec<String> = fleet.node_names().map(str::to_string).collect();
+                    let name = &names[rng.below(names.len())];
+                    fleet.set_schedulable(name, rng.below(3) != 0).unwrap();
+                }
+                5 if op % 7 == 0 => {
+                    let names: Vec<String> = fleet.node_names().map(str::to_string).collect();
+                    if names.len() > 4 {
+                        let lost = fleet.remove_node(&names[rng.below(names.len())]).unwrap();
+                        live.retain(|id| !lost.contains(id));
+                    }
+                }
+                6 if op % 5 == 0 => {
+                    fleet
+                        .add_node(random_node(&mut rng, format!("n{added}")))
+                        .unwrap();
+                    added += 1;
+                }
+                _ => {
+                    let req = if rng.below(4) == 0 {
+                        random_request(&mut rng)
+                    } else {
+                        shapes[rng.below(shapes.len())].clone()
+                    };
+                    let a = fast.place(&fleet, &req);
+                    let b = slow.place(&fleet, &req);
+                    assert_eq!(
+                        format!("{a:?}"),
+                        format!("{b:?}"),
+                        "seed {seed}, {policy:?}, op {op}: {req:?}"
+                    );
+                    if let Ok(p) = a {
+                        let id = format!("a{op}");
+                        let group = req.spread.as_ref().map(|s| s.group.as_str());
+                        fleet.allocate(&id, group, &p.pods).unwrap();
+                        live.push(id);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn accelerated_decisions_equal_reference_on_random_fleets() {
+        for seed in 0..12 {
+            for policy in [Policy::Sluice, Policy::Fgd, Policy::BestFit] {
+                compare(seed, policy, 24 + (seed as usize % 4) * 8, 300);
+            }
+        }
+        for policy in [
+            Policy::FirstFit,
+            Policy::Packing,
+            Policy::Random { seed: 3 },
+        ] {
+            compare(99, policy, 32, 300);
+        }
+    }
+
+    /// The incrementally maintained aggregates equal a rebuild from scratch.
+    #[test]
+    fn incremental_index_equals_rebuild() {
+        let mut rng = Rng::new(7);
+        let mut fleet = Fleet::new(TopologyConfig::default());
+        for i in 0..40 {
+            fleet
+                .add_node(random_node(&mut rng, format!("n{i}")))
+                .unwrap();
+        }
+        let shapes: Vec<GangRequest> = (0..12).map(|_| random_request(&mut rng)).collect();
+        let profile = WorkloadProfile::from_requests(&shapes);
+        let mut pl = Placer::new(profile.clone());
+        for op in 0..400 {
+            let req = &shapes[rng.below(shapes.len())];
+            if let Ok(p) = pl.place(&fleet, req) {
+                fleet.allocate(&format!("a{op}"), None, &p.pods).unwrap();
+            }
+            if op % 3 == 0 {
+                let ids = fleet.allocation_ids();
+                if !ids.is_empty() {
+                    fleet.release(&ids[rng.below(ids.len())]).unwrap();
+                }
+            }
+            if op % 50 == 0 {
+                let names: Vec<String> = fleet.node_names().map(str::to_string).collect();
+                fleet
+                    .set_schedulable(&names[rng.below(names.len())], false)
+                    .unwrap();
+            }
+            pl.sync(&fleet);
+            let mut fresh = Placer::new(profile.clone());
+            fresh.ensure_compiled(&fleet);
+            fresh.sync(&fleet);
+            let (a, b) = (&pl.index, &fresh.index);
+            assert_eq!(a.whole_by, b.whole_by, "op {op}");
+            assert_eq!(a.ctx.fine_free, b.ctx.fine_free, "op {op}");
+            assert_eq!(a.ctx.fine_cap, b.ctx.fine_cap, "op {op}");
+            assert_eq!(a.ctx.doms.len(), b.ctx.doms.len());
+            for (x, y) in a.ctx.doms.iter().zip(&b.ctx.doms) {
+                assert_eq!((&x.cap, &x.free), (&y.cap, &y.free), "op {op}");
+            }
+        }
+        assert!(
+            !pl.index.ctx.doms.is_empty(),
+            "the profile has gang domain types"
+        );
+    }
+
+    /// A domain that cannot hold the gang is skipped by the index without scanning it, and
+    /// one that can is never skipped.
+    #[test]
+    fn index_bound_is_an_upper_bound() {
+        let mut rng = Rng::new(11);
+        let mut fleet = Fleet::new(TopologyConfig::default());
+        for i in 0..48 {
+            fleet
+                .add_node(random_node(&mut rng, format!("n{i}")))
+                .unwrap();
+        }
+        let mut pl = Placer::new(WorkloadProfile::inference_default());
+        for op in 0..300 {
+            let req = random_request(&mut rng);
+            pl.ensure_compiled(&fleet);
+            let Ok(rq) = pl.resolve(&fleet, &req) else {
+                continue;
+            };
+            pl.sync(&fleet);
+            if let GpuDemand::Whole(g) = rq.demand {
+                let need = u64::from(g) * u64::from(rq.pods);
+                let prods: Vec<usize> = rq
+                    .allowed
+                    .as_ref()
+                    .map_or(Vec::new(), |a| (0..a.len()).filter(|&p| a[p]).collect());
+                let ctx = std::mem::take(&mut pl.index.ctx);
+                for l in 0..fleet.domains.len() {
+                    for d in 0..fleet.domains[l].members.len() {
+                        if rq.allowed.is_some() && prods.is_empty() {
+                            continue;
+                        }
+                        if !pl.index_room(l, d, need, &prods) {
+                            let members = fleet.domains[l].members[d].clone();
+                            assert!(!pl.quick_room(&fleet, &rq, &members));
+                            assert!(
+                                pl.greedy(&fleet, &ctx, &rq, Some(&members), GMode::Any)
+                                    .is_none(),
+                                "op {op}: pruned a domain that fits"
+                            );
+                        }
+                    }
+                }
+                pl.index.ctx = ctx;
+            }
+            if let Ok(p) = pl.place(&fleet, &req) {
+                fleet.allocate(&format!("a{op}"), None, &p.pods).unwrap();
+            }
+        }
     }
 }
