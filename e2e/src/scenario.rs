@@ -37,6 +37,8 @@ pub struct RunContext {
     pub name: String,
     /// The image of the release's new version.
     pub new_image: String,
+    /// New connections per second one pod can take ([`RunSpec::new_pod_capacity`]).
+    pub new_pod_capacity: f64,
 }
 
 impl RunContext {
@@ -183,6 +185,15 @@ pub struct RunSpec {
     pub node: String,
     /// Keep the namespace after the run (for debugging).
     pub keep: bool,
+    /// New connections per second one pod can take: the application's declared capacity
+    /// (a Release states it as `gates.connectionRate.maxPerPod`). The storm factor is
+    /// measured against it for every strategy.
+    #[serde(default = "default_new_pod_capacity")]
+    pub new_pod_capacity: f64,
+}
+
+fn default_new_pod_capacity() -> f64 {
+    5.0
 }
 
 mod humantime_serde_secs {
@@ -208,6 +219,7 @@ impl Default for RunSpec {
             max_release: Duration::from_secs(180),
             node: "local-0".into(),
             keep: false,
+            new_pod_capacity: default_new_pod_capacity(),
         }
     }
 }
@@ -246,32 +258,38 @@ pub struct RunResult {
 /// The connection storm seen by the new pods.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Storm {
-    /// The highest new-connection count any new pod got in one second, divided by the
-    /// steady rate: the rate each new pod would see if the connections the new pods gained
-    /// over the release window had arrived evenly spread over the pods and the window.
-    /// 1 is a perfectly paced migration; the window's length in seconds means one pod got
-    /// its fair share in a single second.
+    /// The highest count of new connections the new pods together got in one second,
+    /// divided by what they can take in one second ([`RunSpec::new_pod_capacity`] × new
+    /// pods). 1 or less: the new pods were never asked to accept more connections than
+    /// they can; a burst of every client reconnecting at once scores its size over the
+    /// capacity.
     pub factor: f64,
-    /// The pod that saw the peak.
-    pub pod: Option<String>,
-    /// The peak, new connections in one second at one new pod.
+    /// The peak, new connections in one second at the new pods together.
     pub peak_per_s: f64,
-    /// The steady (fair-share) rate, new connections per second per new pod.
-    pub steady_per_s: f64,
+    /// What the new pods can take together, new connections per second.
+    pub capacity_per_s: f64,
+    /// The busiest single new pod's busiest second, and that pod (the load balancer's
+    /// spread adds to the release's pacing here; one-second counts of a few connections
+    /// are integers).
+    pub pod_peak_per_s: f64,
+    pub pod: Option<String>,
     /// New connections the new pods gained in the window.
     pub connections: u64,
     pub window_s: f64,
 }
 
-/// Computes the storm factor from connection records. Pure, so it is unit-tested.
+/// Computes the storm factor from connection records: the new pods' connections opened
+/// in `window_ms`, counted per second from its start. Pure, so it is unit-tested.
 pub fn storm_factor(
     conns: &[ConnRecord],
     new_pods: &BTreeSet<String>,
     window_ms: (f64, f64),
+    capacity_per_pod: f64,
 ) -> Storm {
     let (start, end) = window_ms;
     let window_s = ((end - start) / 1000.0).max(1.0);
     let bins = window_s.ceil() as usize;
+    let mut total = vec![0u64; bins];
     let mut per_pod: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
     for c in conns {
         let Some(pod) = c.pod.as_deref() else {
@@ -281,22 +299,22 @@ pub fn storm_factor(
             continue;
         }
         let b = (((c.open_ms - start) / 1000.0) as usize).min(bins - 1);
+        total[b] += 1;
         per_pod.entry(pod).or_insert_with(|| vec![0; bins])[b] += 1;
     }
-    let connections: u64 = per_pod.values().flatten().sum();
-    let steady = connections as f64 / new_pods.len().max(1) as f64 / window_s;
-    let peak = per_pod
+    let connections: u64 = total.iter().sum();
+    let peak = total.iter().copied().max().unwrap_or(0) as f64;
+    let capacity = capacity_per_pod * new_pods.len() as f64;
+    let pod_peak = per_pod
         .iter()
         .map(|(pod, counts)| (*counts.iter().max().unwrap_or(&0), *pod))
         .max();
     Storm {
-        factor: match peak {
-            Some((p, _)) if steady > 0.0 => p as f64 / steady,
-            _ => 0.0,
-        },
-        pod: peak.map(|(_, pod)| pod.to_string()),
-        peak_per_s: peak.map(|(p, _)| p as f64).unwrap_or(0.0),
-        steady_per_s: steady,
+        factor: if capacity > 0.0 { peak / capacity } else { 0.0 },
+        peak_per_s: peak,
+        capacity_per_s: capacity,
+        pod_peak_per_s: pod_peak.map(|(p, _)| p as f64).unwrap_or(0.0),
+        pod: pod_peak.map(|(_, pod)| pod.to_string()),
         connections,
         window_s,
     }
@@ -503,6 +521,7 @@ async fn run_in_namespace(
         namespace: ns.to_string(),
         name: APP.to_string(),
         new_image: "sluice/echo:v2".into(),
+        new_pod_capacity: spec.new_pod_capacity,
     };
     // The proxy starts first so that its propagation delay overlaps the pods' start.
     let proxy = ServiceProxy::start(
@@ -589,6 +608,7 @@ async fn run_in_namespace(
         &report.conn_log,
         &new_pods,
         (rs_ms, re_ms + tail.as_secs_f64() * 1000.0),
+        spec.new_pod_capacity,
     );
     Ok(RunResult {
         strategy: strategy.name(),
@@ -632,9 +652,9 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "| strategy | delay | requests | failed | outcomes | storm factor | peak new conns/s at a new pod | p99 steady | p99 release | release | ok req/s |"
+            "| strategy | delay | requests | failed | outcomes | storm factor | peak new conns/s at the new pods (capacity) | busiest new pod's peak | p99 steady | p99 release | release | ok req/s |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
         for r in &self.runs {
             let outcomes: Vec<String> = r
                 .by_outcome
@@ -644,7 +664,7 @@ impl Report {
                 .collect();
             let _ = writeln!(
                 s,
-                "| {} | {:.0} s | {} | {} | {} | {:.1} | {:.0} | {:.1} ms | {:.1} ms | {:.1} s | {:.0} |",
+                "| {} | {:.0} s | {} | {} | {} | {:.2} | {:.0} ({:.0}) | {:.0} | {:.1} ms | {:.1} ms | {:.1} s | {:.0} |",
                 r.strategy,
                 r.delay_s,
                 r.requests,
@@ -656,6 +676,8 @@ impl Report {
                 },
                 r.storm.factor,
                 r.storm.peak_per_s,
+                r.storm.capacity_per_s,
+                r.storm.pod_peak_per_s,
                 r.p99_steady_ms,
                 r.p99_release_ms,
                 r.release_s,
@@ -880,6 +902,10 @@ pub struct ScenarioArgs {
     /// Keep each run's namespace.
     #[arg(long)]
     pub keep: bool,
+    /// New connections per second one pod can take (the storm factor's reference, and
+    /// the Release's `connectionRate.maxPerPod`).
+    #[arg(long, default_value_t = 5.0)]
+    pub new_pod_capacity: f64,
 }
 
 pub fn strategies_for(name: &str) -> anyhow::Result<Vec<Arc<dyn Strategy>>> {
@@ -936,12 +962,13 @@ pub async fn run(args: ScenarioArgs) -> anyhow::Result<()> {
                 max_release: args.max_release,
                 node: args.node.clone(),
                 keep: args.keep,
+                new_pod_capacity: args.new_pod_capacity,
             };
             let result = run_one(&client, strategy.as_ref(), &spec)
                 .await
                 .with_context(|| format!("{} at {delay} s", strategy.name()))?;
             eprintln!(
-                "{} delay {:.0}s: {} failed of {} ({:?}), storm {:.1}, p99 {:.1} → {:.1} ms, release {:.1} s",
+                "{} delay {:.0}s: {} failed of {} ({:?}), storm {:.2}, p99 {:.1} → {:.1} ms, release {:.1} s",
                 result.strategy,
                 result.delay_s,
                 result.failed,
@@ -982,42 +1009,46 @@ mod tests {
     }
 
     #[test]
-    fn storm_factor_of_a_burst_is_the_window_length() {
-        let new: BTreeSet<String> = ["n1".to_string()].into();
-        // 20 connections inside one second of a 10 s window.
-        let conns: Vec<_> = (0..20)
-            .map(|i| conn(i, "n1", 3000.0 + f64::from(i as u32) * 10.0))
+    fn storm_factor_of_a_burst_is_its_size_over_the_capacity() {
+        let new: BTreeSet<String> = ["n1".to_string(), "n2".to_string()].into();
+        // 40 connections inside one second of a 10 s window; two pods taking 5/s each.
+        let conns: Vec<_> = (0..40)
+            .map(|i| {
+                conn(
+                    i,
+                    if i % 2 == 0 { "n1" } else { "n2" },
+                    3000.0 + f64::from(i as u32) * 10.0,
+                )
+            })
             .collect();
-        let s = storm_factor(&conns, &new, (0.0, 10_000.0));
-        assert_eq!(s.peak_per_s, 20.0);
-        assert!((s.steady_per_s - 2.0).abs() < 1e-9);
-        assert_eq!(s.connections, 20);
-        assert!((s.factor - 10.0).abs() < 1e-9);
-        assert_eq!(s.pod.as_deref(), Some("n1"));
+        let s = storm_factor(&conns, &new, (0.0, 10_000.0), 5.0);
+        assert_eq!(s.peak_per_s, 40.0);
+        assert_eq!(s.capacity_per_s, 10.0);
+        assert_eq!(s.connections, 40);
+        assert!((s.factor - 4.0).abs() < 1e-9);
+        assert_eq!(s.pod_peak_per_s, 20.0);
+        assert!(s.pod.is_some());
     }
 
     #[test]
-    fn storm_factor_of_even_arrival_is_one_and_ignores_old_pods() {
+    fn storm_factor_of_paced_arrival_stays_within_capacity_and_ignores_old_pods() {
         let new: BTreeSet<String> = ["n1".to_string(), "n2".to_string()].into();
-        let mut conns: Vec<_> = (0..10)
-            .map(|i| conn(i, "n1", f64::from(i as u32) * 1000.0 + 500.0))
-            .chain((0..10).map(|i| conn(50 + i, "n2", f64::from(i as u32) * 1000.0 + 700.0)))
+        // 8 per second for 10 s, alternating pods: 80 % of 2 × 5/s.
+        let mut conns: Vec<_> = (0..80)
+            .map(|i| {
+                let pod = if i % 2 == 0 { "n1" } else { "n2" };
+                conn(i, pod, f64::from(i as u32) * 125.0 + 1.0)
+            })
             .collect();
         // An old pod's burst and connections outside the window do not count.
         conns.extend((0..50).map(|i| conn(100 + i, "old", 2000.0)));
-        conns.push(conn(200, "n2", 20_000.0));
-        let s = storm_factor(&conns, &new, (0.0, 10_000.0));
-        assert!((s.factor - 1.0).abs() < 1e-9);
-        assert!(s.pod.is_some());
-        assert_eq!(s.connections, 20);
-        // Evenly in time but all to one of two pods: twice the fair share.
-        let one_sided: Vec<_> = (0..20)
-            .map(|i| conn(i, "n1", f64::from(i as u32) * 500.0 + 100.0))
-            .collect();
-        let s = storm_factor(&one_sided, &new, (0.0, 10_000.0));
-        assert!((s.factor - 2.0).abs() < 1e-9);
-        assert_eq!(s.pod.as_deref(), Some("n1"));
-        let none = storm_factor(&[], &new, (0.0, 10_000.0));
+        conns.extend((0..30).map(|i| conn(200 + i, "n2", 20_000.0)));
+        let s = storm_factor(&conns, &new, (0.0, 10_000.0), 5.0);
+        assert_eq!(s.connections, 80);
+        assert_eq!(s.peak_per_s, 8.0);
+        assert!((s.factor - 0.8).abs() < 1e-9);
+        assert_eq!(s.pod_peak_per_s, 4.0);
+        let none = storm_factor(&[], &new, (0.0, 10_000.0), 5.0);
         assert_eq!(none.factor, 0.0);
         assert_eq!(none.pod, None);
     }

@@ -63,7 +63,7 @@ impl Sluice {
             mode,
             bad: None,
             kills: 0,
-            close_rate: 8,
+            close_rate: 10,
             max_concurrent: 6,
             operator: Mutex::new(None),
             kills_done: Mutex::new(0),
@@ -94,7 +94,14 @@ impl Sluice {
     }
 
     /// The Release for the run's Deployment.
-    pub fn release_manifest(&self, name: &str, replicas: i32) -> serde_json::Value {
+    /// `new_pod_capacity`: new connections per second one pod can take (the
+    /// connection-rate limit that paces the drains).
+    pub fn release_manifest(
+        &self,
+        name: &str,
+        replicas: i32,
+        new_pod_capacity: f64,
+    ) -> serde_json::Value {
         let steps = if self.bad.is_some() {
             // One canary pod, held while the comparison gate judges it.
             serde_json::json!([{"setWeight": 17}, {"gate": {"duration": "60s"}}])
@@ -127,7 +134,7 @@ impl Sluice {
                 "steps": steps,
                 "gates": {
                     "health": {"maxRestarts": 1},
-                    "connectionRate": {"maxPerPod": 100},
+                    "connectionRate": {"maxPerPod": new_pod_capacity},
                     "comparison": {
                         "maxErrorRatioDelta": 0.05,
                         "maxLatencyRatio": max_latency_ratio,
@@ -530,8 +537,11 @@ impl Sluice {
     /// Creates the Release (before the Deployment, so that no takeover is needed) and
     /// waits until it serves `replicas` pods.
     pub async fn create_release(&self, ctx: &RunContext, replicas: i32) -> anyhow::Result<()> {
-        let obj: DynamicObject =
-            serde_json::from_value(self.release_manifest(&ctx.name, replicas))?;
+        let obj: DynamicObject = serde_json::from_value(self.release_manifest(
+            &ctx.name,
+            replicas,
+            ctx.new_pod_capacity,
+        ))?;
         releases(&ctx.client, &ctx.namespace)
             .patch(
                 &ctx.name,
@@ -612,19 +622,19 @@ mod tests {
 
     #[test]
     fn release_manifest_targets_the_deployment_by_its_named_port() {
-        let r = Sluice::proxy().release_manifest("echo", 6);
+        let r = Sluice::proxy().release_manifest("echo", 6, 5.0);
         assert_eq!(r["spec"]["workloadRef"]["name"], "echo");
         assert_eq!(r["spec"]["agent"]["mode"], "proxy");
         assert_eq!(r["spec"]["agent"]["port"], "http");
         assert_eq!(r["spec"]["replicas"], 6);
-        let rb = Sluice::rollback(BadVersion::Slow(3)).release_manifest("echo", 6);
+        let rb = Sluice::rollback(BadVersion::Slow(3)).release_manifest("echo", 6, 5.0);
         assert!(
             rb["spec"]["steps"]
                 .as_array()
                 .is_some_and(|s| !s.is_empty())
         );
         assert_eq!(
-            Sluice::observe().release_manifest("e", 1)["spec"]["agent"]["mode"],
+            Sluice::observe().release_manifest("e", 1, 5.0)["spec"]["agent"]["mode"],
             "observe"
         );
         for n in [

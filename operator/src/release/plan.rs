@@ -546,6 +546,7 @@ fn move_pods(
     let propagation = d.propagation_timeout.as_secs_f64();
 
     // 1. Drains under way: unserved → quiet → released.
+    let mut closable: Vec<(&PodView, f64, f64, bool)> = Vec::new();
     for p in &o.pods {
         let Some(started) = p.drain_started else {
             continue;
@@ -571,26 +572,51 @@ fn move_pods(
         );
         let is_quiet = step == DrainStep::Quiet;
         if is_quiet || step == DrainStep::TimedOut {
-            c.actions.push(Action::ReleasePod {
-                pod: p.name.clone(),
-            });
-            if let Some(r) = c.status.drains.iter_mut().rev().find(|r| r.pod == p.name) {
-                r.quiet_seconds = Some(round3(elapsed));
-                r.state = if is_quiet { "Closing" } else { "QuietTimeout" }.into();
-            }
-            c.event(
-                !is_quiet,
-                if is_quiet { "PodQuiet" } else { "QuietTimeout" },
-                if is_quiet {
-                    format!("{} quiet after {:.1}s: closing its connections", p.name, elapsed)
-                } else {
-                    format!(
-                        "{} saw new connections for the whole propagation timeout ({}s): closing anyway",
-                        p.name, propagation
-                    )
-                },
-            );
+            closable.push((p, started, elapsed, is_quiet));
         }
+    }
+    // Paced close: quiet pods start closing only while the close rates of the pods that
+    // are closing fit the receiving pods' connection-rate budget, so the connections
+    // leave the old pods at an even pace instead of all at once.
+    closable.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.name.cmp(&b.0.name)));
+    let budget = closing_budget(c, o, wants);
+    let mut closing = o.pods.iter().filter(|p| still_closing(c, p)).count() as i32;
+    for (p, _, elapsed, is_quiet) in closable {
+        let has_connections = p
+            .signals
+            .as_ref()
+            .is_none_or(|s| s.connections_active > 0.0);
+        if let Some(max) = budget
+            && has_connections
+        {
+            if closing >= max {
+                c.status.message = Some(format!(
+                    "paced close: {closing} pod(s) closing connections at {}/s each; {} waits (at most {max} at once: connectionRate.maxPerPod × serving new pods / drain.closeRate)",
+                    c.s.drain.close_rate, p.name
+                ));
+                continue;
+            }
+            closing += 1;
+        }
+        c.actions.push(Action::ReleasePod {
+            pod: p.name.clone(),
+        });
+        if let Some(r) = c.status.drains.iter_mut().rev().find(|r| r.pod == p.name) {
+            r.quiet_seconds = Some(round3(elapsed));
+            r.state = if is_quiet { "Closing" } else { "QuietTimeout" }.into();
+        }
+        c.event(
+            !is_quiet,
+            if is_quiet { "PodQuiet" } else { "QuietTimeout" },
+            if is_quiet {
+                format!("{} quiet after {:.1}s: closing its connections", p.name, elapsed)
+            } else {
+                format!(
+                    "{} saw new connections for the whole propagation timeout ({}s): closing anyway",
+                    p.name, propagation
+                )
+            },
+        );
     }
     let released_now: BTreeSet<&str> = c
         .actions
@@ -760,20 +786,63 @@ fn move_pods(
     }
 }
 
-/// The connection-rate throttle: `Some(reason)` while a receiving pod takes new
-/// connections faster than the limit.
-fn receiving_rate_excess(c: &Ctx, o: &Observed, wants: &BTreeMap<String, i32>) -> Option<String> {
-    let cr = c.s.connection_rate.as_ref()?;
-    // Receiving: the revision gaining share (the canary going forward, stable when
-    // rolling back or settling).
+/// A pod released less than this many seconds of closing ago still counts as closing;
+/// the next one is released this early, so that the hand-over (scale-down, preStop,
+/// `/drain`) leaves no gap in the pace.
+const CLOSE_HANDOFF_S: f64 = 1.5;
+
+/// The revision gaining share: the canary going forward, stable when rolling back or
+/// settling.
+fn receiving_revision(c: &Ctx, wants: &BTreeMap<String, i32>) -> Option<String> {
     let receiving = c
         .status
         .canary_revision
         .clone()
         .or_else(|| c.status.stable_revision.clone())?;
-    if wants.get(&receiving).copied().unwrap_or(0) == 0 {
-        return None;
+    (wants.get(&receiving).copied().unwrap_or(0) > 0).then_some(receiving)
+}
+
+/// How many pods may close their connections at once: the receiving pods together take
+/// `connectionRate.maxPerPod` new connections/s each, and each closing pod sends its
+/// clients over at `drain.closeRate`. At least one, so a drain always progresses. `None`
+/// (no limit) without a connection-rate gate.
+fn closing_budget(c: &Ctx, o: &Observed, wants: &BTreeMap<String, i32>) -> Option<i32> {
+    let cr = c.s.connection_rate.as_ref()?;
+    let receiving = receiving_revision(c, wants);
+    let takers = o
+        .pods
+        .iter()
+        .filter(|p| {
+            Some(&p.revision) == receiving.as_ref()
+                && p.serving == Some(true)
+                && p.containers_ready
+                && p.drain_started.is_none()
+                && !p.deleting
+        })
+        .count()
+        .max(1) as f64;
+    let rate = f64::from(c.s.drain.close_rate.max(1));
+    Some(((cr.max_per_pod * takers / rate).floor() as i32).max(1))
+}
+
+/// A released pod whose agent still has more than [`CLOSE_HANDOFF_S`] of connections to
+/// close (or has not been seen since: it counts until it is gone, so a restart can only
+/// slow the pace, never speed it up).
+fn still_closing(c: &Ctx, p: &PodView) -> bool {
+    if p.drain_released.is_none() && !(p.deleting && p.drain_started.is_some()) {
+        return false;
     }
+    match &p.signals {
+        Some(s) => s.connections_active > f64::from(c.s.drain.close_rate) * CLOSE_HANDOFF_S,
+        None => true,
+    }
+}
+
+/// The connection-rate throttle: `Some(reason)` while a receiving pod takes new
+/// connections faster than the limit.
+fn receiving_rate_excess(c: &Ctx, o: &Observed, wants: &BTreeMap<String, i32>) -> Option<String> {
+    let cr = c.s.connection_rate.as_ref()?;
+    let receiving = receiving_revision(c, wants)?;
     o.pods
         .iter()
         .filter(|p| p.revision == receiving && p.serving == Some(true) && p.drain_started.is_none())

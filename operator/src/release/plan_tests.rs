@@ -959,3 +959,88 @@ fn a_drain_record_planned_from_an_older_status_gets_its_quiet_time() {
         .unwrap();
     assert_eq!(rec.quiet_seconds, Some(2.5));
 }
+
+#[test]
+fn quiet_pods_close_within_the_connection_rate_budget() {
+    // 4 new pods × 5 connections/s each = 20/s; each closing pod sends 10/s: two at once.
+    let mut sim = Sim::new(
+        "workloadRef: {name: echo}\nmaxSurge: 100%\ngates: {connectionRate: {maxPerPod: 5, failureLimit: 100}}\ndrain: {closeRate: 10, maxConcurrent: 4}",
+        4,
+    );
+    // A deleted pod goes once its agent closed the last connection.
+    sim.terminate_after = 5.0;
+    sim.settle();
+    // Every pod holds 40 connections; a released pod's agent closes them at 10/s.
+    sim.signals = Box::new(|p: &PodView, now| {
+        let mut s = quiet_signals(p, now).unwrap();
+        s.connections_active = match p.drain_released {
+            Some(r) => (40.0 - 10.0 * (now - r)).max(0.0),
+            None => 40.0,
+        };
+        Some(s)
+    });
+    sim.new_template("v2");
+    let mut most_closing = 0;
+    let mut saw_wait = false;
+    for _ in 0..200 {
+        if sim.phase() == Phase::Completed && sim.pods_of("v1") == 0 {
+            break;
+        }
+        sim.round();
+        let now = sim.now;
+        let closing = sim
+            .pods
+            .iter()
+            .filter(|p| {
+                p.drain_released
+                    .is_some_and(|r| 40.0 - 10.0 * (now - 1.0 - r) > 10.0)
+            })
+            .count();
+        most_closing = most_closing.max(closing);
+        saw_wait |= sim
+            .status
+            .message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("paced close"));
+    }
+    assert_eq!(
+        sim.pods_of("v1"),
+        0,
+        "release did not finish: {:?}",
+        sim.status
+    );
+    assert!(saw_wait, "no pod ever waited for the close budget");
+    assert!(most_closing <= 2, "{most_closing} pods closing at once");
+    assert!(most_closing >= 1);
+    sim.assert_lossless(4);
+}
+
+#[test]
+fn without_a_connection_rate_gate_quiet_pods_close_at_once() {
+    let mut sim = Sim::new(
+        "workloadRef: {name: echo}\nmaxSurge: 100%\ndrain: {closeRate: 10, maxConcurrent: 4}",
+        4,
+    );
+    sim.settle();
+    sim.signals = Box::new(|p: &PodView, now| {
+        let mut s = quiet_signals(p, now).unwrap();
+        s.connections_active = 40.0;
+        Some(s)
+    });
+    sim.new_template("v2");
+    let mut most_released = 0;
+    for _ in 0..100 {
+        if sim.pods_of("v1") == 0 {
+            break;
+        }
+        sim.round();
+        let released = sim
+            .pods
+            .iter()
+            .filter(|p| p.revision == "v1" && p.drain_released.is_some())
+            .count();
+        most_released = most_released.max(released);
+    }
+    assert_eq!(most_released, 4);
+    sim.assert_lossless(4);
+}
