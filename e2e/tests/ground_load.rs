@@ -165,3 +165,28 @@ async fn graceful_sigterm_finishes_requests_in_flight() -> anyhow::Result<()> {
     assert!(r.by_outcome[&Outcome::Refused] > 0, "{:?}", r.by_outcome);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_sigterm_ends_busy_keep_alive_connections_after_a_response() -> anyhow::Result<()>
+{
+    let addr = free_addr();
+    let echo = Echo::start(addr, &["--on-sigterm", "graceful"]);
+    // Busy keep-alive connections: each sends every 25 ms, so a server that closed idle
+    // connections at once would meet requests on closing sockets.
+    let load = tokio::spawn(run_load(cfg(addr, 20, 800.0, 2), None));
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    echo.sigterm();
+    let r = load.await??;
+    assert!(r.by_outcome[&Outcome::Ok] > 300, "{:?}", r.by_outcome);
+    // Every connection ended after a response; later requests find nobody listening.
+    let cut: u64 = r
+        .by_outcome
+        .iter()
+        .filter(|(o, _)| o.is_failure() && **o != Outcome::Refused)
+        .map(|(_, n)| *n)
+        .sum();
+    assert_eq!(cut, 0, "requests cut by the shutdown: {:?}", r.by_outcome);
+    assert!(r.by_outcome[&Outcome::Refused] > 0, "{:?}", r.by_outcome);
+    assert!(r.conn_log.iter().any(|c| c.closed_by == ClosedBy::Server));
+    Ok(())
+}

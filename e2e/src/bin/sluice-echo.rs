@@ -5,7 +5,11 @@
 //! pod answered. Flags shape it like real services: added latency, an error rate, a slow
 //! start (`/ready` answers 503 until warm) and what it does on SIGTERM: `exit` at once (the
 //! naive app) or `graceful` (stop accepting, finish in-flight requests, close keep-alive
-//! connections politely, then exit).
+//! connections politely, then exit). Politely means: every HTTP/1.1 response after SIGTERM
+//! carries `Connection: close`, so a busy connection ends right after a response, and only
+//! connections that stayed idle for `--idle-close` are closed by the server. Closing an
+//! idle connection at once instead races with the client's next request on it (the
+//! request meets a closed socket), which is the keep-alive race a graceful server avoids.
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,7 +31,8 @@ use tokio::signal::unix::{SignalKind, signal};
 enum OnSigterm {
     /// Exit at once: in-flight requests and keep-alive connections are cut.
     Exit,
-    /// Stop accepting, finish in-flight requests, close idle keep-alive connections, exit.
+    /// Stop accepting, finish in-flight requests, `Connection: close` on each connection's
+    /// next response, close connections idle for `--idle-close`, exit.
     Graceful,
 }
 
@@ -62,6 +67,10 @@ struct Args {
     /// In graceful mode, the longest it waits for connections to finish before exiting.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// In graceful mode, how long a connection may stay idle after SIGTERM before the
+    /// server closes it.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    idle_close: Duration,
 }
 
 struct State {
@@ -106,7 +115,12 @@ async fn handle(
             }
         }
     };
-    let resp = Response::builder()
+    let mut resp = Response::builder();
+    // HTTP/2 has GOAWAY for this (hyper's graceful shutdown sends it).
+    if state.draining.load(Ordering::Relaxed) && req.version() <= hyper::Version::HTTP_11 {
+        resp = resp.header("connection", "close");
+    }
+    let resp = resp
         .status(status)
         .header("x-version", &state.version)
         .header("x-pod-name", &state.pod)
@@ -169,7 +183,12 @@ async fn main() -> anyhow::Result<()> {
             state.draining.store(true, Ordering::Relaxed);
             drop(listener);
             eprintln!("SIGTERM: draining {} connections", graceful.count());
-            if tokio::time::timeout(args.drain_timeout, graceful.shutdown())
+            let idle_deadline = Instant::now() + args.idle_close.min(args.drain_timeout);
+            while graceful.count() > 0 && Instant::now() < idle_deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let left = args.drain_timeout.saturating_sub(args.idle_close);
+            if tokio::time::timeout(left, graceful.shutdown())
                 .await
                 .is_err()
             {
