@@ -117,7 +117,7 @@ r = json.load(open("target/bench/demo.json"))
 print()
 print(f"{'strategy':<8} {'failed requests':>16} {'storm factor':>13} {'p99 release':>12} {'duration':>9}")
 for x in r["runs"]:
-    print(f"{x['strategy']:<8} {x['failed']:>8} of {x['requests']:<6} {x['storm']['factor']:>13.1f} "
+    print(f"{x['strategy']:<8} {x['failed']:>8} of {x['requests']:<6} {x['storm']['factor']:>13.2f} "
           f"{x['p99_release_ms']:>9.1f} ms {x['release_s']:>7.1f} s")
 EOF
 echo

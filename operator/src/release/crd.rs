@@ -651,7 +651,8 @@ pub struct AbortInfo {
 pub struct DrainRecord {
     pub pod: String,
     pub revision: String,
-    /// `Quiescing` (unserved, waiting for quiet), `Closing` (deleted; the agent closes
+    /// `Quiescing` (unserved, waiting for quiet), `Quiet` (waiting for its turn to close
+    /// within the connection-rate budget), `Closing` (deleted; the agent closes
     /// connections paced), `Completed`, `QuietTimeout` (completed, but quiet never came
     /// within the propagation timeout).
     pub state: String,

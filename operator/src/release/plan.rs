@@ -590,6 +590,10 @@ fn move_pods(
             && has_connections
         {
             if closing >= max {
+                if let Some(r) = c.status.drains.iter_mut().rev().find(|r| r.pod == p.name) {
+                    r.quiet_seconds.get_or_insert(round3(elapsed));
+                    r.state = "Quiet".into();
+                }
                 c.status.message = Some(format!(
                     "paced close: {closing} pod(s) closing connections at {}/s each; {} waits (at most {max} at once: connectionRate.maxPerPod × serving new pods / drain.closeRate)",
                     c.s.drain.close_rate, p.name
@@ -602,7 +606,7 @@ fn move_pods(
             pod: p.name.clone(),
         });
         if let Some(r) = c.status.drains.iter_mut().rev().find(|r| r.pod == p.name) {
-            r.quiet_seconds = Some(round3(elapsed));
+            r.quiet_seconds.get_or_insert(round3(elapsed));
             r.state = if is_quiet { "Closing" } else { "QuietTimeout" }.into();
         }
         c.event(

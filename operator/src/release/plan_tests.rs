@@ -1010,6 +1010,16 @@ fn quiet_pods_close_within_the_connection_rate_budget() {
         sim.status
     );
     assert!(saw_wait, "no pod ever waited for the close budget");
+    // The records keep when each pod went quiet, not when its turn to close came.
+    let quiet: Vec<f64> = sim
+        .status
+        .drains
+        .iter()
+        .filter(|r| r.revision == "v1")
+        .map(|r| r.quiet_seconds.unwrap())
+        .collect();
+    assert_eq!(quiet.len(), 4);
+    assert!(quiet.iter().all(|q| *q <= 3.0), "quiet times {quiet:?}");
     assert!(most_closing <= 2, "{most_closing} pods closing at once");
     assert!(most_closing >= 1);
     sim.assert_lossless(4);
