@@ -17,6 +17,9 @@ cd "$(dirname "$0")/.."
 # The operator and the agent too: Sluice's runs start target/debug/sluice-operator, and
 # the process node runs the agent sidecar from the built binary.
 cargo build -q --workspace --bins
+# The agent sits in every request's path: measure the build users run (the process node
+# takes the newer of target/release and target/debug).
+cargo build -q --release -p sluice-agent --bin sluice-agent
 if [[ -z "${SLUICE_E2E_KUBECONFIG:-}" ]]; then
   make -s cluster-up
 fi
