@@ -58,13 +58,16 @@ impl Drop for Echo {
     }
 }
 
+/// Generous timeouts: these tests judge outcomes, and on a busy machine a stall must not
+/// pass for a failure (nor a cut request for a stall).
 fn cfg(target: SocketAddr, connections: usize, rate: f64, secs: u64) -> LoadConfig {
     LoadConfig {
         target,
         connections,
         rate,
         duration: Duration::from_secs(secs),
-        timeout: Duration::from_secs(2),
+        timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(5),
         ..Default::default()
     }
 }
