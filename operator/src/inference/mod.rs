@@ -1,6 +1,8 @@
 //! The InferenceSet controller and the gang binder (GPU inference fleets).
 //!
 //! - [`crd`]: the `InferenceSet` resource and its admission rules;
+//! - [`affinity`]: node eligibility of a pod (taints, `nodeSelector`, required node
+//!   affinity) and the constraints the binder does not honour;
 //! - [`plan`]: the pure planner (gangs, scale, node loss, slot-swap rollouts);
 //! - [`scheduler`]: the gang binder for pods with `schedulerName: sluice`;
 //! - [`controller`]: gather → plan → execute → status;
@@ -8,6 +10,7 @@
 //!
 //! See `docs/inference.md`.
 
+pub mod affinity;
 pub mod controller;
 pub mod crd;
 pub mod metrics;

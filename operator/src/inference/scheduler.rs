@@ -11,16 +11,23 @@
 //! as soon as it is placed, at most [`BIND_IN_FLIGHT`] pods at once. A gang whose bind
 //! fails part-way is deleted whole; its owner creates it again.
 //!
+//! Node eligibility (taints, `nodeSelector`, required node affinity) is decided by the pure
+//! [`super::affinity::pod_fits_node`]; the constraints the binder does not honour
+//! (preferred node affinity, pod (anti-)affinity, topology spread) are reported with a
+//! Warning event `ConstraintsIgnored` once per owner.
+//!
 //! Pure pieces ([`node_spec`], [`pod_usage`], [`tolerates`], [`gang_request`],
-//! [`parse_cpu_milli`], [`parse_mem_mib`]) are unit-tested below.
+//! [`parse_cpu_milli`], [`parse_mem_mib`], [`owner_reference`]) are unit-tested below.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, PodSpec, Taint, Toleration};
+use kube::Resource;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use sluice_placement::{
     Fleet, GangRequest, GpuDemand, NodeSpec, PlaceError, Placer, PodAssignment, TopologyConfig,
@@ -28,6 +35,7 @@ use sluice_placement::{
 };
 use tokio::sync::Notify;
 
+use super::affinity;
 use super::crd::{
     GANG_INDEX_ANNOTATION, GANG_LABEL, GANG_REQUEST_ANNOTATION, GANG_SIZE_ANNOTATION,
     GPU_IDS_ANNOTATION, GPU_RESOURCE, SCHEDULER_NAME, SET_LABEL,
@@ -286,6 +294,11 @@ pub struct Binder {
     metrics: InferenceMetrics,
     /// Last unschedulable message written per pod (to write each change once).
     reported: HashMap<String, String>,
+    /// Publishes the `ConstraintsIgnored` warnings.
+    recorder: Recorder,
+    /// Owners (and ignored constraints) already warned about; see
+    /// [`Binder::warn_ignored_constraints`].
+    warned: HashSet<String>,
 }
 
 /// One gang ready to place: its pods in gang order.
@@ -309,14 +322,22 @@ impl Binder {
             slots: Arc::new(tokio::sync::Semaphore::new(BIND_IN_FLIGHT)),
             done_tx,
             done_rx,
-            client,
             nodes,
             pods,
             placer: Placer::new(WorkloadProfile::inference_default()),
             topology,
             assumed: HashMap::new(),
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "sluice-binder".into(),
+                    instance: std::env::var("POD_NAME").ok(),
+                },
+            ),
+            client,
             metrics,
             reported: HashMap::new(),
+            warned: HashSet::new(),
         }
     }
 
@@ -520,7 +541,9 @@ impl Binder {
         let (mut fleet, mut accounted) = self.take_fleet(&nodes, &pods);
         let nodes_fp = nodes_fingerprint(&nodes);
         let mut failures: Vec<(PendingGang, String)> = Vec::new();
-        // Node eligibility per (tolerations, nodeSelector) of the gangs in this round.
+        // Node eligibility per (tolerations, nodeSelector, required node affinity) of the
+        // gangs in this round: the nodes a gang may not use are cordoned in the fleet while
+        // it is placed.
         let mut eligibility: HashMap<String, Vec<String>> = HashMap::new();
         for g in pending {
             let started = Instant::now();
@@ -536,27 +559,16 @@ impl Binder {
                 s.group = group;
             }
             let spec = first.spec.clone().unwrap_or_default();
-            let ek = serde_json::to_string(&(&spec.tolerations, &spec.node_selector))
-                .unwrap_or_default();
-            let excluded = eligibility.entry(ek).or_insert_with(|| {
-                let tol = spec.tolerations.clone().unwrap_or_default();
-                let sel = spec.node_selector.clone().unwrap_or_default();
-                nodes
-                    .iter()
-                    .filter(|n| node_schedulable(n))
-                    .filter(|n| {
-                        let taints = n
-                            .spec
-                            .as_ref()
-                            .and_then(|s| s.taints.clone())
-                            .unwrap_or_default();
-                        let labels = n.metadata.labels.clone().unwrap_or_default();
-                        !tolerates(&taints, &tol)
-                            || !sel.iter().all(|(k, v)| labels.get(k) == Some(v))
-                    })
-                    .filter_map(|n| n.metadata.name.clone())
-                    .collect()
-            });
+            self.warn_ignored_constraints(&first, &spec).await;
+            let excluded = eligibility
+                .entry(affinity::eligibility_key(&spec))
+                .or_insert_with(|| {
+                    nodes
+                        .iter()
+                        .filter(|n| node_schedulable(n) && !affinity::pod_fits_node(&spec, n))
+                        .filter_map(|n| n.metadata.name.clone())
+                        .collect()
+                });
             for n in excluded.iter() {
                 let _ = fleet.set_schedulable(n, false);
             }
@@ -630,6 +642,54 @@ impl Binder {
         Ok(())
     }
 
+    /// The binder honours taints, `nodeSelector` and required node affinity only. A pod
+    /// that also asks for preferred node affinity, pod (anti-)affinity or topology spread
+    /// constraints is placed without them; say so with a Warning event
+    /// `ConstraintsIgnored` (and a log line), once per owner (the InferenceSet, or the pod
+    /// itself when it has no controller) and set of ignored constraints.
+    async fn warn_ignored_constraints(&mut self, pod: &Pod, spec: &PodSpec) {
+        let ignored = affinity::ignored_constraints(spec);
+        if ignored.is_empty() {
+            return;
+        }
+        let reference = owner_reference(pod);
+        let key = format!(
+            "{}/{}/{}/{}",
+            reference.namespace.as_deref().unwrap_or_default(),
+            reference.kind.as_deref().unwrap_or_default(),
+            reference.uid.as_deref().unwrap_or_default(),
+            ignored.join(",")
+        );
+        if self.warned.len() > 100_000 {
+            self.warned.clear();
+        }
+        if !self.warned.insert(key) {
+            return;
+        }
+        let note = format!(
+            "the sluice binder does not honour {} of pod {}; it places the pod by taints, \
+             nodeSelector and required node affinity only",
+            ignored.join(", "),
+            pod.metadata.name.as_deref().unwrap_or_default()
+        );
+        tracing::warn!(
+            kind = reference.kind.as_deref().unwrap_or_default(),
+            name = reference.name.as_deref().unwrap_or_default(),
+            namespace = reference.namespace.as_deref().unwrap_or_default(),
+            "{note}"
+        );
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: "ConstraintsIgnored".into(),
+            note: Some(note),
+            action: "Scheduling".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &reference).await {
+            tracing::debug!(error = %e, "event not recorded");
+        }
+    }
+
     async fn report_unschedulable(&mut self, g: &PendingGang, msg: &str) {
         for p in &g.pods {
             let (ns, name) = ns_name(p);
@@ -662,6 +722,28 @@ impl Binder {
         if self.reported.len() > 100_000 {
             self.reported.clear();
         }
+    }
+}
+
+/// The object an event about a pod's template belongs to: the pod's controller (e.g. its
+/// InferenceSet), else the pod.
+pub fn owner_reference(pod: &Pod) -> ObjectReference {
+    let owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
+    match owner {
+        Some(o) => ObjectReference {
+            api_version: Some(o.api_version.clone()),
+            kind: Some(o.kind.clone()),
+            name: Some(o.name.clone()),
+            namespace: pod.metadata.namespace.clone(),
+            uid: Some(o.uid.clone()),
+            ..Default::default()
+        },
+        None => pod.object_ref(&()),
     }
 }
 
@@ -899,6 +981,43 @@ mod tests {
             Some(sluice_placement::TopologyLevel::GpuGroup)
         );
         assert!(gang_request(&gpu_pod("4", &[(GANG_REQUEST_ANNOTATION, "{")]), 1).is_err());
+    }
+
+    #[test]
+    fn events_about_a_pod_template_go_to_its_controller() {
+        let mut p = gpu_pod("1", &[]);
+        let own = owner_reference(&p);
+        assert_eq!(
+            (own.kind.as_deref(), own.name.as_deref(), own.namespace.as_deref()),
+            (Some("Pod"), Some("p"), Some("ns"))
+        );
+        p.metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "v1".into(),
+                kind: "ConfigMap".into(),
+                name: "not-controller".into(),
+                uid: "u0".into(),
+                ..Default::default()
+            },
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "sluice.dev/v1alpha1".into(),
+                kind: "InferenceSet".into(),
+                name: "llm".into(),
+                uid: "u1".into(),
+                controller: Some(true),
+                ..Default::default()
+            },
+        ]);
+        let own = owner_reference(&p);
+        assert_eq!(
+            (
+                own.kind.as_deref(),
+                own.name.as_deref(),
+                own.namespace.as_deref(),
+                own.uid.as_deref()
+            ),
+            (Some("InferenceSet"), Some("llm"), Some("ns"), Some("u1"))
+        );
     }
 
     #[test]

@@ -1,0 +1,538 @@
+//! Node eligibility of a pod for the gang binder, as Kubernetes defines it: taints and
+//! tolerations, `nodeSelector` and **required** node affinity
+//! (`spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution`), plus the
+//! list of the pod's scheduling constraints the binder does *not* honour (reported, never
+//! silently dropped).
+//!
+//! Required node affinity follows `k8s.io/component-helpers/scheduling/corev1/nodeaffinity`:
+//! the `nodeSelectorTerms` are ORed (an empty list matches no node); inside a term every
+//! `matchExpressions` and `matchFields` requirement must hold (ANDed); a term with neither
+//! matches no node; a term with an invalid requirement (unknown operator, `In`/`NotIn`
+//! without values, `Exists`/`DoesNotExist` with values, `Gt`/`Lt` without exactly one
+//! integer value, a field other than `metadata.name`) matches no node either.
+//!
+//! Pure functions, unit-tested below.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, Node, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodSpec,
+};
+
+use super::scheduler::tolerates;
+
+/// The only field `matchFields` may name.
+pub const FIELD_NODE_NAME: &str = "metadata.name";
+
+/// The pod's required node affinity, if any.
+pub fn required_node_selector(affinity: Option<&Affinity>) -> Option<&NodeSelector> {
+    affinity?
+        .node_affinity
+        .as_ref()?
+        .required_during_scheduling_ignored_during_execution
+        .as_ref()
+}
+
+/// Whether a node (name and labels) satisfies required node affinity; `None` (no required
+/// affinity) matches every node.
+pub fn required_affinity_matches(
+    required: Option<&NodeSelector>,
+    node_name: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    match required {
+        None => true,
+        Some(sel) => node_selector_matches(sel, node_name, labels),
+    }
+}
+
+/// Whether a node satisfies a `NodeSelector`: any of its terms (none: no node).
+pub fn node_selector_matches(
+    sel: &NodeSelector,
+    node_name: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    sel.node_selector_terms
+        .iter()
+        .any(|t| term_matches(t, node_name, labels))
+}
+
+/// Whether a node satisfies one term: all its expressions and fields. An empty term, or
+/// one with an invalid requirement, matches no node.
+pub fn term_matches(
+    term: &NodeSelectorTerm,
+    node_name: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let exprs = term.match_expressions.as_deref().unwrap_or_default();
+    let fields = term.match_fields.as_deref().unwrap_or_default();
+    if exprs.is_empty() && fields.is_empty() {
+        return false;
+    }
+    exprs
+        .iter()
+        .all(|r| expression_matches(r, labels) == Some(true))
+        && fields
+            .iter()
+            .all(|r| field_matches(r, node_name) == Some(true))
+}
+
+/// One `matchExpressions` requirement against the node's labels; `None` if invalid.
+pub fn expression_matches(
+    req: &NodeSelectorRequirement,
+    labels: &BTreeMap<String, String>,
+) -> Option<bool> {
+    let values = req.values.as_deref().unwrap_or_default();
+    let label = labels.get(&req.key);
+    match req.operator.as_str() {
+        "In" | "NotIn" if values.is_empty() => None,
+        "In" => Some(label.is_some_and(|v| values.contains(v))),
+        "NotIn" => Some(label.is_none_or(|v| !values.contains(v))),
+        "Exists" | "DoesNotExist" if !values.is_empty() => None,
+        "Exists" => Some(label.is_some()),
+        "DoesNotExist" => Some(label.is_none()),
+        "Gt" | "Lt" => {
+            let [bound] = values else { return None };
+            let bound = bound.parse::<i64>().ok()?;
+            // A missing or non-integer label never matches.
+            let Some(v) = label.and_then(|v| v.parse::<i64>().ok()) else {
+                return Some(false);
+            };
+            Some(if req.operator == "Gt" {
+                v > bound
+            } else {
+                v < bound
+            })
+        }
+        _ => None,
+    }
+}
+
+/// One `matchFields` requirement against the node's name (`metadata.name`, `In`/`NotIn`
+/// with exactly one value); `None` if invalid.
+pub fn field_matches(req: &NodeSelectorRequirement, node_name: &str) -> Option<bool> {
+    if req.key != FIELD_NODE_NAME {
+        return None;
+    }
+    let [value] = req.values.as_deref().unwrap_or_default() else {
+        return None;
+    };
+    match req.operator.as_str() {
+        "In" => Some(node_name == value),
+        "NotIn" => Some(node_name != value),
+        _ => None,
+    }
+}
+
+/// Whether the pod may go to the node as far as its constraints go (schedulability and
+/// capacity aside): it tolerates the node's NoSchedule/NoExecute taints, the node has
+/// every `nodeSelector` label, and the node satisfies the required node affinity.
+pub fn pod_fits_node(spec: &PodSpec, node: &Node) -> bool {
+    let taints = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_deref())
+        .unwrap_or_default();
+    let empty = BTreeMap::new();
+    let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
+    let name = node.metadata.name.as_deref().unwrap_or_default();
+    tolerates(taints, spec.tolerations.as_deref().unwrap_or_default())
+        && spec
+            .node_selector
+            .iter()
+            .flatten()
+            .all(|(k, v)| labels.get(k) == Some(v))
+        && required_affinity_matches(
+            required_node_selector(spec.affinity.as_ref()),
+            name,
+            labels,
+        )
+}
+
+/// The key under which the binder caches the eligible nodes of a pod: every input of
+/// [`pod_fits_node`] that comes from the pod.
+pub fn eligibility_key(spec: &PodSpec) -> String {
+    serde_json::to_string(&(
+        &spec.tolerations,
+        &spec.node_selector,
+        required_node_selector(spec.affinity.as_ref()),
+    ))
+    .unwrap_or_default()
+}
+
+/// Scheduling constraints of the pod that the binder does not honour: preferred node
+/// affinity, pod affinity, pod anti-affinity, topology spread constraints. Empty when it
+/// honours everything the pod asks for.
+pub fn ignored_constraints(spec: &PodSpec) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let aff = spec.affinity.as_ref();
+    if aff
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| n.preferred_during_scheduling_ignored_during_execution.as_ref())
+        .is_some_and(|p| !p.is_empty())
+    {
+        out.push("preferred node affinity");
+    }
+    if let Some(pa) = aff.and_then(|a| a.pod_affinity.as_ref())
+        && (pa
+            .required_during_scheduling_ignored_during_execution
+            .as_ref()
+            .is_some_and(|v| !v.is_empty())
+            || pa
+                .preferred_during_scheduling_ignored_during_execution
+                .as_ref()
+                .is_some_and(|v| !v.is_empty()))
+    {
+        out.push("pod affinity");
+    }
+    if let Some(pa) = aff.and_then(|a| a.pod_anti_affinity.as_ref())
+        && (pa
+            .required_during_scheduling_ignored_during_execution
+            .as_ref()
+            .is_some_and(|v| !v.is_empty())
+            || pa
+                .preferred_during_scheduling_ignored_during_execution
+                .as_ref()
+                .is_some_and(|v| !v.is_empty()))
+    {
+        out.push("pod anti-affinity");
+    }
+    if spec
+        .topology_spread_constraints
+        .as_ref()
+        .is_some_and(|v| !v.is_empty())
+    {
+        out.push("topology spread constraints");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn req(key: &str, op: &str, values: &[&str]) -> NodeSelectorRequirement {
+        NodeSelectorRequirement {
+            key: key.into(),
+            operator: op.into(),
+            values: Some(values.iter().map(|v| v.to_string()).collect()),
+        }
+    }
+
+    fn term(exprs: Vec<NodeSelectorRequirement>) -> NodeSelectorTerm {
+        NodeSelectorTerm {
+            match_expressions: Some(exprs),
+            match_fields: None,
+        }
+    }
+
+    fn sel(terms: Vec<NodeSelectorTerm>) -> NodeSelector {
+        NodeSelector {
+            node_selector_terms: terms,
+        }
+    }
+
+    fn one(r: NodeSelectorRequirement, l: &BTreeMap<String, String>) -> bool {
+        node_selector_matches(&sel(vec![term(vec![r])]), "n1", l)
+    }
+
+    #[test]
+    fn in_operator() {
+        let l = labels(&[("gpu", "h100")]);
+        assert!(one(req("gpu", "In", &["a100", "h100"]), &l));
+        assert!(!one(req("gpu", "In", &["a100"]), &l));
+        // Missing label: In never matches.
+        assert!(!one(req("zone", "In", &["a"]), &l));
+        // In without values is invalid: no match.
+        assert!(!one(req("gpu", "In", &[]), &l));
+    }
+
+    #[test]
+    fn not_in_operator() {
+        let l = labels(&[("gpu", "h100")]);
+        assert!(!one(req("gpu", "NotIn", &["h100", "a100"]), &l));
+        assert!(one(req("gpu", "NotIn", &["a100"]), &l));
+        // Missing label: NotIn matches (as in Kubernetes).
+        assert!(one(req("zone", "NotIn", &["a"]), &l));
+        assert!(!one(req("gpu", "NotIn", &[]), &l));
+    }
+
+    #[test]
+    fn exists_and_does_not_exist() {
+        let l = labels(&[("gpu", "")]);
+        assert!(one(req("gpu", "Exists", &[]), &l));
+        assert!(!one(req("zone", "Exists", &[]), &l));
+        assert!(!one(req("gpu", "DoesNotExist", &[]), &l));
+        assert!(one(req("zone", "DoesNotExist", &[]), &l));
+        // Values with Exists/DoesNotExist are invalid.
+        assert!(!one(req("gpu", "Exists", &["x"]), &l));
+        assert!(!one(req("zone", "DoesNotExist", &["x"]), &l));
+        // `values: null` is the same as no values.
+        let mut r = req("gpu", "Exists", &[]);
+        r.values = None;
+        assert!(one(r, &l));
+    }
+
+    #[test]
+    fn gt_and_lt_compare_integers() {
+        let l = labels(&[("gpus", "8"), ("neg", "-3"), ("text", "eight")]);
+        assert!(one(req("gpus", "Gt", &["4"]), &l));
+        assert!(!one(req("gpus", "Gt", &["8"]), &l));
+        assert!(one(req("gpus", "Lt", &["9"]), &l));
+        assert!(!one(req("gpus", "Lt", &["8"]), &l));
+        assert!(one(req("neg", "Lt", &["0"]), &l));
+        assert!(one(req("neg", "Gt", &["-4"]), &l));
+        // Integers, not strings: "10" > "9".
+        assert!(one(
+            req("gpus", "Lt", &["10"]),
+            &labels(&[("gpus", "9")])
+        ));
+        // Missing or non-integer label: no match.
+        assert!(!one(req("missing", "Gt", &["0"]), &l));
+        assert!(!one(req("text", "Gt", &["0"]), &l));
+        assert!(!one(req("text", "Lt", &["100"]), &l));
+        // Invalid requirement: not one integer value.
+        assert!(!one(req("gpus", "Gt", &["x"]), &l));
+        assert!(!one(req("gpus", "Gt", &[]), &l));
+        assert!(!one(req("gpus", "Gt", &["1", "2"]), &l));
+        assert!(!one(req("gpus", "Lt", &["1.5"]), &l));
+    }
+
+    #[test]
+    fn unknown_operator_matches_nothing() {
+        let l = labels(&[("gpu", "h100")]);
+        assert!(!one(req("gpu", "Equals", &["h100"]), &l));
+        // ...and poisons its whole term.
+        let t = term(vec![
+            req("gpu", "Exists", &[]),
+            req("gpu", "Equals", &["h100"]),
+        ]);
+        assert!(!node_selector_matches(&sel(vec![t]), "n1", &l));
+    }
+
+    #[test]
+    fn expressions_of_a_term_are_anded() {
+        let l = labels(&[("gpu", "h100"), ("zone", "a")]);
+        let both = term(vec![
+            req("gpu", "In", &["h100"]),
+            req("zone", "In", &["a"]),
+        ]);
+        assert!(node_selector_matches(&sel(vec![both]), "n1", &l));
+        let one_fails = term(vec![
+            req("gpu", "In", &["h100"]),
+            req("zone", "In", &["b"]),
+        ]);
+        assert!(!node_selector_matches(&sel(vec![one_fails]), "n1", &l));
+    }
+
+    #[test]
+    fn terms_are_ored() {
+        let l = labels(&[("zone", "b")]);
+        let s = sel(vec![
+            term(vec![req("zone", "In", &["a"])]),
+            term(vec![req("zone", "In", &["b"])]),
+        ]);
+        assert!(node_selector_matches(&s, "n1", &l));
+        let s = sel(vec![
+            term(vec![req("zone", "In", &["a"])]),
+            term(vec![req("zone", "In", &["c"])]),
+        ]);
+        assert!(!node_selector_matches(&s, "n1", &l));
+        // An empty (or invalid) term does not make the others fail.
+        let s = sel(vec![
+            NodeSelectorTerm::default(),
+            term(vec![req("zone", "Bogus", &[])]),
+            term(vec![req("zone", "In", &["b"])]),
+        ]);
+        assert!(node_selector_matches(&s, "n1", &l));
+    }
+
+    #[test]
+    fn empty_terms_match_nothing() {
+        let l = labels(&[("zone", "a")]);
+        // No terms at all.
+        assert!(!node_selector_matches(&sel(vec![]), "n1", &l));
+        // A term with neither expressions nor fields (null or empty lists).
+        assert!(!node_selector_matches(
+            &sel(vec![NodeSelectorTerm::default()]),
+            "n1",
+            &l
+        ));
+        let empty_lists = NodeSelectorTerm {
+            match_expressions: Some(vec![]),
+            match_fields: Some(vec![]),
+        };
+        assert!(!node_selector_matches(&sel(vec![empty_lists]), "n1", &l));
+        // No required affinity at all matches every node.
+        assert!(required_affinity_matches(None, "n1", &l));
+    }
+
+    #[test]
+    fn match_fields_on_the_node_name() {
+        let l = labels(&[]);
+        let f = |op: &str, values: &[&str]| NodeSelectorTerm {
+            match_expressions: None,
+            match_fields: Some(vec![req(FIELD_NODE_NAME, op, values)]),
+        };
+        assert!(node_selector_matches(&sel(vec![f("In", &["n1"])]), "n1", &l));
+        assert!(!node_selector_matches(&sel(vec![f("In", &["n2"])]), "n1", &l));
+        assert!(node_selector_matches(&sel(vec![f("NotIn", &["n2"])]), "n1", &l));
+        assert!(!node_selector_matches(&sel(vec![f("NotIn", &["n1"])]), "n1", &l));
+        // Exactly one value, In/NotIn only, metadata.name only.
+        assert!(!node_selector_matches(&sel(vec![f("In", &["n1", "n2"])]), "n1", &l));
+        assert!(!node_selector_matches(&sel(vec![f("In", &[])]), "n1", &l));
+        assert!(!node_selector_matches(&sel(vec![f("Exists", &[])]), "n1", &l));
+        let other = NodeSelectorTerm {
+            match_expressions: None,
+            match_fields: Some(vec![req("metadata.namespace", "In", &["n1"])]),
+        };
+        assert!(!node_selector_matches(&sel(vec![other]), "n1", &l));
+        // Fields and expressions of one term are ANDed.
+        let mixed = NodeSelectorTerm {
+            match_expressions: Some(vec![req("zone", "In", &["a"])]),
+            match_fields: Some(vec![req(FIELD_NODE_NAME, "In", &["n1"])]),
+        };
+        assert!(node_selector_matches(
+            &sel(vec![mixed.clone()]),
+            "n1",
+            &labels(&[("zone", "a")])
+        ));
+        assert!(!node_selector_matches(
+            &sel(vec![mixed.clone()]),
+            "n2",
+            &labels(&[("zone", "a")])
+        ));
+        assert!(!node_selector_matches(
+            &sel(vec![mixed]),
+            "n1",
+            &labels(&[("zone", "b")])
+        ));
+    }
+
+    fn node(name: &str, l: &[(&str, &str)], taints: serde_json::Value) -> Node {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": labels(l)},
+            "spec": {"taints": taints},
+        }))
+        .unwrap()
+    }
+
+    fn pod_spec(v: serde_json::Value) -> PodSpec {
+        let mut v = v;
+        v["containers"] = json!([{"name": "c"}]);
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn affinity_combines_with_node_selector_and_taints() {
+        let spec = pod_spec(json!({
+            "nodeSelector": {"pool": "gpu"},
+            "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [
+                        {"key": "gpu-class", "operator": "NotIn", "values": ["excluded"]},
+                        {"key": "nvidia.com/gpu.count", "operator": "Gt", "values": ["4"]}]},
+                    {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["special"]}]}
+                ]}}}
+        }));
+        let kwok = json!([{"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}]);
+        let ok = node("a", &[("pool", "gpu"), ("nvidia.com/gpu.count", "8")], kwok.clone());
+        assert!(pod_fits_node(&spec, &ok));
+        // Excluded by the affinity's NotIn.
+        let excluded = node(
+            "b",
+            &[("pool", "gpu"), ("nvidia.com/gpu.count", "8"), ("gpu-class", "excluded")],
+            kwok.clone(),
+        );
+        assert!(!pod_fits_node(&spec, &excluded));
+        // Excluded by Gt (4 GPUs is not > 4).
+        let small = node("c", &[("pool", "gpu"), ("nvidia.com/gpu.count", "4")], kwok.clone());
+        assert!(!pod_fits_node(&spec, &small));
+        // The second term (by name) lets this one in despite failing the first.
+        let special = node("special", &[("pool", "gpu"), ("gpu-class", "excluded")], kwok.clone());
+        assert!(pod_fits_node(&spec, &special));
+        // Affinity passes but nodeSelector fails.
+        let other_pool = node("d", &[("pool", "cpu"), ("nvidia.com/gpu.count", "8")], kwok);
+        assert!(!pod_fits_node(&spec, &other_pool));
+        // Affinity and nodeSelector pass but a taint is not tolerated.
+        let tainted = node(
+            "e",
+            &[("pool", "gpu"), ("nvidia.com/gpu.count", "8")],
+            json!([{"key": "maintenance", "value": "yes", "effect": "NoExecute"}]),
+        );
+        assert!(!pod_fits_node(&spec, &tainted));
+        // Without affinity the excluded and small nodes fit.
+        let mut plain = spec.clone();
+        plain.affinity = None;
+        assert!(pod_fits_node(&plain, &excluded) && pod_fits_node(&plain, &small));
+        // Only preferred affinity: every node fits (preferences are not filters).
+        let preferred = pod_spec(json!({
+            "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 1, "preference": {"matchExpressions": [
+                    {"key": "gpu-class", "operator": "In", "values": ["nope"]}]}}]}}
+        }));
+        assert!(pod_fits_node(&preferred, &node("f", &[], json!([]))));
+    }
+
+    #[test]
+    fn eligibility_key_covers_the_required_affinity() {
+        let a = pod_spec(json!({"affinity": {"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "z", "operator": "In", "values": ["a"]}]}]}}}}));
+        let b = pod_spec(json!({"affinity": {"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "z", "operator": "In", "values": ["b"]}]}]}}}}));
+        let none = pod_spec(json!({}));
+        assert_ne!(eligibility_key(&a), eligibility_key(&b));
+        assert_ne!(eligibility_key(&a), eligibility_key(&none));
+        // Preferences do not change eligibility, so not the key either.
+        let pref = pod_spec(json!({"affinity": {"podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": []}}}));
+        assert_eq!(eligibility_key(&pref), eligibility_key(&none));
+    }
+
+    #[test]
+    fn ignored_constraints_are_listed() {
+        assert!(ignored_constraints(&pod_spec(json!({}))).is_empty());
+        let required_only = pod_spec(json!({"affinity": {"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "z", "operator": "Exists"}]}]}}}}));
+        assert!(ignored_constraints(&required_only).is_empty());
+        let all = pod_spec(json!({
+            "affinity": {
+                "nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 1, "preference": {"matchExpressions": [
+                        {"key": "z", "operator": "Exists"}]}}]},
+                "podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                    {"topologyKey": "kubernetes.io/hostname",
+                     "labelSelector": {"matchLabels": {"app": "x"}}}]},
+                "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 1, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}
+            },
+            "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone",
+                "whenUnsatisfiable": "DoNotSchedule"}]
+        }));
+        assert_eq!(
+            ignored_constraints(&all),
+            vec![
+                "preferred node affinity",
+                "pod affinity",
+                "pod anti-affinity",
+                "topology spread constraints"
+            ]
+        );
+        // Empty lists ask for nothing.
+        let empty = pod_spec(json!({"affinity": {"podAffinity": {}, "podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": []}},
+            "topologySpreadConstraints": []}));
+        assert!(ignored_constraints(&empty).is_empty());
+    }
+}
