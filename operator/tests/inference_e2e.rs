@@ -324,6 +324,148 @@ async fn inference_set_places_scales_survives_node_loss_and_rolls_by_slot_swap()
     Ok(())
 }
 
+/// Required node affinity: of three 8-GPU nodes, one carries a label that the template's
+/// `NotIn` excludes. Three replicas of 2 pods × 4 GPUs would fill all three nodes; two land
+/// on the allowed nodes and the third stays pending (PodScheduled=False) although the
+/// excluded node is empty. The template's preferred pod anti-affinity is not honoured and
+/// is reported once with a `ConstraintsIgnored` warning on the InferenceSet.
+#[tokio::test]
+async fn required_node_affinity_keeps_gangs_off_excluded_nodes() -> anyhow::Result<()> {
+    let cluster = TestCluster::get().await?;
+    let client = cluster.client.clone();
+    install_crd(&client).await?;
+    let ns = cluster.namespace("infs-aff").await?;
+    let pool = ns.name.clone();
+    let nodes = cluster
+        .create_kwok_nodes(&pool, 3, Some(&GpuNodeProfile::default()))
+        .await?;
+    let cleanup = NodeCleanup(cluster.clone(), nodes.clone());
+    let node_api: Api<Node> = Api::all(client.clone());
+    for (i, n) in nodes.iter().enumerate() {
+        let class = if i == 0 { "excluded" } else { "allowed" };
+        node_api
+            .patch(
+                n,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {
+                    "sluice.dev/pool": pool, "sluice.dev/gpu-class": class}}})),
+            )
+            .await?;
+    }
+    let allowed: BTreeSet<String> = nodes[1..].iter().cloned().collect();
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let operator = tokio::spawn(inference::run(
+        client.clone(),
+        &mut registry,
+        inference::Config::new(),
+    ));
+    let sets: Api<InferenceSet> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let set = json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "InferenceSet",
+        "metadata": {"name": "aff"},
+        "spec": {
+            "replicas": 3,
+            "podsPerReplica": 2,
+            "gpusPerPod": 4,
+            "template": {
+                "metadata": {"labels": {"app": "aff"}},
+                "spec": {
+                    "nodeSelector": {"sluice.dev/pool": pool},
+                    "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
+                    "affinity": {
+                        "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [{"matchExpressions": [
+                                {"key": "sluice.dev/gpu-class", "operator": "NotIn", "values": ["excluded"]},
+                                {"key": "nvidia.com/gpu.count", "operator": "Gt", "values": ["4"]}
+                            ]}]}},
+                        "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                            {"weight": 1, "podAffinityTerm": {
+                                "topologyKey": "kubernetes.io/hostname",
+                                "labelSelector": {"matchLabels": {"app": "aff"}}}}]}
+                    },
+                    "containers": [{"name": "model", "image": "fake/model-server:1"}]
+                }
+            }
+        }
+    });
+    let t = Instant::now();
+    sets.patch(
+        "aff",
+        &PatchParams::apply("sluice-e2e").force(),
+        &Patch::Apply(set),
+    )
+    .await?;
+    let lp = ListParams::default().labels("sluice.dev/inferenceset=aff");
+    let (bound, unschedulable) = loop {
+        let list = pods.list(&lp).await?.items;
+        let bound: Vec<String> = list
+            .iter()
+            .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+            .collect();
+        let unschedulable = list
+            .iter()
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| {
+                        cs.iter().any(|c| {
+                            c.type_ == "PodScheduled"
+                                && c.status == "False"
+                                && c.reason.as_deref() == Some("Unschedulable")
+                        })
+                    })
+            })
+            .count();
+        if bound.len() == 4 && unschedulable == 2 {
+            break (bound, unschedulable);
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "after 30s: {} pods bound ({bound:?}), {unschedulable} unschedulable",
+                bound.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!(
+        "4 pods bound on {:?}, {unschedulable} unschedulable, after {:.1}s",
+        bound.iter().collect::<BTreeSet<_>>(),
+        t.elapsed().as_secs_f64()
+    );
+    for n in &bound {
+        assert!(allowed.contains(n), "pod bound to excluded node {n}");
+    }
+    // The ignored preferred anti-affinity is reported on the InferenceSet.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), &ns.name);
+    let warned = loop {
+        let evs = events.list(&ListParams::default()).await?.items;
+        let hit = evs.into_iter().find(|e| {
+            e.reason.as_deref() == Some("ConstraintsIgnored")
+                && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("InferenceSet")
+        });
+        if let Some(e) = hit {
+            break e;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("no ConstraintsIgnored event");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let note = warned.note.unwrap_or_default();
+    assert!(note.contains("pod anti-affinity"), "{note}");
+    assert_eq!(warned.type_.as_deref(), Some("Warning"));
+
+    operator.abort();
+    cluster.delete_nodes(&nodes).await?;
+    cleanup.disarm();
+    Ok(())
+}
+
 /// Deletes the test's nodes if the test fails half-way (with its own client: the test's
 /// runtime is gone by then).
 struct NodeCleanup(TestCluster, Vec<String>);
