@@ -26,6 +26,10 @@ pub const LABEL_GPU_MEMORY: &str = "nvidia.com/gpu.memory";
 pub const LABEL_GPU_CLIQUE: &str = "nvidia.com/gpu.clique";
 /// GPU Feature Discovery: MIG strategy (`none`, `single`, `mixed`).
 pub const LABEL_MIG_STRATEGY: &str = "nvidia.com/mig.strategy";
+/// Resource name prefix of a MIG profile with the `mixed` strategy
+/// (`nvidia.com/mig-1g.5gb`); GPU Feature Discovery also labels the node
+/// `nvidia.com/mig-1g.5gb.count`.
+pub const MIG_RESOURCE_PREFIX: &str = "nvidia.com/mig-";
 /// Well-known zone label.
 pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 /// Sluice's rack/block label (any label key can be configured instead).
@@ -155,6 +159,13 @@ pub struct NodeSpec {
     /// Allocatable memory in MiB (0: not modelled, never limits).
     #[serde(default)]
     pub memory_mib: u64,
+    /// MIG devices per profile with the `mixed` strategy (allocatable
+    /// `nvidia.com/mig-<profile>`), e.g. `{"1g.5gb": 7}`. Empty on a node labelled
+    /// `nvidia.com/mig.strategy=mixed`: read from the `nvidia.com/mig-<profile>.count`
+    /// labels. Pods ask for them with [`crate::GangRequest::mig_devices`]; they are counted,
+    /// not indexed (the device plugin picks the device).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mig_devices: BTreeMap<String, u32>,
 }
 
 impl NodeSpec {
@@ -184,6 +195,36 @@ impl NodeSpec {
         self
     }
 
+    /// Add MIG devices of a profile (`mixed` strategy), e.g. `mig("1g.5gb", 7)`.
+    pub fn mig(mut self, profile: &str, count: u32) -> Self {
+        self.mig_devices.insert(profile.to_string(), count);
+        self
+    }
+
+    /// MIG devices per profile: [`NodeSpec::mig_devices`], else, with
+    /// `nvidia.com/mig.strategy=mixed`, the `nvidia.com/mig-<profile>.count` labels.
+    pub fn mig_profiles(&self) -> Result<BTreeMap<String, u32>, String> {
+        if !self.mig_devices.is_empty()
+            || self.labels.get(LABEL_MIG_STRATEGY).map(String::as_str) != Some("mixed")
+        {
+            return Ok(self.mig_devices.clone());
+        }
+        let mut out = BTreeMap::new();
+        for (k, v) in &self.labels {
+            if let Some(profile) = k
+                .strip_prefix(MIG_RESOURCE_PREFIX)
+                .and_then(|r| r.strip_suffix(".count"))
+            {
+                let n = v
+                    .trim()
+                    .parse::<u32>()
+                    .map_err(|_| format!("label {k}={v:?} is not a number"))?;
+                out.insert(profile.to_string(), n);
+            }
+        }
+        Ok(out)
+    }
+
     /// Set allocatable CPU (milli-cores) and memory (MiB).
     pub fn resources(mut self, cpu_milli: u64, memory_mib: u64) -> Self {
         self.cpu_milli = cpu_milli;
@@ -205,6 +246,9 @@ pub struct PodAssignment {
     pub cpu_milli: u64,
     /// Memory taken, MiB.
     pub memory_mib: u64,
+    /// MIG devices taken (`mixed` strategy), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig: Option<crate::request::MigDevices>,
 }
 
 #[derive(Clone, Debug)]
@@ -220,6 +264,8 @@ pub(crate) struct Node {
     pub cpu_free: u64,
     pub mem_cap: u64,
     pub mem_free: u64,
+    /// MIG devices (`mixed` strategy): (profile id, allocatable, free), by profile id.
+    pub mig_devs: Vec<(u16, u32, u32)>,
     pub domains: Vec<u32>,
     pub state: u32,
     pub schedulable: bool,
@@ -229,6 +275,14 @@ pub(crate) struct Node {
 impl Node {
     pub fn usable(&self) -> bool {
         self.alive && self.schedulable
+    }
+
+    /// (allocatable, free) MIG devices of a profile.
+    pub fn mig_of(&self, profile: u16) -> (u32, u32) {
+        self.mig_devs
+            .iter()
+            .find(|d| d.0 == profile)
+            .map_or((0, 0), |d| (d.1, d.2))
     }
 }
 
@@ -242,7 +296,7 @@ pub(crate) struct LevelDomains {
 #[derive(Clone, Debug)]
 struct AllocRecord {
     group: Option<String>,
-    pods: Vec<(usize, u64, u32, u64, u64)>, // node, gpu mask, milli, cpu, mem
+    pods: Vec<(usize, u64, u32, u64, u64, Option<(u16, u32)>)>, // node, gpu mask, milli, cpu, mem, MIG
     spread_keys: Vec<u32>,                  // domain per spread level (labels..., node)
 }
 
@@ -261,6 +315,9 @@ pub struct Fleet {
     by_name: HashMap<String, usize>,
     pub(crate) products: Vec<String>,
     product_ids: HashMap<String, u16>,
+    /// MIG profiles (`mixed` strategy) seen on any node, by id.
+    pub(crate) mig_profiles: Vec<String>,
+    mig_profile_ids: HashMap<String, u16>,
     pub(crate) domains: Vec<LevelDomains>,
     states: FxMap<Box<[u32]>, u32>,
     allocations: HashMap<String, AllocRecord>,
@@ -278,6 +335,8 @@ impl Clone for Fleet {
             by_name: self.by_name.clone(),
             products: self.products.clone(),
             product_ids: self.product_ids.clone(),
+            mig_profiles: self.mig_profiles.clone(),
+            mig_profile_ids: self.mig_profile_ids.clone(),
             domains: self.domains.clone(),
             states: self.states.clone(),
             allocations: self.allocations.clone(),
@@ -298,6 +357,8 @@ impl Fleet {
             by_name: HashMap::new(),
             products: Vec::new(),
             product_ids: HashMap::new(),
+            mig_profiles: Vec::new(),
+            mig_profile_ids: HashMap::new(),
             domains: vec![LevelDomains::default(); levels],
             states: FxMap::default(),
             allocations: HashMap::new(),
@@ -369,6 +430,24 @@ impl Fleet {
             .group_of(count)
             .map_err(|e| bad(format!("annotation {GPU_TOPOLOGY_ANNOTATION}: {e}")))?;
         let ngroups = group_of.iter().map(|&g| g + 1).max().unwrap_or(0);
+        let mig_profiles = spec.mig_profiles().map_err(bad)?;
+        let mut mig_devs = Vec::with_capacity(mig_profiles.len());
+        for (profile, n) in mig_profiles {
+            if n == 0 {
+                continue;
+            }
+            let id = match self.mig_profile_ids.get(&profile) {
+                Some(&id) => id,
+                None => {
+                    let id = self.mig_profiles.len() as u16;
+                    self.mig_profiles.push(profile.clone());
+                    self.mig_profile_ids.insert(profile, id);
+                    id
+                }
+            };
+            mig_devs.push((id, n, n));
+        }
+        mig_devs.sort_unstable();
         let product = match self.product_ids.get(&product_name) {
             Some(&id) => id,
             None => {
@@ -429,6 +508,7 @@ impl Fleet {
             cpu_free: spec.cpu_milli,
             mem_cap: spec.memory_mib,
             mem_free: spec.memory_mib,
+            mig_devs,
             domains,
             state: 0,
             schedulable: true,
@@ -593,6 +673,10 @@ impl Fleet {
         key.push(n.free.len() as u32);
         key.extend(n.free.iter().copied());
         key.extend(n.group_of.iter().map(|&g| u32::from(g)));
+        for &(id, _, free) in &n.mig_devs {
+            key.push(u32::from(id));
+            key.push(free);
+        }
         let next = self.states.len() as u32;
         let id = *self.states.entry(key.into_boxed_slice()).or_insert(next);
         self.nodes[idx].state = id;
@@ -611,7 +695,7 @@ impl Fleet {
         }
         let mut resolved = Vec::with_capacity(pods.len());
         // Validate against a scratch copy of the touched nodes' free capacity.
-        let mut scratch: Vec<(usize, Vec<u32>, u64, u64)> = Vec::new();
+        let mut scratch: Vec<(usize, Vec<u32>, u64, u64, Vec<(u16, u32, u32)>)> = Vec::new();
         for p in pods {
             let idx = self.index_of(&p.node)?;
             if p.milli_per_gpu == 0 && !p.gpus.is_empty() || p.milli_per_gpu > MILLI_PER_GPU {
@@ -624,7 +708,13 @@ impl Fleet {
             let pos = match scratch.iter().position(|s| s.0 == idx) {
                 Some(pos) => pos,
                 None => {
-                    scratch.push((idx, node.free.clone(), node.cpu_free, node.mem_free));
+                    scratch.push((
+                        idx,
+                        node.free.clone(),
+                        node.cpu_free,
+                        node.mem_free,
+                        node.mig_devs.clone(),
+                    ));
                     scratch.len() - 1
                 }
             };
@@ -669,13 +759,28 @@ impl Fleet {
                             what: "memory".into(),
                         })?;
             }
-            resolved.push((idx, mask, p.milli_per_gpu, p.cpu_milli, p.memory_mib));
+            let mut mig = None;
+            if let Some(m) = p.mig.as_ref().filter(|m| m.count > 0) {
+                let slot = self
+                    .mig_profile_ids
+                    .get(&m.profile)
+                    .and_then(|id| s.4.iter_mut().find(|d| d.0 == *id))
+                    .filter(|d| d.2 >= m.count)
+                    .ok_or_else(|| FleetError::Overcommitted {
+                        node: p.node.clone(),
+                        what: format!("MIG {}", m.profile),
+                    })?;
+                slot.2 -= m.count;
+                mig = Some((slot.0, m.count));
+            }
+            resolved.push((idx, mask, p.milli_per_gpu, p.cpu_milli, p.memory_mib, mig));
         }
-        for (idx, free, cpu, mem) in scratch {
+        for (idx, free, cpu, mem, mig) in scratch {
             let n = &mut self.nodes[idx];
             n.free = free;
             n.cpu_free = cpu;
             n.mem_free = mem;
+            n.mig_devs = mig;
             self.refresh_state(idx);
         }
         let mut spread_keys = Vec::new();
@@ -713,7 +818,7 @@ impl Fleet {
             .allocations
             .remove(id)
             .ok_or_else(|| FleetError::UnknownAllocation(id.to_string()))?;
-        for &(idx, mask, milli, cpu, mem) in &rec.pods {
+        for &(idx, mask, milli, cpu, mem, mig) in &rec.pods {
             let n = &mut self.nodes[idx];
             for (g, f) in n.free.iter_mut().enumerate() {
                 if mask & (1 << g) != 0 {
@@ -725,6 +830,11 @@ impl Fleet {
             }
             if n.mem_cap > 0 {
                 n.mem_free = (n.mem_free + mem).min(n.mem_cap);
+            }
+            if let Some((id, count)) = mig
+                && let Some(d) = n.mig_devs.iter_mut().find(|d| d.0 == id)
+            {
+                d.2 = (d.2 + count).min(d.1);
             }
             self.refresh_state(idx);
         }
@@ -755,6 +865,19 @@ impl Fleet {
             .and_then(|m| m.get(&domain))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Free MIG devices of each profile on a node (`mixed` strategy).
+    pub fn free_mig(&self, node: &str) -> Result<BTreeMap<String, u32>, FleetError> {
+        let n = &self.nodes[self.index_of(node)?];
+        Ok(n.mig_devs
+            .iter()
+            .map(|&(id, _, free)| (self.mig_profiles[id as usize].clone(), free))
+            .collect())
+    }
+
+    pub(crate) fn mig_profile_id(&self, profile: &str) -> Option<u16> {
+        self.mig_profile_ids.get(profile).copied()
     }
 
     pub(crate) fn product_id(&self, name: &str) -> Option<u16> {

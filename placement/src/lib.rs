@@ -29,13 +29,14 @@ pub use error::{FleetError, PlaceError};
 pub use fleet::{
     Fleet, GPU_TOPOLOGY_ANNOTATION, GpuTopology, LABEL_GPU_CLIQUE, LABEL_GPU_COUNT,
     LABEL_GPU_MEMORY, LABEL_GPU_PRODUCT, LABEL_MIG_STRATEGY, LABEL_RACK, LABEL_ZONE,
-    MAX_GPUS_PER_NODE, MILLI_PER_GPU, NodeSpec, PodAssignment, TopologyConfig,
+    MAX_GPUS_PER_NODE, MIG_RESOURCE_PREFIX, MILLI_PER_GPU, NodeSpec, PodAssignment, TopologyConfig,
 };
 pub use fx::{Rng, splitmix64};
 pub use placer::{Placer, PlacerConfig, Policy};
 pub use profile::WorkloadProfile;
 pub use request::{
-    GangPlacement, GangRequest, GpuDemand, GpuSelector, MigSelector, Spread, TopologyLevel,
+    GangPlacement, GangRequest, GpuDemand, GpuSelector, MigDevices, MigSelector, Spread,
+    TopologyLevel,
 };
 
 #[cfg(test)]

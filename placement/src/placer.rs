@@ -106,6 +106,8 @@ struct Rq {
     allowed: Option<Vec<bool>>,
     min_mem: u64,
     mig: MigSelector,
+    /// MIG devices per pod (`mixed` strategy): profile id in the fleet, count.
+    mig_devs: Option<(u16, u32)>,
     required: Option<Lvl>,
     preferred: Option<Lvl>,
     spread: Option<(usize, String, Option<u32>)>,
@@ -177,7 +179,9 @@ struct GreedyKey {
 /// Entries of the greedy cache kept at most (it is cleared when it grows past this).
 const GREEDY_CACHE_MAX: usize = 1 << 20;
 
-type Overlay = Vec<(usize, Vec<u32>, u64, u64)>;
+/// Scratch state of nodes touched by a gang being placed: node, free milli per GPU, CPU,
+/// memory, free MIG devices of the requested profile (`mixed` strategy).
+type Overlay = Vec<(usize, Vec<u32>, u64, u64, u32)>;
 /// (total score, first pod's score, per pod: node index and GPU mask).
 type Greedy = (f64, f64, Vec<(usize, u64)>);
 
@@ -394,16 +398,28 @@ impl Placer {
                 Some((lvl, s.group.clone(), s.max_skew))
             }
         };
+        let mig_devs = match req.mig_devices.as_ref().filter(|m| m.count > 0) {
+            None => None,
+            Some(m) => match fleet.mig_profile_id(&m.profile) {
+                Some(id) => Some((id, m.count)),
+                None => {
+                    return Err(PlaceError::NoMatchingGpu {
+                        selector: format!("MIG profile {} (no node offers it)", m.profile),
+                    });
+                }
+            },
+        };
         let mut prods = req.selector.products.clone();
         prods.sort();
         let k = format!(
-            "{:?}|{}|{}|{:?}|{}|{:?}",
+            "{:?}|{}|{}|{:?}|{}|{:?}|{:?}",
             demand,
             req.cpu_milli,
             req.memory_mib,
             prods,
             req.selector.min_memory_mib,
-            req.selector.mig
+            req.selector.mig,
+            mig_devs
         );
         let next = self.req_keys.len() as u64;
         if next >= (1 << 24) {
@@ -421,6 +437,7 @@ impl Placer {
             allowed: allowed_products(fleet, &req.selector.products),
             min_mem: req.selector.min_memory_mib,
             mig: req.selector.mig,
+            mig_devs,
             required,
             preferred,
             spread,
@@ -787,8 +804,14 @@ impl Placer {
             return None;
         }
         let ovl = ov.iter().find(|o| o.0 == idx);
+        if let Some((profile, count)) = rq.mig_devs {
+            let free = ovl.map_or_else(|| node.mig_of(profile).1, |o| o.4);
+            if free < count {
+                return None;
+            }
+        }
         let v = match ovl {
-            Some((_, free, cpu, mem)) => View {
+            Some((_, free, cpu, mem, _)) => View {
                 free,
                 cpu_free: *cpu,
                 mem_free: *mem,
@@ -933,7 +956,8 @@ impl Placer {
                 let pos = match ov.iter().position(|o| o.0 == idx) {
                     Some(p) => p,
                     None => {
-                        ov.push((idx, node.free.clone(), node.cpu_free, node.mem_free));
+                        let mig = rq.mig_devs.map_or(0, |(p, _)| node.mig_of(p).1);
+                        ov.push((idx, node.free.clone(), node.cpu_free, node.mem_free, mig));
                         ov.len() - 1
                     }
                 };
@@ -943,6 +967,7 @@ impl Placer {
                 }
                 o.2 = o.2.saturating_sub(rq.cpu);
                 o.3 = o.3.saturating_sub(rq.mem);
+                o.4 = o.4.saturating_sub(rq.mig_devs.map_or(0, |(_, c)| c));
             }
         }
         Some((total, first, out))
@@ -1206,6 +1231,10 @@ impl Placer {
                 milli_per_gpu: milli,
                 cpu_milli: rq.cpu,
                 memory_mib: rq.mem,
+                mig: rq.mig_devs.map(|(p, count)| crate::request::MigDevices {
+                    profile: fleet.mig_profiles[p as usize].clone(),
+                    count,
+                }),
             })
             .collect();
         let first = pods[0].0;
@@ -1233,13 +1262,17 @@ impl Placer {
     }
 
     fn diagnose(&self, fleet: &Fleet, req: &GangRequest, rq: &Rq) -> PlaceError {
-        let pod = format!("{}, {} mCPU, {} MiB", rq.demand.describe(), rq.cpu, rq.mem);
+        let mut pod = format!("{}, {} mCPU, {} MiB", rq.demand.describe(), rq.cpu, rq.mem);
+        if let Some(m) = &req.mig_devices {
+            pod.push_str(&format!(", {} MIG {}", m.count, m.profile));
+        }
         let matching: Vec<usize> = (0..fleet.nodes.len())
             .filter(|&i| {
                 let n = &fleet.nodes[i];
                 n.usable()
                     && product_ok(&rq.allowed, rq.min_mem, rq.mig, &view_of(n))
                     && (rq.demand == GpuDemand::None || !n.free.is_empty())
+                    && rq.mig_devs.is_none_or(|(p, c)| n.mig_of(p).0 >= c)
             })
             .collect();
         let mut is_matching = vec![false; fleet.nodes.len()];
@@ -1247,9 +1280,11 @@ impl Placer {
             is_matching[i] = true;
         }
         if matching.is_empty() {
-            return PlaceError::NoMatchingGpu {
-                selector: req.selector.describe(),
-            };
+            let mut selector = req.selector.describe();
+            if let Some(m) = &req.mig_devices {
+                selector.push_str(&format!(", {} MIG {} per pod", m.count, m.profile));
+            }
+            return PlaceError::NoMatchingGpu { selector };
         }
         // Pods of this shape a node holds when empty.
         let empty_fit = |n: &Node| -> u32 {
@@ -1276,7 +1311,14 @@ impl Placer {
                 }
                 GpuDemand::Milli(m) => n.free.len() as u64 * u64::from(MILLI_PER_GPU / m),
             };
-            by_cpu.min(by_mem).min(by_gpu).min(u64::from(u32::MAX)) as u32
+            let by_mig = rq
+                .mig_devs
+                .map_or(u64::MAX, |(p, c)| u64::from(n.mig_of(p).0 / c));
+            by_cpu
+                .min(by_mem)
+                .min(by_gpu)
+                .min(by_mig)
+                .min(u64::from(u32::MAX)) as u32
         };
         let largest_node = matching
             .iter()
@@ -1438,7 +1480,10 @@ impl Placer {
             }
             GpuDemand::Milli(m) => n.free.iter().map(|&f| u64::from(f / m)).sum(),
         };
-        by_cpu.min(by_mem).min(by_gpu).min(1 << 20) as u32
+        let by_mig = rq
+            .mig_devs
+            .map_or(u64::MAX, |(p, c)| u64::from(n.mig_of(p).1 / c));
+        by_cpu.min(by_mem).min(by_gpu).min(by_mig).min(1 << 20) as u32
     }
 }
 

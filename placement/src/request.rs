@@ -60,6 +60,17 @@ pub enum MigSelector {
     Only,
 }
 
+/// MIG devices of one profile that a pod takes on a node with the `mixed` MIG strategy
+/// (the pod's `nvidia.com/mig-<profile>` limit), e.g. `{"profile": "1g.5gb", "count": 1}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigDevices {
+    /// Profile, as in the resource name after `nvidia.com/mig-` (`1g.5gb`, `3g.40gb`).
+    pub profile: String,
+    /// Devices of that profile.
+    pub count: u32,
+}
+
 /// Which GPUs a pod may use.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -164,6 +175,10 @@ pub struct GangRequest {
     /// Spread this owner's replicas across a failure-domain level.
     #[serde(default)]
     pub spread: Option<Spread>,
+    /// MIG devices of one profile per pod (`mixed` strategy): only nodes offering that
+    /// many free devices of the profile qualify. Usually with `gpu: None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig_devices: Option<MigDevices>,
 }
 
 impl GangRequest {
@@ -178,6 +193,19 @@ impl GangRequest {
             required: None,
             preferred: None,
             spread: None,
+            mig_devices: None,
+        }
+    }
+
+    /// One pod with `count` MIG devices of `profile` (`mixed` strategy) and no whole GPU.
+    pub fn mig(profile: &str, count: u32) -> Self {
+        GangRequest {
+            gpu: GpuDemand::None,
+            mig_devices: Some(MigDevices {
+                profile: profile.to_string(),
+                count,
+            }),
+            ..GangRequest::gpus(1, 0)
         }
     }
 

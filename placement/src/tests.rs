@@ -146,6 +146,7 @@ fn required_gpu_group_is_respected() {
             milli_per_gpu: 1000,
             cpu_milli: 0,
             memory_mib: 0,
+            mig: None,
         }],
     )
     .unwrap();
@@ -184,6 +185,7 @@ fn tp2_keeps_a_whole_group_free() {
             milli_per_gpu: 1000,
             cpu_milli: 0,
             memory_mib: 0,
+            mig: None,
         }],
     )
     .unwrap();
@@ -209,6 +211,7 @@ fn whole_free_nodes_are_kept_for_big_requests() {
             milli_per_gpu: 1000,
             cpu_milli: 0,
             memory_mib: 0,
+            mig: None,
         }],
     )
     .unwrap();
@@ -323,6 +326,7 @@ fn preferred_level_is_used_when_possible_and_dropped_otherwise() {
                 milli_per_gpu: 1000,
                 cpu_milli: 0,
                 memory_mib: 0,
+                mig: None,
             }],
         )
         .unwrap();
@@ -490,6 +494,7 @@ fn spread_max_skew_is_hard() {
                 milli_per_gpu: 1000,
                 cpu_milli: 0,
                 memory_mib: 0,
+                mig: None,
             }],
         )
         .unwrap();
@@ -616,6 +621,7 @@ fn allocate_is_atomic_and_release_restores() {
         milli_per_gpu: 1000,
         cpu_milli: 0,
         memory_mib: 0,
+        mig: None,
     };
     let bad = PodAssignment {
         gpus: vec![0],
@@ -669,4 +675,135 @@ fn missing_label_makes_a_singleton_domain() {
         sluice().place(&f, &req),
         Err(PlaceError::RequiredDomainTooSmall { .. })
     ));
+}
+
+/// A fleet with two mixed-MIG A100 nodes (one from GFD labels, one from allocatable) and a
+/// plain H100 node.
+fn mixed_mig_fleet() -> Fleet {
+    let labelled = NodeSpec::new("mig-a", "NVIDIA-A100-SXM4-40GB", 0)
+        .label(LABEL_MIG_STRATEGY, "mixed")
+        .label("nvidia.com/mig-1g.5gb.count", "7")
+        .label("nvidia.com/mig-1g.5gb.memory", "4864");
+    let allocatable = NodeSpec::new("mig-b", "NVIDIA-A100-SXM4-40GB", 0)
+        .mig("3g.20gb", 2)
+        .mig("1g.5gb", 0);
+    Fleet::from_nodes(
+        TopologyConfig::default(),
+        [
+            NodeSpec::new("h100", "NVIDIA-H100-80GB-HBM3", 8),
+            labelled,
+            allocatable,
+        ],
+    )
+    .unwrap()
+}
+
+#[test]
+fn mixed_mig_profile_goes_only_to_nodes_offering_it() {
+    let mut f = mixed_mig_fleet();
+    let mut p = Placer::new(WorkloadProfile::inference_default());
+    let req = GangRequest::mig("1g.5gb", 1);
+    for i in 0..7 {
+        let placed = p.place(&f, &req).unwrap();
+        let a = &placed.pods[0];
+        // Only mig-a has 1g.5gb devices (mig-b lists the profile with 0).
+        assert_eq!(a.node, "mig-a");
+        assert!(a.gpus.is_empty());
+        assert_eq!(
+            a.mig,
+            Some(MigDevices {
+                profile: "1g.5gb".into(),
+                count: 1
+            })
+        );
+        f.allocate(&format!("r{i}"), None, &placed.pods).unwrap();
+    }
+    assert_eq!(f.free_mig("mig-a").unwrap()["1g.5gb"], 0);
+    // No free slice left anywhere: not placed, and not a "no matching GPU" error.
+    let err = p.place(&f, &req).unwrap_err();
+    assert!(!matches!(err, PlaceError::NoMatchingGpu { .. }), "{err}");
+    // Releasing one frees one device.
+    f.release("r3").unwrap();
+    assert_eq!(f.free_mig("mig-a").unwrap()["1g.5gb"], 1);
+    assert_eq!(p.place(&f, &req).unwrap().pods[0].node, "mig-a");
+    // Whole GPUs never go to the MIG nodes (no nvidia.com/gpu there).
+    let whole = p.place(&f, &GangRequest::gpus(1, 1)).unwrap();
+    assert_eq!(whole.pods[0].node, "h100");
+    assert_eq!(whole.pods[0].mig, None);
+}
+
+#[test]
+fn mixed_mig_unknown_profile_and_too_many_devices() {
+    let f = mixed_mig_fleet();
+    let mut p = Placer::new(WorkloadProfile::inference_default());
+    let err = p.place(&f, &GangRequest::mig("7g.40gb", 1)).unwrap_err();
+    assert!(matches!(err, PlaceError::NoMatchingGpu { .. }), "{err}");
+    assert!(err.to_string().contains("7g.40gb"), "{err}");
+    // 3 devices of 3g.20gb: no node has that many.
+    let err = p.place(&f, &GangRequest::mig("3g.20gb", 3)).unwrap_err();
+    assert!(err.to_string().contains("3g.20gb"), "{err}");
+    // Cordoned: the only node with the profile is out.
+    let mut f = f;
+    f.set_schedulable("mig-b", false).unwrap();
+    assert!(p.place(&f, &GangRequest::mig("3g.20gb", 1)).is_err());
+}
+
+#[test]
+fn mixed_mig_gang_counts_devices_across_its_own_pods() {
+    let mut f = mixed_mig_fleet();
+    f.add_node(NodeSpec::new("mig-c", "NVIDIA-A100-SXM4-40GB", 0).mig("3g.20gb", 2))
+        .unwrap();
+    let mut p = Placer::new(WorkloadProfile::inference_default());
+    // 2 pods × 2 devices: each node holds one pod, so the gang spans mig-b and mig-c.
+    let gang = GangRequest {
+        pods: 2,
+        ..GangRequest::mig("3g.20gb", 2)
+    };
+    let placed = p.place(&f, &gang).unwrap();
+    let nodes: std::collections::BTreeSet<&str> =
+        placed.pods.iter().map(|a| a.node.as_str()).collect();
+    assert_eq!(nodes, ["mig-b", "mig-c"].into_iter().collect());
+    f.allocate("g", None, &placed.pods).unwrap();
+    assert!(p.place(&f, &GangRequest::mig("3g.20gb", 1)).is_err());
+    // 2 pods × 1 device fit on one node.
+    f.release("g").unwrap();
+    let pair = GangRequest {
+        pods: 2,
+        ..GangRequest::mig("3g.20gb", 1)
+    }
+    .required(TopologyLevel::Node);
+    let placed = p.place(&f, &pair).unwrap();
+    assert_eq!(placed.pods[0].node, placed.pods[1].node);
+    // The fleet refuses an over-committed MIG allocation.
+    let mut over = placed.pods.clone();
+    over[1].mig = Some(MigDevices {
+        profile: "3g.20gb".into(),
+        count: 2,
+    });
+    assert!(matches!(
+        f.allocate("over", None, &over),
+        Err(FleetError::Overcommitted { .. })
+    ));
+    assert_eq!(f.free_mig(&over[0].node).unwrap()["3g.20gb"], 2);
+}
+
+#[test]
+fn mixed_mig_bad_label_and_request_json() {
+    let bad = NodeSpec::new("m", "NVIDIA-A100-SXM4-40GB", 0)
+        .label(LABEL_MIG_STRATEGY, "mixed")
+        .label("nvidia.com/mig-1g.5gb.count", "seven");
+    let mut f = Fleet::new(TopologyConfig::default());
+    assert!(matches!(f.add_node(bad), Err(FleetError::BadNode { .. })));
+    // Without the mixed strategy the count labels are not read.
+    let single = NodeSpec::new("s", "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb", 7)
+        .label(LABEL_MIG_STRATEGY, "single")
+        .label("nvidia.com/mig-1g.5gb.count", "7");
+    assert!(single.mig_profiles().unwrap().is_empty());
+    // Requests without migDevices (older annotations) still parse; with it, round-trip.
+    let old: GangRequest = serde_json::from_str(r#"{"pods":1,"gpu":{"whole":2}}"#).unwrap();
+    assert_eq!(old.mig_devices, None);
+    let req = GangRequest::mig("1g.5gb", 2);
+    let json = serde_json::to_string(&req).unwrap();
+    assert!(json.contains(r#""migDevices":{"profile":"1g.5gb","count":2}"#), "{json}");
+    assert_eq!(serde_json::from_str::<GangRequest>(&json).unwrap(), req);
 }
