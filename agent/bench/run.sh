@@ -17,10 +17,12 @@ cargo build --release -q -p sluice-agent --bins
 mkdir -p "$ROOT/target/bench"
 HAPROXY_ARG=()
 if command -v haproxy >/dev/null 2>&1; then HAPROXY_ARG=(--haproxy "$(command -v haproxy)"); fi
-# Bounded: 5 targets x (0.5 s warm-up + 5 s saturation, in rounds + 5 s fixed rate, each proxy
-# alongside direct) ≈ 1 minute. Extra arguments go to the bench, e.g.
+# Bounded, about 70 s: 5 targets x (0.5 s warm-up + 5 s saturation, in rounds) + 7 latency
+# rounds x 5 targets x 1 s (each round: every target, direct included, one fixed-rate run,
+# pinned to one core at real-time priority). Extra arguments go to the bench, e.g.
 # `--baseline-agent OLD_BINARY` (an older build measured alongside as baseline_agent_http),
-# `--only agent_http,haproxy_http`; SLUICE_AGENT_WORKERS sets the agent's threads.
+# `--only agent_http,haproxy_http`, `--proxy-threads N` (the agent's SLUICE_AGENT_WORKERS
+# and HAProxy's nbthread, default 2), `--pin same|split|none`, `--no-rt`.
 "$TARGET/release/sluice-agent-bench" \
   --agent "$TARGET/release/sluice-agent" "${HAPROXY_ARG[@]}" \
   --out "$ROOT/target/bench/agent.json" "$@"

@@ -6,12 +6,11 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 
 use crate::drain::{Observation, Phase};
 use crate::metrics::{CloseReason, Metrics};
@@ -30,7 +29,8 @@ pub enum CloseLevel {
 #[derive(Debug, Default)]
 pub struct ConnCtl {
     level: AtomicU8,
-    notify: Notify,
+    /// The waker of the task serving the connection, registered by its [`LevelWatch`].
+    waker: Mutex<Option<Waker>>,
     /// Set once the connection turned out to speak HTTP/2.
     pub is_h2: AtomicBool,
 }
@@ -48,16 +48,81 @@ impl ConnCtl {
     fn raise(&self, to: CloseLevel) -> bool {
         let prev = self.level.fetch_max(to as u8, Ordering::AcqRel);
         if prev < to as u8 {
-            self.notify.notify_one();
+            let waker = self.lock_waker().clone();
+            if let Some(w) = waker {
+                w.wake();
+            }
             true
         } else {
             false
         }
     }
 
-    /// Resolves when the level was raised (at least once since the last wait).
-    pub async fn changed(&self) {
-        self.notify.notified().await
+    fn lock_waker(&self) -> std::sync::MutexGuard<'_, Option<Waker>> {
+        self.waker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Watches a connection's [`ConnCtl`] from the one task serving the connection. Polling it
+/// is an atomic load: the task's waker is registered once (again only if it changes), not
+/// on every poll as a `Notify` waiter would be, which takes a lock each time.
+pub struct LevelWatch {
+    ctl: Arc<ConnCtl>,
+    seen: CloseLevel,
+    registered: Option<Waker>,
+}
+
+impl LevelWatch {
+    /// Reports raises above `CloseLevel::Open` (a connection born asked to leave is
+    /// reported at once).
+    pub fn new(ctl: Arc<ConnCtl>) -> Self {
+        LevelWatch {
+            ctl,
+            seen: CloseLevel::Open,
+            registered: None,
+        }
+    }
+
+    pub fn ctl(&self) -> &Arc<ConnCtl> {
+        &self.ctl
+    }
+
+    /// Ready with the new level once it is above the last one reported.
+    pub fn poll_changed(&mut self, cx: &mut Context<'_>) -> Poll<CloseLevel> {
+        let level = self.ctl.level();
+        if level > self.seen {
+            self.seen = level;
+            return Poll::Ready(level);
+        }
+        if !self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            *self.ctl.lock_waker() = Some(cx.waker().clone());
+            self.registered = Some(cx.waker().clone());
+            // A raise between the load above and the registration found no waker (or the
+            // old one): look again, now that any later raise will wake this one.
+            let level = self.ctl.level();
+            if level > self.seen {
+                self.seen = level;
+                return Poll::Ready(level);
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Resolves once the level is above the last one reported.
+    pub async fn changed(&mut self) -> CloseLevel {
+        std::future::poll_fn(|cx| self.poll_changed(cx)).await
+    }
+}
+
+impl Drop for LevelWatch {
+    fn drop(&mut self) {
+        if self.registered.is_some() {
+            *self.ctl.lock_waker() = None;
+        }
     }
 }
 
@@ -354,6 +419,27 @@ mod tests {
         let text = m.render();
         assert!(text.contains("sluice_agent_connections_closed_total{reason=\"deadline\"} 1"));
         assert!(text.contains("sluice_agent_connections_accepted_total 4"));
+    }
+
+    #[tokio::test]
+    async fn level_watch_wakes_on_raise_and_reports_each_level_once() {
+        let ctl = Arc::new(ConnCtl::default());
+        let mut w = LevelWatch::new(ctl.clone());
+        let c = ctl.clone();
+        let raiser = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            c.raise(CloseLevel::Graceful);
+        });
+        let got = tokio::time::timeout(Duration::from_secs(5), w.changed()).await;
+        assert_eq!(got.expect("woken by the raise"), CloseLevel::Graceful);
+        raiser.await.unwrap();
+        // Reported once: the next wait needs another raise.
+        let again = tokio::time::timeout(Duration::from_millis(50), w.changed()).await;
+        assert!(again.is_err());
+        ctl.raise(CloseLevel::Now);
+        assert_eq!(w.changed().await, CloseLevel::Now);
+        // A watch made after the raise reports it at once.
+        assert_eq!(LevelWatch::new(ctl).changed().await, CloseLevel::Now);
     }
 
     #[test]

@@ -1,14 +1,17 @@
 //! The agent's Prometheus metrics (OpenMetrics text on `/metrics`). The names are an API:
 //! the operator reads them for its connection-rate and comparison gates.
 
-use std::sync::OnceLock;
-use std::sync::atomic::AtomicU64;
+use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Why a connection ended (`sluice_agent_connections_closed_total{reason}`).
@@ -49,12 +52,8 @@ pub struct Metrics {
     pub connections_active: Gauge,
     pub connections_accepted: Counter,
     connections_closed: Family<ReasonLabel, Counter>,
-    pub requests_in_flight: Gauge,
-    requests: Family<CodeLabel, Counter>,
-    /// Each status code's counter once used, so that counting a response takes neither the
-    /// family's lock nor a hash (index: code - 100).
-    requests_by_code: Box<[OnceLock<Counter>]>,
-    pub request_duration: Histogram,
+    /// Requests in flight, responses by code and the request duration histogram.
+    requests: Arc<RequestStats>,
     upstream_errors: Family<ReasonLabel, Counter>,
     pub drain_phase: Gauge,
     drain_duration: Family<[(&'static str, &'static str); 1], Gauge<f64, AtomicU64>>,
@@ -76,10 +75,7 @@ impl Metrics {
             connections_active: Gauge::default(),
             connections_accepted: Counter::default(),
             connections_closed: Family::default(),
-            requests_in_flight: Gauge::default(),
-            requests: Family::default(),
-            requests_by_code: (100..600).map(|_| OnceLock::new()).collect(),
-            request_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            requests: Arc::new(RequestStats::new()),
             upstream_errors: Family::default(),
             drain_phase: Gauge::default(),
             drain_duration: Family::default(),
@@ -107,17 +103,17 @@ impl Metrics {
         r.register(
             "sluice_agent_requests_in_flight",
             "HTTP requests being served now",
-            m.requests_in_flight.clone(),
+            InFlight(m.requests.clone()),
         );
         r.register(
             "sluice_agent_requests",
             "HTTP responses sent, by status code",
-            m.requests.clone(),
+            ByCode(m.requests.clone()),
         );
         r.register(
             "sluice_agent_request_duration_seconds",
             "HTTP request duration, from request head to the end of the response body",
-            m.request_duration.clone(),
+            DurationHistogram(m.requests.clone()),
         );
         r.register(
             "sluice_agent_upstream_errors",
@@ -149,8 +145,6 @@ impl Metrics {
             "Observe mode: TCP connections accepted in the pod's network namespace (all ports)",
             m.passive_opens.clone(),
         );
-        // 200 is always there, so that dashboards see the series from the start.
-        m.request_done_by(200, 0);
         Metrics { registry, ..m }
     }
 
@@ -160,20 +154,27 @@ impl Metrics {
             .inc();
     }
 
-    pub fn request_done(&self, code: u16) {
-        self.request_done_by(code, 1);
+    /// A request began (`sluice_agent_requests_in_flight`).
+    pub fn request_start(&self) {
+        self.requests
+            .shard()
+            .in_flight
+            .fetch_add(1, Ordering::Relaxed);
     }
 
-    fn request_done_by(&self, code: u16, n: u64) {
-        match self
-            .requests_by_code
-            .get(usize::from(code).wrapping_sub(100))
-        {
-            Some(slot) => slot
-                .get_or_init(|| self.requests.get_or_create(&[("code", code)]).clone())
-                .inc_by(n),
-            None => self.requests.get_or_create(&[("code", code)]).inc_by(n),
-        };
+    /// A request ended after `elapsed` (in flight, duration histogram).
+    pub fn request_end(&self, elapsed: Duration) {
+        let shard = self.requests.shard();
+        shard.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        shard.duration_nanos.fetch_add(nanos, Ordering::Relaxed);
+        shard.buckets[bucket_index(nanos)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A response with this status code was sent (`sluice_agent_requests_total{code}`).
+    pub fn request_done(&self, code: u16) {
+        let i = usize::from(code.clamp(MIN_CODE, MAX_CODE) - MIN_CODE);
+        self.requests.shard().codes[i].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn upstream_error(&self, kind: &'static str) {
@@ -195,6 +196,159 @@ impl Metrics {
     }
 }
 
+const MIN_CODE: u16 = 100;
+/// Status codes are three digits (hyper rejects others); anything above counts as 999.
+const MAX_CODE: u16 = 999;
+const CODES: usize = (MAX_CODE - MIN_CODE + 1) as usize;
+/// Duration buckets: 0.5 ms × 2^i, i = 0..16, then +Inf.
+const FIRST_BUCKET_NANOS: u64 = 500_000;
+const BUCKETS: usize = 16;
+/// Shards of [`RequestStats`]: each thread counts into its own (threads beyond this share),
+/// so that two worker threads never contend for one cache line on every request.
+const SHARDS: usize = 4;
+
+/// The request metrics, counted per thread without locks and summed when rendered:
+/// counting a request is a few uncontended atomic adds (prometheus-client's histogram
+/// takes a mutex per observation, and its counters are shared by every thread).
+struct RequestStats {
+    shards: Box<[Shard]>,
+}
+
+#[repr(align(128))]
+struct Shard {
+    in_flight: AtomicI64,
+    duration_nanos: AtomicU64,
+    /// Per bucket (not cumulative); the last one is +Inf.
+    buckets: [AtomicU64; BUCKETS + 1],
+    /// Index: code - 100.
+    codes: Box<[AtomicU64]>,
+}
+
+fn bucket_index(nanos: u64) -> usize {
+    // The first bucket whose upper bound (0.5 ms × 2^i) is >= the value.
+    if nanos <= FIRST_BUCKET_NANOS {
+        return 0;
+    }
+    let ratio = nanos.div_ceil(FIRST_BUCKET_NANOS); // >= 2
+    let i = (u64::BITS - (ratio - 1).leading_zeros()) as usize; // ceil(log2(ratio))
+    i.min(BUCKETS)
+}
+
+fn bucket_bound(i: usize) -> f64 {
+    if i >= BUCKETS {
+        f64::INFINITY
+    } else {
+        // The same values as prometheus-client's `exponential_buckets(0.0005, 2.0, 16)`.
+        0.0005 * 2f64.powi(i as i32)
+    }
+}
+
+thread_local! {
+    static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+impl RequestStats {
+    fn new() -> Self {
+        RequestStats {
+            shards: (0..SHARDS)
+                .map(|_| Shard {
+                    in_flight: AtomicI64::new(0),
+                    duration_nanos: AtomicU64::new(0),
+                    buckets: Default::default(),
+                    codes: (0..CODES).map(|_| AtomicU64::new(0)).collect(),
+                })
+                .collect(),
+        }
+    }
+
+    fn shard(&self) -> &Shard {
+        let i = SHARD.with(|s| {
+            let mut i = s.get();
+            if i == usize::MAX {
+                i = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+                s.set(i);
+            }
+            i
+        });
+        &self.shards[i]
+    }
+
+    fn sum(&self, f: impl Fn(&Shard) -> u64) -> u64 {
+        self.shards.iter().map(f).fold(0, u64::wrapping_add)
+    }
+}
+
+struct InFlight(Arc<RequestStats>);
+struct ByCode(Arc<RequestStats>);
+struct DurationHistogram(Arc<RequestStats>);
+
+macro_rules! opaque_debug {
+    ($($t:ident),*) => {$(
+        impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(stringify!($t))
+            }
+        }
+    )*};
+}
+opaque_debug!(InFlight, ByCode, DurationHistogram);
+
+impl EncodeMetric for InFlight {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let n: i64 = self
+            .0
+            .shards
+            .iter()
+            .map(|s| s.in_flight.load(Ordering::Relaxed))
+            .sum();
+        encoder.encode_gauge(&n)
+    }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
+    }
+}
+
+impl EncodeMetric for ByCode {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for i in 0..CODES {
+            let code = MIN_CODE + i as u16;
+            let n = self.0.sum(|s| s.codes[i].load(Ordering::Relaxed));
+            // 200 is always there, so that dashboards see the series from the start.
+            if n == 0 && code != 200 {
+                continue;
+            }
+            let labels: CodeLabel = [("code", code)];
+            encoder
+                .encode_family(&labels)?
+                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+        Ok(())
+    }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+impl EncodeMetric for DurationHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = (0..=BUCKETS)
+            .map(|i| {
+                (
+                    bucket_bound(i),
+                    self.0.sum(|s| s.buckets[i].load(Ordering::Relaxed)),
+                )
+            })
+            .collect();
+        let count = buckets.iter().map(|b| b.1).sum();
+        let sum = self.0.sum(|s| s.duration_nanos.load(Ordering::Relaxed)) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[cfg(test)]
@@ -210,7 +364,8 @@ mod tests {
         m.request_done(503);
         m.request_done(503);
         m.request_done(999);
-        m.request_duration.observe(0.01);
+        m.request_start();
+        m.request_end(Duration::from_millis(10));
         m.set_drain_duration("total", 1.5);
         m.upstream_error("connect");
         let text = m.render();
@@ -223,6 +378,10 @@ mod tests {
             "sluice_agent_requests_total{code=\"503\"} 2",
             "sluice_agent_requests_total{code=\"999\"} 1",
             "sluice_agent_request_duration_seconds_count 1",
+            "sluice_agent_request_duration_seconds_sum 0.01",
+            "sluice_agent_request_duration_seconds_bucket{le=\"0.016\"} 1",
+            "sluice_agent_request_duration_seconds_bucket{le=\"0.008\"} 0",
+            "sluice_agent_request_duration_seconds_bucket{le=\"+Inf\"} 1",
             "sluice_agent_drain_phase 0",
             "sluice_agent_drain_duration_seconds{phase=\"total\"} 1.5",
             "sluice_agent_upstream_errors_total{kind=\"connect\"} 1",
@@ -231,5 +390,24 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn duration_buckets_match_their_bounds() {
+        for (nanos, want) in [
+            (0, 0),
+            (500_000, 0),
+            (500_001, 1),
+            (1_000_000, 1),
+            (1_000_001, 2),
+            (2_000_000, 2),
+            (16_384_000_000, 15),
+            (16_384_000_001, 16),
+            (u64::MAX, 16),
+        ] {
+            assert_eq!(bucket_index(nanos), want, "{nanos} ns");
+        }
+        assert_eq!(bucket_bound(0), 0.0005);
+        assert_eq!(bucket_bound(15), 16.384);
     }
 }

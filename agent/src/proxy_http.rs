@@ -30,7 +30,9 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::conns::{CloseLevel, ConnCtl, ConnGuard, LINGER, LingerStream, linger_close};
+use crate::conns::{
+    CloseLevel, ConnCtl, ConnGuard, LINGER, LevelWatch, LingerStream, linger_close,
+};
 use crate::metrics::{CloseReason, Metrics};
 
 /// After a forced close, how long in-flight requests still get before the socket goes.
@@ -231,12 +233,13 @@ impl HttpProxy {
     ) {
         let _ = stream.set_nodelay(true);
         let ctl = guard.ctl().clone();
+        let mut watch = LevelWatch::new(ctl.clone());
         // hyper's auto builder waits for the first bytes to tell HTTP/1 from HTTP/2 with no
         // timeout of its own: bound it here, and leave early if the drain asks.
         let mut first = [0u8; 1];
         let waited = tokio::select! {
             r = tokio::time::timeout(self.header_read_timeout, stream.peek(&mut first)) => Some(r),
-            _ = wait_level(&ctl, CloseLevel::Graceful, self.idle_close_after) => None,
+            _ = wait_level(&mut watch, CloseLevel::Graceful, self.idle_close_after) => None,
         };
         match waited {
             None => {
@@ -310,6 +313,8 @@ impl HttpProxy {
                 }
             }
             tokio::select! {
+                // In this order: polling the others is a few atomic loads.
+                biased;
                 res = conn.as_mut() => {
                     if let Err(e) = res {
                         debug!(%peer, error = %e, "connection ended with an error");
@@ -319,8 +324,8 @@ impl HttpProxy {
                     }
                     break;
                 }
-                _ = ctl.changed() => {}
                 _ = std::future::poll_fn(|cx| state.poll_driven(cx, &mut driven)) => {}
+                _ = watch.changed() => {}
                 _ = async { idle_timer.as_mut().expect("guarded").await }, if idle_timer.is_some() => {
                     idle_timer = None;
                     if !shutdown_sent {
@@ -338,15 +343,16 @@ impl HttpProxy {
 }
 
 /// Resolves once the connection is asked to leave at `at_least`, plus `idle` (it is idle).
-async fn wait_level(ctl: &ConnCtl, at_least: CloseLevel, idle: Duration) {
+async fn wait_level(watch: &mut LevelWatch, at_least: CloseLevel, idle: Duration) {
     loop {
-        if ctl.level() >= at_least {
-            if ctl.level() < CloseLevel::Now {
+        let level = watch.ctl().level();
+        if level >= at_least {
+            if level < CloseLevel::Now {
                 tokio::time::sleep(idle).await;
             }
             return;
         }
-        ctl.changed().await;
+        watch.changed().await;
     }
 }
 
@@ -639,7 +645,7 @@ fn plain(code: StatusCode, msg: &'static str) -> Response<Full<Bytes>> {
 async fn handle(state: Arc<ConnState>, req: Request<Incoming>) -> Response<ProxyBody> {
     let proxy = &state.proxy;
     let metrics = &proxy.metrics;
-    metrics.requests_in_flight.inc();
+    metrics.request_start();
     let guard = RequestGuard {
         metrics: metrics.clone(),
         start: Instant::now(),
@@ -735,10 +741,7 @@ struct RequestGuard {
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.metrics.requests_in_flight.dec();
-        self.metrics
-            .request_duration
-            .observe(self.start.elapsed().as_secs_f64());
+        self.metrics.request_end(self.start.elapsed());
     }
 }
 

@@ -5,14 +5,15 @@
 //! whatever is left, still with FIN.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tracing::debug;
 
-use crate::conns::{CloseLevel, ConnGuard, LINGER, linger_close};
+use crate::conns::{CloseLevel, ConnGuard, LINGER, LevelWatch, linger_close};
 use crate::metrics::{CloseReason, Metrics};
 
 const BUF: usize = 32 * 1024;
@@ -48,6 +49,7 @@ impl TcpProxy {
             };
         let _ = upstream.set_nodelay(true);
         let ctl = guard.ctl().clone();
+        let mut watch = LevelWatch::new(ctl.clone());
         let (mut client, mut upstream) = (client, upstream);
         let (mut cr, mut cw) = client.split();
         let (mut ur, mut uw) = upstream.split();
@@ -59,7 +61,9 @@ impl TcpProxy {
         let mut fin_to_client: Option<Instant> = None;
         let mut upstream_error = false;
         let mut level = CloseLevel::Open;
-        let far_future = Instant::now() + Duration::from_secs(86400 * 365);
+        // Timers exist only while draining (none on the path of a byte).
+        let mut idle_timer: Option<Pin<Box<Sleep>>> = None;
+        let mut linger_timer: Option<Pin<Box<Sleep>>> = None;
 
         loop {
             level = level.max(ctl.level());
@@ -70,13 +74,19 @@ impl TcpProxy {
                 break;
             }
             // When asked to leave: FIN the client at the first idle moment.
-            let idle_at = if level == CloseLevel::Graceful && fin_to_client.is_none() {
-                last_activity + self.idle_close_after
-            } else {
-                far_future
-            };
-            let linger_end = fin_to_client.map_or(far_future, |t| t + LINGER);
+            if level == CloseLevel::Graceful && fin_to_client.is_none() && idle_timer.is_none() {
+                idle_timer = Some(Box::pin(tokio::time::sleep_until(
+                    last_activity + self.idle_close_after,
+                )));
+            }
+            if let Some(t) = fin_to_client
+                && linger_timer.is_none()
+            {
+                idle_timer = None;
+                linger_timer = Some(Box::pin(tokio::time::sleep_until(t + LINGER)));
+            }
             tokio::select! {
+                biased;
                 r = cr.read(&mut c2u), if client_open => match r {
                     Ok(0) | Err(_) => {
                         client_open = false;
@@ -113,13 +123,22 @@ impl TcpProxy {
                         }
                     }
                 },
-                _ = ctl.changed() => {}
-                _ = tokio::time::sleep_until(idle_at) => {
-                    debug!(%peer, "idle while draining: half-closing towards the client");
-                    let _ = cw.shutdown().await;
-                    fin_to_client = Some(Instant::now());
+                _ = watch.changed() => {}
+                _ = async { idle_timer.as_mut().expect("guarded").await }, if idle_timer.is_some() => {
+                    let idle_at = last_activity + self.idle_close_after;
+                    if idle_at > Instant::now() {
+                        // Bytes moved since the timer was set: wait for a real idle moment.
+                        if let Some(t) = idle_timer.as_mut() {
+                            t.as_mut().reset(idle_at);
+                        }
+                    } else {
+                        debug!(%peer, "idle while draining: half-closing towards the client");
+                        idle_timer = None;
+                        let _ = cw.shutdown().await;
+                        fin_to_client = Some(Instant::now());
+                    }
                 }
-                _ = tokio::time::sleep_until(linger_end) => break,
+                _ = async { linger_timer.as_mut().expect("guarded").await }, if linger_timer.is_some() => break,
             }
         }
         if upstream_error {

@@ -5,10 +5,16 @@
 //! measures requests/s at saturation (closed loop, keep-alive; the targets take turns in
 //! rounds, so that a shared machine's drifting load hits them alike), p50/p99 latency at a
 //! fixed moderate rate (open loop: a request made late by a slow previous response counts
-//! from its scheduled time, so a stall is not hidden; each proxy is measured at the same
-//! time as direct, and the added latency is the difference within that window), and the
-//! proxy process's CPU time per request (utime+stime from /proc/<pid>/stat). Writes JSON
-//! with the agent/HAProxy and agent/direct ratios and the issue's goals.
+//! from its scheduled time, so a stall is not hidden), and the proxy process's CPU time per
+//! request (utime+stime from /proc/<pid>/stat). Writes JSON with the agent/HAProxy and
+//! agent/direct ratios and the issue's goals.
+//!
+//! The latency runs take turns too: in each round every target (direct included) gets a
+//! short fixed-rate run, with the same CPU layout for all: the load client and the upstream
+//! pinned to one core, the proxy being measured to another (on a machine with at least two
+//! cores), so that a proxy never competes with the load client or the upstream for a core
+//! and direct, the agent and HAProxy see the same layout. Each figure is the median over
+//! the rounds; the added latency is the median of the per-round differences to direct.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -48,12 +54,26 @@ struct Args {
     /// Rounds the saturation runs are split into; the targets take turns in each.
     #[arg(long, default_value_t = 5)]
     rounds: u32,
-    /// Requests/s of the fixed-rate latency run.
-    #[arg(long, default_value_t = 2000)]
+    /// Requests/s of the fixed-rate latency runs (moderate: a few % of saturation).
+    #[arg(long, default_value_t = 1000)]
     rate: u64,
-    /// Seconds of each latency run.
-    #[arg(long, default_value_t = 5)]
-    latency_secs: u64,
+    /// Seconds of each target's fixed-rate run in each latency round.
+    #[arg(long, default_value_t = 1.0)]
+    latency_secs: f64,
+    /// Latency rounds (each target once per round); figures are medians over the rounds.
+    #[arg(long, default_value_t = 7)]
+    latency_rounds: u32,
+    /// Threads of every proxy: the agent's SLUICE_AGENT_WORKERS and HAProxy's nbthread.
+    #[arg(long, default_value_t = 2)]
+    proxy_threads: usize,
+    /// CPU layout of the latency runs: `same` (load client, upstream and proxy pinned to
+    /// one core: every hop is a switch on that core, no cross-core wake-up), `split` (load
+    /// client and upstream on one core, the proxy on another) or `none` (not pinned).
+    #[arg(long, default_value = "same")]
+    pin: String,
+    /// Do not run the latency runs at real-time priority.
+    #[arg(long)]
+    no_rt: bool,
     /// Measure only these targets (comma-separated: agent_http, agent_tcp, haproxy_http,
     /// haproxy_tcp); `direct` is always measured, it is the baseline.
     #[arg(long, value_delimiter = ',')]
@@ -125,6 +145,7 @@ fn main() -> anyhow::Result<()> {
             ])
             .args(&args.agent_arg)
             .env("SLUICE_LOG", "warn")
+            .env("SLUICE_AGENT_WORKERS", args.proxy_threads.to_string())
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", agent.display()))?;
@@ -146,7 +167,10 @@ fn main() -> anyhow::Result<()> {
                 continue;
             }
             let cfg = dir.join(format!("{name}.cfg"));
-            std::fs::write(&cfg, haproxy_config(mode, port, upstream))?;
+            std::fs::write(
+                &cfg,
+                haproxy_config(mode, port, upstream, args.proxy_threads),
+            )?;
             let child = Command::new(haproxy)
                 .args(["-f", &cfg.to_string_lossy(), "-db"])
                 .stdout(Stdio::null())
@@ -156,12 +180,12 @@ fn main() -> anyhow::Result<()> {
                 name,
                 addr: ([127, 0, 0, 1], port).into(),
                 child: Some(child),
-                note: Some(format!("mode {mode}, nbthread 2")),
+                note: Some(format!("mode {mode}, nbthread {}", args.proxy_threads)),
             });
         }
     }
 
-    let measured = load_rt.block_on(measure_all(&args, &targets, upstream));
+    let measured = load_rt.block_on(measure_all(&args, &targets));
     for t in &mut targets {
         if let Some(c) = &mut t.child {
             let _ = c.kill();
@@ -179,16 +203,18 @@ fn main() -> anyhow::Result<()> {
             "saturation": { "connections": args.conns, "seconds": args.saturation_secs,
                             "rounds": args.rounds,
                             "method": "targets take turns, seconds/rounds each per round" },
-            "latency": { "rate_per_second": args.rate, "seconds": args.latency_secs,
+            "latency": { "rate_per_second": args.rate, "seconds_per_round": args.latency_secs,
+                         "rounds": args.latency_rounds,
                          "connections": latency_conns(args.rate),
-                         "added_over_direct": "the proxy and direct are measured at the same \
-                          rate at the same time; added = proxy - direct of that window" },
+                         "method": "targets (direct included) take turns in each round, one \
+                          fixed-rate run each; p50/p99 = median over the rounds; added = median \
+                          over the rounds of (target - direct of the same round)",
+                         "cpu_layout": layout_note(&args) },
+            "proxy_threads": args.proxy_threads,
             "request": "GET / (HTTP/1.1 keep-alive), 5-byte response",
             "cpu_per_request": "utime+stime of the proxy process / requests it served",
         },
-        "agent_runtime": std::env::var("SLUICE_AGENT_WORKERS")
-            .map(|w| format!("SLUICE_AGENT_WORKERS={w}"))
-            .unwrap_or_else(|_| "default".into()),
+        "agent_runtime": format!("SLUICE_AGENT_WORKERS={}", args.proxy_threads),
         "comparison": comparison,
         "results": Value::Object(results),
     });
@@ -214,11 +240,10 @@ impl Target {
     }
 }
 
-/// Saturation in rounds over all targets, then latency per target (alongside direct).
+/// Saturation in rounds over all targets, then latency in rounds over all targets.
 async fn measure_all(
     args: &Args,
     targets: &[Target],
-    direct: SocketAddr,
 ) -> anyhow::Result<serde_json::Map<String, Value>> {
     for t in targets {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -248,7 +273,58 @@ async fn measure_all(
             };
         }
     }
-    let lat_dur = Duration::from_secs(args.latency_secs);
+
+    // Latency: every target once per round, direct included, in a rotating order; the
+    // same CPU layout for all (see the module comment).
+    let layout = Layout::new(&args.pin);
+    if let Some(l) = &layout {
+        l.pin_self();
+        for t in targets {
+            if let Some(pid) = t.pid() {
+                l.pin_proxy(pid);
+            }
+        }
+    }
+    // Real-time priority (SCHED_FIFO) for the load client, the upstream and every proxy
+    // alike, so that other processes on a shared machine (builds) do not preempt them: the
+    // latency measured is the proxies', not the machine's. At this rate they use a few % of
+    // a core; the kernel keeps 5 % of every second for other processes anyway.
+    let rt = !args.no_rt && sched::set_fifo(std::process::id(), RT_PRIORITY);
+    if rt {
+        for pid in targets.iter().filter_map(Target::pid) {
+            sched::set_fifo(pid, RT_PRIORITY);
+        }
+    }
+    let lat_dur = Duration::from_secs_f64(args.latency_secs);
+    let lat_rounds = args.latency_rounds.max(1) as usize;
+    // Per target, per round: (p50, p90, p99) in µs.
+    let mut per_round = vec![Vec::<[f64; 3]>::new(); targets.len()];
+    for round in 0..lat_rounds {
+        for k in 0..targets.len() {
+            let i = (k + round) % targets.len();
+            let t = &targets[i];
+            let lat = fixed_rate(t.addr, args.rate, lat_dur)
+                .await
+                .context(t.name)?;
+            let p = percentiles(lat);
+            per_round[i].push([
+                p["p50_us"].as_f64().unwrap_or(f64::NAN),
+                p["p90_us"].as_f64().unwrap_or(f64::NAN),
+                p["p99_us"].as_f64().unwrap_or(f64::NAN),
+            ]);
+        }
+    }
+    if rt {
+        sched::set_normal(std::process::id());
+        for pid in targets.iter().filter_map(Target::pid) {
+            sched::set_normal(pid);
+        }
+    }
+    if let Some(l) = &layout {
+        l.unpin_self();
+    }
+    let direct_i = targets.iter().position(|t| t.child.is_none());
+
     let mut out = serde_json::Map::new();
     for (i, t) in targets.iter().enumerate() {
         let n = requests[i];
@@ -257,33 +333,34 @@ async fn measure_all(
             Some(c) if n > 0 && t.child.is_some() => Some(c / n as f64 * 1e6),
             _ => None,
         };
+        let col = |j: usize| -> Vec<f64> { per_round[i].iter().map(|r| r[j]).collect() };
         let mut r = json!({
             "target": t.addr.to_string(),
             "saturation": { "requests": n, "requests_per_second": rps.round() },
             "cpu_us_per_request": cpu_per_req_us.map(|c| (c * 100.0).round() / 100.0),
+            "latency": {
+                "requests_per_round": (args.rate as f64 * args.latency_secs) as u64,
+                "rounds": lat_rounds,
+                "p50_us": median(col(0)),
+                "p90_us": median(col(1)),
+                "p99_us": median(col(2)),
+                "realtime_priority": rt,
+                "p50_us_per_round": col(0),
+                "p99_us_per_round": col(2),
+            },
         });
         let o = r.as_object_mut().expect("object");
-        if t.child.is_none() {
-            let lat = fixed_rate(t.addr, args.rate, lat_dur)
-                .await
-                .context(t.name)?;
-            o.insert("latency".into(), percentiles(lat));
-        } else {
-            let (mine, base) = tokio::join!(
-                fixed_rate(t.addr, args.rate, lat_dur),
-                fixed_rate(direct, args.rate, lat_dur)
-            );
-            let (mine, base) = (
-                percentiles(mine.context(t.name)?),
-                percentiles(base.context("direct")?),
-            );
-            for (key, p) in [("added_p50_us", "p50_us"), ("added_p99_us", "p99_us")] {
-                if let (Some(m), Some(b)) = (mine[p].as_f64(), base[p].as_f64()) {
-                    o.insert(key.into(), json!(m - b));
-                }
+        if let Some(d) = direct_i
+            && d != i
+        {
+            for (key, j) in [("added_p50_us", 0), ("added_p99_us", 2)] {
+                let diffs: Vec<f64> = per_round[i]
+                    .iter()
+                    .zip(&per_round[d])
+                    .map(|(m, b)| m[j] - b[j])
+                    .collect();
+                o.insert(key.into(), json!(median(diffs)));
             }
-            o.insert("latency".into(), mine);
-            o.insert("direct_latency_same_window".into(), base);
         }
         if let Some(note) = &t.note {
             o.insert("haproxy_config".into(), json!(note));
@@ -291,6 +368,148 @@ async fn measure_all(
         out.insert(t.name.into(), r);
     }
     Ok(out)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// The latency runs' CPU layout: this process (load client and upstream) on one core, the
+/// proxies on another.
+struct Layout {
+    allowed: Vec<usize>,
+    load_cpu: usize,
+    proxy_cpu: usize,
+}
+
+impl Layout {
+    /// None for `none`, or `split` on a machine (or cpuset) with fewer than two cores.
+    fn new(pin: &str) -> Option<Layout> {
+        let allowed = sched::get(0)?;
+        let (load_cpu, proxy_cpu) = match pin {
+            "same" => (*allowed.last()?, *allowed.last()?),
+            "split" if allowed.len() >= 2 => {
+                (allowed[allowed.len() - 2], allowed[allowed.len() - 1])
+            }
+            _ => return None,
+        };
+        Some(Layout {
+            load_cpu,
+            proxy_cpu,
+            allowed,
+        })
+    }
+    fn pin_self(&self) {
+        sched::set_process(std::process::id(), &[self.load_cpu]);
+    }
+    fn unpin_self(&self) {
+        sched::set_process(std::process::id(), &self.allowed);
+    }
+    fn pin_proxy(&self, pid: u32) {
+        sched::set_process(pid, &[self.proxy_cpu]);
+    }
+}
+
+fn layout_note(args: &Args) -> String {
+    match Layout::new(&args.pin) {
+        Some(l) if l.load_cpu == l.proxy_cpu => format!(
+            "load client, upstream and proxy pinned to cpu {}",
+            l.load_cpu
+        ),
+        Some(l) => format!(
+            "load client and upstream pinned to cpu {}, the proxy to cpu {}",
+            l.load_cpu, l.proxy_cpu
+        ),
+        _ => "not pinned".into(),
+    }
+}
+
+const RT_PRIORITY: i32 = 10;
+
+/// CPU affinity and scheduling policy (glibc) for every thread of a process.
+mod sched {
+    /// A `cpu_set_t`: 1024 bits.
+    type CpuSet = [u64; 16];
+
+    #[repr(C)]
+    struct SchedParam {
+        sched_priority: i32,
+    }
+    const SCHED_OTHER: i32 = 0;
+    const SCHED_FIFO: i32 = 1;
+
+    unsafe extern "C" {
+        fn sched_getaffinity(pid: i32, cpusetsize: usize, mask: *mut u64) -> i32;
+        fn sched_setaffinity(pid: i32, cpusetsize: usize, mask: *const u64) -> i32;
+        fn sched_setscheduler(pid: i32, policy: i32, param: *const SchedParam) -> i32;
+    }
+
+    fn threads(pid: u32) -> Vec<i32> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|t| t.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn set_policy(pid: u32, policy: i32, priority: i32) -> bool {
+        let param = SchedParam {
+            sched_priority: priority,
+        };
+        let mut all = true;
+        for tid in threads(pid) {
+            // SAFETY: `param` is a valid `struct sched_param` for the call's duration.
+            all &= unsafe { sched_setscheduler(tid, policy, &param) } == 0;
+        }
+        all
+    }
+
+    /// SCHED_FIFO at `priority` for every thread of `pid`; false if not permitted.
+    pub fn set_fifo(pid: u32, priority: i32) -> bool {
+        set_policy(pid, SCHED_FIFO, priority)
+    }
+
+    /// Back to the normal policy.
+    pub fn set_normal(pid: u32) {
+        set_policy(pid, SCHED_OTHER, 0);
+    }
+
+    /// The CPUs thread `tid` may run on (0: the calling thread).
+    pub fn get(tid: i32) -> Option<Vec<usize>> {
+        let mut set: CpuSet = [0; 16];
+        // SAFETY: `set` is a writable buffer of exactly the size passed.
+        let rc = unsafe { sched_getaffinity(tid, std::mem::size_of::<CpuSet>(), set.as_mut_ptr()) };
+        (rc == 0).then(|| {
+            (0..1024)
+                .filter(|&c| set[c / 64] & (1 << (c % 64)) != 0)
+                .collect()
+        })
+    }
+
+    /// Sets the CPUs of every thread of process `pid` (threads it starts later inherit it
+    /// from the thread starting them). Best effort: a failure leaves that thread unpinned.
+    pub fn set_process(pid: u32, cpus: &[usize]) {
+        let mut set: CpuSet = [0; 16];
+        for &c in cpus.iter().filter(|&&c| c < 1024) {
+            set[c / 64] |= 1 << (c % 64);
+        }
+        for tid in threads(pid) {
+            // SAFETY: `set` is a readable buffer of exactly the size passed.
+            unsafe { sched_setaffinity(tid, std::mem::size_of::<CpuSet>(), set.as_ptr()) };
+        }
+    }
 }
 
 fn percentiles(mut lat: Vec<u64>) -> Value {
@@ -349,14 +568,14 @@ fn compare(results: &serde_json::Map<String, Value>) -> Value {
     Value::Object(out)
 }
 
-fn haproxy_config(mode: &str, port: u16, upstream: SocketAddr) -> String {
+fn haproxy_config(mode: &str, port: u16, upstream: SocketAddr, threads: usize) -> String {
     let keepalive = if mode == "http" {
         "  option http-keep-alive\n"
     } else {
         ""
     };
     format!(
-        "global\n  maxconn 4096\n  nbthread 2\n\ndefaults\n  mode {mode}\n  timeout connect 5s\n  \
+        "global\n  maxconn 4096\n  nbthread {threads}\n\ndefaults\n  mode {mode}\n  timeout connect 5s\n  \
          timeout client 60s\n  timeout server 60s\n{keepalive}\nfrontend f\n  bind 127.0.0.1:{port}\n  \
          default_backend b\n\nbackend b\n  server s1 {upstream}\n"
     )
@@ -484,11 +703,17 @@ async fn fixed_rate(addr: SocketAddr, rate: u64, dur: Duration) -> anyhow::Resul
     let per_conn = rate as f64 / conns as f64;
     let gap = Duration::from_secs_f64(1.0 / per_conn);
     let total_per_conn = (per_conn * dur.as_secs_f64()) as u64;
-    let start = tokio::time::Instant::now() + Duration::from_millis(50);
     let mut tasks = Vec::new();
+    let mut conns_ready = Vec::new();
     for i in 0..conns {
         let mut c = Conn::connect(addr).await?;
+        // Not timed: a proxy's first request on a connection also opens its upstream one.
+        c.roundtrip().await?;
         let offset = gap.mul_f64(i as f64 / conns as f64);
+        conns_ready.push((c, offset));
+    }
+    let start = tokio::time::Instant::now() + Duration::from_millis(20);
+    for (mut c, offset) in conns_ready {
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(total_per_conn as usize);
             let mut prev_done = start;
