@@ -293,11 +293,18 @@ pub(crate) struct LevelDomains {
     pub members: Vec<Vec<usize>>,
 }
 
+/// One pod of an allocation: node, GPU mask, milli per GPU, CPU, memory, MIG devices
+/// (profile id, count).
+type AllocPod = (usize, u64, u32, u64, u64, Option<(u16, u32)>);
+/// Scratch copy of a node during [`Fleet::allocate`]: node, free milli per GPU, CPU,
+/// memory, MIG devices.
+type Scratch = (usize, Vec<u32>, u64, u64, Vec<(u16, u32, u32)>);
+
 #[derive(Clone, Debug)]
 struct AllocRecord {
     group: Option<String>,
-    pods: Vec<(usize, u64, u32, u64, u64, Option<(u16, u32)>)>, // node, gpu mask, milli, cpu, mem, MIG
-    spread_keys: Vec<u32>,                  // domain per spread level (labels..., node)
+    pods: Vec<AllocPod>,
+    spread_keys: Vec<u32>, // domain per spread level (labels..., node)
 }
 
 static NEXT_UID: AtomicU64 = AtomicU64::new(1);
@@ -695,7 +702,7 @@ impl Fleet {
         }
         let mut resolved = Vec::with_capacity(pods.len());
         // Validate against a scratch copy of the touched nodes' free capacity.
-        let mut scratch: Vec<(usize, Vec<u32>, u64, u64, Vec<(u16, u32, u32)>)> = Vec::new();
+        let mut scratch: Vec<Scratch> = Vec::new();
         for p in pods {
             let idx = self.index_of(&p.node)?;
             if p.milli_per_gpu == 0 && !p.gpus.is_empty() || p.milli_per_gpu > MILLI_PER_GPU {

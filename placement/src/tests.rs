@@ -804,6 +804,9 @@ fn mixed_mig_bad_label_and_request_json() {
     assert_eq!(old.mig_devices, None);
     let req = GangRequest::mig("1g.5gb", 2);
     let json = serde_json::to_string(&req).unwrap();
-    assert!(json.contains(r#""migDevices":{"profile":"1g.5gb","count":2}"#), "{json}");
+    assert!(
+        json.contains(r#""migDevices":{"profile":"1g.5gb","count":2}"#),
+        "{json}"
+    );
     assert_eq!(serde_json::from_str::<GangRequest>(&json).unwrap(), req);
 }

@@ -142,11 +142,7 @@ pub fn pod_fits_node(spec: &PodSpec, node: &Node) -> bool {
             .iter()
             .flatten()
             .all(|(k, v)| labels.get(k) == Some(v))
-        && required_affinity_matches(
-            required_node_selector(spec.affinity.as_ref()),
-            name,
-            labels,
-        )
+        && required_affinity_matches(required_node_selector(spec.affinity.as_ref()), name, labels)
 }
 
 /// The key under which the binder caches the eligible nodes of a pod: every input of
@@ -168,7 +164,10 @@ pub fn ignored_constraints(spec: &PodSpec) -> Vec<&'static str> {
     let aff = spec.affinity.as_ref();
     if aff
         .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|n| n.preferred_during_scheduling_ignored_during_execution.as_ref())
+        .and_then(|n| {
+            n.preferred_during_scheduling_ignored_during_execution
+                .as_ref()
+        })
         .is_some_and(|p| !p.is_empty())
     {
         out.push("preferred node affinity");
@@ -290,10 +289,7 @@ mod tests {
         assert!(one(req("neg", "Lt", &["0"]), &l));
         assert!(one(req("neg", "Gt", &["-4"]), &l));
         // Integers, not strings: "10" > "9".
-        assert!(one(
-            req("gpus", "Lt", &["10"]),
-            &labels(&[("gpus", "9")])
-        ));
+        assert!(one(req("gpus", "Lt", &["10"]), &labels(&[("gpus", "9")])));
         // Missing or non-integer label: no match.
         assert!(!one(req("missing", "Gt", &["0"]), &l));
         assert!(!one(req("text", "Gt", &["0"]), &l));
@@ -320,15 +316,9 @@ mod tests {
     #[test]
     fn expressions_of_a_term_are_anded() {
         let l = labels(&[("gpu", "h100"), ("zone", "a")]);
-        let both = term(vec![
-            req("gpu", "In", &["h100"]),
-            req("zone", "In", &["a"]),
-        ]);
+        let both = term(vec![req("gpu", "In", &["h100"]), req("zone", "In", &["a"])]);
         assert!(node_selector_matches(&sel(vec![both]), "n1", &l));
-        let one_fails = term(vec![
-            req("gpu", "In", &["h100"]),
-            req("zone", "In", &["b"]),
-        ]);
+        let one_fails = term(vec![req("gpu", "In", &["h100"]), req("zone", "In", &["b"])]);
         assert!(!node_selector_matches(&sel(vec![one_fails]), "n1", &l));
     }
 
@@ -381,14 +371,38 @@ mod tests {
             match_expressions: None,
             match_fields: Some(vec![req(FIELD_NODE_NAME, op, values)]),
         };
-        assert!(node_selector_matches(&sel(vec![f("In", &["n1"])]), "n1", &l));
-        assert!(!node_selector_matches(&sel(vec![f("In", &["n2"])]), "n1", &l));
-        assert!(node_selector_matches(&sel(vec![f("NotIn", &["n2"])]), "n1", &l));
-        assert!(!node_selector_matches(&sel(vec![f("NotIn", &["n1"])]), "n1", &l));
+        assert!(node_selector_matches(
+            &sel(vec![f("In", &["n1"])]),
+            "n1",
+            &l
+        ));
+        assert!(!node_selector_matches(
+            &sel(vec![f("In", &["n2"])]),
+            "n1",
+            &l
+        ));
+        assert!(node_selector_matches(
+            &sel(vec![f("NotIn", &["n2"])]),
+            "n1",
+            &l
+        ));
+        assert!(!node_selector_matches(
+            &sel(vec![f("NotIn", &["n1"])]),
+            "n1",
+            &l
+        ));
         // Exactly one value, In/NotIn only, metadata.name only.
-        assert!(!node_selector_matches(&sel(vec![f("In", &["n1", "n2"])]), "n1", &l));
+        assert!(!node_selector_matches(
+            &sel(vec![f("In", &["n1", "n2"])]),
+            "n1",
+            &l
+        ));
         assert!(!node_selector_matches(&sel(vec![f("In", &[])]), "n1", &l));
-        assert!(!node_selector_matches(&sel(vec![f("Exists", &[])]), "n1", &l));
+        assert!(!node_selector_matches(
+            &sel(vec![f("Exists", &[])]),
+            "n1",
+            &l
+        ));
         let other = NodeSelectorTerm {
             match_expressions: None,
             match_fields: Some(vec![req("metadata.namespace", "In", &["n1"])]),
@@ -444,20 +458,36 @@ mod tests {
                 ]}}}
         }));
         let kwok = json!([{"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}]);
-        let ok = node("a", &[("pool", "gpu"), ("nvidia.com/gpu.count", "8")], kwok.clone());
+        let ok = node(
+            "a",
+            &[("pool", "gpu"), ("nvidia.com/gpu.count", "8")],
+            kwok.clone(),
+        );
         assert!(pod_fits_node(&spec, &ok));
         // Excluded by the affinity's NotIn.
         let excluded = node(
             "b",
-            &[("pool", "gpu"), ("nvidia.com/gpu.count", "8"), ("gpu-class", "excluded")],
+            &[
+                ("pool", "gpu"),
+                ("nvidia.com/gpu.count", "8"),
+                ("gpu-class", "excluded"),
+            ],
             kwok.clone(),
         );
         assert!(!pod_fits_node(&spec, &excluded));
         // Excluded by Gt (4 GPUs is not > 4).
-        let small = node("c", &[("pool", "gpu"), ("nvidia.com/gpu.count", "4")], kwok.clone());
+        let small = node(
+            "c",
+            &[("pool", "gpu"), ("nvidia.com/gpu.count", "4")],
+            kwok.clone(),
+        );
         assert!(!pod_fits_node(&spec, &small));
         // The second term (by name) lets this one in despite failing the first.
-        let special = node("special", &[("pool", "gpu"), ("gpu-class", "excluded")], kwok.clone());
+        let special = node(
+            "special",
+            &[("pool", "gpu"), ("gpu-class", "excluded")],
+            kwok.clone(),
+        );
         assert!(pod_fits_node(&spec, &special));
         // Affinity passes but nodeSelector fails.
         let other_pool = node("d", &[("pool", "cpu"), ("nvidia.com/gpu.count", "8")], kwok);

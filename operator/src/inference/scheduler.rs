@@ -30,8 +30,8 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use sluice_placement::{
-    Fleet, GangRequest, GpuDemand, NodeSpec, PlaceError, Placer, PodAssignment, TopologyConfig,
-    WorkloadProfile,
+    Fleet, GangRequest, GpuDemand, MIG_RESOURCE_PREFIX, MigDevices, NodeSpec, PlaceError, Placer,
+    PodAssignment, TopologyConfig, WorkloadProfile,
 };
 use tokio::sync::Notify;
 
@@ -62,6 +62,15 @@ pub fn node_spec(node: &Node) -> Option<NodeSpec> {
         gpus: Some(gpus.unwrap_or(0)),
         cpu_milli: get("cpu").and_then(parse_cpu_milli).unwrap_or(0),
         memory_mib: get("memory").and_then(parse_mem_mib).unwrap_or(0),
+        // MIG `mixed` strategy: allocatable `nvidia.com/mig-<profile>` per profile.
+        mig_devices: alloc
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, q)| {
+                let profile = k.strip_prefix(MIG_RESOURCE_PREFIX)?;
+                Some((profile.to_string(), q.0.parse::<u32>().ok()?))
+            })
+            .collect(),
     })
 }
 
@@ -139,6 +148,40 @@ pub fn pod_usage(pod: &Pod) -> (u32, u64, u64) {
     (gpus, cpu, mem)
 }
 
+/// The MIG devices a pod takes with the `mixed` strategy: its `nvidia.com/mig-<profile>`
+/// limits (else requests), summed over its containers. `Err` when it asks for more than
+/// one profile (not modelled).
+pub fn pod_mig(pod: &Pod) -> Result<Option<MigDevices>, String> {
+    let mut by: BTreeMap<String, u32> = BTreeMap::new();
+    for c in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+        let Some(r) = &c.resources else { continue };
+        let src = r
+            .limits
+            .as_ref()
+            .filter(|l| l.keys().any(|k| k.starts_with(MIG_RESOURCE_PREFIX)))
+            .or(r.requests.as_ref());
+        for (k, q) in src.into_iter().flatten() {
+            if let Some(profile) = k.strip_prefix(MIG_RESOURCE_PREFIX) {
+                let n =
+                    q.0.parse::<u32>()
+                        .map_err(|_| format!("{k}={} is not a count", q.0))?;
+                *by.entry(profile.to_string()).or_default() += n;
+            }
+        }
+    }
+    by.retain(|_, n| *n > 0);
+    if by.len() > 1 {
+        return Err(format!(
+            "pods asking for several MIG profiles ({}) are not supported",
+            by.keys().cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    Ok(by
+        .into_iter()
+        .next()
+        .map(|(profile, count)| MigDevices { profile, count }))
+}
+
 /// The GPU indices in `sluice.dev/gpu-ids`.
 pub fn gpu_ids(pod: &Pod) -> Option<Vec<u32>> {
     let v = pod.metadata.annotations.as_ref()?.get(GPU_IDS_ANNOTATION)?;
@@ -173,7 +216,8 @@ pub fn tolerates(taints: &[Taint], tolerations: &[Toleration]) -> bool {
 }
 
 /// The placement request of a gang: the controller's annotation, else one pod of the
-/// GPUs, CPU and memory it asks for.
+/// GPUs, CPU and memory it asks for; MIG devices (`mixed` strategy) from its
+/// `nvidia.com/mig-<profile>` resources.
 pub fn gang_request(pod: &Pod, size: u32) -> Result<GangRequest, String> {
     let (gpus, cpu, mem) = pod_usage(pod);
     let mut req = match pod
@@ -193,6 +237,7 @@ pub fn gang_request(pod: &Pod, size: u32) -> Result<GangRequest, String> {
     if gpus == 0 {
         req.gpu = GpuDemand::None;
     }
+    req.mig_devices = pod_mig(pod)?;
     Ok(req)
 }
 
@@ -448,6 +493,7 @@ impl Binder {
                 gpus,
                 cpu_milli: cpu,
                 memory_mib: mem,
+                mig: pod_mig(p).ok().flatten(),
             };
             if annotation(p, GPU_IDS_ANNOTATION).is_some() {
                 let e = gangs
@@ -983,12 +1029,76 @@ mod tests {
         assert!(gang_request(&gpu_pod("4", &[(GANG_REQUEST_ANNOTATION, "{")]), 1).is_err());
     }
 
+    fn mig_pod(resources: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "m", "namespace": "ns"},
+            "spec": {"containers": [
+                {"name": "c", "resources": resources},
+                {"name": "side", "resources": {"requests": {"cpu": "100m"}}}
+            ]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn mig_profile_request_comes_from_the_pod_resources() {
+        let p = mig_pod(serde_json::json!({"limits": {"nvidia.com/mig-1g.5gb": "2"}}));
+        let want = Some(MigDevices {
+            profile: "1g.5gb".into(),
+            count: 2,
+        });
+        assert_eq!(pod_mig(&p).unwrap(), want);
+        let req = gang_request(&p, 1).unwrap();
+        assert_eq!(req.gpu, GpuDemand::None);
+        assert_eq!(req.mig_devices, want);
+        assert_eq!(req.cpu_milli, 100);
+        // Requests when there are no limits.
+        let p = mig_pod(serde_json::json!({"requests": {"nvidia.com/mig-3g.20gb": "1"}}));
+        assert_eq!(pod_mig(&p).unwrap().unwrap().profile, "3g.20gb");
+        // No MIG resource, a zero count: none.
+        assert_eq!(pod_mig(&gpu_pod("1", &[])).unwrap(), None);
+        let p = mig_pod(serde_json::json!({"limits": {"nvidia.com/mig-1g.5gb": "0"}}));
+        assert_eq!(pod_mig(&p).unwrap(), None);
+        // Two profiles in one pod: not modelled, reported.
+        let p = mig_pod(serde_json::json!({"limits": {
+            "nvidia.com/mig-1g.5gb": "1", "nvidia.com/mig-2g.10gb": "1"}}));
+        assert!(pod_mig(&p).is_err());
+        assert!(gang_request(&p, 1).is_err());
+    }
+
+    #[test]
+    fn mixed_mig_node_capacity_comes_from_allocatable() {
+        let n: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "a100", "labels": {"nvidia.com/mig.strategy": "mixed"}},
+            "status": {"allocatable": {"nvidia.com/gpu": "0",
+                "nvidia.com/mig-1g.5gb": "7", "nvidia.com/mig-3g.20gb": "1"}}
+        }))
+        .unwrap();
+        let s = node_spec(&n).unwrap();
+        assert_eq!(s.gpus, Some(0));
+        assert_eq!(
+            s.mig_devices,
+            BTreeMap::from([("1g.5gb".to_string(), 7), ("3g.20gb".to_string(), 1)])
+        );
+        let mut fleet = Fleet::new(TopologyConfig::default());
+        fleet.add_node(s).unwrap();
+        let mut placer = Placer::new(WorkloadProfile::inference_default());
+        let p = mig_pod(serde_json::json!({"limits": {"nvidia.com/mig-3g.20gb": "1"}}));
+        let placed = placer.place(&fleet, &gang_request(&p, 1).unwrap()).unwrap();
+        fleet.allocate("x", None, &placed.pods).unwrap();
+        assert!(placer.place(&fleet, &gang_request(&p, 1).unwrap()).is_err());
+    }
+
     #[test]
     fn events_about_a_pod_template_go_to_its_controller() {
         let mut p = gpu_pod("1", &[]);
         let own = owner_reference(&p);
         assert_eq!(
-            (own.kind.as_deref(), own.name.as_deref(), own.namespace.as_deref()),
+            (
+                own.kind.as_deref(),
+                own.name.as_deref(),
+                own.namespace.as_deref()
+            ),
             (Some("Pod"), Some("p"), Some("ns"))
         );
         p.metadata.owner_references = Some(vec![
