@@ -17,6 +17,10 @@ use serde_json::json;
 use sluice_e2e::cluster::{GpuNodeProfile, TestCluster};
 use sluice_operator::inference::{self, InferenceSet};
 
+/// The tests of this file each run an operator whose binder watches every namespace, so
+/// two of them at once would bind each other's pods: they take turns.
+static ONE_OPERATOR: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn install_crd(client: &kube::Client) -> anyhow::Result<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd = InferenceSet::crd();
@@ -183,6 +187,7 @@ fn check_placement(pods: &[Pod], racks: &BTreeMap<String, String>) -> anyhow::Re
 #[tokio::test]
 async fn inference_set_places_scales_survives_node_loss_and_rolls_by_slot_swap()
 -> anyhow::Result<()> {
+    let _turn = ONE_OPERATOR.lock().await;
     let cluster = TestCluster::get().await?;
     let client = cluster.client.clone();
     install_crd(&client).await?;
@@ -331,6 +336,7 @@ async fn inference_set_places_scales_survives_node_loss_and_rolls_by_slot_swap()
 /// is reported once with a `ConstraintsIgnored` warning on the InferenceSet.
 #[tokio::test]
 async fn required_node_affinity_keeps_gangs_off_excluded_nodes() -> anyhow::Result<()> {
+    let _turn = ONE_OPERATOR.lock().await;
     let cluster = TestCluster::get().await?;
     let client = cluster.client.clone();
     install_crd(&client).await?;
