@@ -31,7 +31,8 @@ pub struct ConnCtl {
     level: AtomicU8,
     /// The waker of the task serving the connection, registered by its [`LevelWatch`].
     waker: Mutex<Option<Waker>>,
-    /// Set once the connection turned out to speak HTTP/2.
+    /// Set once the connection turned out to speak HTTP/2 (or may: its first bytes are
+    /// the start of the HTTP/2 preface).
     pub is_h2: AtomicBool,
 }
 
@@ -315,12 +316,26 @@ pub async fn linger_close(mut stream: TcpStream) {
 /// when a connection ends).
 pub struct LingerStream {
     inner: Option<TcpStream>,
+    /// Until the first bytes are read: the connection whose `is_h2` they decide.
+    detect_h2: Option<Arc<ConnCtl>>,
 }
+
+/// The HTTP/2 connection preface (RFC 9113, 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl LingerStream {
     pub fn new(stream: TcpStream) -> Self {
         LingerStream {
             inner: Some(stream),
+            detect_h2: None,
+        }
+    }
+
+    /// Sets `ctl.is_h2` when the first bytes read are (the start of) the HTTP/2 preface.
+    pub fn detecting_h2(stream: TcpStream, ctl: Arc<ConnCtl>) -> Self {
+        LingerStream {
+            inner: Some(stream),
+            detect_h2: Some(ctl),
         }
     }
     fn io(&mut self) -> io::Result<&mut TcpStream> {
@@ -346,10 +361,22 @@ impl AsyncRead for LingerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.io() {
+        let before = buf.filled().len();
+        let r = match self.io() {
             Ok(s) => Pin::new(s).poll_read(cx, buf),
             Err(e) => Poll::Ready(Err(e)),
+        };
+        if self.detect_h2.is_some() && buf.filled().len() > before {
+            let read = &buf.filled()[before..];
+            let n = read.len().min(H2_PREFACE.len());
+            if read[..n] == H2_PREFACE[..n]
+                && let Some(ctl) = &self.detect_h2
+            {
+                ctl.is_h2.store(true, Ordering::Release);
+            }
+            self.detect_h2 = None;
         }
+        r
     }
 }
 

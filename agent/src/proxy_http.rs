@@ -14,7 +14,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -121,6 +121,7 @@ pub struct HttpProxy {
     /// `Host` for requests that carry none (HTTP/1.0).
     upstream_host: HeaderValue,
     upstream_http2: bool,
+    h1_client: client1::Builder,
     h2_client: client2::Builder<TokioExecutor>,
     header_read_timeout: Duration,
     idle_close_after: Duration,
@@ -158,12 +159,13 @@ impl HttpProxy {
         let upstream_host = HeaderValue::from_str(upstream_authority.as_str())
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout)
-            .keep_alive(true);
+        // No hyper header read timeout: it arms a boxed timer for every request head. The
+        // serve loop keeps one timer per connection instead (see `serve_here`).
+        builder.http1().keep_alive(true).writev(false);
         builder.http2().timer(TokioTimer::new());
+        let mut h1_client = client1::Builder::new();
+        // One buffer, one send(2) per message: cheaper than writev for small ones.
+        h1_client.writev(false);
         let mut h2_client = client2::Builder::new(TokioExecutor::new());
         h2_client.timer(TokioTimer::new());
         Ok(Arc::new(HttpProxy {
@@ -173,6 +175,7 @@ impl HttpProxy {
             upstream_authority,
             upstream_host,
             upstream_http2,
+            h1_client,
             h2_client,
             header_read_timeout,
             idle_close_after,
@@ -271,19 +274,27 @@ impl HttpProxy {
             ctl: ctl.clone(),
             up: Mutex::new(UpState::default()),
             new_driven: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            born: Instant::now(),
+            idle_since: AtomicU64::new(0),
         });
         let svc = ProxyService {
             state: state.clone(),
         };
         // Upstream HTTP/1.1 connections of this client connection's HTTP/1.1 requests.
         let mut driven = Driven::default();
-        let conn = self
-            .builder
-            .serve_connection(TokioIo::new(LingerStream::new(stream)), svc);
+        let conn = self.builder.serve_connection(
+            TokioIo::new(LingerStream::detecting_h2(stream, ctl.clone())),
+            svc,
+        );
         tokio::pin!(conn);
         let mut shutdown_sent = false;
         let mut idle_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let mut force_timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        // HTTP/1 header read timeout: a request head must arrive within it once the
+        // connection is idle (no request in flight). One timer for the connection, moved
+        // on when it fires early, rather than one per request.
+        let mut head_timer = Some(Box::pin(tokio::time::sleep(self.header_read_timeout)));
         // A connection born while closing is already asked to leave.
         let mut level = CloseLevel::Open;
         loop {
@@ -336,6 +347,23 @@ impl HttpProxy {
                 _ = async { force_timer.as_mut().expect("guarded").await }, if force_timer.is_some() => {
                     break;
                 }
+                _ = async { head_timer.as_mut().expect("guarded").await }, if head_timer.is_some() => {
+                    if ctl.is_h2.load(Ordering::Acquire) {
+                        // HTTP/2 has no header read timeout (as in hyper).
+                        head_timer = None;
+                        continue;
+                    }
+                    let deadline = state.head_deadline(self.header_read_timeout);
+                    if deadline > Instant::now() {
+                        if let Some(t) = head_timer.as_mut() {
+                            t.as_mut().reset(deadline.into());
+                        }
+                    } else {
+                        debug!(%peer, "no request head before the header read timeout");
+                        guard.set_reason(CloseReason::HeaderTimeout);
+                        break;
+                    }
+                }
             }
         }
         drop(guard);
@@ -384,6 +412,11 @@ struct ConnState {
     up: Mutex<UpState>,
     /// Set when `up.new_driven` has connections for the serve loop to pick up.
     new_driven: AtomicBool,
+    /// Requests of this connection in flight.
+    in_flight: AtomicUsize,
+    born: Instant,
+    /// When the last request ended, in nanoseconds after `born` (0: none yet).
+    idle_since: AtomicU64,
 }
 
 /// The serve loop's upstream connections.
@@ -405,6 +438,28 @@ struct UpState {
 }
 
 impl ConnState {
+    /// When the header read timeout closes the connection if no request comes: `timeout`
+    /// after the last request ended (or the connection began); later if one is in flight.
+    fn head_deadline(&self, timeout: Duration) -> Instant {
+        let now = Instant::now();
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return now + timeout;
+        }
+        let idle = self.born + Duration::from_nanos(self.idle_since.load(Ordering::Acquire));
+        idle + timeout
+    }
+
+    fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn request_ended(&self, now: Instant) {
+        let nanos = u64::try_from(now.saturating_duration_since(self.born).as_nanos());
+        self.idle_since
+            .store(nanos.unwrap_or(u64::MAX), Ordering::Release);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, UpState> {
         self.up.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -474,7 +529,7 @@ impl ConnState {
 
     async fn new_h1(&self, h2_client: bool) -> Result<H1Sender, UpstreamError> {
         let io = self.proxy.connect().await?;
-        let (sender, conn) = client1::handshake(io).await.map_err(|e| {
+        let (sender, conn) = self.proxy.h1_client.handshake(io).await.map_err(|e| {
             debug!(error = %e, "upstream handshake failed");
             UpstreamError::Connect
         })?;
@@ -646,8 +701,9 @@ async fn handle(state: Arc<ConnState>, req: Request<Incoming>) -> Response<Proxy
     let proxy = &state.proxy;
     let metrics = &proxy.metrics;
     metrics.request_start();
+    state.request_started();
     let guard = RequestGuard {
-        metrics: metrics.clone(),
+        state: state.clone(),
         start: Instant::now(),
     };
     let version = req.version();
@@ -735,13 +791,18 @@ async fn handle(state: Arc<ConnState>, req: Request<Incoming>) -> Response<Proxy
 
 /// Counts a request as in flight until its response body is done (or dropped).
 struct RequestGuard {
-    metrics: Arc<Metrics>,
+    state: Arc<ConnState>,
     start: Instant,
 }
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.metrics.request_end(self.start.elapsed());
+        let now = Instant::now();
+        self.state
+            .proxy
+            .metrics
+            .request_end(now.saturating_duration_since(self.start));
+        self.state.request_ended(now);
     }
 }
 
@@ -953,6 +1014,72 @@ mod tests {
         assert!(
             (1..=8).contains(&n),
             "{n} upstream connections for 8 concurrent streams"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn header_read_timeout_spares_slow_responses_and_closes_idle_keep_alive() {
+        // An upstream that answers after 600 ms.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        tokio::time::sleep(Duration::from_millis(600)).await;
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        let metrics = Arc::new(Metrics::new());
+        let p = HttpProxy::with_workers(
+            up.to_string(),
+            false,
+            Duration::from_millis(200),
+            Duration::from_secs(1),
+            metrics.clone(),
+            2,
+        )
+        .unwrap();
+        let tracker = ConnTracker::new(metrics.clone());
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = tracker.clone();
+        tokio::spawn(async move {
+            while let Ok((s, peer)) = l.accept().await {
+                tokio::spawn(p.clone().serve(s, peer, t.register()));
+            }
+        });
+        let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+        let (mut tx, conn) = client1::handshake::<_, Empty<Bytes>>(io).await.unwrap();
+        let conn = tokio::spawn(conn);
+        // Longer than the timeout in flight: answered.
+        for _ in 0..2 {
+            tx.ready().await.unwrap();
+            let r = tx.send_request(get()).await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            r.into_body().collect().await.unwrap();
+        }
+        // Then idle: closed about 200 ms later.
+        let t0 = Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), conn)
+            .await
+            .expect("idle keep-alive connection closed")
+            .unwrap()
+            .unwrap();
+        assert!(
+            t0.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert!(
+            metrics
+                .render()
+                .contains("sluice_agent_connections_closed_total{reason=\"header_timeout\"} 1")
         );
     }
 

@@ -261,14 +261,15 @@ async fn measure_all(
     let rounds = args.rounds.max(1);
     let slice = Duration::from_secs(args.saturation_secs).div_f64(rounds as f64);
     let mut requests = vec![0u64; targets.len()];
-    let mut cpu = vec![Some(0.0f64); targets.len()];
+    // (user, system) CPU seconds of each proxy process over its saturation runs.
+    let mut cpu = vec![Some((0.0f64, 0.0f64)); targets.len()];
     for _ in 0..rounds {
         for (i, t) in targets.iter().enumerate() {
             let cpu0 = t.pid().and_then(cpu_seconds);
             requests[i] += saturate(t.addr, args.conns, slice).await.context(t.name)?;
             let cpu1 = t.pid().and_then(cpu_seconds);
             cpu[i] = match (cpu[i], cpu0, cpu1) {
-                (Some(sum), Some(a), Some(b)) => Some(sum + b - a),
+                (Some(sum), Some(a), Some(b)) => Some((sum.0 + b.0 - a.0, sum.1 + b.1 - a.1)),
                 _ => None,
             };
         }
@@ -329,15 +330,20 @@ async fn measure_all(
     for (i, t) in targets.iter().enumerate() {
         let n = requests[i];
         let rps = n as f64 / (slice.as_secs_f64() * rounds as f64);
-        let cpu_per_req_us = match cpu[i] {
-            Some(c) if n > 0 && t.child.is_some() => Some(c / n as f64 * 1e6),
-            _ => None,
+        let per_req = |c: f64| (c / n as f64 * 1e8).round() / 100.0;
+        let (cpu_per_req_us, user_sys) = match cpu[i] {
+            Some((u, s)) if n > 0 && t.child.is_some() => (
+                Some(per_req(u + s)),
+                json!({ "user": per_req(u), "system": per_req(s) }),
+            ),
+            _ => (None, Value::Null),
         };
         let col = |j: usize| -> Vec<f64> { per_round[i].iter().map(|r| r[j]).collect() };
         let mut r = json!({
             "target": t.addr.to_string(),
             "saturation": { "requests": n, "requests_per_second": rps.round() },
-            "cpu_us_per_request": cpu_per_req_us.map(|c| (c * 100.0).round() / 100.0),
+            "cpu_us_per_request": cpu_per_req_us,
+            "cpu_us_per_request_user_system": user_sys,
             "latency": {
                 "requests_per_round": (args.rate as f64 * args.latency_secs) as u64,
                 "rounds": lat_rounds,
@@ -590,25 +596,29 @@ fn latency_conns(rate: u64) -> usize {
     (rate / 100).clamp(4, 32) as usize
 }
 
-/// CPU seconds (utime + stime) of a process.
-fn cpu_seconds(pid: u32) -> Option<f64> {
+/// CPU seconds (utime, stime) of a process.
+fn cpu_seconds(pid: u32) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) in parentheses.
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let utime: f64 = f.get(11)?.parse().ok()?;
     let stime: f64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) / clock_ticks())
+    let hz = clock_ticks();
+    Some((utime / hz, stime / hz))
 }
 
 fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    static HZ: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *HZ.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 struct Conn {
