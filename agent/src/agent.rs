@@ -144,11 +144,11 @@ pub async fn start_proxy(args: ProxyArgs) -> Result<RunningAgent, AgentError> {
             ))
         }
         Protocol::Tcp => {
-            let proxy = Arc::new(TcpProxy {
-                upstream: args.upstream.clone(),
-                idle_close_after: args.idle_close_after,
-                metrics: metrics.clone(),
-            });
+            let proxy = TcpProxy::new(
+                args.upstream.clone(),
+                args.idle_close_after,
+                metrics.clone(),
+            );
             tokio::spawn(accept_loop(
                 listener,
                 tracker.clone(),
@@ -156,7 +156,7 @@ pub async fn start_proxy(args: ProxyArgs) -> Result<RunningAgent, AgentError> {
                 stop_at,
                 move |s, peer, g| {
                     let p = proxy.clone();
-                    tokio::spawn(async move { p.serve(s, peer, g).await });
+                    tokio::spawn(p.serve(s, peer, g));
                 },
             ))
         }

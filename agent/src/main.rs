@@ -1,6 +1,6 @@
 use anyhow::Context;
 use clap::Parser;
-use sluice_agent::config::{Cli, Command, Protocol};
+use sluice_agent::config::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
@@ -41,12 +41,12 @@ fn main() -> anyhow::Result<()> {
 /// The runtime. A sidecar should stay small: at most 2 threads unless `SLUICE_AGENT_WORKERS`
 /// says otherwise.
 ///
-/// * http mode: thread per core. The main runtime is single-threaded (accepts, admin,
-///   drain); each client connection is served by one of `SLUICE_AGENT_WORKERS` threads
-///   with a single-threaded runtime each, so a request never wakes another thread.
-///   `SLUICE_AGENT_WORKERS=0` serves everything on the main thread.
-/// * tcp and observe modes: a multi-threaded runtime with that many workers
-///   (0: single-threaded).
+/// * proxy mode (http and tcp): thread per core. The main runtime is single-threaded
+///   (accepts, admin, drain); each client connection is served by one of
+///   `SLUICE_AGENT_WORKERS` threads with a single-threaded runtime each, so a request never
+///   wakes another thread. `SLUICE_AGENT_WORKERS` 0 or 1 serves everything on the main
+///   thread.
+/// * observe mode: a multi-threaded runtime with that many workers (0: single-threaded).
 fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
     let workers = std::env::var("SLUICE_AGENT_WORKERS")
         .ok()
@@ -56,12 +56,12 @@ fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
                 .map(|n| n.get().min(2))
                 .unwrap_or(1)
         });
-    let http = matches!(command, Command::Proxy(a) if a.protocol == Protocol::Http);
-    if http {
+    let proxy = matches!(command, Command::Proxy(_));
+    if proxy {
         // One worker is no better than the main thread itself.
-        sluice_agent::proxy_http::set_worker_threads(if workers > 1 { workers } else { 0 });
+        sluice_agent::workers::set_worker_threads(if workers > 1 { workers } else { 0 });
     }
-    if http || workers == 0 {
+    if proxy || workers == 0 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

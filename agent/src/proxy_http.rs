@@ -30,10 +30,9 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::conns::{
-    CloseLevel, ConnCtl, ConnGuard, LINGER, LevelWatch, LingerStream, linger_close,
-};
+use crate::conns::{CloseLevel, ConnCtl, ConnGuard, LevelWatch, LingerStream, linger_close};
 use crate::metrics::{CloseReason, Metrics};
+use crate::workers::Workers;
 
 /// After a forced close, how long in-flight requests still get before the socket goes.
 const FORCE_GRACE: Duration = Duration::from_secs(1);
@@ -42,70 +41,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upstream HTTP/1.1 connections kept per HTTP/2 client connection between streams.
 const MAX_IDLE_H1_PER_H2_CLIENT: usize = 16;
 
-/// Threads, each with its own single-threaded runtime, that serve the http mode's client
-/// connections (0: the connections run on the runtime that accepted them).
-static WORKER_THREADS: AtomicUsize = AtomicUsize::new(0);
-
-/// Sets how many threads serve http mode's client connections (thread per core: each
-/// connection, with its upstream connection, lives on one thread, so a request never
-/// wakes another thread). Takes effect for proxies created afterwards.
-pub fn set_worker_threads(n: usize) {
-    WORKER_THREADS.store(n, Ordering::Relaxed);
-}
-
-/// Single-threaded runtimes on their own threads; they stop when this is dropped (once the
-/// sockets they still close are closed).
-struct Workers {
-    handles: Vec<tokio::runtime::Handle>,
-    _stop: Vec<tokio::sync::oneshot::Sender<()>>,
-    next: AtomicUsize,
-}
-
-impl Workers {
-    fn start(n: usize) -> Option<Workers> {
-        let mut handles = Vec::new();
-        let mut stop = Vec::new();
-        for i in 0..n {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot start a worker runtime; serving on the main one");
-                    return None;
-                }
-            };
-            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            handles.push(rt.handle().clone());
-            stop.push(tx);
-            let spawned = std::thread::Builder::new()
-                .name(format!("sluice-http-{i}"))
-                .spawn(move || {
-                    rt.block_on(async {
-                        let _ = rx.await;
-                        // The last connections' sockets may still be closing (FIN, then
-                        // reading until the peer's): let that finish, never cut it short.
-                        tokio::time::sleep(LINGER + Duration::from_millis(500)).await;
-                    });
-                });
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "cannot start a worker thread; serving on the main runtime");
-                return None;
-            }
-        }
-        Some(Workers {
-            handles,
-            _stop: stop,
-            next: AtomicUsize::new(0),
-        })
-    }
-
-    fn pick(&self) -> &tokio::runtime::Handle {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
-        &self.handles[i]
-    }
-}
+pub use crate::workers::set_worker_threads;
 
 type H1Sender = client1::SendRequest<Incoming>;
 type H2Sender = client2::SendRequest<Incoming>;
@@ -143,7 +79,7 @@ impl HttpProxy {
             header_read_timeout,
             idle_close_after,
             metrics,
-            WORKER_THREADS.load(Ordering::Relaxed),
+            crate::workers::worker_threads(),
         )
     }
 
@@ -180,10 +116,7 @@ impl HttpProxy {
             header_read_timeout,
             idle_close_after,
             metrics,
-            workers: match workers {
-                0 => None,
-                n => Workers::start(n),
-            },
+            workers: Workers::start(workers),
         }))
     }
 
@@ -213,19 +146,8 @@ impl HttpProxy {
         let Some(workers) = &self.workers else {
             return self.serve_here(stream, peer, guard).await;
         };
-        let handle = workers.pick().clone();
-        // Move the socket to the worker's reactor.
-        match stream.into_std() {
-            Ok(std) => {
-                handle.spawn(async move {
-                    match TcpStream::from_std(std) {
-                        Ok(s) => self.serve_here(s, peer, guard).await,
-                        Err(e) => debug!(%peer, error = %e, "cannot move a connection to a worker"),
-                    }
-                });
-            }
-            Err(e) => debug!(%peer, error = %e, "cannot move a connection to a worker"),
-        }
+        let this = self.clone();
+        workers.spawn(stream, peer, move |s| this.serve_here(s, peer, guard));
     }
 
     async fn serve_here(
@@ -653,6 +575,8 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     }
 }
 
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -754,16 +678,14 @@ async fn handle(state: Arc<ConnState>, req: Request<Incoming>) -> Response<Proxy
     }
     let xff = match parts
         .headers
-        .get("x-forwarded-for")
+        .get(&X_FORWARDED_FOR)
         .and_then(|v| v.to_str().ok())
     {
         Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", state.peer_ip)).ok(),
         None => Some(state.xff.clone()),
     };
     if let Some(v) = xff {
-        parts
-            .headers
-            .insert(HeaderName::from_static("x-forwarded-for"), v);
+        parts.headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     parts.version = if proxy.upstream_http2 {
         Version::HTTP_2

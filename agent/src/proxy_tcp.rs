@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,18 +16,55 @@ use tracing::debug;
 
 use crate::conns::{CloseLevel, ConnGuard, LINGER, LevelWatch, linger_close};
 use crate::metrics::{CloseReason, Metrics};
+use crate::workers::Workers;
 
 const BUF: usize = 32 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct TcpProxy {
-    pub upstream: String,
-    pub idle_close_after: Duration,
-    pub metrics: std::sync::Arc<Metrics>,
+    upstream: String,
+    idle_close_after: Duration,
+    metrics: Arc<Metrics>,
+    workers: Option<Workers>,
 }
 
 impl TcpProxy {
-    pub async fn serve(&self, client: TcpStream, peer: SocketAddr, mut guard: ConnGuard) {
+    /// Serves on [`crate::workers::set_worker_threads`] worker threads (if any).
+    pub fn new(upstream: String, idle_close_after: Duration, metrics: Arc<Metrics>) -> Arc<Self> {
+        Self::with_workers(
+            upstream,
+            idle_close_after,
+            metrics,
+            crate::workers::worker_threads(),
+        )
+    }
+
+    fn with_workers(
+        upstream: String,
+        idle_close_after: Duration,
+        metrics: Arc<Metrics>,
+        workers: usize,
+    ) -> Arc<Self> {
+        Arc::new(TcpProxy {
+            upstream,
+            idle_close_after,
+            metrics,
+            workers: Workers::start(workers),
+        })
+    }
+
+    /// Serves one client connection until it ends (on a worker thread, if there are any).
+    pub async fn serve(self: Arc<Self>, client: TcpStream, peer: SocketAddr, guard: ConnGuard) {
+        let Some(workers) = &self.workers else {
+            return self.serve_here(client, peer, guard).await;
+        };
+        let this = self.clone();
+        workers.spawn(client, peer, move |s| async move {
+            this.serve_here(s, peer, guard).await
+        });
+    }
+
+    async fn serve_here(&self, client: TcpStream, peer: SocketAddr, mut guard: ConnGuard) {
         let _ = client.set_nodelay(true);
         let upstream =
             match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.upstream)).await {
@@ -146,5 +184,69 @@ impl TcpProxy {
         }
         drop(guard);
         tokio::join!(linger_close(client), linger_close(upstream));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conns::ConnTracker;
+    use tokio::net::TcpListener;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forwards_on_workers_and_half_closes_when_asked_to_leave() {
+        // An echo upstream.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        for workers in [0, 2] {
+            let metrics = Arc::new(Metrics::new());
+            let p = TcpProxy::with_workers(
+                up.to_string(),
+                Duration::from_millis(100),
+                metrics.clone(),
+                workers,
+            );
+            let tracker = ConnTracker::new(metrics);
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let t = tracker.clone();
+            tokio::spawn(async move {
+                while let Ok((s, peer)) = l.accept().await {
+                    tokio::spawn(p.clone().serve(s, peer, t.register()));
+                }
+            });
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            for i in 0..3u8 {
+                c.write_all(&[i; 10]).await.unwrap();
+                let mut buf = [0u8; 10];
+                c.read_exact(&mut buf).await.unwrap();
+                assert_eq!(buf, [i; 10], "workers={workers}");
+            }
+            // Asked to leave: once idle, FIN towards the client (read returns 0).
+            assert_eq!(tracker.request_close(10), 1);
+            let mut buf = [0u8; 1];
+            let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+                .await
+                .expect("FIN after the idle time")
+                .unwrap();
+            assert_eq!(n, 0, "workers={workers}");
+            drop(c);
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while tracker.active() > 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("connection ended");
+        }
     }
 }

@@ -78,8 +78,8 @@ struct Args {
     /// haproxy_tcp); `direct` is always measured, it is the baseline.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Another sluice-agent binary (an older build) measured in http mode alongside, as
-    /// `baseline_agent_http`, to compare builds in one run.
+    /// Another sluice-agent binary (an older build) measured alongside, as
+    /// `baseline_agent_http` and `baseline_agent_tcp`, to compare builds in one run.
     #[arg(long)]
     baseline_agent: Option<PathBuf>,
     /// Extra arguments for every sluice-agent started.
@@ -108,7 +108,9 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
 
-    let ports: Vec<u16> = (0..8).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+    let ports: Vec<u16> = (0..10)
+        .map(|_| free_port())
+        .collect::<anyhow::Result<_>>()?;
     // Every target runs for the whole benchmark (an idle proxy costs nothing), so that the
     // saturation runs can take turns in rounds and drifting background load on a shared
     // machine hits every target alike.
@@ -124,10 +126,12 @@ fn main() -> anyhow::Result<()> {
     ];
     if let Some(baseline) = &args.baseline_agent {
         agents.push(("baseline_agent_http", baseline, "http", ports[6], ports[7]));
+        agents.push(("baseline_agent_tcp", baseline, "tcp", ports[8], ports[9]));
     }
     for (name, agent, proto, port, admin) in agents {
-        // The baseline build comes with agent_http.
-        let wanted = args.wants(name) || (name.starts_with("baseline") && args.wants("agent_http"));
+        // The baseline build comes with the agent in the same mode.
+        let wanted = args.wants(name)
+            || (name.starts_with("baseline") && args.wants(&format!("agent_{proto}")));
         if !wanted {
             continue;
         }
@@ -180,7 +184,15 @@ fn main() -> anyhow::Result<()> {
                 name,
                 addr: ([127, 0, 0, 1], port).into(),
                 child: Some(child),
-                note: Some(format!("mode {mode}, nbthread {}", args.proxy_threads)),
+                note: Some(format!(
+                    "mode {mode}, nbthread {}{}",
+                    args.proxy_threads,
+                    if mode == "http" {
+                        ", option forwardfor"
+                    } else {
+                        ""
+                    }
+                )),
             });
         }
     }
@@ -575,8 +587,9 @@ fn compare(results: &serde_json::Map<String, Value>) -> Value {
 }
 
 fn haproxy_config(mode: &str, port: u16, upstream: SocketAddr, threads: usize) -> String {
+    // http: like the agent, HAProxy adds X-Forwarded-For (the same work per request).
     let keepalive = if mode == "http" {
-        "  option http-keep-alive\n"
+        "  option http-keep-alive\n  option forwardfor\n"
     } else {
         ""
     };
