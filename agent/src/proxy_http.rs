@@ -97,7 +97,11 @@ impl HttpProxy {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // No hyper header read timeout: it arms a boxed timer for every request head. The
         // serve loop keeps one timer per connection instead (see `serve_here`).
-        builder.http1().keep_alive(true).writev(false);
+        builder
+            .http1()
+            .header_read_timeout(None)
+            .keep_alive(true)
+            .writev(false);
         builder.http2().timer(TokioTimer::new());
         let mut h1_client = client1::Builder::new();
         // One buffer, one send(2) per message: cheaper than writev for small ones.
