@@ -546,7 +546,8 @@ fn move_pods(
     let propagation = d.propagation_timeout.as_secs_f64();
 
     // 1. Drains under way: unserved → quiet → released.
-    let mut closable: Vec<(&PodView, f64, f64, bool)> = Vec::new();
+    // (pod, drain started, seconds since, quiet (else timed out), nothing to close)
+    let mut closable: Vec<(&PodView, f64, f64, bool, bool)> = Vec::new();
     for p in &o.pods {
         let Some(started) = p.drain_started else {
             continue;
@@ -572,7 +573,12 @@ fn move_pods(
         );
         let is_quiet = step == DrainStep::Quiet;
         if is_quiet || step == DrainStep::TimedOut {
-            closable.push((p, started, elapsed, is_quiet));
+            // Nothing to close: never served, or the agent holds no connection.
+            let nothing_to_close = never_served
+                || p.signals
+                    .as_ref()
+                    .is_some_and(|s| s.connections_active <= 0.0);
+            closable.push((p, started, elapsed, is_quiet, nothing_to_close));
         }
     }
     // Paced close: quiet pods start closing only while the close rates of the pods that
@@ -581,13 +587,9 @@ fn move_pods(
     closable.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.name.cmp(&b.0.name)));
     let budget = closing_budget(c, o, wants);
     let mut closing = o.pods.iter().filter(|p| still_closing(c, p)).count() as i32;
-    for (p, _, elapsed, is_quiet) in closable {
-        let has_connections = p
-            .signals
-            .as_ref()
-            .is_none_or(|s| s.connections_active > 0.0);
+    for (p, _, elapsed, is_quiet, nothing_to_close) in closable {
         if let Some(max) = budget
-            && has_connections
+            && !nothing_to_close
         {
             if closing >= max {
                 if let Some(r) = c.status.drains.iter_mut().rev().find(|r| r.pod == p.name) {

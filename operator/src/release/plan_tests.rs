@@ -1054,3 +1054,47 @@ fn without_a_connection_rate_gate_quiet_pods_close_at_once() {
     assert_eq!(most_released, 4);
     sim.assert_lossless(4);
 }
+
+#[test]
+fn a_quiet_pod_with_nothing_to_close_does_not_wait_for_the_budget() {
+    // Budget: 4 × 1 / 10 → one pod closing at a time.
+    let mut sim = Sim::new(
+        "workloadRef: {name: echo}\nmaxSurge: 100%\ngates: {connectionRate: {maxPerPod: 1, failureLimit: 100}}\ndrain: {closeRate: 10, maxConcurrent: 4}",
+        4,
+    );
+    sim.terminate_after = 5.0;
+    sim.settle();
+    let empty = sim
+        .pods
+        .iter()
+        .filter(|p| p.revision == "v1")
+        .map(|p| p.name.clone())
+        .min()
+        .unwrap();
+    let e = empty.clone();
+    sim.signals = Box::new(move |p: &PodView, now| {
+        let mut s = quiet_signals(p, now).unwrap();
+        s.connections_active = if p.name == e { 0.0 } else { 40.0 };
+        Some(s)
+    });
+    sim.new_template("v2");
+    for _ in 0..100 {
+        let released: Vec<&PodView> = sim
+            .pods
+            .iter()
+            .filter(|p| p.revision == "v1" && p.drain_released.is_some())
+            .collect();
+        if !released.is_empty() {
+            // The first round that releases anything releases the empty pod too.
+            assert!(
+                released.iter().any(|p| p.name == empty),
+                "{empty} waited: {:?}",
+                released.iter().map(|p| &p.name).collect::<Vec<_>>()
+            );
+            assert_eq!(released.len(), 2);
+            return;
+        }
+        sim.round();
+    }
+    panic!("nothing was released");
+}
