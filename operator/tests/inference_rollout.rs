@@ -268,7 +268,10 @@ async fn run_rollout(spec: &Spec) -> anyhow::Result<Outcome> {
         if r.is_err() {
             eprintln!("operator log: {}", operator.log.display());
         }
-        // Pods go before the nodes (their processes are the nodes' to stop).
+        // The operator goes first: running, it would replace the pods deleted below (a
+        // replacement started on a node that is stopping outlived a run once). Then the
+        // pods go before the nodes (their processes are the nodes' to stop).
+        operator.stop();
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
         let _ = infs_api(&client, &ns.name)
             .delete(APP, &DeleteParams::default())
@@ -289,7 +292,6 @@ async fn run_rollout(spec: &Spec) -> anyhow::Result<Outcome> {
         {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        operator.stop();
         r
     }
     .await;
