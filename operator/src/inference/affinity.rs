@@ -172,27 +172,27 @@ pub fn ignored_constraints(spec: &PodSpec) -> Vec<&'static str> {
     {
         out.push("preferred node affinity");
     }
+    // Required or preferred terms, either one non-empty.
+    fn any_terms<R, P>(required: Option<&Vec<R>>, preferred: Option<&Vec<P>>) -> bool {
+        required.is_some_and(|v| !v.is_empty()) || preferred.is_some_and(|v| !v.is_empty())
+    }
     if let Some(pa) = aff.and_then(|a| a.pod_affinity.as_ref())
-        && (pa
-            .required_during_scheduling_ignored_during_execution
-            .as_ref()
-            .is_some_and(|v| !v.is_empty())
-            || pa
-                .preferred_during_scheduling_ignored_during_execution
-                .as_ref()
-                .is_some_and(|v| !v.is_empty()))
+        && any_terms(
+            pa.required_during_scheduling_ignored_during_execution
+                .as_ref(),
+            pa.preferred_during_scheduling_ignored_during_execution
+                .as_ref(),
+        )
     {
         out.push("pod affinity");
     }
     if let Some(pa) = aff.and_then(|a| a.pod_anti_affinity.as_ref())
-        && (pa
-            .required_during_scheduling_ignored_during_execution
-            .as_ref()
-            .is_some_and(|v| !v.is_empty())
-            || pa
-                .preferred_during_scheduling_ignored_during_execution
-                .as_ref()
-                .is_some_and(|v| !v.is_empty()))
+        && any_terms(
+            pa.required_during_scheduling_ignored_during_execution
+                .as_ref(),
+            pa.preferred_during_scheduling_ignored_during_execution
+                .as_ref(),
+        )
     {
         out.push("pod anti-affinity");
     }
