@@ -546,8 +546,7 @@ fn move_pods(
     let propagation = d.propagation_timeout.as_secs_f64();
 
     // 1. Drains under way: unserved → quiet → released.
-    // (pod, drain started, seconds since, quiet (else timed out), nothing to close)
-    let mut closable: Vec<(&PodView, f64, f64, bool, bool)> = Vec::new();
+    let mut closable: Vec<Closable> = Vec::new();
     for p in &o.pods {
         let Some(started) = p.drain_started else {
             continue;
@@ -578,16 +577,33 @@ fn move_pods(
                 || p.signals
                     .as_ref()
                     .is_some_and(|s| s.connections_active <= 0.0);
-            closable.push((p, started, elapsed, is_quiet, nothing_to_close));
+            closable.push(Closable {
+                pod: p,
+                started,
+                elapsed,
+                is_quiet,
+                nothing_to_close,
+            });
         }
     }
     // Paced close: quiet pods start closing only while the close rates of the pods that
     // are closing fit the receiving pods' connection-rate budget, so the connections
     // leave the old pods at an even pace instead of all at once.
-    closable.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.name.cmp(&b.0.name)));
+    closable.sort_by(|a, b| {
+        a.started
+            .total_cmp(&b.started)
+            .then(a.pod.name.cmp(&b.pod.name))
+    });
     let budget = closing_budget(c, o, wants);
     let mut closing = o.pods.iter().filter(|p| still_closing(c, p)).count() as i32;
-    for (p, _, elapsed, is_quiet, nothing_to_close) in closable {
+    for Closable {
+        pod: p,
+        elapsed,
+        is_quiet,
+        nothing_to_close,
+        ..
+    } in closable
+    {
         if let Some(max) = budget
             && !nothing_to_close
         {
@@ -792,10 +808,23 @@ fn move_pods(
     }
 }
 
-/// A pod released less than this many seconds of closing ago still counts as closing;
-/// the next one is released this early, so that the hand-over (scale-down, preStop,
-/// `/drain`) leaves no gap in the pace.
+/// A released pod stops counting as closing once fewer connections than this many seconds
+/// of closing are left; the next one is released that early, so that the hand-over
+/// (scale-down, preStop, `/drain`) leaves no gap in the pace.
 const CLOSE_HANDOFF_S: f64 = 1.5;
+
+/// A draining pod that is quiet (or timed out) and may be released.
+struct Closable<'a> {
+    pod: &'a PodView,
+    /// When its drain started.
+    started: f64,
+    /// Seconds since.
+    elapsed: f64,
+    /// Quiet; else the propagation timeout passed.
+    is_quiet: bool,
+    /// Never served, or its agent holds no connection: releasing it costs no budget.
+    nothing_to_close: bool,
+}
 
 /// The revision gaining share: the canary going forward, stable when rolling back or
 /// settling.
