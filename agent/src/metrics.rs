@@ -200,9 +200,11 @@ const MIN_CODE: u16 = 100;
 /// Status codes are three digits (hyper rejects others); anything above counts as 999.
 const MAX_CODE: u16 = 999;
 const CODES: usize = (MAX_CODE - MIN_CODE + 1) as usize;
-/// Duration buckets: 0.5 ms × 2^i, i = 0..16, then +Inf.
+/// Duration buckets: 0.5 ms × √2^i, i = 0..32 (up to 23 s), then +Inf. Steps of √2, not 2:
+/// the operator's comparison gate reads p99 from these buckets, and a quantile
+/// interpolated inside a bucket can be off by up to the bucket's ratio.
 const FIRST_BUCKET_NANOS: u64 = 500_000;
-const BUCKETS: usize = 16;
+const BUCKETS: usize = 32;
 /// Shards of [`RequestStats`]: each thread counts into its own (threads beyond this share),
 /// so that two worker threads never contend for one cache line on every request.
 const SHARDS: usize = 4;
@@ -225,12 +227,15 @@ struct Shard {
 }
 
 fn bucket_index(nanos: u64) -> usize {
-    // The first bucket whose upper bound (0.5 ms × 2^i) is >= the value.
+    // The first bucket whose upper bound (F × √2^i) is >= the value: the least i with
+    // 2^i >= (nanos / F)², in integers (no float on the request path).
     if nanos <= FIRST_BUCKET_NANOS {
         return 0;
     }
-    let ratio = nanos.div_ceil(FIRST_BUCKET_NANOS); // >= 2
-    let i = (u64::BITS - (ratio - 1).leading_zeros()) as usize; // ceil(log2(ratio))
+    let n = u128::from(nanos);
+    let f = u128::from(FIRST_BUCKET_NANOS);
+    let ratio = (n * n).div_ceil(f * f); // >= 2
+    let i = (u128::BITS - (ratio - 1).leading_zeros()) as usize; // ceil(log2(ratio))
     i.min(BUCKETS)
 }
 
@@ -238,8 +243,7 @@ fn bucket_bound(i: usize) -> f64 {
     if i >= BUCKETS {
         f64::INFINITY
     } else {
-        // The same values as prometheus-client's `exponential_buckets(0.0005, 2.0, 16)`.
-        0.0005 * 2f64.powi(i as i32)
+        0.0005 * 2f64.powf(i as f64 / 2.0)
     }
 }
 
@@ -255,7 +259,7 @@ impl RequestStats {
                 .map(|_| Shard {
                     in_flight: AtomicI64::new(0),
                     duration_nanos: AtomicU64::new(0),
-                    buckets: Default::default(),
+                    buckets: std::array::from_fn(|_| AtomicU64::new(0)),
                     codes: (0..CODES).map(|_| AtomicU64::new(0)).collect(),
                 })
                 .collect(),
@@ -398,16 +402,28 @@ mod tests {
             (0, 0),
             (500_000, 0),
             (500_001, 1),
-            (1_000_000, 1),
-            (1_000_001, 2),
-            (2_000_000, 2),
-            (16_384_000_000, 15),
-            (16_384_000_001, 16),
-            (u64::MAX, 16),
+            (707_106, 1),
+            (707_107, 2),
+            (1_000_000, 2),
+            (1_000_001, 3),
+            (2_000_000, 4),
+            (16_384_000_000, 30),
+            (16_384_000_001, 31),
+            (23_170_475_000, 31),
+            (23_170_476_000, 32),
+            (u64::MAX, 32),
         ] {
             assert_eq!(bucket_index(nanos), want, "{nanos} ns");
+            // The value lies in (bound(i-1), bound(i)].
+            let secs = nanos as f64 / 1e9;
+            assert!(secs <= bucket_bound(want) * (1.0 + 1e-9), "{nanos} ns");
+            if want > 0 {
+                assert!(secs > bucket_bound(want - 1) * (1.0 - 1e-9), "{nanos} ns");
+            }
         }
         assert_eq!(bucket_bound(0), 0.0005);
-        assert_eq!(bucket_bound(15), 16.384);
+        assert!((bucket_bound(1) - 0.0005 * std::f64::consts::SQRT_2).abs() < 1e-12);
+        assert!((bucket_bound(30) - 16.384).abs() < 1e-9);
+        assert_eq!(bucket_bound(32), f64::INFINITY);
     }
 }
