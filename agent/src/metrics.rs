@@ -232,11 +232,14 @@ fn bucket_index(nanos: u64) -> usize {
     if nanos <= FIRST_BUCKET_NANOS {
         return 0;
     }
-    let n = u128::from(nanos);
-    let f = u128::from(FIRST_BUCKET_NANOS);
-    let ratio = (n * n).div_ceil(f * f); // >= 2
-    let i = (u128::BITS - (ratio - 1).leading_zeros()) as usize; // ceil(log2(ratio))
-    i.min(BUCKETS)
+    let q = u128::from(nanos) * u128::from(nanos);
+    let f2 = u128::from(FIRST_BUCKET_NANOS) * u128::from(FIRST_BUCKET_NANOS);
+    // f2 << i has q's bit length (so f2 << (i - 1) < q); one more if still below q.
+    let i = (f2.leading_zeros() - q.leading_zeros()) as usize;
+    if i >= BUCKETS {
+        return BUCKETS;
+    }
+    if (f2 << i) < q { i + 1 } else { i }.min(BUCKETS)
 }
 
 fn bucket_bound(i: usize) -> f64 {
@@ -425,5 +428,18 @@ mod tests {
         assert!((bucket_bound(1) - 0.0005 * std::f64::consts::SQRT_2).abs() < 1e-12);
         assert!((bucket_bound(30) - 16.384).abs() < 1e-9);
         assert_eq!(bucket_bound(32), f64::INFINITY);
+        // A sweep from 1 µs to 60 s agrees with the float definition (away from a bound).
+        let mut nanos = 1_000u64;
+        while nanos < 60_000_000_000 {
+            let secs = nanos as f64 / 1e9;
+            let want = (0..BUCKETS)
+                .find(|&i| bucket_bound(i) >= secs)
+                .unwrap_or(BUCKETS);
+            let near_bound = (0..BUCKETS).any(|i| (secs / bucket_bound(i) - 1.0).abs() < 1e-9);
+            if !near_bound {
+                assert_eq!(bucket_index(nanos), want, "{nanos} ns");
+            }
+            nanos += nanos / 97 + 1;
+        }
     }
 }
