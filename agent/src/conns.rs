@@ -418,6 +418,27 @@ impl AsyncWrite for LingerStream {
     }
 }
 
+/// Tests: accepts on a loopback port and hands every connection, registered with
+/// `tracker`, to `serve` on its own task; returns the port's address.
+#[cfg(test)]
+pub(crate) async fn serve_on_loopback<F, Fut>(
+    tracker: Arc<ConnTracker>,
+    serve: F,
+) -> std::net::SocketAddr
+where
+    F: Fn(TcpStream, std::net::SocketAddr, ConnGuard) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, peer)) = l.accept().await {
+            tokio::spawn(serve(s, peer, tracker.register()));
+        }
+    });
+    addr
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -768,7 +768,7 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conns::ConnTracker;
+    use crate::conns::{ConnTracker, serve_on_loopback};
     use http_body_util::{BodyExt, Empty};
     use std::sync::atomic::AtomicU64;
     use tokio::net::TcpListener;
@@ -839,14 +839,10 @@ mod tests {
         )
         .unwrap();
         let tracker = ConnTracker::new(metrics);
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let t = tracker.clone();
-        tokio::spawn(async move {
-            while let Ok((s, peer)) = l.accept().await {
-                tokio::spawn(p.clone().serve(s, peer, t.register()));
-            }
-        });
+        let addr = serve_on_loopback(tracker.clone(), move |s, peer, guard| {
+            p.clone().serve(s, peer, guard)
+        })
+        .await;
         (addr, tracker)
     }
 
@@ -972,14 +968,10 @@ mod tests {
         )
         .unwrap();
         let tracker = ConnTracker::new(metrics.clone());
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let t = tracker.clone();
-        tokio::spawn(async move {
-            while let Ok((s, peer)) = l.accept().await {
-                tokio::spawn(p.clone().serve(s, peer, t.register()));
-            }
-        });
+        let addr = serve_on_loopback(tracker.clone(), move |s, peer, guard| {
+            p.clone().serve(s, peer, guard)
+        })
+        .await;
         let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
         let (mut tx, conn) = client1::handshake::<_, Empty<Bytes>>(io).await.unwrap();
         let conn = tokio::spawn(conn);

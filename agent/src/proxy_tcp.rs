@@ -190,7 +190,7 @@ impl TcpProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conns::ConnTracker;
+    use crate::conns::{ConnTracker, serve_on_loopback};
     use tokio::net::TcpListener;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,14 +216,10 @@ mod tests {
                 workers,
             );
             let tracker = ConnTracker::new(metrics);
-            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = l.local_addr().unwrap();
-            let t = tracker.clone();
-            tokio::spawn(async move {
-                while let Ok((s, peer)) = l.accept().await {
-                    tokio::spawn(p.clone().serve(s, peer, t.register()));
-                }
-            });
+            let addr = serve_on_loopback(tracker.clone(), move |s, peer, guard| {
+                p.clone().serve(s, peer, guard)
+            })
+            .await;
             let mut c = TcpStream::connect(addr).await.unwrap();
             for i in 0..3u8 {
                 c.write_all(&[i; 10]).await.unwrap();
