@@ -244,6 +244,16 @@ fn in_service(pods: &[Pod]) -> BTreeSet<String> {
         .collect()
 }
 
+async fn pod_names(pods: &Api<Pod>) -> anyhow::Result<BTreeSet<String>> {
+    Ok(pods
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect())
+}
+
 fn revision_of(p: &Pod) -> String {
     p.metadata
         .labels
@@ -346,13 +356,7 @@ async fn rollout_in(
         started.elapsed().as_secs_f64()
     );
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let old_pods: BTreeSet<String> = pods
-        .list(&ListParams::default())
-        .await?
-        .items
-        .iter()
-        .filter_map(|p| p.metadata.name.clone())
-        .collect();
+    let old_pods = pod_names(&pods).await?;
     let v1_rev = revision_of(&pods.list(&ListParams::default()).await?.items[0]);
 
     // Load, then the rollout.
@@ -404,13 +408,7 @@ async fn rollout_in(
     tokio::time::sleep(spec.delay + Duration::from_secs(2)).await;
     let _ = stop_tx.send(true);
     let report = load_task.await??;
-    let new_pods: BTreeSet<String> = pods
-        .list(&ListParams::default())
-        .await?
-        .items
-        .iter()
-        .filter_map(|p| p.metadata.name.clone())
-        .collect();
+    let new_pods = pod_names(&pods).await?;
     let answered_by_new_at_end = report
         .series
         .iter()
