@@ -3,18 +3,19 @@
 //! In one run on loopback: an in-process hyper upstream; the load client hits it directly,
 //! through `sluice-agent` (http and tcp mode) and through HAProxy (http and tcp mode), and
 //! measures requests/s at saturation (closed loop, keep-alive; the targets take turns in
-//! rounds, so that a shared machine's drifting load hits them alike), p50/p99 latency at a
-//! fixed moderate rate (open loop: a request made late by a slow previous response counts
-//! from its scheduled time, so a stall is not hidden), and the proxy process's CPU time per
-//! request (utime+stime from /proc/<pid>/stat). Writes JSON with the agent/HAProxy and
-//! agent/direct ratios and the goals.
+//! rounds, in a rotating order, so that a shared machine's drifting load and whichever
+//! target ran just before hit them alike), p50/p99 latency at a fixed moderate rate (open
+//! loop: a request made late by a slow previous response counts from its scheduled time, so
+//! a stall is not hidden), and the proxy process's CPU time per request (utime+stime from
+//! /proc/<pid>/stat). Writes JSON with the agent/HAProxy and agent/direct ratios and the
+//! issue's goals.
 //!
 //! The latency runs take turns too: in each round every target (direct included) gets a
-//! short fixed-rate run, with the same CPU layout for all: the load client and the upstream
-//! pinned to one core, the proxy being measured to another (on a machine with at least two
-//! cores), so that a proxy never competes with the load client or the upstream for a core
-//! and direct, the agent and HAProxy see the same layout. Each figure is the median over
-//! the rounds; the added latency is the median of the per-round differences to direct.
+//! short fixed-rate run, with the same CPU layout for all (`--pin`: by default the load
+//! client, the upstream and the proxy on one core at real-time priority, so that no other
+//! work on a shared machine preempts them and no hop waits for another core to wake up).
+//! Each figure is the median over the rounds; the added latency is the median of the
+//! per-round differences to direct.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -275,15 +276,42 @@ async fn measure_all(
     let mut requests = vec![0u64; targets.len()];
     // (user, system) CPU seconds of each proxy process over its saturation runs.
     let mut cpu = vec![Some((0.0f64, 0.0f64)); targets.len()];
-    for _ in 0..rounds {
-        for (i, t) in targets.iter().enumerate() {
+    // Where the rest of the machine's time went, to tell a proxy's own cost from what it
+    // makes the others spend: the bench process's CPU seconds (load client and upstream)
+    // and the machine's (idle, total) jiffies over each target's runs.
+    let mut load_cpu = vec![0.0f64; targets.len()];
+    let mut machine = vec![(0u64, 0u64); targets.len()];
+    // TCP segments sent machine-wide (every hop, pure ACKs included) over each target's runs.
+    let mut segments = vec![0u64; targets.len()];
+    // A rotating order, as for latency: in a fixed order each target always follows the
+    // same one (whose connections are still closing, whose threads are still waking), and
+    // that bias showed as a steady 5 % between runs with and without the tcp targets.
+    for round in 0..rounds as usize {
+        for k in 0..targets.len() {
+            let i = (k + round) % targets.len();
+            let t = &targets[i];
             let cpu0 = t.pid().and_then(cpu_seconds);
+            let own0 = cpu_seconds(std::process::id());
+            let machine0 = machine_jiffies();
+            let segs0 = tcp_out_segments();
             requests[i] += saturate(t.addr, args.conns, slice).await.context(t.name)?;
             let cpu1 = t.pid().and_then(cpu_seconds);
+            let own1 = cpu_seconds(std::process::id());
+            let machine1 = machine_jiffies();
+            if let (Some(a), Some(b)) = (segs0, tcp_out_segments()) {
+                segments[i] += b.saturating_sub(a);
+            }
             cpu[i] = match (cpu[i], cpu0, cpu1) {
                 (Some(sum), Some(a), Some(b)) => Some((sum.0 + b.0 - a.0, sum.1 + b.1 - a.1)),
                 _ => None,
             };
+            if let (Some(a), Some(b)) = (own0, own1) {
+                load_cpu[i] += (b.0 - a.0) + (b.1 - a.1);
+            }
+            if let (Some(a), Some(b)) = (machine0, machine1) {
+                machine[i].0 += b.0.saturating_sub(a.0);
+                machine[i].1 += b.1.saturating_sub(a.1);
+            }
         }
     }
 
@@ -351,11 +379,17 @@ async fn measure_all(
             _ => (None, Value::Null),
         };
         let col = |j: usize| -> Vec<f64> { per_round[i].iter().map(|r| r[j]).collect() };
+        let idle_share = (machine[i].1 > 0)
+            .then(|| (machine[i].0 as f64 / machine[i].1 as f64 * 1000.0).round() / 1000.0);
         let mut r = json!({
             "target": t.addr.to_string(),
             "saturation": { "requests": n, "requests_per_second": rps.round() },
             "cpu_us_per_request": cpu_per_req_us,
             "cpu_us_per_request_user_system": user_sys,
+            "load_client_and_upstream_cpu_us_per_request": (n > 0).then(|| per_req(load_cpu[i])),
+            "machine_idle_share": idle_share,
+            "tcp_segments_per_request": (n > 0)
+                .then(|| (segments[i] as f64 / n as f64 * 100.0).round() / 100.0),
             "latency": {
                 "requests_per_round": (args.rate as f64 * args.latency_secs) as u64,
                 "rounds": lat_rounds,
@@ -619,6 +653,28 @@ fn cpu_seconds(pid: u32) -> Option<(f64, f64)> {
     let stime: f64 = f.get(12)?.parse().ok()?;
     let hz = clock_ticks();
     Some((utime / hz, stime / hz))
+}
+
+/// TCP segments sent by the machine (`OutSegs` in /proc/net/snmp).
+fn tcp_out_segments() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next()?, tcp.next()?);
+    let i = names.split_whitespace().position(|n| n == "OutSegs")?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
+/// The machine's (idle + iowait, total) jiffies over all CPUs, from /proc/stat.
+fn machine_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let idle = f.get(3)? + f.get(4).copied().unwrap_or(0);
+    Some((idle, f.iter().sum()))
 }
 
 fn clock_ticks() -> f64 {
