@@ -472,6 +472,136 @@ async fn required_node_affinity_keeps_gangs_off_excluded_nodes() -> anyhow::Resu
     Ok(())
 }
 
+/// Preferred node affinity: of four empty 8-GPU nodes, the last carries `gpu-class=fast`
+/// (weight 80) and the third `gpu-class=good` (weight 20). Replicas of one 8-GPU pod,
+/// added one at a time, go to the fast node, then the good one, then (preferred nodes full)
+/// to one of the others rather than staying pending. Left to fragmentation scoring alone
+/// the first would go to the first node. Nothing is reported as ignored.
+#[tokio::test]
+async fn preferred_node_affinity_fills_preferred_nodes_first() -> anyhow::Result<()> {
+    let _turn = ONE_OPERATOR.lock().await;
+    let cluster = TestCluster::get().await?;
+    let client = cluster.client.clone();
+    install_crd(&client).await?;
+    let ns = cluster.namespace("infs-pref").await?;
+    let pool = ns.name.clone();
+    let nodes = cluster
+        .create_kwok_nodes(&pool, 4, Some(&GpuNodeProfile::default()))
+        .await?;
+    let cleanup = NodeCleanup(cluster.clone(), nodes.clone());
+    let node_api: Api<Node> = Api::all(client.clone());
+    for (i, n) in nodes.iter().enumerate() {
+        let class = match i {
+            3 => "fast",
+            2 => "good",
+            _ => "plain",
+        };
+        node_api
+            .patch(
+                n,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {
+                    "sluice.dev/pool": pool, "sluice.dev/gpu-class": class}}})),
+            )
+            .await?;
+    }
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let operator = tokio::spawn(inference::run(
+        client.clone(),
+        &mut registry,
+        inference::Config::new(),
+    ));
+    let sets: Api<InferenceSet> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let set = |replicas: i32| {
+        json!({
+            "apiVersion": "sluice.dev/v1alpha1",
+            "kind": "InferenceSet",
+            "metadata": {"name": "pref"},
+            "spec": {
+                "replicas": replicas,
+                "podsPerReplica": 1,
+                "gpusPerPod": 8,
+                "template": {
+                    "metadata": {"labels": {"app": "pref"}},
+                    "spec": {
+                        "nodeSelector": {"sluice.dev/pool": pool},
+                        "tolerations": [{"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}],
+                        "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                            {"weight": 80, "preference": {"matchExpressions": [
+                                {"key": "sluice.dev/gpu-class", "operator": "In", "values": ["fast"]}]}},
+                            {"weight": 20, "preference": {"matchExpressions": [
+                                {"key": "sluice.dev/gpu-class", "operator": "In", "values": ["good"]}]}}
+                        ]}},
+                        "containers": [{"name": "model", "image": "fake/model-server:1"}]
+                    }
+                }
+            }
+        })
+    };
+    let lp = ListParams::default().labels("sluice.dev/inferenceset=pref");
+    let t = Instant::now();
+    let mut used: BTreeSet<String> = BTreeSet::new();
+    for (replicas, expected) in [(1, Some(&nodes[3])), (2, Some(&nodes[2])), (3, None)] {
+        sets.patch(
+            "pref",
+            &PatchParams::apply("sluice-e2e").force(),
+            &Patch::Apply(set(replicas)),
+        )
+        .await?;
+        let bound: BTreeSet<String> = loop {
+            let bound: BTreeSet<String> = pods
+                .list(&lp)
+                .await?
+                .items
+                .iter()
+                .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+                .collect();
+            if bound.len() == replicas as usize {
+                break bound;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("{replicas} replicas: only {bound:?} bound after 60s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let new: Vec<&String> = bound.difference(&used).collect();
+        assert_eq!(new.len(), 1, "one new node per replica: {bound:?}");
+        match expected {
+            Some(n) => assert_eq!(new[0], n, "replica {replicas} on {} not {n}", new[0]),
+            None => assert!(
+                nodes[..2].contains(new[0]),
+                "replica {replicas} on {}: the preferred nodes are full",
+                new[0]
+            ),
+        }
+        println!(
+            "replica {replicas} bound on {} after {:.1}s",
+            new[0],
+            t.elapsed().as_secs_f64()
+        );
+        used = bound;
+    }
+    // Preferred node affinity is honoured, so not reported as ignored.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), &ns.name);
+    let ignored: Vec<String> = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("ConstraintsIgnored"))
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(ignored.is_empty(), "{ignored:?}");
+
+    operator.abort();
+    cluster.delete_nodes(&nodes).await?;
+    cleanup.disarm();
+    Ok(())
+}
+
 /// Deletes the test's nodes if the test fails half-way (with its own client: the test's
 /// runtime is gone by then).
 struct NodeCleanup(TestCluster, Vec<String>);

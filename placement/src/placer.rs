@@ -304,13 +304,26 @@ impl Placer {
         self.sync(fleet);
         let mut ctx = std::mem::take(&mut self.index.ctx);
         ctx.decision = self.decisions;
-        ctx.spread_min = self.spread_min(fleet, &rq);
+        ctx.spread_min = match req.spread.as_ref().and_then(|s| s.floor) {
+            Some(floor) if self.policy == Policy::Sluice => floor,
+            _ => self.spread_min(fleet, &rq),
+        };
         let res = self.place_gang(fleet, &ctx, &rq);
         self.index.ctx = ctx;
         match res {
             Some((score, pods)) => Ok(self.output(fleet, req, &rq, score, &pods)),
             None => Err(self.diagnose(fleet, req, &rq)),
         }
+    }
+
+    /// Replicas of the request's spread group in its emptiest eligible domain, as
+    /// [`Placer::place`] measures a hard `max_skew` against (0 without a spread). A caller
+    /// that cordons eligible nodes for a first attempt reads this before, and passes it as
+    /// [`crate::Spread::floor`].
+    pub fn spread_floor(&mut self, fleet: &Fleet, req: &GangRequest) -> Result<u32, PlaceError> {
+        self.ensure_compiled(fleet);
+        let rq = self.resolve(fleet, req)?;
+        Ok(self.spread_min(fleet, &rq))
     }
 
     /// Place a gang and record it in the fleet under `id`, owned by the spread group (if any).

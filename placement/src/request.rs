@@ -147,6 +147,13 @@ pub struct Spread {
     /// eligible domain. `None`: spreading is only preferred.
     #[serde(default)]
     pub max_skew: Option<u32>,
+    /// Replicas of the owner in the emptiest eligible domain, when the caller knows it
+    /// better than the fleet does: a binder that hides eligible but less preferred nodes
+    /// (cordons them for a first attempt) keeps `max_skew` measured against every eligible
+    /// domain this way ([`crate::Placer::spread_floor`]). `None`: from the fleet's
+    /// schedulable nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor: Option<u32>,
 }
 
 /// One replica: a gang of `pods` pods that are placed all together or not at all.
@@ -254,6 +261,7 @@ impl GangRequest {
             level,
             group: group.to_string(),
             max_skew,
+            floor: None,
         });
         self
     }

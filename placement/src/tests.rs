@@ -507,6 +507,43 @@ fn spread_max_skew_is_hard() {
     );
 }
 
+/// A binder that cordons eligible but less preferred nodes for a first attempt passes the
+/// spread floor it read before: `max_skew` still counts the hidden domains.
+#[test]
+fn spread_floor_keeps_max_skew_over_hidden_domains() {
+    let req = GangRequest::gpus(1, 8).spread(TopologyLevel::label(LABEL_RACK), "s", Some(1));
+    let mut pl = sluice();
+    let mut f = pcie_fleet(8);
+    // Two replicas in rack r0, none in r1.
+    for (id, n) in [("a", "p000"), ("b", "p001")] {
+        let p = [PodAssignment {
+            node: n.into(),
+            gpus: (0..8).collect(),
+            milli_per_gpu: 1000,
+            cpu_milli: 0,
+            memory_mib: 0,
+            mig: None,
+        }];
+        f.allocate(id, Some("s"), &p).unwrap();
+    }
+    let floor = pl.spread_floor(&f, &req).unwrap();
+    assert_eq!(floor, 0);
+    for n in ["p004", "p005", "p006", "p007"] {
+        f.set_schedulable(n, false).unwrap();
+    }
+    // Without the floor, hiding r1 makes r0 the emptiest domain and a third replica fits
+    // there (skew 3 against the hidden r1)...
+    assert!(pl.place(&f, &req).is_ok());
+    // ... with it, the hard limit holds.
+    let mut with_floor = req.clone();
+    with_floor.spread.as_mut().unwrap().floor = Some(floor);
+    let err = pl.place(&f, &with_floor).unwrap_err();
+    assert!(
+        matches!(err, PlaceError::SpreadUnsatisfiable { .. }),
+        "{err}"
+    );
+}
+
 #[test]
 fn deterministic_across_instances() {
     let reqs: Vec<GangRequest> = (0..60)

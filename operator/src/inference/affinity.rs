@@ -1,8 +1,16 @@
 //! Node eligibility of a pod for the gang binder, as Kubernetes defines it: taints and
 //! tolerations, `nodeSelector` and **required** node affinity
-//! (`spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution`), plus the
-//! list of the pod's scheduling constraints the binder does *not* honour (reported, never
-//! silently dropped).
+//! (`spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution`); the
+//! **preferred** node affinity as tiers of nodes to try first; and the list of the pod's
+//! scheduling constraints the binder does *not* honour (reported, never silently dropped).
+//!
+//! Preferred node affinity: a node's score is the sum of the weights of the preferred terms
+//! it satisfies (kube-scheduler's NodeAffinity score before normalisation). The binder tries
+//! the gang on the best-scoring eligible nodes first, then on the next score down, and so
+//! on (at most [`MAX_PREFERENCE_TIERS`] tiers), and last on every eligible node: a
+//! preference can never leave a gang pending. Unlike kube-scheduler, which adds the score
+//! to its others, the preference comes first here and fragmentation scoring decides within
+//! a tier: whoever writes "prefer these nodes" on a GPU fleet means it.
 //!
 //! Required node affinity follows `k8s.io/component-helpers/scheduling/corev1/nodeaffinity`:
 //! the `nodeSelectorTerms` are ORed (an empty list matches no node); inside a term every
@@ -17,6 +25,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Affinity, Node, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodSpec,
+    PreferredSchedulingTerm,
 };
 
 use super::scheduler::tolerates;
@@ -145,33 +154,80 @@ pub fn pod_fits_node(spec: &PodSpec, node: &Node) -> bool {
         && required_affinity_matches(required_node_selector(spec.affinity.as_ref()), name, labels)
 }
 
-/// The key under which the binder caches the eligible nodes of a pod: every input of
-/// [`pod_fits_node`] that comes from the pod.
+/// The pod's preferred node-affinity terms (none: empty).
+pub fn preferred_terms(spec: &PodSpec) -> &[PreferredSchedulingTerm] {
+    spec.affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| {
+            n.preferred_during_scheduling_ignored_during_execution
+                .as_deref()
+        })
+        .unwrap_or_default()
+}
+
+/// The node's preference score for the pod: the sum of the weights of the preferred terms
+/// it satisfies (a term matches as in [`term_matches`]: an empty or invalid one matches no
+/// node). 0 for a pod without preferences.
+pub fn preference_score(spec: &PodSpec, node: &Node) -> i64 {
+    let terms = preferred_terms(spec);
+    if terms.is_empty() {
+        return 0;
+    }
+    let empty = BTreeMap::new();
+    let labels = node.metadata.labels.as_ref().unwrap_or(&empty);
+    let name = node.metadata.name.as_deref().unwrap_or_default();
+    terms
+        .iter()
+        .filter(|t| term_matches(&t.preference, name, labels))
+        .map(|t| i64::from(t.weight))
+        .sum()
+}
+
+/// The most tiers of preferred nodes tried before all eligible nodes: each is a placement
+/// attempt, so a pod with many distinct scores does not cost one attempt per score.
+pub const MAX_PREFERENCE_TIERS: usize = 3;
+
+/// The tiers to try for a pod with preferences, given every eligible node's score: for the
+/// highest positive scores (at most [`MAX_PREFERENCE_TIERS`], best first), the eligible
+/// nodes scoring below it, which that attempt leaves out. Empty when no node scores above
+/// 0 (then preferences change nothing). The last attempt, on every eligible node, is not
+/// listed.
+pub fn preference_tiers(scored: &[(String, i64)]) -> Vec<Vec<String>> {
+    let mut thresholds: Vec<i64> = scored.iter().map(|(_, s)| *s).filter(|s| *s > 0).collect();
+    thresholds.sort_unstable_by(|a, b| b.cmp(a));
+    thresholds.dedup();
+    thresholds.truncate(MAX_PREFERENCE_TIERS);
+    thresholds
+        .into_iter()
+        .map(|t| {
+            scored
+                .iter()
+                .filter(|(_, s)| *s < t)
+                .map(|(n, _)| n.clone())
+                .collect()
+        })
+        .collect()
+}
+
+/// The key under which the binder caches the eligible nodes (and preference tiers) of a
+/// pod: every input of [`pod_fits_node`] and [`preference_score`] that comes from the pod.
 pub fn eligibility_key(spec: &PodSpec) -> String {
     serde_json::to_string(&(
         &spec.tolerations,
         &spec.node_selector,
         required_node_selector(spec.affinity.as_ref()),
+        preferred_terms(spec),
     ))
     .unwrap_or_default()
 }
 
-/// Scheduling constraints of the pod that the binder does not honour: preferred node
-/// affinity, pod affinity, pod anti-affinity, topology spread constraints. Empty when it
-/// honours everything the pod asks for.
+/// Scheduling constraints of the pod that the binder does not honour: pod affinity, pod
+/// anti-affinity, topology spread constraints. Empty when it honours everything the pod
+/// asks for.
 pub fn ignored_constraints(spec: &PodSpec) -> Vec<&'static str> {
     let mut out = Vec::new();
     let aff = spec.affinity.as_ref();
-    if aff
-        .and_then(|a| a.node_affinity.as_ref())
-        .and_then(|n| {
-            n.preferred_during_scheduling_ignored_during_execution
-                .as_ref()
-        })
-        .is_some_and(|p| !p.is_empty())
-    {
-        out.push("preferred node affinity");
-    }
     // Required or preferred terms, either one non-empty.
     fn any_terms<R, P>(required: Option<&Vec<R>>, preferred: Option<&Vec<P>>) -> bool {
         required.is_some_and(|v| !v.is_empty()) || preferred.is_some_and(|v| !v.is_empty())
@@ -553,7 +609,6 @@ mod tests {
         assert_eq!(
             ignored_constraints(&all),
             vec![
-                "preferred node affinity",
                 "pod affinity",
                 "pod anti-affinity",
                 "topology spread constraints"
@@ -564,5 +619,76 @@ mod tests {
             "requiredDuringSchedulingIgnoredDuringExecution": []}},
             "topologySpreadConstraints": []}));
         assert!(ignored_constraints(&empty).is_empty());
+    }
+
+    fn preferring(terms: serde_json::Value) -> PodSpec {
+        pod_spec(json!({"affinity": {"nodeAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": terms}}}))
+    }
+
+    #[test]
+    fn preference_score_sums_the_weights_of_matching_terms() {
+        let spec = preferring(json!([
+            {"weight": 80, "preference": {"matchExpressions": [
+                {"key": "tier", "operator": "In", "values": ["fast"]}]}},
+            {"weight": 20, "preference": {"matchExpressions": [
+                {"key": "zone", "operator": "In", "values": ["a"]}]}},
+            {"weight": 5, "preference": {"matchFields": [
+                {"key": "metadata.name", "operator": "In", "values": ["n3"]}]}},
+            // Empty and invalid terms match no node.
+            {"weight": 100, "preference": {}},
+            {"weight": 100, "preference": {"matchExpressions": [
+                {"key": "zone", "operator": "Near", "values": ["a"]}]}}
+        ]));
+        let fast_a = node("n1", &[("tier", "fast"), ("zone", "a")], json!([]));
+        let fast_b = node("n2", &[("tier", "fast"), ("zone", "b")], json!([]));
+        let slow_a_n3 = node("n3", &[("tier", "slow"), ("zone", "a")], json!([]));
+        let bare = node("n4", &[], json!([]));
+        assert_eq!(preference_score(&spec, &fast_a), 100);
+        assert_eq!(preference_score(&spec, &fast_b), 80);
+        assert_eq!(preference_score(&spec, &slow_a_n3), 25);
+        assert_eq!(preference_score(&spec, &bare), 0);
+        // No preferences: every node scores 0.
+        assert_eq!(preference_score(&pod_spec(json!({})), &fast_a), 0);
+    }
+
+    fn scored(v: &[(&str, i64)]) -> Vec<(String, i64)> {
+        v.iter().map(|(n, s)| (n.to_string(), *s)).collect()
+    }
+
+    #[test]
+    fn preference_tiers_go_from_the_best_score_down() {
+        let tiers = preference_tiers(&scored(&[("a", 80), ("b", 20), ("c", 0), ("d", 80)]));
+        assert_eq!(
+            tiers,
+            vec![
+                vec!["b".to_string(), "c".to_string()],
+                vec!["c".to_string()]
+            ]
+        );
+    }
+
+    #[test]
+    fn preference_tiers_are_empty_without_a_positive_score() {
+        assert!(preference_tiers(&scored(&[("a", 0), ("b", 0)])).is_empty());
+        assert!(preference_tiers(&[]).is_empty());
+    }
+
+    #[test]
+    fn preference_tiers_are_capped() {
+        let tiers = preference_tiers(&scored(&[("a", 4), ("b", 3), ("c", 2), ("d", 1)]));
+        assert_eq!(tiers.len(), MAX_PREFERENCE_TIERS);
+        // The last tier tried keeps the three best nodes; after it comes every node.
+        assert_eq!(tiers[MAX_PREFERENCE_TIERS - 1], vec!["d".to_string()]);
+    }
+
+    #[test]
+    fn eligibility_key_covers_the_preferences() {
+        let a = preferring(json!([{"weight": 1, "preference": {"matchExpressions": [
+            {"key": "z", "operator": "Exists"}]}}]));
+        let b = preferring(json!([{"weight": 2, "preference": {"matchExpressions": [
+            {"key": "z", "operator": "Exists"}]}}]));
+        assert_ne!(eligibility_key(&a), eligibility_key(&b));
+        assert_ne!(eligibility_key(&a), eligibility_key(&pod_spec(json!({}))));
     }
 }

@@ -12,8 +12,9 @@
 //! fails part-way is deleted whole; its owner creates it again.
 //!
 //! Node eligibility (taints, `nodeSelector`, required node affinity) is decided by the pure
-//! [`super::affinity::pod_fits_node`]; the constraints the binder does not honour
-//! (preferred node affinity, pod (anti-)affinity, topology spread) are reported with a
+//! [`super::affinity::pod_fits_node`], and preferred node affinity orders the attempts
+//! (preferred nodes first, [`super::affinity::preference_tiers`]); the constraints the
+//! binder does not honour (pod (anti-)affinity, topology spread) are reported with a
 //! Warning event `ConstraintsIgnored` once per owner.
 //!
 //! Pure pieces ([`node_spec`], [`pod_usage`], [`tolerates`], [`gang_request`],
@@ -587,10 +588,11 @@ impl Binder {
         let (mut fleet, mut accounted) = self.take_fleet(&nodes, &pods);
         let nodes_fp = nodes_fingerprint(&nodes);
         let mut failures: Vec<(PendingGang, String)> = Vec::new();
-        // Node eligibility per (tolerations, nodeSelector, required node affinity) of the
-        // gangs in this round: the nodes a gang may not use are cordoned in the fleet while
-        // it is placed.
-        let mut eligibility: HashMap<String, Vec<String>> = HashMap::new();
+        // Node eligibility per (tolerations, nodeSelector, node affinity) of the gangs in
+        // this round: the nodes a gang may not use are cordoned in the fleet while it is
+        // placed; with preferred node affinity, so are the less preferred nodes in the first
+        // attempts (see `affinity`).
+        let mut eligibility: HashMap<String, Eligibility> = HashMap::new();
         for g in pending {
             let started = Instant::now();
             let first = g.pods[0].clone();
@@ -606,20 +608,37 @@ impl Binder {
             }
             let spec = first.spec.clone().unwrap_or_default();
             self.warn_ignored_constraints(&first, &spec).await;
-            let excluded = eligibility
+            let elig = eligibility
                 .entry(affinity::eligibility_key(&spec))
-                .or_insert_with(|| {
-                    nodes
-                        .iter()
-                        .filter(|n| node_schedulable(n) && !affinity::pod_fits_node(&spec, n))
-                        .filter_map(|n| n.metadata.name.clone())
-                        .collect()
-                });
-            for n in excluded.iter() {
+                .or_insert_with(|| Eligibility::of(&spec, &nodes));
+            for n in elig.excluded.iter() {
                 let _ = fleet.set_schedulable(n, false);
             }
-            let placed = self.placer.place(&fleet, &req);
-            for n in excluded.iter() {
+            // Preferred nodes first, tier by tier; then every eligible node. A hard spread
+            // stays measured against every eligible domain, hidden ones included.
+            let mut placed = None;
+            let mut tier_req = req.clone();
+            if !elig.tiers.is_empty()
+                && let Some(s) = tier_req.spread.as_mut()
+                && s.max_skew.is_some()
+            {
+                s.floor = self.placer.spread_floor(&fleet, &req).ok();
+            }
+            for less_preferred in &elig.tiers {
+                for n in less_preferred {
+                    let _ = fleet.set_schedulable(n, false);
+                }
+                let attempt = self.placer.place(&fleet, &tier_req);
+                for n in less_preferred {
+                    let _ = fleet.set_schedulable(n, true);
+                }
+                if attempt.is_ok() {
+                    placed = Some(attempt);
+                    break;
+                }
+            }
+            let placed = placed.unwrap_or_else(|| self.placer.place(&fleet, &req));
+            for n in elig.excluded.iter() {
                 let _ = fleet.set_schedulable(n, true);
             }
             self.metrics
@@ -688,8 +707,8 @@ impl Binder {
         Ok(())
     }
 
-    /// The binder honours taints, `nodeSelector` and required node affinity only. A pod
-    /// that also asks for preferred node affinity, pod (anti-)affinity or topology spread
+    /// The binder honours taints, `nodeSelector` and node affinity (required and
+    /// preferred) only. A pod that also asks for pod (anti-)affinity or topology spread
     /// constraints is placed without them; say so with a Warning event
     /// `ConstraintsIgnored` (and a log line), once per owner (the InferenceSet, or the pod
     /// itself when it has no controller) and set of ignored constraints.
@@ -773,6 +792,37 @@ impl Binder {
 
 /// The object an event about a pod's template belongs to: the pod's controller (e.g. its
 /// InferenceSet), else the pod.
+/// Where a pod may go: the schedulable nodes it may not use (taints, `nodeSelector`,
+/// required node affinity), and the preference tiers among the others.
+struct Eligibility {
+    excluded: Vec<String>,
+    /// Per attempt before the last, the eligible nodes it leaves out
+    /// ([`affinity::preference_tiers`]).
+    tiers: Vec<Vec<String>>,
+}
+
+impl Eligibility {
+    fn of(spec: &PodSpec, nodes: &[Arc<Node>]) -> Eligibility {
+        let mut excluded = Vec::new();
+        let mut scored = Vec::new();
+        let prefers = !affinity::preferred_terms(spec).is_empty();
+        for n in nodes.iter().filter(|n| node_schedulable(n)) {
+            let Some(name) = n.metadata.name.clone() else {
+                continue;
+            };
+            if !affinity::pod_fits_node(spec, n) {
+                excluded.push(name);
+            } else if prefers {
+                scored.push((name, affinity::preference_score(spec, n)));
+            }
+        }
+        Eligibility {
+            excluded,
+            tiers: affinity::preference_tiers(&scored),
+        }
+    }
+}
+
 pub fn owner_reference(pod: &Pod) -> ObjectReference {
     let owner = pod
         .metadata
