@@ -116,15 +116,23 @@ async fn wait_settled(
     loop {
         let s = snapshot(sets, pods, name).await?;
         min_serving = min_serving.min(s.serving);
-        let live = s
+        let live: Vec<&Pod> = s
             .pods
             .iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .count();
+            .collect();
+        // Status and pods are two reads: a gang re-created between them (a bind that failed
+        // part-way on a loaded machine) shows unbound pods beside a status that still
+        // counts it serving. Settled means every live pod bound, too.
+        let all_bound = live
+            .iter()
+            .all(|p| p.spec.as_ref().is_some_and(|s| s.node_name.is_some()));
+        let live = live.len();
         if s.serving == replicas
             && s.updated == replicas
             && !s.progressing
             && live == (replicas * 2) as usize
+            && all_bound
         {
             return Ok((s, min_serving));
         }
@@ -218,13 +226,7 @@ async fn inference_set_places_scales_survives_node_loss_and_rolls_by_slot_swap()
         );
     }
     let cleanup = NodeCleanup(cluster.clone(), nodes.clone());
-
-    let mut registry = prometheus_client::registry::Registry::default();
-    let operator = tokio::spawn(inference::run(
-        client.clone(),
-        &mut registry,
-        inference::Config::new(),
-    ));
+    let operator = start_operator(&client);
 
     let sets: Api<InferenceSet> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
@@ -342,30 +344,10 @@ async fn required_node_affinity_keeps_gangs_off_excluded_nodes() -> anyhow::Resu
     install_crd(&client).await?;
     let ns = cluster.namespace("infs-aff").await?;
     let pool = ns.name.clone();
-    let nodes = cluster
-        .create_kwok_nodes(&pool, 3, Some(&GpuNodeProfile::default()))
-        .await?;
-    let cleanup = NodeCleanup(cluster.clone(), nodes.clone());
-    let node_api: Api<Node> = Api::all(client.clone());
-    for (i, n) in nodes.iter().enumerate() {
-        let class = if i == 0 { "excluded" } else { "allowed" };
-        node_api
-            .patch(
-                n,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"labels": {
-                    "sluice.dev/pool": pool, "sluice.dev/gpu-class": class}}})),
-            )
-            .await?;
-    }
+    let (nodes, cleanup) =
+        classed_nodes(&cluster, &pool, &["excluded", "allowed", "allowed"]).await?;
     let allowed: BTreeSet<String> = nodes[1..].iter().cloned().collect();
-
-    let mut registry = prometheus_client::registry::Registry::default();
-    let operator = tokio::spawn(inference::run(
-        client.clone(),
-        &mut registry,
-        inference::Config::new(),
-    ));
+    let operator = start_operator(&client);
     let sets: Api<InferenceSet> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let set = json!({
@@ -485,33 +467,9 @@ async fn preferred_node_affinity_fills_preferred_nodes_first() -> anyhow::Result
     install_crd(&client).await?;
     let ns = cluster.namespace("infs-pref").await?;
     let pool = ns.name.clone();
-    let nodes = cluster
-        .create_kwok_nodes(&pool, 4, Some(&GpuNodeProfile::default()))
-        .await?;
-    let cleanup = NodeCleanup(cluster.clone(), nodes.clone());
-    let node_api: Api<Node> = Api::all(client.clone());
-    for (i, n) in nodes.iter().enumerate() {
-        let class = match i {
-            3 => "fast",
-            2 => "good",
-            _ => "plain",
-        };
-        node_api
-            .patch(
-                n,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"labels": {
-                    "sluice.dev/pool": pool, "sluice.dev/gpu-class": class}}})),
-            )
-            .await?;
-    }
-
-    let mut registry = prometheus_client::registry::Registry::default();
-    let operator = tokio::spawn(inference::run(
-        client.clone(),
-        &mut registry,
-        inference::Config::new(),
-    ));
+    let (nodes, cleanup) =
+        classed_nodes(&cluster, &pool, &["plain", "plain", "good", "fast"]).await?;
+    let operator = start_operator(&client);
     let sets: Api<InferenceSet> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let set = |replicas: i32| {
@@ -600,6 +558,41 @@ async fn preferred_node_affinity_fills_preferred_nodes_first() -> anyhow::Result
     cluster.delete_nodes(&nodes).await?;
     cleanup.disarm();
     Ok(())
+}
+
+/// KWOK nodes of 8 H100 in `pool`, one per class, labelled `sluice.dev/pool=<pool>` and
+/// `sluice.dev/gpu-class=<class>`; deleted by the returned guard if the test fails.
+async fn classed_nodes(
+    cluster: &TestCluster,
+    pool: &str,
+    classes: &[&str],
+) -> anyhow::Result<(Vec<String>, NodeCleanup)> {
+    let nodes = cluster
+        .create_kwok_nodes(pool, classes.len(), Some(&GpuNodeProfile::default()))
+        .await?;
+    let cleanup = NodeCleanup(cluster.clone(), nodes.clone());
+    let node_api: Api<Node> = Api::all(cluster.client.clone());
+    for (n, class) in nodes.iter().zip(classes) {
+        node_api
+            .patch(
+                n,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {
+                    "sluice.dev/pool": pool, "sluice.dev/gpu-class": class}}})),
+            )
+            .await?;
+    }
+    Ok((nodes, cleanup))
+}
+
+/// The InferenceSet controller and the binder, in this process.
+fn start_operator(client: &kube::Client) -> tokio::task::JoinHandle<()> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    tokio::spawn(inference::run(
+        client.clone(),
+        &mut registry,
+        inference::Config::new(),
+    ))
 }
 
 /// Deletes the test's nodes if the test fails half-way (with its own client: the test's

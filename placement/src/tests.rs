@@ -45,6 +45,18 @@ fn sluice() -> Placer {
     Placer::new(WorkloadProfile::inference_default())
 }
 
+/// One pod taking all 8 GPUs of node `n`.
+fn whole_node(n: &str) -> PodAssignment {
+    PodAssignment {
+        node: n.into(),
+        gpus: (0..8).collect(),
+        milli_per_gpu: 1000,
+        cpu_milli: 0,
+        memory_mib: 0,
+        mig: None,
+    }
+}
+
 fn commit(f: &mut Fleet, id: &str, p: &GangPlacement) {
     f.allocate(id, None, &p.pods).unwrap();
 }
@@ -485,19 +497,7 @@ fn spread_max_skew_is_hard() {
     // Release both replicas... instead: fill rack r0 with other work so only r1 has room.
     let mut f = pcie_fleet(8);
     for n in ["p000", "p001", "p002", "p003"] {
-        f.allocate(
-            n,
-            None,
-            &[PodAssignment {
-                node: n.into(),
-                gpus: (0..8).collect(),
-                milli_per_gpu: 1000,
-                cpu_milli: 0,
-                memory_mib: 0,
-                mig: None,
-            }],
-        )
-        .unwrap();
+        f.allocate(n, None, &[whole_node(n)]).unwrap();
     }
     pl.place_and_allocate(&mut f, "a", &req).unwrap();
     let err = pl.place_and_allocate(&mut f, "b", &req).unwrap_err();
@@ -516,15 +516,7 @@ fn spread_floor_keeps_max_skew_over_hidden_domains() {
     let mut f = pcie_fleet(8);
     // Two replicas in rack r0, none in r1.
     for (id, n) in [("a", "p000"), ("b", "p001")] {
-        let p = [PodAssignment {
-            node: n.into(),
-            gpus: (0..8).collect(),
-            milli_per_gpu: 1000,
-            cpu_milli: 0,
-            memory_mib: 0,
-            mig: None,
-        }];
-        f.allocate(id, Some("s"), &p).unwrap();
+        f.allocate(id, Some("s"), &[whole_node(n)]).unwrap();
     }
     let floor = pl.spread_floor(&f, &req).unwrap();
     assert_eq!(floor, 0);
