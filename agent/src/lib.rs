@@ -16,6 +16,7 @@ pub mod pacer;
 pub mod procfs;
 pub mod proxy_http;
 pub mod proxy_tcp;
+mod tunnel;
 pub mod workers;
 
 pub use agent::{AgentError, RunningAgent, run_until_terminated, start_observe, start_proxy};

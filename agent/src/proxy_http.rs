@@ -8,7 +8,8 @@
 //! so a request crosses no task boundary: no channel hop to a pool's connection task, no
 //! cross-thread wake-up. HTTP/2 clients (whose streams hyper runs as tasks) get a small
 //! per-connection set of upstream HTTP/1.1 connections, one per concurrent stream, or one
-//! upstream HTTP/2 connection with `--upstream-http2`.
+//! upstream HTTP/2 connection with `--upstream-http2`. HTTP/1.1 upgrades (WebSocket) become
+//! byte tunnels ([`crate::tunnel`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -32,6 +33,7 @@ use tracing::debug;
 
 use crate::conns::{CloseLevel, ConnCtl, ConnGuard, LevelWatch, LingerStream, linger_close};
 use crate::metrics::{CloseReason, Metrics};
+use crate::tunnel::{self, PendingTunnel};
 use crate::workers::Workers;
 
 /// After a forced close, how long in-flight requests still get before the socket goes.
@@ -209,7 +211,7 @@ impl HttpProxy {
         };
         // Upstream HTTP/1.1 connections of this client connection's HTTP/1.1 requests.
         let mut driven = Driven::default();
-        let conn = self.builder.serve_connection(
+        let conn = self.builder.serve_connection_with_upgrades(
             TokioIo::new(LingerStream::detecting_h2(stream, ctl.clone())),
             svc,
         );
@@ -292,6 +294,12 @@ impl HttpProxy {
                 }
             }
         }
+        // An upgraded connection lives on as a tunnel, still counted (the drain waits for
+        // it) until it ends or the drain deadline closes it.
+        let pending = state.lock().tunnel.take();
+        if let Some(t) = pending {
+            tunnel::run(t, wait_level(&mut watch, CloseLevel::Now, Duration::ZERO)).await;
+        }
         drop(guard);
     }
 }
@@ -361,6 +369,8 @@ struct UpState {
     /// New upstream connections for the serve loop to drive.
     new_driven: Vec<DrivenConn>,
     waker: Option<Waker>,
+    /// An upgrade the upstream accepted: the serve loop runs it once hyper lets go.
+    tunnel: Option<PendingTunnel>,
 }
 
 impl ConnState {
@@ -477,6 +487,28 @@ impl ConnState {
         if !h2_client || up.h1.len() < MAX_IDLE_H1_PER_H2_CLIENT {
             up.h1.push(sender);
         }
+    }
+
+    /// Sends an upgrade request on an upstream connection of its own (the upgrade takes the
+    /// connection over).
+    async fn forward_upgrade(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let io = self.proxy.connect().await?;
+        let (mut sender, conn) = self.proxy.h1_client.handshake(io).await.map_err(|e| {
+            debug!(error = %e, "upstream handshake failed");
+            UpstreamError::Connect
+        })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                debug!(error = %e, "upstream upgrade connection ended with an error");
+            }
+        });
+        sender.send_request(req).await.map_err(|e| {
+            debug!(error = %e, "upstream upgrade request failed");
+            UpstreamError::Request
+        })
     }
 
     async fn h2_sender(&self, fresh: bool) -> Result<H2Sender, UpstreamError> {
@@ -625,7 +657,7 @@ fn plain(code: StatusCode, msg: &'static str) -> Response<Full<Bytes>> {
     r
 }
 
-async fn handle(state: Arc<ConnState>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(state: Arc<ConnState>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let proxy = &state.proxy;
     let metrics = &proxy.metrics;
     metrics.request_start();
@@ -639,6 +671,13 @@ async fn handle(state: Arc<ConnState>, req: Request<Incoming>) -> Response<Proxy
     if h2_client {
         state.ctl.is_h2.store(true, Ordering::Release);
     }
+    // An HTTP/1.1 upgrade (WebSocket): the client's half of the tunnel, if the upstream
+    // agrees.
+    let upgrade = if h2_client || proxy.upstream_http2 {
+        None
+    } else {
+        tunnel::requested_upgrade(req.headers()).map(|p| (p, hyper::upgrade::on(&mut req)))
+    };
     let (mut parts, body) = req.into_parts();
     let mut host_from_authority = None;
     if proxy.upstream_http2 {
@@ -674,6 +713,9 @@ async fn handle(state: Arc<ConnState>, req: Request<Incoming>) -> Response<Proxy
         );
     }
     strip_hop_by_hop(&mut parts.headers);
+    if let Some((proto, _)) = &upgrade {
+        tunnel::restore_upgrade_headers(&mut parts.headers, proto.clone());
+    }
     if !parts.headers.contains_key(header::HOST) {
         let host = host_from_authority
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
@@ -698,7 +740,29 @@ async fn handle(state: Arc<ConnState>, req: Request<Incoming>) -> Response<Proxy
     };
     let upstream_req = Request::from_parts(parts, body);
 
-    let mut resp = match state.forward(upstream_req, h2_client).await {
+    let forwarded = match upgrade {
+        Some(_) => state.forward_upgrade(upstream_req).await,
+        None => state.forward(upstream_req, h2_client).await,
+    };
+    let mut resp = match forwarded {
+        Ok(mut r) if r.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            match (upgrade, r.headers().get(header::UPGRADE).cloned()) {
+                (Some((_, client)), Some(proto)) => {
+                    let upstream = hyper::upgrade::on(&mut r);
+                    strip_hop_by_hop(r.headers_mut());
+                    tunnel::restore_upgrade_headers(r.headers_mut(), proto);
+                    state.lock().tunnel = Some(PendingTunnel { client, upstream });
+                    metrics.request_done(101);
+                    return r.map(|b| Tracked::new(Either::Left(b), guard));
+                }
+                _ => {
+                    // A switch nobody asked for (or to no protocol): not passed on.
+                    metrics.upstream_error("protocol");
+                    plain(StatusCode::BAD_GATEWAY, "upstream switched protocols\n")
+                        .map(Either::Right)
+                }
+            }
+        }
         Ok(r) => r.map(Either::Left),
         Err(e) => {
             metrics.upstream_error(e.kind());
@@ -771,6 +835,7 @@ mod tests {
     use crate::conns::{ConnTracker, serve_on_loopback};
     use http_body_util::{BodyExt, Empty};
     use std::sync::atomic::AtomicU64;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     /// An upstream answering "ok"; counts its connections.
@@ -999,6 +1064,155 @@ mod tests {
                 .render()
                 .contains("sluice_agent_connections_closed_total{reason=\"header_timeout\"} 1")
         );
+    }
+
+    /// An upstream that accepts WebSocket upgrades and echoes the tunnel's bytes, and
+    /// answers "ok" to anything else (h2c upgrades included).
+    async fn upgrading_upstream() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|mut req: Request<Incoming>| async move {
+                        let ws = req
+                            .headers()
+                            .get(header::UPGRADE)
+                            .is_some_and(|v| v == "websocket");
+                        if !ws {
+                            return Ok::<_, Infallible>(Response::new(Full::new(
+                                Bytes::from_static(b"ok"),
+                            )));
+                        }
+                        let on = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            let mut io = TokioIo::new(on.await.unwrap());
+                            let (mut r, mut w) = tokio::io::split(&mut io);
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                            let _ = w.shutdown().await;
+                        });
+                        let mut resp = Response::new(Full::new(Bytes::new()));
+                        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                        resp.headers_mut()
+                            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                        resp.headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                        Ok(resp)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Reads one response head (up to the blank line), byte by byte so that nothing after
+    /// it is consumed.
+    async fn read_head(s: &mut TcpStream) -> String {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(
+                s.read(&mut b).await.unwrap(),
+                1,
+                "closed mid-head: {head:?}"
+            );
+            head.push(b[0]);
+        }
+        String::from_utf8(head).unwrap()
+    }
+
+    async fn echo_line(s: &mut TcpStream, line: &[u8]) {
+        s.write_all(line).await.unwrap();
+        let mut got = vec![0u8; line.len()];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, line);
+    }
+
+    const WS_UPGRADE: &[u8] = b"GET /chat HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\n\
+        Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn websocket_upgrade_becomes_a_tunnel_that_the_drain_waits_for_and_ends_with_fin() {
+        let up = upgrading_upstream().await;
+        let (addr, tracker) = proxy(up, 2).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(WS_UPGRADE).await.unwrap();
+        let head = read_head(&mut c).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let lower = head.to_ascii_lowercase();
+        assert!(lower.contains("upgrade: websocket"), "{head}");
+        assert!(lower.contains("connection: upgrade"), "{head}");
+        echo_line(&mut c, b"hello\n").await;
+        // Asked to leave politely: a tunnel cannot be, so it stays open and counted.
+        assert_eq!(tracker.request_close(10), 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        echo_line(&mut c, b"still here\n").await;
+        assert_eq!(tracker.active(), 1);
+        // The drain deadline: closed with FIN (a clean end of stream, not a reset).
+        tracker.close_all(CloseLevel::Now);
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+            .await
+            .expect("tunnel closed at the deadline")
+            .expect("closed with FIN, not RST");
+        assert_eq!(n, 0);
+        let t = Instant::now();
+        while tracker.active() > 0 && t.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(tracker.active(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tunnel_closed_by_the_client_ends_both_sides() {
+        let up = upgrading_upstream().await;
+        let (addr, tracker) = proxy(up, 2).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(WS_UPGRADE).await.unwrap();
+        assert!(read_head(&mut c).await.starts_with("HTTP/1.1 101"));
+        echo_line(&mut c, b"x\n").await;
+        // The client's FIN goes through; the upstream's comes back.
+        c.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+            .await
+            .expect("upstream FIN passed back")
+            .unwrap();
+        assert!(rest.is_empty());
+        let t = Instant::now();
+        while tracker.active() > 0 && t.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(tracker.active(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn declined_and_h2c_upgrades_are_ordinary_http1_exchanges() {
+        // The plain upstream ignores upgrades; an h2c upgrade is declined by the agent.
+        for (up, req) in [
+            (upstream().await.0, WS_UPGRADE),
+            (
+                upgrading_upstream().await,
+                &b"GET / HTTP/1.1\r\nHost: test\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+                   Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"[..],
+            ),
+        ] {
+            let (addr, _tracker) = proxy(up, 2).await;
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            for _ in 0..2 {
+                c.write_all(req).await.unwrap();
+                let head = read_head(&mut c).await;
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                let mut body = [0u8; 2];
+                c.read_exact(&mut body).await.unwrap();
+                assert_eq!(&body, b"ok");
+            }
+        }
     }
 
     #[test]
