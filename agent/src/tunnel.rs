@@ -59,7 +59,14 @@ pub(crate) type Moved = (u64, u64);
 /// and read what is still in flight before the sockets go. Returns the bytes moved, when
 /// the tunnel ended by itself.
 pub(crate) async fn run(p: PendingTunnel, close_now: impl Future<Output = ()>) -> Option<Moved> {
-    let (client, upstream) = match tokio::try_join!(p.client, p.upstream) {
+    tokio::pin!(close_now);
+    // Told to close before hyper handed the connections over (the 101 not even written):
+    // nothing to tunnel.
+    let joined = tokio::select! {
+        r = async { tokio::try_join!(p.client, p.upstream) } => r,
+        _ = &mut close_now => return None,
+    };
+    let (client, upstream) = match joined {
         Ok(both) => both,
         Err(e) => {
             debug!(error = %e, "upgrade did not complete");
@@ -75,7 +82,7 @@ pub(crate) async fn run(p: PendingTunnel, close_now: impl Future<Output = ()>) -
                 None
             }
         },
-        _ = close_now => {
+        _ = &mut close_now => {
             tokio::join!(fin_and_discard(&mut client), fin_and_discard(&mut upstream));
             None
         }
