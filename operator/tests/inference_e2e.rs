@@ -561,7 +561,9 @@ async fn preferred_node_affinity_fills_preferred_nodes_first() -> anyhow::Result
 }
 
 /// KWOK nodes of 8 H100 in `pool`, one per class, labelled `sluice.dev/pool=<pool>` and
-/// `sluice.dev/gpu-class=<class>`; deleted by the returned guard if the test fails.
+/// `sluice.dev/gpu-class=<class>`, Ready and rid of the node lifecycle's `not-ready` taint
+/// (a moment after they are created, longer on a loaded machine: until then the binder
+/// rightly places nothing there); deleted by the returned guard if the test fails.
 async fn classed_nodes(
     cluster: &TestCluster,
     pool: &str,
@@ -581,6 +583,33 @@ async fn classed_nodes(
                     "sluice.dev/pool": pool, "sluice.dev/gpu-class": class}}})),
             )
             .await?;
+    }
+    let t = Instant::now();
+    for n in &nodes {
+        loop {
+            let node = node_api.get(n).await?;
+            let ready = node
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            // The node lifecycle controller lifts `node.kubernetes.io/not-ready` a moment
+            // after Ready turns True; until then no pod of ours may go there.
+            let lifecycle_tainted = node
+                .spec
+                .and_then(|s| s.taints)
+                .unwrap_or_default()
+                .iter()
+                .any(|t| t.key.starts_with("node.kubernetes.io/"));
+            if ready && !lifecycle_tainted {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("node {n} not Ready and untainted after 60s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
     Ok((nodes, cleanup))
 }
