@@ -19,7 +19,6 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use crate::release::gates::{AgentSample, PodSignals, parse_agent_metrics, pod_signals};
 
@@ -117,29 +116,41 @@ fn now_secs() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// A minimal HTTP/1.0 GET (the agent's admin endpoint is plain HTTP on the pod IP).
+/// GET over plain HTTP/1.1 (the agent's admin endpoint on the pod IP), on a connection of
+/// its own; the body as text, or an error for any status but 200.
 pub async fn http_get(ip: &str, port: u16, path: &str) -> std::io::Result<String> {
+    use http_body_util::{BodyExt, Empty};
     let addr = if ip.contains(':') {
         format!("[{ip}]:{port}")
     } else {
         format!("{ip}:{port}")
     };
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(std::io::Error::other(format!(
-            "agent answered {}",
-            head.lines().next().unwrap_or("")
-        )));
+    let stream = tokio::net::TcpStream::connect(&addr).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+    // Ends by itself once the sender is dropped (the response read to its end).
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, &addr)
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(std::io::Error::other)?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(std::io::Error::other)?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    if status != hyper::StatusCode::OK {
+        return Err(std::io::Error::other(format!("agent answered {status}")));
     }
-    Ok(body.to_string())
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Agent samples per pod (`namespace/name`), oldest first. In memory only: losing it
@@ -181,6 +192,61 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An admin endpoint on loopback: `/metrics` answers two agent counters, anything else
+    /// 404.
+    async fn admin_endpoint() -> u16 {
+        use http_body_util::Full;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: hyper::Request<_>| async move {
+                        let (code, body) = if req.uri().path() == "/metrics" {
+                            (
+                                200,
+                                "sluice_agent_connections_accepted_total 7\n\
+                                 sluice_agent_connections_active 3\n# EOF\n",
+                            )
+                        } else {
+                            (404, "not found\n")
+                        };
+                        let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(body)));
+                        *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap();
+                        Ok::<_, std::convert::Infallible>(r)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn scrape_reads_the_agents_metrics_over_http() {
+        let port = admin_endpoint().await;
+        let s = scrape("127.0.0.1", port, Duration::from_secs(5), 100.0)
+            .await
+            .expect("scraped");
+        assert_eq!(s.connections_accepted, 7.0);
+        assert_eq!(s.connections_active, 3.0);
+        assert_eq!(s.at, 100.0);
+        // Any other status is an error, not an empty sample.
+        let err = http_get("127.0.0.1", port, "/nope").await.unwrap_err();
+        assert!(err.to_string().contains("404"), "{err}");
+        // Nothing listening: no sample.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = closed.local_addr().unwrap().port();
+        drop(closed);
+        assert!(
+            scrape("127.0.0.1", dead, Duration::from_secs(5), 0.0)
+                .await
+                .is_none()
+        );
+    }
 
     #[test]
     fn a_pod_that_never_served_is_quiet_at_once() {
