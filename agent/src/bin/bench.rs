@@ -72,6 +72,11 @@ struct Args {
     /// client and upstream on one core, the proxy on another) or `none` (not pinned).
     #[arg(long, default_value = "same")]
     pin: String,
+    /// CPU layout of the saturation runs: `none` (default: the scheduler places everyone)
+    /// or `split` (load client and upstream on one core, the proxy on another: what a
+    /// proxy with a core of its own does; use with `--proxy-threads 1`).
+    #[arg(long, default_value = "none")]
+    saturation_pin: String,
     /// Do not run the latency runs at real-time priority.
     #[arg(long)]
     no_rt: bool,
@@ -215,7 +220,14 @@ fn main() -> anyhow::Result<()> {
         "config": {
             "saturation": { "connections": args.conns, "seconds": args.saturation_secs,
                             "rounds": args.rounds,
-                            "method": "targets take turns, seconds/rounds each per round" },
+                            "method": "targets take turns in a rotating order, \
+                             seconds/rounds each per round",
+                            "cpu_layout": match Layout::new(&args.saturation_pin) {
+                                Some(l) if args.saturation_pin == "split" => format!(
+                                    "load client and upstream pinned to cpu {}, the proxy to cpu {}",
+                                    l.load_cpu, l.proxy_cpu),
+                                _ => "not pinned".to_string(),
+                            } },
             "latency": { "rate_per_second": args.rate, "seconds_per_round": args.latency_secs,
                          "rounds": args.latency_rounds,
                          "connections": latency_conns(args.rate),
@@ -283,6 +295,14 @@ async fn measure_all(
     let mut machine = vec![(0u64, 0u64); targets.len()];
     // TCP segments sent machine-wide (every hop, pure ACKs included) over each target's runs.
     let mut segments = vec![0u64; targets.len()];
+    // `--saturation-pin split`: the proxies on a core of their own.
+    let sat_layout = Layout::new(&args.saturation_pin).filter(|_| args.saturation_pin == "split");
+    if let Some(l) = &sat_layout {
+        l.pin_self();
+        for pid in targets.iter().filter_map(Target::pid) {
+            l.pin_proxy(pid);
+        }
+    }
     // A rotating order, as for latency: in a fixed order each target always follows the
     // same one (whose connections are still closing, whose threads are still waking), and
     // that bias showed as a steady 5 % between runs with and without the tcp targets.
@@ -312,6 +332,13 @@ async fn measure_all(
                 machine[i].0 += b.0.saturating_sub(a.0);
                 machine[i].1 += b.1.saturating_sub(a.1);
             }
+        }
+    }
+
+    if let Some(l) = &sat_layout {
+        l.unpin_self();
+        for pid in targets.iter().filter_map(Target::pid) {
+            l.unpin(pid);
         }
     }
 
@@ -469,6 +496,9 @@ impl Layout {
     }
     fn pin_proxy(&self, pid: u32) {
         sched::set_process(pid, &[self.proxy_cpu]);
+    }
+    fn unpin(&self, pid: u32) {
+        sched::set_process(pid, &self.allowed);
     }
 }
 
