@@ -439,6 +439,62 @@ where
     addr
 }
 
+/// Defers each write by one turn of the worker's runtime: the first `poll_write` of a
+/// message wakes the task and returns `Pending`, the next one writes. The connections made
+/// ready by one poll of the sockets then send together, after each has been processed, not
+/// one by one in between (HAProxy's event loop works the same way): the application and
+/// the clients find several messages per wake-up instead of one. Measured with the proxy on
+/// a core of its own: −10 % CPU per request for the load client and upstream, −3 % for the
+/// agent, +3–6 % requests/s (docs/agent.md).
+pub struct DeferWrites<S> {
+    inner: S,
+    deferred: bool,
+}
+
+impl<S> DeferWrites<S> {
+    pub fn new(inner: S) -> Self {
+        DeferWrites {
+            inner,
+            deferred: false,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for DeferWrites<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for DeferWrites<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if !self.deferred {
+            self.deferred = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if r.is_ready() {
+            self.deferred = false;
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,5 +552,32 @@ mod tests {
         assert!(c.raise(CloseLevel::Now));
         assert!(!c.raise(CloseLevel::Graceful));
         assert_eq!(c.level(), CloseLevel::Now);
+    }
+
+    #[test]
+    fn defer_writes_writes_on_the_second_poll_after_waking_the_task() {
+        use std::sync::atomic::AtomicUsize;
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut w = DeferWrites::new(Vec::<u8>::new());
+        // First poll: nothing written, the task asked to run again.
+        assert!(Pin::new(&mut w).poll_write(&mut cx, b"abc").is_pending());
+        assert_eq!(count.0.load(Ordering::Relaxed), 1);
+        assert!(w.inner.is_empty());
+        // Second: written; the next message is deferred again.
+        assert!(matches!(
+            Pin::new(&mut w).poll_write(&mut cx, b"abc"),
+            Poll::Ready(Ok(3))
+        ));
+        assert_eq!(w.inner, b"abc");
+        assert!(Pin::new(&mut w).poll_write(&mut cx, b"d").is_pending());
+        assert_eq!(count.0.load(Ordering::Relaxed), 2);
     }
 }

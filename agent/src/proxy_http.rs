@@ -31,7 +31,9 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::conns::{CloseLevel, ConnCtl, ConnGuard, LevelWatch, LingerStream, linger_close};
+use crate::conns::{
+    CloseLevel, ConnCtl, ConnGuard, DeferWrites, LevelWatch, LingerStream, linger_close,
+};
 use crate::metrics::{CloseReason, Metrics};
 use crate::tunnel::{self, PendingTunnel};
 use crate::workers::Workers;
@@ -127,7 +129,7 @@ impl HttpProxy {
     }
 
     /// A new TCP connection to the upstream.
-    async fn connect(&self) -> Result<TokioIo<TcpStream>, UpstreamError> {
+    async fn connect(&self) -> Result<TokioIo<DeferWrites<TcpStream>>, UpstreamError> {
         let connect = async {
             match self.upstream_addr {
                 Some(a) => TcpStream::connect(a).await,
@@ -137,7 +139,7 @@ impl HttpProxy {
         match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
-                Ok(TokioIo::new(s))
+                Ok(TokioIo::new(DeferWrites::new(s)))
             }
             Ok(Err(e)) => {
                 debug!(error = %e, "upstream connect failed");
@@ -212,7 +214,10 @@ impl HttpProxy {
         // Upstream HTTP/1.1 connections of this client connection's HTTP/1.1 requests.
         let mut driven = Driven::default();
         let conn = self.builder.serve_connection_with_upgrades(
-            TokioIo::new(LingerStream::detecting_h2(stream, ctl.clone())),
+            TokioIo::new(DeferWrites::new(LingerStream::detecting_h2(
+                stream,
+                ctl.clone(),
+            ))),
             svc,
         );
         tokio::pin!(conn);
