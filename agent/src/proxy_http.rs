@@ -1130,6 +1130,15 @@ mod tests {
         String::from_utf8(head).unwrap()
     }
 
+    /// Connections still counted once all are gone, or once `limit` has passed.
+    async fn connections_left_after(tracker: &ConnTracker, limit: Duration) -> usize {
+        let t = Instant::now();
+        while tracker.active() > 0 && t.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracker.active()
+    }
+
     async fn echo_line(s: &mut TcpStream, line: &[u8]) {
         s.write_all(line).await.unwrap();
         let mut got = vec![0u8; line.len()];
@@ -1166,11 +1175,10 @@ mod tests {
             .expect("tunnel closed at the deadline")
             .expect("closed with FIN, not RST");
         assert_eq!(n, 0);
-        let t = Instant::now();
-        while tracker.active() > 0 && t.elapsed() < Duration::from_secs(5) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(tracker.active(), 0);
+        assert_eq!(
+            connections_left_after(&tracker, Duration::from_secs(5)).await,
+            0
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1189,11 +1197,10 @@ mod tests {
             .expect("upstream FIN passed back")
             .unwrap();
         assert!(rest.is_empty());
-        let t = Instant::now();
-        while tracker.active() > 0 && t.elapsed() < Duration::from_secs(5) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(tracker.active(), 0);
+        assert_eq!(
+            connections_left_after(&tracker, Duration::from_secs(5)).await,
+            0
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
