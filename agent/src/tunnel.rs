@@ -51,40 +51,32 @@ pub(crate) struct PendingTunnel {
     pub upstream: OnUpgrade,
 }
 
-/// Bytes moved by a tunnel: (client to upstream, upstream to client).
-pub(crate) type Moved = (u64, u64);
-
 /// Joins the two connections until both directions are done (each side's FIN is passed
 /// on as a FIN), or until `close_now` resolves (the drain deadline): then FIN both ways
-/// and read what is still in flight before the sockets go. Returns the bytes moved, when
-/// the tunnel ended by itself.
-pub(crate) async fn run(p: PendingTunnel, close_now: impl Future<Output = ()>) -> Option<Moved> {
+/// and read what is still in flight before the sockets go.
+pub(crate) async fn run(p: PendingTunnel, close_now: impl Future<Output = ()>) {
     tokio::pin!(close_now);
     // Told to close before hyper handed the connections over (the 101 not even written):
     // nothing to tunnel.
     let joined = tokio::select! {
         r = async { tokio::try_join!(p.client, p.upstream) } => r,
-        _ = &mut close_now => return None,
+        _ = &mut close_now => return,
     };
     let (client, upstream) = match joined {
         Ok(both) => both,
         Err(e) => {
             debug!(error = %e, "upgrade did not complete");
-            return None;
+            return;
         }
     };
     let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
     tokio::select! {
         r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match r {
-            Ok(moved) => Some(moved),
-            Err(e) => {
-                debug!(error = %e, "tunnel ended with an error");
-                None
-            }
+            Ok((up, down)) => debug!(to_upstream = up, to_client = down, "tunnel ended"),
+            Err(e) => debug!(error = %e, "tunnel ended with an error"),
         },
         _ = &mut close_now => {
             tokio::join!(fin_and_discard(&mut client), fin_and_discard(&mut upstream));
-            None
         }
     }
 }

@@ -222,19 +222,14 @@ fn main() -> anyhow::Result<()> {
                             "rounds": args.rounds,
                             "method": "targets take turns in a rotating order, \
                              seconds/rounds each per round",
-                            "cpu_layout": match Layout::new(&args.saturation_pin) {
-                                Some(l) if args.saturation_pin == "split" => format!(
-                                    "load client and upstream pinned to cpu {}, the proxy to cpu {}",
-                                    l.load_cpu, l.proxy_cpu),
-                                _ => "not pinned".to_string(),
-                            } },
+                            "cpu_layout": describe(saturation_layout(&args).as_ref()) },
             "latency": { "rate_per_second": args.rate, "seconds_per_round": args.latency_secs,
                          "rounds": args.latency_rounds,
                          "connections": latency_conns(args.rate),
                          "method": "targets (direct included) take turns in each round, one \
                           fixed-rate run each; p50/p99 = median over the rounds; added = median \
                           over the rounds of (target - direct of the same round)",
-                         "cpu_layout": layout_note(&args) },
+                         "cpu_layout": describe(Layout::new(&args.pin).as_ref()) },
             "proxy_threads": args.proxy_threads,
             "request": "GET / (HTTP/1.1 keep-alive), 5-byte response",
             "cpu_per_request": "utime+stime of the proxy process / requests it served",
@@ -296,7 +291,7 @@ async fn measure_all(
     // TCP segments sent machine-wide (every hop, pure ACKs included) over each target's runs.
     let mut segments = vec![0u64; targets.len()];
     // `--saturation-pin split`: the proxies on a core of their own.
-    let sat_layout = Layout::new(&args.saturation_pin).filter(|_| args.saturation_pin == "split");
+    let sat_layout = saturation_layout(args);
     if let Some(l) = &sat_layout {
         l.pin_self();
         for pid in targets.iter().filter_map(Target::pid) {
@@ -502,8 +497,13 @@ impl Layout {
     }
 }
 
-fn layout_note(args: &Args) -> String {
-    match Layout::new(&args.pin) {
+/// `--saturation-pin`: only `split` pins (the proxies on a core of their own).
+fn saturation_layout(args: &Args) -> Option<Layout> {
+    Layout::new(&args.saturation_pin).filter(|_| args.saturation_pin == "split")
+}
+
+fn describe(layout: Option<&Layout>) -> String {
+    match layout {
         Some(l) if l.load_cpu == l.proxy_cpu => format!(
             "load client, upstream and proxy pinned to cpu {}",
             l.load_cpu
@@ -512,7 +512,7 @@ fn layout_note(args: &Args) -> String {
             "load client and upstream pinned to cpu {}, the proxy to cpu {}",
             l.load_cpu, l.proxy_cpu
         ),
-        _ => "not pinned".into(),
+        None => "not pinned".into(),
     }
 }
 

@@ -617,24 +617,25 @@ impl Binder {
             // Preferred nodes first, tier by tier; then every eligible node. A hard spread
             // stays measured against every eligible domain, hidden ones included.
             let mut placed = None;
-            let mut tier_req = req.clone();
-            if !elig.tiers.is_empty()
-                && let Some(s) = tier_req.spread.as_mut()
-                && s.max_skew.is_some()
-            {
-                s.floor = self.placer.spread_floor(&fleet, &req).ok();
-            }
-            for less_preferred in &elig.tiers {
-                for n in less_preferred {
-                    let _ = fleet.set_schedulable(n, false);
+            if !elig.tiers.is_empty() {
+                let mut tier_req = req.clone();
+                if let Some(s) = tier_req.spread.as_mut()
+                    && s.max_skew.is_some()
+                {
+                    s.floor = self.placer.spread_floor(&fleet, &req).ok();
                 }
-                let attempt = self.placer.place(&fleet, &tier_req);
-                for n in less_preferred {
-                    let _ = fleet.set_schedulable(n, true);
-                }
-                if attempt.is_ok() {
-                    placed = Some(attempt);
-                    break;
+                for less_preferred in &elig.tiers {
+                    for n in less_preferred {
+                        let _ = fleet.set_schedulable(n, false);
+                    }
+                    let attempt = self.placer.place(&fleet, &tier_req);
+                    for n in less_preferred {
+                        let _ = fleet.set_schedulable(n, true);
+                    }
+                    if attempt.is_ok() {
+                        placed = Some(attempt);
+                        break;
+                    }
                 }
             }
             let placed = placed.unwrap_or_else(|| self.placer.place(&fleet, &req));
