@@ -1,7 +1,7 @@
 //! The admin endpoint: `/healthz`, `/ready`, `/drain`, `/metrics`.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,11 +12,11 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info};
 
 use crate::controller::Drainer;
 use crate::drain::{Outcome, Phase};
-use crate::metrics::{CONTENT_TYPE, Metrics};
+use crate::metrics::{CONTENT_TYPE, DrainRefusal, Metrics};
 use crate::observe::Observer;
 
 /// How `/ready` decides that the application can serve.
@@ -31,20 +31,37 @@ pub struct Admin {
     pub drainer: Drainer,
     pub metrics: Arc<Metrics>,
     pub readiness: Readiness,
-    pub host_ip: Option<IpAddr>,
+    /// The secret `/drain` requires (see [`DRAIN_TOKEN_HEADER`]); `None` refuses every drain.
+    pub drain_token: Option<String>,
 }
 
-/// Whether `peer` may call `/drain`: loopback (the pod itself) or the node (the kubelet's
-/// preStop hook comes from the node's IP).
-pub fn drain_allowed(peer: IpAddr, host_ip: Option<IpAddr>) -> bool {
-    let peer = match peer {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
+/// The header that carries the drain secret. The kubelet's preStop hook comes from whatever
+/// address the CNI gives the host side (the bridge, not `status.hostIP`), and an SSRF in
+/// the application comes from loopback: a source address proves nothing, the secret does.
+pub const DRAIN_TOKEN_HEADER: &str = "x-sluice-drain-token";
+
+/// Whether a `/drain` request carries the configured secret (compared in constant time).
+pub fn drain_authorized(
+    configured: Option<&str>,
+    presented: Option<&[u8]>,
+) -> Result<(), DrainRefusal> {
+    let Some(want) = configured.filter(|t| !t.is_empty()) else {
+        return Err(DrainRefusal::NotConfigured);
     };
-    peer.is_loopback() || host_ip.is_some_and(|h| h == peer)
+    let Some(got) = presented else {
+        return Err(DrainRefusal::MissingToken);
+    };
+    let want = want.as_bytes();
+    let same_len = got.len() == want.len();
+    let diff = want
+        .iter()
+        .zip(got.iter().chain(std::iter::repeat(&0)))
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    if same_len && diff == 0 {
+        Ok(())
+    } else {
+        Err(DrainRefusal::WrongToken)
+    }
 }
 
 fn text(code: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -92,9 +109,16 @@ impl Admin {
                 }
             }
             (&Method::GET | &Method::POST, "/drain") => {
-                if !drain_allowed(peer.ip(), self.host_ip) {
-                    warn!(%peer, "refused /drain from a foreign address");
-                    return text(StatusCode::FORBIDDEN, "forbidden\n");
+                let presented = req.headers().get(DRAIN_TOKEN_HEADER).map(|v| v.as_bytes());
+                if let Err(why) = drain_authorized(self.drain_token.as_deref(), presented) {
+                    // Loud: a refused preStop means the pod is about to be killed without
+                    // its paced close (the kubelet ignores a hook's status code).
+                    error!(%peer, reason = why.as_str(), "refused /drain: the pod will terminate without a paced close");
+                    self.metrics.drain_refused(why);
+                    return text(
+                        StatusCode::FORBIDDEN,
+                        format!("forbidden: {}\n", why.as_str()),
+                    );
                 }
                 if self.drainer.begin() {
                     info!(%peer, "drain requested");
@@ -166,19 +190,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn drain_allowed_only_from_loopback_or_node() {
-        let node: IpAddr = "10.0.0.5".parse().unwrap();
-        assert!(drain_allowed("127.0.0.1".parse().unwrap(), None));
-        assert!(drain_allowed("127.1.2.3".parse().unwrap(), None));
-        assert!(drain_allowed("::1".parse().unwrap(), None));
-        assert!(drain_allowed("::ffff:127.0.0.1".parse().unwrap(), None));
-        assert!(drain_allowed("10.0.0.5".parse().unwrap(), Some(node)));
-        assert!(drain_allowed(
-            "::ffff:10.0.0.5".parse().unwrap(),
-            Some(node)
-        ));
-        assert!(!drain_allowed("10.0.0.6".parse().unwrap(), Some(node)));
-        assert!(!drain_allowed("10.0.0.5".parse().unwrap(), None));
-        assert!(!drain_allowed("192.168.1.1".parse().unwrap(), None));
+    fn drain_needs_the_configured_secret_whatever_the_source() {
+        assert_eq!(drain_authorized(Some("s3cret"), Some(b"s3cret")), Ok(()));
+        assert_eq!(
+            drain_authorized(Some("s3cret"), None),
+            Err(DrainRefusal::MissingToken)
+        );
+        for wrong in [&b"s3cre"[..], b"s3cret!", b"S3CRET", b""] {
+            assert_eq!(
+                drain_authorized(Some("s3cret"), Some(wrong)),
+                Err(DrainRefusal::WrongToken),
+                "{wrong:?}"
+            );
+        }
+        assert_eq!(
+            drain_authorized(None, Some(b"anything")),
+            Err(DrainRefusal::NotConfigured)
+        );
+        assert_eq!(
+            drain_authorized(Some(""), Some(b"")),
+            Err(DrainRefusal::NotConfigured)
+        );
     }
 }

@@ -109,7 +109,7 @@ pub async fn start_proxy(args: ProxyArgs) -> Result<RunningAgent, AgentError> {
             drainer: drainer.clone(),
             metrics: metrics.clone(),
             readiness: Readiness::Upstream(args.upstream.clone()),
-            host_ip: args.host_ip,
+            drain_token: args.drain_token.clone(),
         },
     )
     .await?;
@@ -220,7 +220,7 @@ pub async fn start_observe(args: ObserveArgs) -> Result<RunningAgent, AgentError
             drainer: drainer.clone(),
             metrics: metrics.clone(),
             readiness: Readiness::Observed(observer.clone()),
-            host_ip: args.host_ip,
+            drain_token: args.drain_token.clone(),
         },
     )
     .await?;

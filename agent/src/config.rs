@@ -1,6 +1,6 @@
 //! Command line and configuration.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -121,9 +121,10 @@ pub struct ProxyArgs {
     pub idle_close_after: Duration,
     #[command(flatten)]
     pub drain: DrainArgs,
-    /// The node's IP (downward API `status.hostIP`): the kubelet may call /drain from it.
-    #[arg(long, env = "HOST_IP")]
-    pub host_ip: Option<IpAddr>,
+    /// The secret `/drain` requires in the `x-sluice-drain-token` header (the operator
+    /// puts it in the injected `preStop.httpGet`). Without one, `/drain` is refused.
+    #[arg(long, env = "SLUICE_DRAIN_TOKEN", hide_env_values = true)]
+    pub drain_token: Option<String>,
 }
 
 impl ProxyArgs {
@@ -138,7 +139,7 @@ impl ProxyArgs {
             header_read_timeout: Duration::from_secs(30),
             idle_close_after: Duration::from_secs(1),
             drain: DrainArgs::default(),
-            host_ip: None,
+            drain_token: None,
         }
     }
 }
@@ -156,9 +157,10 @@ pub struct ObserveArgs {
     pub poll_interval: Duration,
     #[command(flatten)]
     pub drain: DrainArgs,
-    /// The node's IP (downward API `status.hostIP`): the kubelet may call /drain from it.
-    #[arg(long, env = "HOST_IP")]
-    pub host_ip: Option<IpAddr>,
+    /// The secret `/drain` requires in the `x-sluice-drain-token` header (the operator
+    /// puts it in the injected `preStop.httpGet`). Without one, `/drain` is refused.
+    #[arg(long, env = "SLUICE_DRAIN_TOKEN", hide_env_values = true)]
+    pub drain_token: Option<String>,
 }
 
 impl ObserveArgs {
@@ -168,7 +170,7 @@ impl ObserveArgs {
             admin,
             poll_interval: Duration::from_millis(100),
             drain: DrainArgs::default(),
-            host_ip: None,
+            drain_token: None,
         }
     }
 }

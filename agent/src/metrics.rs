@@ -44,6 +44,27 @@ impl CloseReason {
     }
 }
 
+/// Why a `/drain` was refused (`sluice_agent_drain_refused_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DrainRefusal {
+    /// The agent was started without a drain token.
+    NotConfigured,
+    /// The request carried no token.
+    MissingToken,
+    /// The request carried another token.
+    WrongToken,
+}
+
+impl DrainRefusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrainRefusal::NotConfigured => "not_configured",
+            DrainRefusal::MissingToken => "missing_token",
+            DrainRefusal::WrongToken => "wrong_token",
+        }
+    }
+}
+
 type ReasonLabel = [(&'static str, &'static str); 1];
 type CodeLabel = [(&'static str, u16); 1];
 
@@ -56,6 +77,7 @@ pub struct Metrics {
     requests: Arc<RequestStats>,
     upstream_errors: Family<ReasonLabel, Counter>,
     pub drain_phase: Gauge,
+    drain_refused: Family<ReasonLabel, Counter>,
     drain_duration: Family<[(&'static str, &'static str); 1], Gauge<f64, AtomicU64>>,
     pub ready: Gauge,
     pub accept_queue: Gauge,
@@ -78,6 +100,7 @@ impl Metrics {
             requests: Arc::new(RequestStats::new()),
             upstream_errors: Family::default(),
             drain_phase: Gauge::default(),
+            drain_refused: Family::default(),
             drain_duration: Family::default(),
             ready: Gauge::default(),
             accept_queue: Gauge::default(),
@@ -124,6 +147,11 @@ impl Metrics {
             "sluice_agent_drain_phase",
             "Drain phase: 0 serving, 1 quiescing, 2 closing, 3 drained",
             m.drain_phase.clone(),
+        );
+        r.register(
+            "sluice_agent_drain_refused",
+            "/drain requests refused (no or wrong drain token), by reason",
+            m.drain_refused.clone(),
         );
         r.register(
             "sluice_agent_drain_duration_seconds",
@@ -179,6 +207,12 @@ impl Metrics {
 
     pub fn upstream_error(&self, kind: &'static str) {
         self.upstream_errors.get_or_create(&[("kind", kind)]).inc();
+    }
+
+    pub fn drain_refused(&self, why: DrainRefusal) {
+        self.drain_refused
+            .get_or_create(&[("reason", why.as_str())])
+            .inc();
     }
 
     pub fn set_drain_duration(&self, phase: &'static str, seconds: f64) {

@@ -20,6 +20,7 @@ const LIMIT: Duration = Duration::from_secs(20);
 
 fn proxy_args(upstream: std::net::SocketAddr) -> ProxyArgs {
     let mut a = ProxyArgs::new(lo0(), upstream.to_string(), lo0());
+    a.drain_token = Some(DRAIN_TOKEN.into());
     a.drain.quiet_period = Duration::from_millis(300);
     a.drain.propagation_timeout = Duration::from_secs(5);
     a.drain.drain_timeout = Duration::from_secs(15);
@@ -100,7 +101,7 @@ async fn http1_drain_under_load_is_lossless_and_paced() {
     })
     .await;
 
-    let (code, report) = within(LIMIT, "drain", http(agent.admin_addr, "POST", "/drain")).await;
+    let (code, report) = within(LIMIT, "drain", drain(agent.admin_addr)).await;
     assert_eq!(code, 200, "{report}");
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(report["outcome"], "complete");
@@ -214,7 +215,7 @@ async fn http2_drain_sends_goaway_and_streams_complete() {
         agent.active() == CONNS && completed.load(Ordering::Relaxed) > 100
     })
     .await;
-    let (code, report) = within(LIMIT, "drain", http(agent.admin_addr, "POST", "/drain")).await;
+    let (code, report) = within(LIMIT, "drain", drain(agent.admin_addr)).await;
     assert_eq!(code, 200, "{report}");
     for c in conns {
         within(LIMIT, "h2 connection", c).await.unwrap();
@@ -286,7 +287,7 @@ async fn tcp_mode_echo_drains_at_idle_moments() {
         agent.active() == CLIENTS && echoed.load(Ordering::Relaxed) > 100
     })
     .await;
-    let (code, report) = within(LIMIT, "drain", http(agent.admin_addr, "POST", "/drain")).await;
+    let (code, report) = within(LIMIT, "drain", drain(agent.admin_addr)).await;
     assert_eq!(code, 200, "{report}");
     for c in clients {
         within(LIMIT, "tcp client", c)
@@ -331,6 +332,7 @@ async fn observe_mode_counts_connections_and_waits_for_them() {
         }
     });
     let mut args = ObserveArgs::new(port, lo0());
+    args.drain_token = Some(DRAIN_TOKEN.into());
     args.poll_interval = Duration::from_millis(20);
     args.drain.quiet_period = Duration::from_millis(300);
     args.drain.drain_timeout = Duration::from_secs(15);
@@ -365,7 +367,7 @@ async fn observe_mode_counts_connections_and_waits_for_them() {
     wait_until(LIMIT, "two connections gone", || agent.active() == 3).await;
 
     // Drain: quiet comes, then it waits for the 3 remaining to leave on their own.
-    let drain = tokio::spawn(http(admin, "POST", "/drain"));
+    let drain = tokio::spawn(drain(admin));
     let mut phase = agent.drainer.subscribe();
     within(
         LIMIT,
@@ -508,4 +510,45 @@ async fn binary_drains_on_sigterm_and_exits_zero() {
         .unwrap();
     let status = within(LIMIT, "agent exit", child.wait()).await.unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// The kubelet's preStop reaches the agent from whatever address the CNI gives the host
+/// side, and an SSRF in the application comes from loopback: only the token counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_without_the_token_is_refused_loudly_and_changes_nothing() {
+    let upstream = start_upstream().await;
+    let agent = start_proxy(proxy_args(upstream)).await.unwrap();
+    let admin = agent.admin_addr;
+    // From loopback, without a token and with a wrong one: refused, still serving.
+    assert_eq!(http(admin, "POST", "/drain").await.0, 403);
+    assert_eq!(http(admin, "GET", "/drain").await.0, 403);
+    let mut c = H1::connect(admin).await.unwrap();
+    c.send_with("GET", "/drain", "x-sluice-drain-token: not-it\r\n")
+        .await
+        .unwrap();
+    assert_eq!(c.read_response().await.unwrap().status, 403);
+    assert_eq!(http(admin, "GET", "/ready").await.0, 200);
+    let m = http(admin, "GET", "/metrics").await.1;
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_agent_drain_refused_total{reason=\"missing_token\"}"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "sluice_agent_drain_refused_total{reason=\"wrong_token\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(metric(&m, "sluice_agent_drain_phase"), Some(0.0));
+    // With the token (GET, as the kubelet's httpGet hook sends it): drains.
+    let mut c = H1::connect(admin).await.unwrap();
+    let header = format!("x-sluice-drain-token: {DRAIN_TOKEN}\r\n");
+    c.send_with("GET", "/drain", &header).await.unwrap();
+    let r = within(LIMIT, "drain", c.read_response()).await.unwrap();
+    assert_eq!(r.status, 200);
+    agent.abort();
 }

@@ -146,7 +146,13 @@ impl H1 {
     }
 
     pub async fn send(&mut self, method: &str, path: &str) -> io::Result<()> {
-        let req = format!("{method} {path} HTTP/1.1\r\nhost: test\r\ncontent-length: 0\r\n\r\n");
+        self.send_with(method, path, "").await
+    }
+
+    /// Like [`H1::send`], with extra header lines (each ending in `\r\n`).
+    pub async fn send_with(&mut self, method: &str, path: &str, headers: &str) -> io::Result<()> {
+        let req =
+            format!("{method} {path} HTTP/1.1\r\nhost: test\r\n{headers}content-length: 0\r\n\r\n");
         self.s.write_all(req.as_bytes()).await
     }
 
@@ -225,6 +231,18 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
 pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut c = H1::connect(addr).await.expect("connect");
     c.send(method, path).await.expect("send");
+    let r = c.read_response().await.expect("response");
+    (r.status, String::from_utf8_lossy(&r.body).to_string())
+}
+
+/// The drain token the tests start their agents with.
+pub const DRAIN_TOKEN: &str = "test-drain-token";
+
+/// `POST /drain` with the test drain token, as the injected preStop hook sends it.
+pub async fn drain(admin: SocketAddr) -> (u16, String) {
+    let mut c = H1::connect(admin).await.expect("connect");
+    let header = format!("x-sluice-drain-token: {DRAIN_TOKEN}\r\n");
+    c.send_with("POST", "/drain", &header).await.expect("send");
     let r = c.read_response().await.expect("response");
     (r.status, String::from_utf8_lossy(&r.body).to_string())
 }

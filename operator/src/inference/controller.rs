@@ -27,7 +27,7 @@ use super::metrics::InferenceMetrics;
 use super::plan::{self, Action, Observed, PodView, Settings};
 use crate::drain::History;
 use crate::release::crd::{DRAIN_STARTED_ANNOTATION, SERVING_CONDITION, parse_duration};
-use crate::release::inject::inject;
+use crate::release::inject::{inject, new_drain_token};
 use crate::release::plan::{parse_rfc3339, rfc3339};
 use crate::release::settings::{AgentSettings, DrainSettings};
 
@@ -160,7 +160,7 @@ pub fn build_pod(
         c.startup_probe = Some(probe);
     }
     if let Some((agent, drain)) = agent_settings(spec, agent_image) {
-        template = inject(&template, &agent, &drain)
+        template = inject(&template, &agent, &drain, &new_drain_token())
             .map_err(|e| Error::Template(format!("injecting the agent: {e}")))?
             .template;
     }

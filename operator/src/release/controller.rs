@@ -27,7 +27,7 @@ use super::crd::{
     REPLICAS_ANNOTATION, REVISION_LABEL, Release, SERVING_CONDITION,
 };
 use super::gates::{AgentSample, RevisionWindow, pod_signals};
-use super::inject::{inject, revision_of};
+use super::inject::{inject, new_drain_token, revision_of};
 use super::metrics::ReleaseMetrics;
 use super::plan::{
     Action, DeploymentView, Observed, PodView, ReplicaSetView, parse_rfc3339, plan, rfc3339,
@@ -513,7 +513,7 @@ async fn set_serving(pods: &Api<Pod>, pod: &str, serving: bool) -> Result<(), Er
 fn deployment_view(d: &Deployment, settings: &Result<Settings, Vec<String>>) -> DeploymentView {
     let spec = d.spec.clone().unwrap_or_default();
     let inject_error = match settings {
-        Ok(s) => inject(&spec.template, &s.agent, &s.drain)
+        Ok(s) => inject(&spec.template, &s.agent, &s.drain, "")
             .err()
             .map(|e| e.to_string()),
         Err(_) => None,
@@ -597,8 +597,13 @@ pub fn build_replica_set(
         .spec
         .as_ref()
         .ok_or_else(|| Error::NoTemplate(dep.name_any()))?;
-    let injected = inject(&spec.template, &settings.agent, &settings.drain)
-        .map_err(|_| Error::NoTemplate(dep.name_any()))?;
+    let injected = inject(
+        &spec.template,
+        &settings.agent,
+        &settings.drain,
+        &new_drain_token(),
+    )
+    .map_err(|_| Error::NoTemplate(dep.name_any()))?;
     let mut template = injected.template;
     let labels = template
         .metadata

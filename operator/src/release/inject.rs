@@ -3,12 +3,14 @@
 //!
 //! Added:
 //! - the agent as a native sidecar (an init container with `restartPolicy: Always`), with
-//!   the drain policy as flags and `HOST_IP` from the downward API (the agent only lets
-//!   loopback and the node drain it);
+//!   the drain policy as flags and the drain token in `SLUICE_DRAIN_TOKEN`;
 //! - the readiness gate `sluice.dev/serving`, which the operator alone sets;
-//! - `preStop.httpGet` to the agent's `/drain` on the application container, so that
-//!   termination waits for the paced close (a `sleep` preStop is replaced: it is the
-//!   open-loop workaround the agent makes unnecessary; any other preStop is kept);
+//! - `preStop.httpGet` to the agent's `/drain` on the application container, carrying the
+//!   drain token in the `x-sluice-drain-token` header, so that termination waits for the
+//!   paced close (a `sleep` preStop is replaced: it is the open-loop workaround the agent
+//!   makes unnecessary; any other preStop is kept). The agent drains only for that token:
+//!   the kubelet's hook arrives from whatever address the CNI gives the node side, and a
+//!   request forged by the application arrives from loopback, so addresses prove nothing.
 //! - a termination grace period long enough for the drain.
 //!
 //! Proxy mode with a named application port (`http`): the agent takes the name (so a
@@ -18,8 +20,8 @@
 //! Service must target `proxyPort` (see docs/release.md).
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler,
-    ObjectFieldSelector, PodReadinessGate, PodTemplateSpec, Probe, ResourceRequirements,
+    Container, ContainerPort, EnvVar, HTTPGetAction, HTTPHeader, Lifecycle, LifecycleHandler,
+    PodReadinessGate, PodTemplateSpec, Probe, ResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -33,6 +35,17 @@ pub const AGENT_CONTAINER: &str = "sluice-agent";
 pub const RENAMED_APP_PORT: &str = "sluice-app";
 /// Name of the agent's admin port.
 pub const ADMIN_PORT_NAME: &str = "sluice-admin";
+/// The header the agent's `/drain` requires (the agent's `admin::DRAIN_TOKEN_HEADER`).
+pub const DRAIN_TOKEN_HEADER: &str = "x-sluice-drain-token";
+/// The agent's environment variable that holds the drain token.
+pub const DRAIN_TOKEN_ENV: &str = "SLUICE_DRAIN_TOKEN";
+
+/// A fresh drain token: 128 random bits, hex. One per ReplicaSet (Release) or pod
+/// (InferenceSet), written only into that template.
+pub fn new_drain_token() -> String {
+    let bits: u128 = rand::random();
+    format!("{bits:032x}")
+}
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum InjectError {
@@ -66,6 +79,7 @@ pub fn inject(
     template: &PodTemplateSpec,
     agent: &AgentSettings,
     drain: &DrainSettings,
+    drain_token: &str,
 ) -> Result<Injected, InjectError> {
     let mut t = template.clone();
     let spec = t.spec.get_or_insert_with(Default::default);
@@ -204,14 +218,8 @@ pub fn inject(
         restart_policy: Some("Always".into()),
         ports: Some(agent_ports),
         env: Some(vec![EnvVar {
-            name: "HOST_IP".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "status.hostIP".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
+            name: DRAIN_TOKEN_ENV.into(),
+            value: Some(drain_token.into()),
             ..Default::default()
         }]),
         readiness_probe: Some(Probe {
@@ -262,6 +270,10 @@ pub fn inject(
             http_get: Some(HTTPGetAction {
                 path: Some("/drain".into()),
                 port: IntOrString::Int(admin),
+                http_headers: Some(vec![HTTPHeader {
+                    name: DRAIN_TOKEN_HEADER.into(),
+                    value: drain_token.into(),
+                }]),
                 ..Default::default()
             }),
             ..Default::default()
@@ -390,7 +402,7 @@ spec:
 
     fn inject_with(t: &str, extra: &str) -> Result<Injected, InjectError> {
         let s = settings(extra);
-        inject(&template(t), &s.agent, &s.drain)
+        inject(&template(t), &s.agent, &s.drain, "t0ken")
     }
 
     #[test]
@@ -432,7 +444,9 @@ spec:
             ),
             "{args}"
         );
-        assert_eq!(agent.env.as_ref().unwrap()[0].name, "HOST_IP");
+        let env = &agent.env.as_ref().unwrap()[0];
+        assert_eq!(env.name, DRAIN_TOKEN_ENV);
+        assert_eq!(env.value.as_deref(), Some("t0ken"));
         assert_eq!(
             spec.readiness_gates.as_ref().unwrap()[0].condition_type,
             SERVING_CONDITION
@@ -445,6 +459,10 @@ spec:
             Some("/drain")
         );
         assert_eq!(pre.http_get.as_ref().unwrap().port, IntOrString::Int(9901));
+        // The hook carries the token the agent requires, whatever address it comes from.
+        let headers = pre.http_get.as_ref().unwrap().http_headers.clone().unwrap();
+        assert_eq!(headers[0].name, DRAIN_TOKEN_HEADER);
+        assert_eq!(headers[0].value, "t0ken");
         assert_eq!(spec.termination_grace_period_seconds, Some(100));
         assert_eq!(out.app_port, 8080);
         assert!(out.notes.iter().any(|n| n.contains("took port name")));
