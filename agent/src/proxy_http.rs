@@ -48,6 +48,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upstream HTTP/1.1 connections kept per HTTP/2 client connection between streams.
 const MAX_IDLE_H1_PER_H2_CLIENT: usize = 16;
 
+pub use crate::tunnel::requested_upgrade;
 pub use crate::workers::set_worker_threads;
 
 type H1Sender = client1::SendRequest<ReqBody>;
@@ -1616,5 +1617,27 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn te_trailers_and_trailer_are_passed_on() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("te"));
+        h.insert(header::TE, HeaderValue::from_static("gzip;q=0.5, Trailers"));
+        h.insert(header::TRAILER, HeaderValue::from_static("grpc-status"));
+        let mut req = h.clone();
+        strip_hop_by_hop_keep_te_trailers(&mut req);
+        assert_eq!(req[header::TE], "trailers");
+        assert_eq!(req[header::TRAILER], "grpc-status");
+        assert_eq!(req.len(), 2);
+        // Without `trailers` in it, TE goes like any hop-by-hop header.
+        let mut other = HeaderMap::new();
+        other.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop_keep_te_trailers(&mut other);
+        assert!(other.is_empty());
+        // Responses: TE never, Trailer kept.
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::TRAILER));
     }
 }
