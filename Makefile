@@ -4,7 +4,7 @@ CARGO ?= cargo
 E2E := target/debug/sluice-e2e
 export SLUICE_REPO := $(CURDIR)
 
-.PHONY: help build test unit lint fmt crds cluster-up cluster-down demo bench bench-agent bench-placement bench-lossless bench-gpu
+.PHONY: help build test unit lint fmt crds cluster-up cluster-down demo bench bench-agent bench-placement bench-lossless bench-gpu fuzz-agent
 
 help: ## List the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -52,3 +52,8 @@ bench-lossless: ## Rolling-release baselines (and Sluice) under load on the test
 
 bench-gpu: ## Gang binding throughput (Sluice vs kube-scheduler) and InferenceSet rollouts
 	./e2e/bench-gpu.sh
+
+FUZZ_SECONDS ?= 60
+fuzz-agent: ## Fuzz the agent's parsers (cargo-fuzz, nightly), FUZZ_SECONDS each (default 60)
+	cd agent/fuzz && for t in headers procfs duration; do \
+		$(CARGO) +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done

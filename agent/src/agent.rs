@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info};
 
 use crate::admin::{Admin, Readiness};
-use crate::config::{ObserveArgs, Protocol, ProxyArgs};
+use crate::config::{LimitArgs, ObserveArgs, Protocol, ProxyArgs};
 use crate::conns::{ConnTracker, ProxyConns};
 use crate::controller::Drainer;
 use crate::drain::Phase;
@@ -98,6 +98,7 @@ pub async fn start_proxy(args: ProxyArgs) -> Result<RunningAgent, AgentError> {
         source,
         metrics.clone(),
     );
+    drainer.watch_orphan(args.drain.orphan_after());
     let listener = bind(args.listen).await?;
     let listen_addr = listener.local_addr().map_err(|source| AgentError::Bind {
         addr: args.listen,
@@ -126,6 +127,7 @@ pub async fn start_proxy(args: ProxyArgs) -> Result<RunningAgent, AgentError> {
                 args.upstream_http2,
                 args.header_read_timeout,
                 args.idle_close_after,
+                args.limits.clone(),
                 metrics.clone(),
             )
             .map_err(|source| AgentError::Upstream {
@@ -137,6 +139,7 @@ pub async fn start_proxy(args: ProxyArgs) -> Result<RunningAgent, AgentError> {
                 tracker.clone(),
                 drainer.clone(),
                 stop_at,
+                args.limits.max_connections,
                 move |s, peer, g| {
                     let p = proxy.clone();
                     tokio::spawn(p.serve(s, peer, g));
@@ -147,6 +150,7 @@ pub async fn start_proxy(args: ProxyArgs) -> Result<RunningAgent, AgentError> {
             let proxy = TcpProxy::new(
                 args.upstream.clone(),
                 args.idle_close_after,
+                LimitArgs::nonzero(args.limits.tcp_keepalive),
                 metrics.clone(),
             );
             tokio::spawn(accept_loop(
@@ -154,6 +158,7 @@ pub async fn start_proxy(args: ProxyArgs) -> Result<RunningAgent, AgentError> {
                 tracker.clone(),
                 drainer.clone(),
                 stop_at,
+                args.limits.max_connections,
                 move |s, peer, g| {
                     let p = proxy.clone();
                     tokio::spawn(p.serve(s, peer, g));
@@ -172,12 +177,14 @@ pub async fn start_proxy(args: ProxyArgs) -> Result<RunningAgent, AgentError> {
     })
 }
 
-/// Accepts until the drain reaches `stop_at`, then closes the listener.
+/// Accepts until the drain reaches `stop_at`, then closes the listener. With
+/// `max_connections` open, a new connection is closed at once (FIN) instead of served.
 async fn accept_loop(
     listener: TcpListener,
     tracker: Arc<ConnTracker>,
     drainer: Drainer,
     stop_at: Phase,
+    max_connections: usize,
     handle: impl Fn(tokio::net::TcpStream, SocketAddr, crate::conns::ConnGuard),
 ) {
     let mut phase = drainer.subscribe();
@@ -189,6 +196,11 @@ async fn accept_loop(
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((s, peer)) => {
+                    if tracker.active() >= max_connections {
+                        debug!(%peer, max_connections, "connection limit reached: closing");
+                        tracker.shed(s);
+                        continue;
+                    }
                     let g = tracker.register();
                     handle(s, peer, g);
                 }
@@ -214,6 +226,7 @@ pub async fn start_observe(args: ObserveArgs) -> Result<RunningAgent, AgentError
         observer.clone(),
         metrics.clone(),
     );
+    drainer.watch_orphan(args.drain.orphan_after());
     let (admin_addr, admin_task) = start_admin(
         args.admin,
         Admin {
@@ -249,6 +262,7 @@ pub async fn run_until_terminated(agent: RunningAgent) -> Result<(), AgentError>
         _ = int.recv() => {}
     }
     info!(phase = agent.drainer.phase().as_str(), "termination signal");
+    agent.drainer.set_terminating();
     agent.drainer.begin();
     tokio::select! {
         _ = agent.drainer.wait_drained() => {}

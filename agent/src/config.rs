@@ -72,6 +72,11 @@ pub struct DrainArgs {
     /// Whole drain's deadline, counted from its start.
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// A drain that no termination signal follows within this (counted from the drain's
+    /// start) is reported: error log and `sluice_agent_drain_orphaned` 1 (default: the
+    /// drain timeout + 2m).
+    #[arg(long, value_parser = parse_duration)]
+    pub drain_orphan_after: Option<Duration>,
 }
 
 impl Default for DrainArgs {
@@ -82,11 +87,18 @@ impl Default for DrainArgs {
             propagation_timeout: d.propagation_timeout,
             close_rate: 100,
             drain_timeout: d.drain_timeout,
+            drain_orphan_after: None,
         }
     }
 }
 
 impl DrainArgs {
+    /// When a drain that no termination signal followed is reported, from its start.
+    pub fn orphan_after(&self) -> Duration {
+        self.drain_orphan_after
+            .unwrap_or(self.drain_timeout + Duration::from_secs(120))
+    }
+
     pub fn drain_config(&self) -> DrainConfig {
         DrainConfig {
             quiet_period: self.quiet_period,
@@ -125,6 +137,8 @@ pub struct ProxyArgs {
     /// puts it in the injected `preStop.httpGet`). Without one, `/drain` is refused.
     #[arg(long, env = "SLUICE_DRAIN_TOKEN", hide_env_values = true)]
     pub drain_token: Option<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 impl ProxyArgs {
@@ -140,6 +154,7 @@ impl ProxyArgs {
             idle_close_after: Duration::from_secs(1),
             drain: DrainArgs::default(),
             drain_token: None,
+            limits: LimitArgs::default(),
         }
     }
 }
@@ -172,6 +187,67 @@ impl ObserveArgs {
             drain: DrainArgs::default(),
             drain_token: None,
         }
+    }
+}
+
+/// What one client (or a crowd of them) may hold in proxy mode, and how long peers may
+/// stall. docs/agent.md lists each with what a client over it sees.
+#[derive(Debug, Clone, Args)]
+pub struct LimitArgs {
+    /// Client connections open at once; a client over it is accepted and closed at once
+    /// (FIN), the others are unaffected.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// http: concurrent HTTP/2 streams per client connection (advertised in SETTINGS; a
+    /// stream over it is refused with RST_STREAM REFUSED_STREAM).
+    #[arg(long, default_value_t = 100)]
+    pub http2_max_concurrent_streams: u32,
+    /// http: upstream HTTP/1.1 connections one HTTP/2 client connection may open; its
+    /// further streams wait for one of them.
+    #[arg(long, default_value_t = 32)]
+    pub upstream_connections_per_client: usize,
+    /// http: an HTTP/2 connection with no stream open for this long gets GOAWAY.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub http2_idle_timeout: Duration,
+    /// http: HTTP/2 PING sent after this long without a frame from the client (0: off).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub http2_keepalive_interval: Duration,
+    /// http: a PING not answered within this closes the connection.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+    /// http: a request or response body that moves no byte for this long closes the
+    /// client connection (a slow sender or a reader that stopped reading; 0: off).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+    /// http: longest wait for the upstream's response head (0: none); then 504.
+    #[arg(long, default_value = "0", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+    /// TCP keep-alive on client and upstream sockets: idle time before the first probe
+    /// (probes every min(this, 10s), 3 unanswered close the connection; 0: off).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub tcp_keepalive: Duration,
+}
+
+impl Default for LimitArgs {
+    fn default() -> Self {
+        LimitArgs {
+            max_connections: 4096,
+            http2_max_concurrent_streams: 100,
+            upstream_connections_per_client: 32,
+            http2_idle_timeout: Duration::from_secs(300),
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            upstream_timeout: Duration::ZERO,
+            tcp_keepalive: Duration::from_secs(60),
+        }
+    }
+}
+
+impl LimitArgs {
+    /// `d`, or `None` for zero (off).
+    pub fn nonzero(d: Duration) -> Option<Duration> {
+        (!d.is_zero()).then_some(d)
     }
 }
 

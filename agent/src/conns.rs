@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -213,6 +213,44 @@ impl ConnTracker {
     pub fn set_born_graceful(&self, on: bool) {
         self.born_graceful.store(on, Ordering::Release);
     }
+
+    /// A connection accepted while `--max-connections` were open: it still tells the drain
+    /// that load balancers send here; it is closed at once (FIN) without being served.
+    pub fn shed(&self, stream: TcpStream) {
+        let nanos = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        self.last_accept.store(nanos + 1, Ordering::Release);
+        self.metrics.connections_shed.inc();
+        // Closing politely reads what the client sent for a moment; a flood of shed
+        // connections must not pile those up: beyond a bound they are simply dropped.
+        if SHED_LINGERING.fetch_add(1, Ordering::AcqRel) < MAX_SHED_LINGERING {
+            tokio::spawn(async move {
+                linger_close_for(stream, SHED_LINGER).await;
+                SHED_LINGERING.fetch_sub(1, Ordering::AcqRel);
+            });
+        } else {
+            SHED_LINGERING.fetch_sub(1, Ordering::AcqRel);
+            let _ = socket2::SockRef::from(&stream).shutdown(std::net::Shutdown::Write);
+        }
+    }
+}
+
+/// Shed connections closing politely right now (all proxies of the process).
+static SHED_LINGERING: AtomicUsize = AtomicUsize::new(0);
+const MAX_SHED_LINGERING: usize = 256;
+const SHED_LINGER: Duration = Duration::from_millis(500);
+
+/// Turns on TCP keep-alive: the first probe after `idle` without traffic, then one every
+/// min(`idle`, 10 s); three unanswered probes end the connection (a peer that vanished
+/// without FIN or RST). `None`: off.
+pub fn set_keepalive(stream: &TcpStream, idle: Option<Duration>) {
+    let Some(idle) = idle else { return };
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(idle.min(Duration::from_secs(10)))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "cannot set TCP keep-alive");
+    }
 }
 
 /// Whatever the drain controller drives: a proxy's connections, or observe mode's view.
@@ -294,11 +332,15 @@ const LINGER_MAX_BYTES: usize = 1 << 20;
 /// Closes a socket with FIN, never RST: shut down the write side, then read and discard
 /// until the peer's FIN (or [`LINGER`]), and only then drop it. Dropping a socket that has
 /// unread bytes in its receive buffer makes the kernel send RST.
-pub async fn linger_close(mut stream: TcpStream) {
+pub async fn linger_close(stream: TcpStream) {
+    linger_close_for(stream, LINGER).await
+}
+
+async fn linger_close_for(mut stream: TcpStream, linger: Duration) {
     let _ = stream.shutdown().await;
     let mut buf = [0u8; 4096];
     let mut total = 0usize;
-    let deadline = tokio::time::Instant::now() + LINGER;
+    let deadline = tokio::time::Instant::now() + linger;
     loop {
         match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,

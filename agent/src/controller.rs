@@ -1,12 +1,13 @@
 //! The drain driver: runs the pure [`DrainMachine`] and [`ClosePacer`] against real time and
 //! a [`ConnSource`], and publishes the phase.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use tokio::sync::{Notify, watch};
-use tracing::info;
+use tracing::{error, info};
 
 use crate::conns::ConnSource;
 use crate::drain::{DrainConfig, DrainMachine, DrainReport, Outcome, Phase, Transition};
@@ -25,6 +26,8 @@ struct Inner {
     wake: Notify,
     metrics: Arc<Metrics>,
     close_rate: u32,
+    /// A termination signal came: the pod is going away.
+    terminating: AtomicBool,
 }
 
 /// Handle to the drain; cheap to clone.
@@ -49,6 +52,7 @@ impl Drainer {
             wake: Notify::new(),
             metrics,
             close_rate,
+            terminating: AtomicBool::new(false),
         });
         tokio::spawn(drive(inner.clone()));
         Drainer { inner }
@@ -94,6 +98,41 @@ impl Drainer {
             apply(&self.inner, t);
         }
         self.inner.wake.notify_one();
+    }
+
+    /// A termination signal came (the drain was followed by the pod's deletion).
+    pub fn set_terminating(&self) {
+        self.inner.terminating.store(true, Ordering::Release);
+    }
+
+    /// Reports a drain that no termination signal follows within `after` of its start:
+    /// the pod then serves nothing (unready, listener closed) and only its replacement
+    /// helps, so the agent logs an error (again every `after` while it lasts) and sets
+    /// `sluice_agent_drain_orphaned` to 1. It does not undo the drain: load balancers
+    /// may already have been told the pod is leaving, and a drain is a promise to them.
+    pub fn watch_orphan(&self, after: Duration) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut rx = me.subscribe();
+            if rx.wait_for(|p| *p != Phase::Serving).await.is_err() {
+                return;
+            }
+            let started = me.machine().started().unwrap_or_else(Instant::now);
+            let mut at = started + after;
+            loop {
+                tokio::time::sleep_until(at.into()).await;
+                if me.inner.terminating.load(Ordering::Acquire) {
+                    return;
+                }
+                me.inner.metrics.drain_orphaned.set(1);
+                error!(
+                    since_drain_start_s = at.saturating_duration_since(started).as_secs(),
+                    phase = me.phase().as_str(),
+                    "drained but no termination signal followed: this pod serves nothing; replace it"
+                );
+                at += after;
+            }
+        });
     }
 
     /// Resolves once the drain is over.

@@ -29,6 +29,10 @@ pub enum CloseReason {
     UpstreamError,
     /// An I/O or protocol error on the client side.
     Error,
+    /// A request or response body moved no byte for the body timeout.
+    BodyTimeout,
+    /// An HTTP/2 connection had no stream open for the idle timeout (GOAWAY).
+    IdleTimeout,
 }
 
 impl CloseReason {
@@ -40,6 +44,8 @@ impl CloseReason {
             CloseReason::HeaderTimeout => "header_timeout",
             CloseReason::UpstreamError => "upstream_error",
             CloseReason::Error => "error",
+            CloseReason::BodyTimeout => "body_timeout",
+            CloseReason::IdleTimeout => "idle_timeout",
         }
     }
 }
@@ -82,6 +88,10 @@ pub struct Metrics {
     pub ready: Gauge,
     pub accept_queue: Gauge,
     pub passive_opens: Counter,
+    /// Connections closed at once because `--max-connections` were open.
+    pub connections_shed: Counter,
+    /// 1 once a drain went unfollowed by a termination signal for `--drain-orphan-after`.
+    pub drain_orphaned: Gauge,
 }
 
 impl Default for Metrics {
@@ -105,6 +115,8 @@ impl Metrics {
             ready: Gauge::default(),
             accept_queue: Gauge::default(),
             passive_opens: Counter::default(),
+            connections_shed: Counter::default(),
+            drain_orphaned: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -172,6 +184,16 @@ impl Metrics {
             "sluice_agent_tcp_passive_opens",
             "Observe mode: TCP connections accepted in the pod's network namespace (all ports)",
             m.passive_opens.clone(),
+        );
+        r.register(
+            "sluice_agent_connections_shed",
+            "Client connections closed at once because --max-connections were open",
+            m.connections_shed.clone(),
+        );
+        r.register(
+            "sluice_agent_drain_orphaned",
+            "1 when a drain was not followed by a termination signal within --drain-orphan-after: the pod serves nothing and should be replaced",
+            m.drain_orphaned.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -29,10 +29,13 @@ use hyper::client::conn::{http1 as client1, http2 as client2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tracing::debug;
 
+use crate::config::LimitArgs;
 use crate::conns::{
     CloseLevel, ConnCtl, ConnGuard, DeferWrites, LevelWatch, LingerStream, linger_close,
+    set_keepalive,
 };
 use crate::metrics::{CloseReason, Metrics};
 use crate::tunnel::{self, PendingTunnel};
@@ -45,10 +48,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upstream HTTP/1.1 connections kept per HTTP/2 client connection between streams.
 const MAX_IDLE_H1_PER_H2_CLIENT: usize = 16;
 
+pub use crate::tunnel::requested_upgrade;
 pub use crate::workers::set_worker_threads;
 
-type H1Sender = client1::SendRequest<Incoming>;
-type H2Sender = client2::SendRequest<Incoming>;
+type H1Sender = client1::SendRequest<ReqBody>;
+type H2Sender = client2::SendRequest<ReqBody>;
 /// An upstream connection's future, driven by the client connection's task.
 type DrivenConn = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -65,6 +69,11 @@ pub struct HttpProxy {
     h2_client: client2::Builder<TokioExecutor>,
     header_read_timeout: Duration,
     idle_close_after: Duration,
+    http2_idle_timeout: Duration,
+    body_timeout: Option<Duration>,
+    upstream_timeout: Option<Duration>,
+    tcp_keepalive: Option<Duration>,
+    upstream_connections_per_client: usize,
     metrics: Arc<Metrics>,
     workers: Option<Workers>,
 }
@@ -75,6 +84,7 @@ impl HttpProxy {
         upstream_http2: bool,
         header_read_timeout: Duration,
         idle_close_after: Duration,
+        limits: LimitArgs,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, http::uri::InvalidUri> {
         Self::with_workers(
@@ -82,6 +92,7 @@ impl HttpProxy {
             upstream_http2,
             header_read_timeout,
             idle_close_after,
+            limits,
             metrics,
             crate::workers::worker_threads(),
         )
@@ -92,6 +103,7 @@ impl HttpProxy {
         upstream_http2: bool,
         header_read_timeout: Duration,
         idle_close_after: Duration,
+        limits: LimitArgs,
         metrics: Arc<Metrics>,
         workers: usize,
     ) -> Result<Arc<Self>, http::uri::InvalidUri> {
@@ -106,7 +118,12 @@ impl HttpProxy {
             .header_read_timeout(None)
             .keep_alive(true)
             .writev(false);
-        builder.http2().timer(TokioTimer::new());
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.http2_max_concurrent_streams)
+            .keep_alive_interval(LimitArgs::nonzero(limits.http2_keepalive_interval))
+            .keep_alive_timeout(limits.http2_keepalive_timeout);
         let mut h1_client = client1::Builder::new();
         // One buffer, one send(2) per message: cheaper than writev for small ones.
         h1_client.writev(false);
@@ -123,6 +140,11 @@ impl HttpProxy {
             h2_client,
             header_read_timeout,
             idle_close_after,
+            http2_idle_timeout: limits.http2_idle_timeout,
+            body_timeout: LimitArgs::nonzero(limits.body_timeout),
+            upstream_timeout: LimitArgs::nonzero(limits.upstream_timeout),
+            tcp_keepalive: LimitArgs::nonzero(limits.tcp_keepalive),
+            upstream_connections_per_client: limits.upstream_connections_per_client.max(1),
             metrics,
             workers: Workers::start(workers),
         }))
@@ -139,6 +161,7 @@ impl HttpProxy {
         match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
+                set_keepalive(&s, self.tcp_keepalive);
                 Ok(TokioIo::new(DeferWrites::new(s)))
             }
             Ok(Err(e)) => {
@@ -165,6 +188,7 @@ impl HttpProxy {
         mut guard: ConnGuard,
     ) {
         let _ = stream.set_nodelay(true);
+        set_keepalive(&stream, self.tcp_keepalive);
         let ctl = guard.ctl().clone();
         let mut watch = LevelWatch::new(ctl.clone());
         // hyper's auto builder waits for the first bytes to tell HTTP/1 from HTTP/2 with no
@@ -207,6 +231,14 @@ impl HttpProxy {
             in_flight: AtomicUsize::new(0),
             born: Instant::now(),
             idle_since: AtomicU64::new(0),
+            seen_request: AtomicBool::new(false),
+            bodies: AtomicUsize::new(0),
+            progress: AtomicU64::new(0),
+            slots: Arc::new(UpSlots {
+                open: AtomicUsize::new(0),
+                max: self.upstream_connections_per_client,
+                freed: Notify::new(),
+            }),
         });
         let svc = ProxyService {
             state: state.clone(),
@@ -227,7 +259,14 @@ impl HttpProxy {
         // HTTP/1 header read timeout: a request head must arrive within it once the
         // connection is idle (no request in flight). One timer for the connection, moved
         // on when it fires early, rather than one per request.
-        let mut head_timer = Some(Box::pin(tokio::time::sleep(self.header_read_timeout)));
+        // Whatever the protocol: an HTTP/2 connection too must send its first request
+        // within it; after that, HTTP/2 connections get GOAWAY once no stream was open for
+        // the HTTP/2 idle timeout (HTTP/1.1 ones are closed by this timer when idle).
+        let mut head_timer = Some(Box::pin(tokio::time::sleep(
+            self.header_read_timeout.min(self.http2_idle_timeout),
+        )));
+        // A request or response body that moves no byte for the body timeout.
+        let mut body_timer = self.body_timeout.map(|t| Box::pin(tokio::time::sleep(t)));
         // A connection born while closing is already asked to leave.
         let mut level = CloseLevel::Open;
         loop {
@@ -281,20 +320,58 @@ impl HttpProxy {
                     break;
                 }
                 _ = async { head_timer.as_mut().expect("guarded").await }, if head_timer.is_some() => {
-                    if ctl.is_h2.load(Ordering::Acquire) {
-                        // HTTP/2 has no header read timeout (as in hyper).
-                        head_timer = None;
+                    if ctl.is_h2.load(Ordering::Acquire) && state.seen_request.load(Ordering::Acquire) {
+                        let deadline = state.head_deadline(self.http2_idle_timeout);
+                        if deadline > Instant::now() {
+                            if let Some(t) = head_timer.as_mut() {
+                                t.as_mut().reset(deadline.into());
+                            }
+                        } else {
+                            debug!(%peer, "http2 connection idle: GOAWAY");
+                            head_timer = None;
+                            if !shutdown_sent {
+                                conn.as_mut().graceful_shutdown();
+                                shutdown_sent = true;
+                                if level == CloseLevel::Open {
+                                    guard.set_reason(CloseReason::IdleTimeout);
+                                }
+                            }
+                        }
                         continue;
                     }
                     let deadline = state.head_deadline(self.header_read_timeout);
-                    if deadline > Instant::now() {
+                    let now = Instant::now();
+                    if deadline > now {
+                        // HTTP/2: look again within the idle timeout, which starts with
+                        // the first request.
+                        let next = if ctl.is_h2.load(Ordering::Acquire) {
+                            deadline.min(now + self.http2_idle_timeout)
+                        } else {
+                            deadline
+                        };
                         if let Some(t) = head_timer.as_mut() {
-                            t.as_mut().reset(deadline.into());
+                            t.as_mut().reset(next.into());
                         }
                     } else {
                         debug!(%peer, "no request head before the header read timeout");
                         guard.set_reason(CloseReason::HeaderTimeout);
                         break;
+                    }
+                }
+                _ = async { body_timer.as_mut().expect("guarded").await }, if body_timer.is_some() => {
+                    let limit = self.body_timeout.unwrap_or(Duration::MAX);
+                    let now = Instant::now();
+                    let next = match state.body_stall_at(limit) {
+                        None => now + limit,
+                        Some(at) if at > now => at,
+                        Some(_) => {
+                            debug!(%peer, "no body progress before the body timeout: closing");
+                            guard.set_reason(CloseReason::BodyTimeout);
+                            break;
+                        }
+                    };
+                    if let Some(t) = body_timer.as_mut() {
+                        t.as_mut().reset(next.into());
                     }
                 }
             }
@@ -329,6 +406,10 @@ enum UpstreamError {
     Connect,
     ConnectTimeout,
     Request,
+    /// No response head within `--upstream-timeout`.
+    Timeout,
+    /// The response body failed mid-way (the upstream reset or closed early).
+    Body,
 }
 
 impl UpstreamError {
@@ -337,6 +418,8 @@ impl UpstreamError {
             UpstreamError::Connect => "connect",
             UpstreamError::ConnectTimeout => "connect_timeout",
             UpstreamError::Request => "request",
+            UpstreamError::Timeout => "timeout",
+            UpstreamError::Body => "body",
         }
     }
 }
@@ -356,6 +439,44 @@ struct ConnState {
     born: Instant,
     /// When the last request ended, in nanoseconds after `born` (0: none yet).
     idle_since: AtomicU64,
+    /// A request arrived on this connection.
+    seen_request: AtomicBool,
+    /// Request and response bodies of this connection being moved now.
+    bodies: AtomicUsize,
+    /// When a body last moved (or began), in nanoseconds after `born`.
+    progress: AtomicU64,
+    /// Upstream HTTP/1.1 connections of this (HTTP/2) client connection.
+    slots: Arc<UpSlots>,
+}
+
+/// Counts the upstream connections of one HTTP/2 client connection.
+struct UpSlots {
+    open: AtomicUsize,
+    max: usize,
+    /// Woken when a connection closes or goes back to the pool.
+    freed: Notify,
+}
+
+/// One of [`UpSlots`], held by the upstream connection's task while it runs.
+struct UpSlot(Arc<UpSlots>);
+
+impl UpSlot {
+    fn take(slots: &Arc<UpSlots>) -> Option<UpSlot> {
+        slots
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < slots.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| UpSlot(slots.clone()))
+    }
+}
+
+impl Drop for UpSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_waiters();
+    }
 }
 
 /// The serve loop's upstream connections.
@@ -392,6 +513,39 @@ impl ConnState {
 
     fn request_started(&self) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if !self.seen_request.load(Ordering::Relaxed) {
+            self.seen_request.store(true, Ordering::Release);
+        }
+    }
+
+    fn nanos_since_born(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// A body began to move.
+    fn body_started(&self) {
+        self.progress
+            .store(self.nanos_since_born(), Ordering::Release);
+        self.bodies.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A body moved a frame.
+    fn body_progress(&self) {
+        self.progress
+            .store(self.nanos_since_born(), Ordering::Release);
+    }
+
+    fn body_ended(&self) {
+        self.bodies.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// When the bodies moving now count as stalled (none moving: `None`).
+    fn body_stall_at(&self, limit: Duration) -> Option<Instant> {
+        if self.bodies.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let at = self.born + Duration::from_nanos(self.progress.load(Ordering::Acquire));
+        Some(at + limit)
     }
 
     fn request_ended(&self, now: Instant) {
@@ -442,25 +596,20 @@ impl ConnState {
     /// An upstream HTTP/1.1 connection ready for a request: this client connection's own,
     /// or a new one.
     async fn h1_sender(&self, h2_client: bool) -> Result<H1Sender, UpstreamError> {
+        if h2_client {
+            return Box::pin(self.h1_sender_shared()).await;
+        }
         loop {
+            // Requests come one after the other: the one connection, once it has read the
+            // previous response to its end.
             let cand = {
                 let mut up = self.lock();
                 up.h1.retain(|s| !s.is_closed());
-                if h2_client {
-                    // Streams run concurrently: a connection that is not busy, else a new one.
-                    up.h1
-                        .iter()
-                        .position(|s| s.is_ready())
-                        .map(|i| up.h1.swap_remove(i))
-                } else {
-                    // Requests come one after the other: the one connection, once it has
-                    // read the previous response to its end.
-                    up.h1.pop()
-                }
+                up.h1.pop()
             };
             let Some(mut s) = cand else {
                 // Boxed: keeps the connect and handshake futures out of every request's.
-                return Box::pin(self.new_h1(h2_client)).await;
+                return Box::pin(self.new_h1(None)).await;
             };
             if s.ready().await.is_ok() {
                 return Ok(s);
@@ -468,13 +617,55 @@ impl ConnState {
         }
     }
 
-    async fn new_h1(&self, h2_client: bool) -> Result<H1Sender, UpstreamError> {
+    /// For an HTTP/2 client's streams, which run concurrently: a connection that is not
+    /// busy, else a new one while fewer than `--upstream-connections-per-client` are open,
+    /// else the first busy one once it is done (or any, once one is back or closed).
+    async fn h1_sender_shared(&self) -> Result<H1Sender, UpstreamError> {
+        enum Next {
+            Use(H1Sender),
+            New(UpSlot),
+            Wait,
+        }
+        loop {
+            let freed = self.slots.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let next = {
+                let mut up = self.lock();
+                up.h1.retain(|s| !s.is_closed());
+                if let Some(i) = up.h1.iter().position(|s| s.is_ready()) {
+                    Next::Use(up.h1.swap_remove(i))
+                } else if let Some(slot) = UpSlot::take(&self.slots) {
+                    Next::New(slot)
+                } else if !up.h1.is_empty() {
+                    Next::Use(up.h1.swap_remove(0))
+                } else {
+                    Next::Wait
+                }
+            };
+            match next {
+                Next::Use(mut s) => {
+                    if s.ready().await.is_ok() {
+                        return Ok(s);
+                    }
+                }
+                Next::New(slot) => return self.new_h1(Some(slot)).await,
+                Next::Wait => freed.await,
+            }
+        }
+    }
+
+    /// A new upstream HTTP/1.1 connection: driven by the serve loop for an HTTP/1.1
+    /// client (`slot` None), on a task of its own holding `slot` for an HTTP/2 client.
+    async fn new_h1(&self, slot: Option<UpSlot>) -> Result<H1Sender, UpstreamError> {
+        let h2_client = slot.is_some();
         let io = self.proxy.connect().await?;
         let (sender, conn) = self.proxy.h1_client.handshake(io).await.map_err(|e| {
             debug!(error = %e, "upstream handshake failed");
             UpstreamError::Connect
         })?;
         let conn = Box::pin(async move {
+            let _slot = slot;
             if let Err(e) = conn.await {
                 debug!(error = %e, "upstream connection ended with an error");
             }
@@ -488,9 +679,14 @@ impl ConnState {
     }
 
     fn put_h1(&self, sender: H1Sender, h2_client: bool) {
-        let mut up = self.lock();
-        if !h2_client || up.h1.len() < MAX_IDLE_H1_PER_H2_CLIENT {
-            up.h1.push(sender);
+        {
+            let mut up = self.lock();
+            if !h2_client || up.h1.len() < MAX_IDLE_H1_PER_H2_CLIENT {
+                up.h1.push(sender);
+            }
+        }
+        if h2_client {
+            self.slots.freed.notify_waiters();
         }
     }
 
@@ -498,7 +694,7 @@ impl ConnState {
     /// connection over).
     async fn forward_upgrade(
         &self,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let io = self.proxy.connect().await?;
         let (mut sender, conn) = self.proxy.h1_client.handshake(io).await.map_err(|e| {
@@ -541,7 +737,7 @@ impl ConnState {
     /// connection had just closed (a keep-alive race) is sent once more on a new one.
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
         h2_client: bool,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let request_failed = |e: hyper::Error| {
@@ -560,8 +756,13 @@ impl ConnState {
             Err(mut e) => match e.take_message() {
                 Some(req) => {
                     debug!(error = %e.error(), "upstream connection closed; retrying on a new one");
+                    drop(s);
                     Box::pin(async move {
-                        let mut s = self.new_h1(h2_client).await?;
+                        let mut s = if h2_client {
+                            self.h1_sender_shared().await?
+                        } else {
+                            self.new_h1(None).await?
+                        };
                         let r = s.send_request(req).await.map_err(request_failed)?;
                         self.put_h1(s, h2_client);
                         Ok(r)
@@ -573,10 +774,7 @@ impl ConnState {
         }
     }
 
-    async fn forward_h2(
-        &self,
-        req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    async fn forward_h2(&self, req: Request<ReqBody>) -> Result<Response<Incoming>, UpstreamError> {
         let request_failed = |e: hyper::Error| {
             debug!(error = %e, "upstream request failed");
             UpstreamError::Request
@@ -618,17 +816,45 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-static HOP_BY_HOP: [HeaderName; 7] = [
+/// `Trailer` is not among them: it announces the trailer fields end to end (RFC 9110,
+/// 6.6.2), and hyper sends HTTP/1.1 trailers only when it is present. `TE` is, but its
+/// `trailers` token is passed on (see [`strip_hop_by_hop_keep_te_trailers`]).
+static HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Whether a `TE` header names `trailers` (the client accepts trailer fields).
+fn te_accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+}
+
+/// [`strip_hop_by_hop`] for a request: `TE: trailers` goes on (gRPC needs it, and hyper
+/// sends an HTTP/1.1 response's trailers only when the request said so), the rest of `TE`
+/// does not.
+pub fn strip_hop_by_hop_keep_te_trailers(headers: &mut HeaderMap) {
+    let trailers = headers.contains_key(header::TE) && te_accepts_trailers(headers);
+    strip_hop_by_hop(headers);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Removes the hop-by-hop headers, and those that `Connection` names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages have a few headers and none of these: one pass over the names is
     // cheaper than a lookup per hop-by-hop name.
     if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
@@ -684,6 +910,7 @@ async fn handle(state: Arc<ConnState>, mut req: Request<Incoming>) -> Response<P
         tunnel::requested_upgrade(req.headers()).map(|p| (p, hyper::upgrade::on(&mut req)))
     };
     let (mut parts, body) = req.into_parts();
+    let body = ReqBody::new(body, state.clone());
     let mut host_from_authority = None;
     if proxy.upstream_http2 {
         // HTTP/2 needs the absolute form (`:scheme`, `:authority`).
@@ -701,9 +928,8 @@ async fn handle(state: Arc<ConnState>, mut req: Request<Incoming>) -> Response<P
         parts.uri = match Uri::from_parts(uri) {
             Ok(u) => u,
             Err(_) => {
-                metrics.request_done(400);
                 let resp = plain(StatusCode::BAD_REQUEST, "bad request target\n");
-                return resp.map(|b| Tracked::new(Either::Right(b), guard));
+                return resp.map(|b| Tracked::new(Either::Right(b), guard, 400));
             }
         };
     } else if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
@@ -717,7 +943,7 @@ async fn handle(state: Arc<ConnState>, mut req: Request<Incoming>) -> Response<P
                 .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
         );
     }
-    strip_hop_by_hop(&mut parts.headers);
+    strip_hop_by_hop_keep_te_trailers(&mut parts.headers);
     if let Some((proto, _)) = &upgrade {
         tunnel::restore_upgrade_headers(&mut parts.headers, proto.clone());
     }
@@ -745,9 +971,19 @@ async fn handle(state: Arc<ConnState>, mut req: Request<Incoming>) -> Response<P
     };
     let upstream_req = Request::from_parts(parts, body);
 
-    let forwarded = match upgrade {
-        Some(_) => state.forward_upgrade(upstream_req).await,
-        None => state.forward(upstream_req, h2_client).await,
+    let is_upgrade = upgrade.is_some();
+    let forward = async {
+        if is_upgrade {
+            state.forward_upgrade(upstream_req).await
+        } else {
+            state.forward(upstream_req, h2_client).await
+        }
+    };
+    let forwarded = match proxy.upstream_timeout {
+        None => forward.await,
+        Some(t) => tokio::time::timeout(t, forward)
+            .await
+            .unwrap_or(Err(UpstreamError::Timeout)),
     };
     let mut resp = match forwarded {
         Ok(mut r) if r.status() == StatusCode::SWITCHING_PROTOCOLS => {
@@ -757,8 +993,7 @@ async fn handle(state: Arc<ConnState>, mut req: Request<Incoming>) -> Response<P
                     strip_hop_by_hop(r.headers_mut());
                     tunnel::restore_upgrade_headers(r.headers_mut(), proto);
                     state.lock().tunnel = Some(PendingTunnel { client, upstream });
-                    metrics.request_done(101);
-                    return r.map(|b| Tracked::new(Either::Left(b), guard));
+                    return r.map(|b| Tracked::new(Either::Left(b), guard, 101));
                 }
                 _ => {
                     // A switch nobody asked for (or to no protocol): not passed on.
@@ -769,6 +1004,10 @@ async fn handle(state: Arc<ConnState>, mut req: Request<Incoming>) -> Response<P
             }
         }
         Ok(r) => r.map(Either::Left),
+        Err(UpstreamError::Timeout) => {
+            metrics.upstream_error(UpstreamError::Timeout.kind());
+            plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n").map(Either::Right)
+        }
         Err(e) => {
             metrics.upstream_error(e.kind());
             plain(StatusCode::BAD_GATEWAY, "upstream unavailable\n").map(Either::Right)
@@ -780,8 +1019,8 @@ async fn handle(state: Arc<ConnState>, mut req: Request<Incoming>) -> Response<P
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    metrics.request_done(resp.status().as_u16());
-    resp.map(|b| Tracked::new(b, guard))
+    let code = resp.status().as_u16();
+    resp.map(|b| Tracked::new(b, guard, code))
 }
 
 /// Counts a request as in flight until its response body is done (or dropped).
@@ -801,18 +1040,65 @@ impl Drop for RequestGuard {
     }
 }
 
-/// A response body that holds the request's [`RequestGuard`].
-pub struct Tracked<B> {
+/// What a response whose body was not sent to its end counts as: the upstream failed
+/// mid-body (an error for the gates, like any 5xx)…
+const CODE_UPSTREAM_FAILED_MID_BODY: u16 = 502;
+/// …or the client went away (or was closed for a stalled body) before the end (nginx's
+/// "client closed request"; not a server error).
+const CODE_CLIENT_GONE_MID_BODY: u16 = 499;
+
+/// A response body that holds the request's [`RequestGuard`], counts the response's status
+/// once the body is done (`code` at its end, [`CODE_UPSTREAM_FAILED_MID_BODY`] or
+/// [`CODE_CLIENT_GONE_MID_BODY`] if it ends early) and reports its progress to the
+/// connection's body timer.
+pub struct Tracked<B: Body> {
     inner: B,
-    _guard: RequestGuard,
+    guard: RequestGuard,
+    code: u16,
+    counted: bool,
+    /// Counted in the connection's moving bodies.
+    moving: bool,
 }
 
-impl<B> Tracked<B> {
-    fn new(inner: B, guard: RequestGuard) -> Self {
+impl<B: Body> Tracked<B> {
+    fn new(inner: B, guard: RequestGuard, code: u16) -> Self {
+        let moving = !inner.is_end_stream();
+        if moving {
+            guard.state.body_started();
+        }
         Tracked {
             inner,
-            _guard: guard,
+            guard,
+            code,
+            counted: false,
+            moving,
         }
+    }
+
+    fn count(&mut self, code: u16) {
+        if !self.counted {
+            self.counted = true;
+            self.guard.state.proxy.metrics.request_done(code);
+        }
+    }
+
+    fn stop_moving(&mut self) {
+        if self.moving {
+            self.moving = false;
+            self.guard.state.body_ended();
+        }
+    }
+}
+
+impl<B: Body> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        let code = if self.inner.is_end_stream() {
+            self.code
+        } else {
+            CODE_CLIENT_GONE_MID_BODY
+        };
+        self.count(code);
+        self.stop_moving();
     }
 }
 
@@ -824,7 +1110,92 @@ impl<B: Body + Unpin> Body for Tracked<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Pending => {}
+            Poll::Ready(Some(Ok(_))) => {
+                if self.moving {
+                    self.guard.state.body_progress();
+                }
+            }
+            Poll::Ready(None) => {
+                let code = self.code;
+                self.count(code);
+                self.stop_moving();
+            }
+            Poll::Ready(Some(Err(_))) => {
+                self.guard
+                    .state
+                    .proxy
+                    .metrics
+                    .upstream_error(UpstreamError::Body.kind());
+                self.count(CODE_UPSTREAM_FAILED_MID_BODY);
+                self.stop_moving();
+            }
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body on its way upstream: reports its progress to the connection's body
+/// timer from the moment the upstream side first asks for it until its end.
+pub struct ReqBody {
+    inner: Incoming,
+    state: Arc<ConnState>,
+    moving: bool,
+    done: bool,
+}
+
+impl ReqBody {
+    fn new(inner: Incoming, state: Arc<ConnState>) -> Self {
+        ReqBody {
+            inner,
+            state,
+            moving: false,
+            done: false,
+        }
+    }
+
+    fn stop_moving(&mut self) {
+        self.done = true;
+        if self.moving {
+            self.moving = false;
+            self.state.body_ended();
+        }
+    }
+}
+
+impl Drop for ReqBody {
+    fn drop(&mut self) {
+        self.stop_moving();
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if !self.moving && !self.done {
+            self.moving = true;
+            self.state.body_started();
+        }
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Pending => {}
+            Poll::Ready(Some(Ok(_))) => self.state.body_progress(),
+            Poll::Ready(_) => self.stop_moving(),
+        }
+        r
     }
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
@@ -904,6 +1275,7 @@ mod tests {
             upstream_http2,
             Duration::from_secs(30),
             Duration::from_secs(1),
+            LimitArgs::default(),
             metrics.clone(),
             workers,
         )
@@ -1033,6 +1405,7 @@ mod tests {
             false,
             Duration::from_millis(200),
             Duration::from_secs(1),
+            LimitArgs::default(),
             metrics.clone(),
             2,
         )
@@ -1244,5 +1617,27 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn te_trailers_and_trailer_are_passed_on() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("te"));
+        h.insert(header::TE, HeaderValue::from_static("gzip;q=0.5, Trailers"));
+        h.insert(header::TRAILER, HeaderValue::from_static("grpc-status"));
+        let mut req = h.clone();
+        strip_hop_by_hop_keep_te_trailers(&mut req);
+        assert_eq!(req[header::TE], "trailers");
+        assert_eq!(req[header::TRAILER], "grpc-status");
+        assert_eq!(req.len(), 2);
+        // Without `trailers` in it, TE goes like any hop-by-hop header.
+        let mut other = HeaderMap::new();
+        other.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop_keep_te_trailers(&mut other);
+        assert!(other.is_empty());
+        // Responses: TE never, Trailer kept.
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::TRAILER));
     }
 }

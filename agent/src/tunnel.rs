@@ -22,7 +22,7 @@ use crate::conns::LINGER;
 
 /// The protocol an HTTP/1.1 request asks to switch to: `Connection` names `upgrade` and
 /// `Upgrade` is present. `None` for anything else, and for `h2c` (declined).
-pub(crate) fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
     let asks = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -1,18 +1,33 @@
 //! The operator's admin HTTP server: `/healthz` (the process runs), `/readyz` (it has
 //! reached the API server and, as leader, started its controllers or, as standby, is
 //! ready to take over) and `/metrics` (OpenMetrics text from prometheus-client).
+//!
+//! Hardened against slow and abusive peers: HTTP/1.1 only (probes and scrapers speak it)
+//! with a header read timeout that also bounds idle keep-alive connections, at most
+//! [`MAX_CONNECTIONS`] connections at once (one more is closed at once), and an accept
+//! loop that backs off on errors (out of file descriptors) instead of spinning.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// Connections served at once; one more is closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A request head (the first, or the next on a keep-alive connection) must arrive within
+/// this, else the connection is closed.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Backoff after a failed accept: doubles from the first to the last, reset by a success.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
 
 /// State the admin endpoints report.
 pub struct AdminState {
@@ -38,18 +53,43 @@ impl AdminState {
 pub async fn serve(addr: SocketAddr, state: Arc<AdminState>) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "admin server listening (/healthz, /readyz, /metrics)");
+    serve_listener(listener, state, MAX_CONNECTIONS, HEADER_READ_TIMEOUT).await;
+    Ok(())
+}
+
+async fn serve_listener(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    max_connections: usize,
+    header_read_timeout: Duration,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let mut backoff = ACCEPT_BACKOFF.0;
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(conn) => conn,
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => {
+                backoff = ACCEPT_BACKOFF.0;
+                conn
+            }
             Err(err) => {
-                tracing::warn!(error = %err, "admin accept failed");
+                tracing::warn!(error = %err, backoff_ms = backoff.as_millis() as u64, "admin accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "admin connection limit reached: closing");
+            drop(stream);
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| handle(req, state.clone()));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
@@ -98,4 +138,93 @@ async fn handle(
         content_type.parse().expect("static"),
     );
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn start(max: usize, header_timeout: Duration) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let state = AdminState::new(Registry::default());
+        tokio::spawn(serve_listener(l, state, max, header_timeout));
+        addr
+    }
+
+    async fn healthz(s: &mut TcpStream) -> String {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 512];
+        while !got.ends_with(b"ok\n") {
+            let n = s.read(&mut b).await.unwrap();
+            assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&b[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    /// Reads until EOF or an error (a reset): Ok(bytes) for a clean EOF.
+    async fn until_closed(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.map(|_| rest)
+    }
+
+    #[tokio::test]
+    async fn a_slow_request_head_is_cut_off() {
+        let addr = start(8, Duration::from_millis(300)).await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost").await.unwrap();
+        // The head never ends: the server closes the connection (with or without 408).
+        let r = tokio::time::timeout(Duration::from_secs(10), until_closed(&mut s))
+            .await
+            .expect("closed by the header read timeout");
+        if let Ok(rest) = r {
+            let text = String::from_utf8_lossy(&rest);
+            assert!(
+                rest.is_empty() || text.starts_with("HTTP/1.1 408"),
+                "{text}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_over_the_cap_is_closed_and_the_others_are_served() {
+        let addr = start(2, Duration::from_secs(30)).await;
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        let mut b = TcpStream::connect(addr).await.unwrap();
+        assert!(healthz(&mut a).await.starts_with("HTTP/1.1 200"));
+        assert!(healthz(&mut b).await.starts_with("HTTP/1.1 200"));
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let _ = c
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await;
+        let r = tokio::time::timeout(Duration::from_secs(10), until_closed(&mut c))
+            .await
+            .expect("the third closed at once");
+        assert!(
+            r.is_err() || r.unwrap().is_empty(),
+            "the third got an answer"
+        );
+        assert!(healthz(&mut a).await.starts_with("HTTP/1.1 200"));
+        // A slot freed: served again.
+        drop(b);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut d = TcpStream::connect(addr).await.unwrap();
+            let _ = d
+                .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await;
+            let mut buf = [0u8; 16];
+            if matches!(d.read(&mut buf).await, Ok(n) if n > 0) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }

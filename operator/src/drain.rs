@@ -116,10 +116,15 @@ fn now_secs() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The most of an agent's answer [`http_get`] reads: its `/metrics` is a few KiB; a pod
+/// (a tenant's) that answers more cannot make the operator buffer it.
+pub const MAX_AGENT_BODY: usize = 1 << 20;
+
 /// GET over plain HTTP/1.1 (the agent's admin endpoint on the pod IP), on a connection of
-/// its own; the body as text, or an error for any status but 200.
+/// its own; the body as text, or an error for any status but 200 and for a body over
+/// [`MAX_AGENT_BODY`]. Callers bound the time ([`scrape`] does).
 pub async fn http_get(ip: &str, port: u16, path: &str) -> std::io::Result<String> {
-    use http_body_util::{BodyExt, Empty};
+    use http_body_util::{BodyExt, Empty, Limited};
     let addr = if ip.contains(':') {
         format!("[{ip}]:{port}")
     } else {
@@ -141,15 +146,14 @@ pub async fn http_get(ip: &str, port: u16, path: &str) -> std::io::Result<String
         .await
         .map_err(std::io::Error::other)?;
     let status = resp.status();
-    let body = resp
-        .into_body()
+    if status != hyper::StatusCode::OK {
+        return Err(std::io::Error::other(format!("agent answered {status}")));
+    }
+    let body = Limited::new(resp.into_body(), MAX_AGENT_BODY)
         .collect()
         .await
         .map_err(std::io::Error::other)?
         .to_bytes();
-    if status != hyper::StatusCode::OK {
-        return Err(std::io::Error::other(format!("agent answered {status}")));
-    }
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
@@ -246,6 +250,62 @@ mod tests {
                 .await
                 .is_none()
         );
+    }
+
+    /// An endpoint that answers `/metrics` with 200 and a body of `len` bytes (`None`:
+    /// without end, until the reader leaves), in chunks of 64 KiB.
+    async fn flooding_endpoint(len: Option<usize>) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut b = [0u8; 4096];
+                    let _ = s.read(&mut b).await;
+                    let head = match len {
+                        Some(n) => format!("HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n"),
+                        None => "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".to_string(),
+                    };
+                    if s.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![b'#'; 1 << 16];
+                    let chunks = len.map_or(1 << 14, |n| n.div_ceil(1 << 16));
+                    for i in 0..chunks {
+                        let n = len.map_or(chunk.len(), |n| (n - i * chunk.len()).min(chunk.len()));
+                        if s.write_all(&chunk[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_scrape_reads_at_most_one_mib() {
+        // Just under the bound: read.
+        let port = flooding_endpoint(Some(MAX_AGENT_BODY)).await;
+        let text = http_get("127.0.0.1", port, "/metrics").await.unwrap();
+        assert_eq!(text.len(), MAX_AGENT_BODY);
+        // Over it, declared or not: an error, not a buffer that grows with the answer.
+        for len in [Some(MAX_AGENT_BODY + 1), None] {
+            let port = flooding_endpoint(len).await;
+            let r = tokio::time::timeout(
+                Duration::from_secs(20),
+                http_get("127.0.0.1", port, "/metrics"),
+            )
+            .await
+            .expect("bounded");
+            assert!(r.is_err(), "{len:?}: read {:?} bytes", r.map(|t| t.len()));
+            assert!(
+                scrape("127.0.0.1", port, Duration::from_secs(20), 0.0)
+                    .await
+                    .is_none()
+            );
+        }
     }
 
     #[test]
