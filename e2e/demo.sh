@@ -2,9 +2,9 @@
 # `make demo`: Sluice end to end on a fresh machine, in a few minutes.
 #
 # 1. builds everything and brings the local test ground up (`make cluster-up`: a real
-#    control plane, the process node local-0 whose pods are real processes, a service proxy);
+#    control plane, the real node local-0 (kubelet, containerd, kube-proxy), a service proxy);
 # 2. applies the CRDs and installs the chart with Helm: the operator runs as a pod on the
-#    process node (host network, watching the demo's namespace); OPERATOR=host installs the
+#    real node (watching the demo's namespace); OPERATOR=host installs the
 #    chart with `replicas=0` and runs the operator as a host process instead;
 # 3. deploys the quickstart (examples/quickstart/: the echo Deployment and Service, and a
 #    Release) and shows the Release taking the Deployment over;
@@ -52,18 +52,9 @@ cleanup() {
 }
 trap cleanup EXIT
 if [ "${OPERATOR:-cluster}" = cluster ]; then
-  step "CRDs and the Helm chart: the operator runs in the cluster (a pod on local-0, host network), watching $ns"
-  # The ground's API server listens on the host's 127.0.0.1: the operator pod uses the
-  # host network, so its metrics port must be free on the host.
-  # Outside the kernel's ephemeral range, so no outgoing connection takes it meanwhile.
-  port=$(python3 -c '
-import random, socket
-for p in random.sample(range(20000, 32000), 200):
-    try:
-        s = socket.socket(); s.bind(("0.0.0.0", p)); s.close(); print(p); break
-    except OSError: pass')
+  step "CRDs and the Helm chart: the operator runs in the cluster (a pod on local-0), watching $ns"
   helm upgrade --install sluice charts/sluice -n sluice-system --create-namespace \
-    --set "image.tag=dev,hostNetwork=true,metrics.port=$port,agent.image=sluice/agent:dev,watchNamespace=$ns,replicas=1,leaderElection.leaseDuration=5s" \
+    --set "image.tag=dev,agent.image=sluice/agent:dev,watchNamespace=$ns,replicas=1,leaderElection.leaseDuration=5s" \
     --set-string 'nodeSelector.kubernetes\.io/hostname=local-0' >/dev/null
   kubectl -n sluice-system rollout status deployment/sluice-operator --timeout=90s
 else

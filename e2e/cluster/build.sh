@@ -49,11 +49,11 @@ kube_ldflags() {
   echo "$f"
 }
 
-want=${*:-etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm}
+want=${*:-etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy kwok helm}
 for c in $want; do
   case $c in
     etcd) build etcd "$ETCD_VERSION" etcd go.etcd.io/etcd/server/v3 etcd ;;
-    kube-apiserver|kube-controller-manager|kube-scheduler|kubectl)
+    kube-apiserver|kube-controller-manager|kube-scheduler|kubectl|kubelet|kube-proxy)
       build "$c" "$K8S_VERSION" kubernetes "k8s.io/kubernetes/cmd/$c" "$c" "$(kube_ldflags)" ;;
     kwok) build kwok "$KWOK_VERSION" kwok sigs.k8s.io/kwok/cmd/kwok kwok \
             "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" ;;

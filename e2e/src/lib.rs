@@ -1,5 +1,5 @@
 //! Sluice's local test ground as a library: a real control plane built from pinned Go
-//! modules (see `e2e/cluster/`), KWOK nodes, a process node, a service proxy and a load
+//! modules (see `e2e/cluster/`), KWOK nodes, real nodes (kubelet, containerd), a service proxy and a load
 //! generator. Integration tests use [`TestCluster`](cluster::TestCluster).
 
 pub mod cluster;

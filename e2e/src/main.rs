@@ -15,11 +15,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start or stop the local control plane (etcd, kube-apiserver, controller-manager,
-    /// scheduler, KWOK) and the traffic test ground.
+    /// scheduler, KWOK), the real node and the service proxy.
     #[command(subcommand)]
     Cluster(sluice_e2e::cluster::ClusterCommand),
-    /// Run the process node: a node whose pods are real local processes.
-    Node(sluice_e2e::node::NodeArgs),
+    /// Build the container images of `e2e/images.yaml` that changed and import them into
+    /// the running nodes' containerd.
+    Images,
+    /// Run one more real node (local-1 … local-8) in the foreground, beside the ground's.
+    Node(sluice_e2e::node::extra::NodeArgs),
     /// Run the service proxy: follows EndpointSlices like kube-proxy, on loopback.
     SvcProxy(sluice_e2e::svc_proxy::SvcProxyArgs),
     /// Run the load generator against a URL and record every request and connection.
@@ -33,7 +36,20 @@ async fn main() -> anyhow::Result<()> {
     sluice_e2e::telemetry::init();
     match Cli::parse().command {
         Command::Cluster(cmd) => sluice_e2e::cluster::run(cmd).await,
-        Command::Node(args) => sluice_e2e::node::run(args).await,
+        Command::Node(args) => sluice_e2e::node::extra::run(args).await,
+        Command::Images => {
+            let done = sluice_e2e::node::sync_images(
+                &sluice_e2e::cluster::state_dir(),
+                &sluice_e2e::cluster::repo_root(),
+            )?;
+            if done.is_empty() {
+                println!("images: every node has the current images");
+            }
+            for d in done {
+                println!("imported {d}");
+            }
+            Ok(())
+        }
         Command::SvcProxy(args) => sluice_e2e::svc_proxy::run(args).await,
         Command::Load(args) => sluice_e2e::load::run(args).await,
         Command::Scenario(args) => sluice_e2e::scenario::run(args).await,

@@ -181,7 +181,7 @@ pub struct RunSpec {
     /// Give up when the release takes longer.
     #[serde(with = "humantime_serde_secs")]
     pub max_release: Duration,
-    /// The process node the pods run on.
+    /// The node the pods run on.
     pub node: String,
     /// Keep the namespace after the run (for debugging).
     pub keep: bool,
@@ -490,13 +490,14 @@ pub async fn run_one(
     result
 }
 
-/// Fails with advice when the process node is not there to run the pods.
+/// Fails with advice when the real node is not there to run the pods.
 async fn check_node(client: &Client, node: &str) -> anyhow::Result<()> {
     use k8s_openapi::api::core::v1::Node;
     let nodes: Api<Node> = Api::all(client.clone());
-    let n = nodes.get_opt(node).await?.with_context(|| {
-        format!("process node {node} is not registered; `make cluster-up` starts it (or run `sluice-e2e node --name {node}`)")
-    })?;
+    let n = nodes
+        .get_opt(node)
+        .await?
+        .with_context(|| format!("node {node} is not registered; `make cluster-up` starts it"))?;
     let ready = n
         .status
         .and_then(|s| s.conditions)
@@ -505,7 +506,7 @@ async fn check_node(client: &Client, node: &str) -> anyhow::Result<()> {
         .any(|c| c.type_ == "Ready" && c.status == "True");
     anyhow::ensure!(
         ready,
-        "process node {node} is not Ready; is `sluice-e2e node` running?"
+        "node {node} is not Ready; see target/e2e/logs/kubelet-{node}.log"
     );
     Ok(())
 }
@@ -1151,4 +1152,26 @@ mod tests {
         assert!(svg.contains("x &lt; y"));
         assert!(report.table().contains("| B1 | 0 s |"));
     }
+}
+
+/// A pod that runs a program installed on this machine (nginx, python3, java: software
+/// the project did not write) on a real node: image `sluice/host` is an empty root with the
+/// merged-/usr links, and the host's /usr is mounted read-only into it. (A program that
+/// reads its configuration under /etc gets it from a ConfigMap or a flag.)
+pub fn host_program_pod(name: &str, node: &str, command: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "nodeName": node,
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{
+                "name": "app",
+                "image": "sluice/host:1",
+                "imagePullPolicy": "Never",
+                "command": command,
+                "volumeMounts": [{"name": "usr", "mountPath": "/usr", "readOnly": true}],
+            }],
+            "volumes": [{"name": "usr", "hostPath": {"path": "/usr", "type": "Directory"}}],
+        }
+    })
 }

@@ -559,7 +559,7 @@ pub async fn run(args: SvcProxyArgs) -> anyhow::Result<()> {
     )
     .await?;
     tracing::info!(out = %args.out.display(), delay = ?args.propagation_delay, "service proxy running");
-    crate::node::shutdown_signal().await;
+    shutdown_signal().await;
     Ok(())
 }
 
@@ -684,5 +684,16 @@ mod tests {
         assert_eq!(back["ns/echo:80"], "127.1.2.3:80");
         assert!(!path.with_extension("json.tmp").exists());
         std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+/// Resolves when the process gets SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
 }

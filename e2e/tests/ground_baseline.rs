@@ -1,4 +1,4 @@
-//! One short baseline run end to end: a rolling update v1 → v2 on the process node under
+//! One short baseline run end to end: a rolling update v1 → v2 on the real node under
 //! load, through the service proxy with a propagation delay, measured by the scenario
 //! runner. B1 (no preStop, the app exits at once) behind a slow load balancer must lose
 //! requests — if it does not, the test ground is not realistic.
@@ -12,7 +12,7 @@ use sluice_e2e::scenario::{self, RunSpec};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b1_behind_a_slow_load_balancer_loses_requests() -> anyhow::Result<()> {
     let cluster = sluice_e2e::cluster::TestCluster::get().await?;
-    require_process_node(&cluster.client).await?;
+    require_node(&cluster.client).await?;
     let spec = RunSpec {
         replicas: 3,
         connections: 30,

@@ -2,7 +2,7 @@
 //! ready endpoints, established connections stay with their backend when it starts
 //! terminating, serving-and-terminating endpoints are the fallback when none is ready, and
 //! `--propagation-delay` holds changes back. Against the real control plane, with pods on the
-//! process node.
+//! real node.
 mod ground_common;
 
 use std::collections::BTreeMap;

@@ -6,7 +6,7 @@ mod ground_common;
 
 use std::time::Duration;
 
-use ground_common::require_process_node;
+use ground_common::require_node;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams};
 use sluice_e2e::load::Outcome;
@@ -16,7 +16,7 @@ use sluice_e2e::scenario_sluice::{BadVersion, Sluice, release_state};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_canary_is_rolled_back_without_losing_requests() -> anyhow::Result<()> {
     let cluster = sluice_e2e::cluster::TestCluster::get().await?;
-    require_process_node(&cluster.client).await?;
+    require_node(&cluster.client).await?;
     let spec = RunSpec {
         replicas: 3,
         connections: 60,

@@ -1,7 +1,9 @@
 //! Smoke e2e of the foundation: CRDs apply server-side, the chart installs with Helm, the
 //! operator's RBAC allows what it needs (and nothing it must not have), the operator runs
-//! for real as a pod on the process node `local-0` — authenticated as its own
-//! ServiceAccount, Ready through its probes, holding its leader Lease — and the control plane
+//! for real as a pod on the real node `local-0` — in its own network namespace, reaching the
+//! API server through the `kubernetes` Service (kube-proxy), authenticated as its own
+//! ServiceAccount by the kubelet's projected token, Ready through its probes, holding its
+//! leader Lease — and the control plane
 //! carries 100+ KWOK nodes. Runs against the real local control plane.
 
 use std::collections::BTreeMap;
@@ -10,10 +12,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, ListParams};
-use sluice_e2e::cluster::{TestCluster, free_port, repo_root, upstream_binaries};
+use kube::api::{Api, ListParams, PostParams};
+use sluice_e2e::cluster::{TestCluster, repo_root, upstream_binaries};
 
 struct Tools {
     bins: BTreeMap<String, PathBuf>,
@@ -114,10 +117,29 @@ where
     }
 }
 
-/// The process node the operator pod is pinned to (`SLUICE_E2E_OPERATOR_NODE`, default
+/// The real node the operator pod is pinned to (`SLUICE_E2E_OPERATOR_NODE`, default
 /// `local-0`): pinned, because on a KWOK node a pod only pretends to run.
 fn operator_node() -> String {
     std::env::var("SLUICE_E2E_OPERATOR_NODE").unwrap_or_else(|_| "local-0".into())
+}
+
+/// The service-account token the kubelet of `node` projected into pod `uid`.
+fn projected_token(node: &str, uid: &str) -> anyhow::Result<String> {
+    let volumes = repo_root()
+        .join("target/e2e/node")
+        .join(node)
+        .join("kubelet/pods")
+        .join(uid)
+        .join("volumes/kubernetes.io~projected");
+    for e in std::fs::read_dir(&volumes)
+        .with_context(|| format!("reading {}", volumes.display()))?
+        .flatten()
+    {
+        if let Ok(t) = std::fs::read_to_string(e.path().join("token")) {
+            return Ok(t.trim().to_string());
+        }
+    }
+    bail!("no projected token under {}", volumes.display())
 }
 
 #[tokio::test]
@@ -143,15 +165,13 @@ async fn crds_chart_rbac_and_a_hundred_kwok_nodes() -> anyhow::Result<()> {
         ],
     )?;
 
-    // The chart, into a namespace of this test's own, set up for the ground: the operator
-    // in the host's network namespace (the API server listens on 127.0.0.1) on a free port,
-    // on the process node.
+    // The chart, into a namespace of this test's own, with the chart's own network settings
+    // (a pod network namespace, in-cluster config), pinned to the real node.
     let ns = cluster.namespace("smoke").await?;
-    let port = free_port()?;
     let node = operator_node();
     // watchNamespace: the operator must not act on other tests' objects.
     let sets = format!(
-        "image.tag=dev,hostNetwork=true,metrics.port={port},agent.image=sluice/agent:dev,watchNamespace={}",
+        "image.tag=dev,agent.image=sluice/agent:dev,watchNamespace={}",
         ns.name
     );
     let node_selector = format!("nodeSelector.kubernetes\\.io/hostname={node}");
@@ -253,8 +273,8 @@ async fn crds_chart_rbac_and_a_hundred_kwok_nodes() -> anyhow::Result<()> {
         Some(&ns.name)
     ));
 
-    // The operator runs: a pod on the process node, in the host network, Running and Ready
-    // through its /readyz probe…
+    // The operator runs: a pod on the real node, in its own network namespace, Running and
+    // Ready through its /readyz probe (which the kubelet sends from the CNI bridge)…
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &ns.name);
     let selector = "app.kubernetes.io/name=sluice-operator,app.kubernetes.io/instance=sluice";
     let pod = wait_for(
@@ -272,37 +292,49 @@ async fn crds_chart_rbac_and_a_hundred_kwok_nodes() -> anyhow::Result<()> {
     let pod_name = pod.metadata.name.clone().unwrap_or_default();
     let spec = pod.spec.clone().unwrap_or_default();
     assert_eq!(spec.node_name.as_deref(), Some(node.as_str()));
-    assert_eq!(spec.host_network, Some(true));
+    assert_ne!(spec.host_network, Some(true));
     let status = pod.status.clone().unwrap_or_default();
-    assert_eq!(
+    assert_ne!(
         status.pod_ip, status.host_ip,
-        "a host-network pod has the node's IP"
+        "the operator pod has an address of its own"
+    );
+    let container_id = status
+        .container_statuses
+        .as_ref()
+        .and_then(|cs| cs.first())
+        .and_then(|c| c.container_id.clone())
+        .unwrap_or_default();
+    assert!(
+        container_id.starts_with("containerd://"),
+        "container id {container_id:?}"
     );
 
     // …authenticated as its own ServiceAccount: the only credentials it has are the bound
-    // token the process node requested for it…
+    // token the kubelet projected into it…
     let uid = pod.metadata.uid.clone().unwrap_or_default();
-    let pod_kubeconfig = repo_root()
-        .join("target/e2e/pods")
-        .join(&uid)
-        .join("kubeconfig");
-    let out = Command::new(&tools.bins["kubectl"])
-        .arg("--kubeconfig")
-        .arg(&pod_kubeconfig)
-        .args([
-            "auth",
-            "whoami",
-            "-o",
-            "jsonpath={.status.userInfo.username}",
-        ])
-        .output()
-        .context("running kubectl auth whoami")?;
+    let token = projected_token(&node, &uid)?;
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&tools.kubeconfig)?,
+        &Default::default(),
+    )
+    .await?;
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(token.into()),
+        ..Default::default()
+    };
+    let as_pod = kube::Client::try_from(config)?;
+    let review = Api::<SelfSubjectReview>::all(as_pod)
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .context("SelfSubjectReview with the pod's token")?;
+    let username = review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .unwrap_or_default();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        format!("system:serviceaccount:{}:sluice-operator", ns.name),
-        "identity of {}: {}",
-        pod_kubeconfig.display(),
-        String::from_utf8_lossy(&out.stderr)
+        username,
+        format!("system:serviceaccount:{}:sluice-operator", ns.name)
     );
 
     // …and holding its leader Lease (identity: POD_NAME).
@@ -325,7 +357,7 @@ async fn crds_chart_rbac_and_a_hundred_kwok_nodes() -> anyhow::Result<()> {
     )
     .await?;
 
-    // Uninstalled, the pod goes (SIGTERM through the process node) and its credentials with it.
+    // Uninstalled, the pod goes (SIGTERM from the kubelet) and its credentials with it.
     installed.uninstall()?;
     wait_for("the operator pod gone", Duration::from_secs(90), || {
         let pods = pods.clone();
@@ -335,11 +367,15 @@ async fn crds_chart_rbac_and_a_hundred_kwok_nodes() -> anyhow::Result<()> {
         }
     })
     .await?;
-    assert!(
-        !pod_kubeconfig.exists(),
-        "{} outlived its pod",
-        pod_kubeconfig.display()
-    );
+    wait_for(
+        "the pod's token gone from the node",
+        Duration::from_secs(30),
+        || {
+            let gone = projected_token(&node, &uid).is_err();
+            async move { Ok(gone.then_some(())) }
+        },
+    )
+    .await?;
 
     // 100 KWOK nodes, listed and Ready (KWOK's node controller marks them).
     let prefix = format!("smoke-{}", &ns.name[ns.name.len() - 8..]);

@@ -1,12 +1,13 @@
-//! A model rollout of an InferenceSet on a full GPU fleet, under load, on process nodes
-//! (pods are real processes). The model server is the echo app with a slow start (its
+//! A model rollout of an InferenceSet on a full GPU fleet, under load, on real nodes
+//! (`sluice-e2e node`: a kubelet and containerd each; GPUs advertised as extended
+//! resources). The model server is the echo app with a slow start (its
 //! `/ready` answers 503 while the "model loads"), fronted by the injected Sluice agent; the
 //! load goes through the test ground's service proxy (EndpointSlices, applied late).
 //!
 //! - `short_rollout_is_lossless` (e2e, `cargo test -- --ignored`, ~2 min): 4 replicas × 4
-//!   GPUs on 2 process nodes of 8 GPUs, 5 s model load, maxUnavailable 1.
+//!   GPUs on 2 real nodes of 8 GPUs, 5 s model load, maxUnavailable 1.
 //! - `gpu_fleet_rollout` (bench, `e2e/bench-gpu.sh`): 16 replicas × 4 GPUs (TP=4) on 8
-//!   process nodes of 8 GPUs (64 GPUs, none spare), 20 s model load, maxUnavailable 2;
+//!   real nodes of 8 GPUs (64 GPUs, none spare), 20 s model load, maxUnavailable 2;
 //!   writes `rollout` into `target/bench/gpu.json`.
 //!
 //! Both check: the rollout completes (every replica on the new revision and serving, no
@@ -38,7 +39,7 @@ struct Spec {
     replicas: i32,
     nodes: usize,
     gpus_per_pod: i32,
-    /// First process node index: nodes are `local-<base+i>` on `10.245.<base+i>.0/24`.
+    /// First extra node index: nodes are `local-<base+i>` (real nodes, `sluice-e2e node`).
     node_base: usize,
     model_load: Duration,
     max_unavailable: i32,
@@ -63,7 +64,7 @@ struct Outcome {
     events: BTreeMap<String, u32>,
 }
 
-/// Process nodes started for the run; stopped (SIGTERM) and their Node objects deleted
+/// Real nodes started for the run; stopped (SIGTERM) and their Node objects deleted
 /// when dropped or by [`Nodes::stop`].
 struct Nodes {
     children: Vec<Child>,
@@ -71,7 +72,7 @@ struct Nodes {
 }
 
 impl Nodes {
-    fn start(kubeconfig: &std::path::Path, spec: &Spec) -> anyhow::Result<Self> {
+    fn start(_kubeconfig: &std::path::Path, spec: &Spec) -> anyhow::Result<Self> {
         let bin = repo_root().join("target/debug/sluice-e2e");
         let logs = sluice_e2e::cluster::state_dir().join("logs");
         std::fs::create_dir_all(&logs)?;
@@ -81,15 +82,15 @@ impl Nodes {
         };
         for i in 0..spec.nodes {
             let n = spec.node_base + i;
-            anyhow::ensure!((1..255).contains(&n), "node index {n} out of range");
+            anyhow::ensure!(
+                (1..9).contains(&n),
+                "node index {n} out of range (local-1 … local-8)"
+            );
             let name = format!("local-{n}");
             let log = std::fs::File::create(logs.join(format!("node-{name}.log")))?;
             let child = Command::new(&bin)
                 .current_dir(repo_root())
-                .args(["node", "--kubeconfig"])
-                .arg(kubeconfig)
-                .args(["--name", &name, "--pod-cidr", &format!("10.245.{n}.0/24")])
-                .args(["--gpus", "8"])
+                .args(["node", "--name", &name, "--gpus", "8"])
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -112,7 +113,7 @@ impl Nodes {
                 .status();
         }
         for c in &mut self.children {
-            let deadline = Instant::now() + Duration::from_secs(5);
+            let deadline = Instant::now() + Duration::from_secs(40);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
                     break;
@@ -200,7 +201,7 @@ async fn wait_nodes_ready(nodes: &Api<Node>, names: &[String], pool: &str) -> an
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "{ready}/{} process nodes ready after 60s",
+            "{ready}/{} real nodes ready after 60s",
             names.len()
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -481,7 +482,7 @@ async fn short_rollout_is_lossless() -> anyhow::Result<()> {
         replicas: 4,
         nodes: 2,
         gpus_per_pod: 4,
-        node_base: 120,
+        node_base: 1,
         model_load: Duration::from_secs(5),
         max_unavailable: 1,
         connections: 16,
@@ -510,7 +511,7 @@ async fn gpu_fleet_rollout() -> anyhow::Result<()> {
         replicas,
         nodes: ((replicas * gpus_per_pod) as usize).div_ceil(8),
         gpus_per_pod,
-        node_base: 100,
+        node_base: 1,
         model_load: Duration::from_secs(env_num("BENCH_ROLLOUT_LOAD_S", 20)),
         max_unavailable: env_num("BENCH_ROLLOUT_MAX_UNAVAILABLE", 2),
         connections: env_num("BENCH_ROLLOUT_CONNECTIONS", 32),
@@ -530,7 +531,7 @@ async fn gpu_fleet_rollout() -> anyhow::Result<()> {
         "maxReplicasOut": o.max_out,
         "requests": o.requests, "failed": o.failed, "byOutcome": o.by_outcome,
         "events": o.events,
-        "method": "InferenceSet with the Sluice agent injected, on process nodes advertising 8 GPUs each; template change under keep-alive load through the service proxy; rollout clock from the template patch until every replica is on the new revision and serving; replicas out sampled from the pods every 200 ms",
+        "method": "InferenceSet with the Sluice agent injected, on real nodes advertising 8 GPUs each; template change under keep-alive load through the service proxy; rollout clock from the template patch until every replica is on the new revision and serving; replicas out sampled from the pods every 200 ms",
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     let path: PathBuf = repo_root().join("target/bench/gpu.json");

@@ -46,7 +46,7 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
-    /// Version reported in `x-version` and the body (the image tag on the process node).
+    /// Version reported in `x-version` and the body (the image tag: see e2e/images.yaml).
     #[arg(long, default_value = "v1")]
     version: String,
     /// Pod name reported in `x-pod-name`; defaults to $POD_NAME, then the host name.

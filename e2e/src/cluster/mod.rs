@@ -1,10 +1,12 @@
-//! The local control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler
-//! and KWOK as local processes on 127.0.0.1, from binaries that `e2e/cluster/build.sh`
+//! The local test ground: etcd, kube-apiserver, kube-controller-manager, kube-scheduler
+//! and KWOK as local processes, the real node `local-0` (kubelet, containerd, kube-proxy;
+//! see [`crate::node`]) and the service proxy, from binaries that `e2e/cluster/build.sh`
 //! builds from pinned Go modules (and caches). `up` is idempotent; `down` stops exactly
-//! what `up` started (by PID) and removes its state. Everything lives under `target/e2e/`.
+//! what `up` started (by PID), gives back what the node changed on the machine, and
+//! removes its state. Everything lives under `target/e2e/`.
 
-mod pki;
-mod procs;
+pub(crate) mod pki;
+pub(crate) mod procs;
 mod test_cluster;
 
 pub use procs::Daemon;
@@ -22,11 +24,11 @@ use serde::{Deserialize, Serialize};
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// Pod IPs KWOK hands to simulated pods; blackholed likewise.
 pub const KWOK_POD_CIDR: &str = "10.244.0.0/16";
-/// Pod addresses of the process nodes (one /24 each); blackholed as a whole, so a packet for
-/// a vanished pod stays on the machine.
-pub const PROCESS_POD_CIDR: &str = "10.245.0.0/16";
-/// The process node `up` starts.
-pub const PROCESS_NODE: (&str, &str) = ("local-0", "10.245.0.0/24");
+/// Real nodes' pod addresses (one /24 each); blackholed as a whole, so a packet for a
+/// vanished pod stays on the machine.
+pub const NODE_POD_CIDR: &str = crate::node::POD_SUPERNET;
+/// Nodes the PKI issues certificates for: `local-0` and the extra nodes tests may start.
+pub const MAX_REAL_NODES: u8 = 9;
 /// Annotation selecting the nodes KWOK manages.
 pub const KWOK_NODE_ANNOTATION: (&str, &str) = ("kwok.x-k8s.io/node", "fake");
 
@@ -49,9 +51,11 @@ pub struct UpArgs {
 
 /// The repository root: `$SLUICE_REPO`, or the checkout this crate was built from.
 pub fn repo_root() -> PathBuf {
-    std::env::var_os("SLUICE_REPO")
+    let root = std::env::var_os("SLUICE_REPO")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
+    // Normalized: the kubelet refuses paths with `..` in them.
+    root.canonicalize().unwrap_or(root)
 }
 
 /// `target/e2e/` in the repository.
@@ -71,6 +75,9 @@ pub struct ClusterState {
     pub daemons: Vec<Daemon>,
     /// Blackhole routes `up` added (and `down` removes).
     pub routes: Vec<String>,
+    /// What the real nodes changed on the machine.
+    #[serde(default)]
+    pub host: Option<crate::node::HostRecord>,
 }
 
 impl ClusterState {
@@ -109,6 +116,11 @@ pub async fn run(cmd: ClusterCommand) -> anyhow::Result<()> {
     match cmd {
         ClusterCommand::Up(args) => {
             let started = up(&args).await?;
+            if !started {
+                for d in crate::node::sync_images(&state_dir(), &repo_root())? {
+                    println!("imported {d}");
+                }
+            }
             let kc = kubeconfig_path();
             let what = if started { "is up" } else { "already runs" };
             println!("test ground {what}; kubeconfig: {}", kc.display());
@@ -183,6 +195,10 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<bool> {
     };
 
     let mut state = ClusterState::default();
+    // A crash may have left nodes' leftovers without a state file: they go first.
+    if let Err(err) = crate::node::cleanup(&dir, None) {
+        eprintln!("cluster up: leftovers of an earlier ground: {err:#}");
+    }
     let apiserver_port = match args.apiserver_port {
         Some(port) => {
             ensure_port_free(port)?;
@@ -191,11 +207,13 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<bool> {
         None => free_port()?,
     };
     // Nothing addressed to a simulated pod or a ClusterIP may leave the machine.
-    for cidr in [SERVICE_CIDR, KWOK_POD_CIDR, PROCESS_POD_CIDR] {
+    for cidr in [SERVICE_CIDR, KWOK_POD_CIDR, NODE_POD_CIDR] {
         add_blackhole(cidr)?;
         state.routes.push(cidr.to_string());
     }
-    state.server = format!("https://127.0.0.1:{apiserver_port}");
+    let local = crate::node::NodeSpec::new(crate::node::LOCAL_NODE, 0);
+    state.server = format!("https://{}:{apiserver_port}", local.node_ip());
+    state.save()?;
     let result = start_all(&dir, &bin, apiserver_port, &mut state).await;
     // Record whatever started, even on failure, so that `down` can stop it.
     state.save()?;
@@ -214,7 +232,23 @@ async fn start_all(
     state: &mut ClusterState,
 ) -> anyhow::Result<()> {
     let logs = dir.join("logs");
-    let pki = pki::generate(&dir.join("pki"))?;
+    // The machine as it was, then the first node's address: the API server listens there
+    // (the `kubernetes` Service's endpoint), so pods reach it as in a real cluster.
+    state.host = Some(crate::node::HostRecord::prepare()?);
+    state.save()?;
+    let local = crate::node::NodeSpec::new(crate::node::LOCAL_NODE, 0);
+    crate::node::host::add_node_address(&local)?;
+    let node_ip = local.node_ip();
+    let nodes: Vec<pki::NodeIdentity> = (0..MAX_REAL_NODES)
+        .map(|i| {
+            let s = crate::node::NodeSpec::new(&format!("local-{i}"), i);
+            pki::NodeIdentity {
+                name: s.name.clone(),
+                ip: s.node_ip(),
+            }
+        })
+        .collect();
+    let pki = pki::generate(&dir.join("pki"), &[node_ip], &nodes)?;
     let p = |path: &Path| path.display().to_string();
 
     let etcd_client = free_port()?;
@@ -248,8 +282,16 @@ async fn start_all(
         &[
             format!("--etcd-servers={etcd_url}"),
             format!("--secure-port={apiserver_port}"),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
+            format!("--bind-address={node_ip}"),
+            format!("--advertise-address={node_ip}"),
+            format!(
+                "--kubelet-client-certificate={}",
+                p(&pki.kubelet_client_cert)
+            ),
+            format!("--kubelet-client-key={}", p(&pki.kubelet_client_key)),
+            format!("--kubelet-certificate-authority={}", p(&pki.ca_cert)),
+            // Never the Hostname: resolving it would ask a DNS server off the machine.
+            "--kubelet-preferred-address-types=InternalIP".into(),
             format!("--tls-cert-file={}", p(&pki.apiserver_cert)),
             format!("--tls-private-key-file={}", p(&pki.apiserver_key)),
             format!("--client-ca-file={}", p(&pki.ca_cert)),
@@ -271,10 +313,7 @@ async fn start_all(
     state.daemons.push(apiserver.clone());
 
     let kubeconfig = kubeconfig_path();
-    std::fs::write(
-        &kubeconfig,
-        pki::admin_kubeconfig(&pki, &format!("https://127.0.0.1:{apiserver_port}"))?,
-    )?;
+    std::fs::write(&kubeconfig, pki::admin_kubeconfig(&pki, &state.server)?)?;
     wait_until(&apiserver, Duration::from_secs(90), || async {
         healthy(&kubeconfig).await
     })
@@ -347,23 +386,29 @@ async fn start_all(
     )?;
     state.daemons.push(kwok);
 
-    // The traffic test ground: a process node whose pods are real processes, and the
-    // service proxy that follows EndpointSlices on loopback.
+    // The traffic test ground: the real node, the machine's kube-proxy, and the service
+    // proxy (the model of a load balancer that learns endpoint changes late).
+    let bin_kubelet = bin("kubelet")?;
+    let bin_kube_proxy = bin("kube-proxy")?;
+    let ctx = crate::node::NodeCtx {
+        state_dir: dir,
+        repo_root: &repo_root(),
+        logs: &logs,
+        pki: &pki,
+        server: &state.server.clone(),
+        kubelet: &bin_kubelet,
+        kube_proxy: &bin_kube_proxy,
+    };
+    let mut rec = state.host.take().unwrap_or_default();
+    let started = crate::node::start_node(&local, &ctx, &mut rec);
+    state.host = Some(rec);
+    let node_daemons = started?;
+    let kubelet = node_daemons.last().cloned().context("no kubelet")?;
+    state.daemons.extend(node_daemons);
+    state.save()?;
+    let kube_proxy = crate::node::start_kube_proxy(&local, &ctx, Duration::from_secs(1))?;
+    state.daemons.push(kube_proxy);
     let e2e = e2e_binary()?;
-    let node = procs::spawn(
-        "process-node",
-        &e2e,
-        &[
-            "node".into(),
-            format!("--kubeconfig={kc}"),
-            format!("--name={}", PROCESS_NODE.0),
-            format!("--pod-cidr={}", PROCESS_NODE.1),
-            format!("--images={}", p(&repo_root().join("e2e/images.yaml"))),
-            format!("--log-dir={}", p(&logs.join("pods"))),
-        ],
-        &logs.join("process-node.log"),
-    )?;
-    state.daemons.push(node.clone());
     let svc_proxy = procs::spawn(
         "svc-proxy",
         &e2e,
@@ -376,8 +421,8 @@ async fn start_all(
     )?;
     state.daemons.push(svc_proxy);
     let client = client_for(&kubeconfig).await?;
-    wait_until(&node, Duration::from_secs(60), || {
-        node_ready(&client, PROCESS_NODE.0)
+    wait_until(&kubelet, Duration::from_secs(90), || {
+        node_ready(&client, crate::node::LOCAL_NODE)
     })
     .await?;
 
@@ -407,12 +452,17 @@ pub fn down() -> anyhow::Result<()> {
             for cidr in &state.routes {
                 del_blackhole(cidr);
             }
-            if let Err(err) = crate::node::cleanup_host_network() {
-                eprintln!("cluster down: cleaning the process node's network: {err:#}");
+            if let Err(err) = crate::node::cleanup(&dir, state.host.as_ref()) {
+                eprintln!("cluster down: {err:#}");
             }
             println!("stopped {} processes", state.daemons.len());
         }
-        Ok(None) => println!("no test ground state in {}: nothing to stop", dir.display()),
+        Ok(None) => {
+            if let Err(err) = crate::node::cleanup(&dir, None) {
+                eprintln!("cluster down: {err:#}");
+            }
+            println!("no test ground state in {}: nothing to stop", dir.display())
+        }
         Err(err) => eprintln!("cluster down: {err:#}; removing the state anyway"),
     }
     for sub in [
@@ -430,7 +480,7 @@ pub fn down() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `sluice-e2e` binary that runs the process node and the service proxy: this one when
+/// The `sluice-e2e` binary that runs the service proxy: this one when
 /// called as the CLI, the workspace's build otherwise (from tests).
 fn e2e_binary() -> anyhow::Result<PathBuf> {
     if let Ok(exe) = std::env::current_exe()
@@ -658,6 +708,7 @@ mod tests {
                 log: "/dev/null".into(),
             }],
             routes: vec![],
+            host: None,
         };
         assert_eq!(
             state.dead_daemons(),

@@ -22,6 +22,24 @@ pub struct Pki {
     pub admin_key: PathBuf,
     pub sa_key: PathBuf,
     pub sa_pub: PathBuf,
+    /// The API server's client cert for kubelets (logs, exec, port-forward).
+    pub kubelet_client_cert: PathBuf,
+    pub kubelet_client_key: PathBuf,
+    /// kube-proxy's client cert (`system:kube-proxy`, bound to `system:node-proxier`).
+    pub kube_proxy_cert: PathBuf,
+    pub kube_proxy_key: PathBuf,
+    dir: PathBuf,
+}
+
+/// A node's certificates: its kubelet's client cert (`system:node:<name>` in
+/// `system:nodes`, so the Node authorizer applies) and its serving cert (the node's
+/// address), both from the ground's CA.
+#[derive(Clone, Debug)]
+pub struct NodeCerts {
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub serving_cert: PathBuf,
+    pub serving_key: PathBuf,
 }
 
 impl Pki {
@@ -35,12 +53,39 @@ impl Pki {
             admin_key: dir.join("admin.key"),
             sa_key: dir.join("sa.key"),
             sa_pub: dir.join("sa.pub"),
+            kubelet_client_cert: dir.join("apiserver-kubelet-client.crt"),
+            kubelet_client_key: dir.join("apiserver-kubelet-client.key"),
+            kube_proxy_cert: dir.join("kube-proxy.crt"),
+            kube_proxy_key: dir.join("kube-proxy.key"),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn node(&self, name: &str) -> NodeCerts {
+        NodeCerts {
+            client_cert: self.dir.join(format!("node-{name}.crt")),
+            client_key: self.dir.join(format!("node-{name}.key")),
+            serving_cert: self.dir.join(format!("kubelet-{name}.crt")),
+            serving_key: self.dir.join(format!("kubelet-{name}.key")),
         }
     }
 }
 
-/// Writes a fresh PKI into `dir` (which it creates).
-pub fn generate(dir: &Path) -> anyhow::Result<Pki> {
+/// A node the PKI issues certificates for.
+#[derive(Clone, Debug)]
+pub struct NodeIdentity {
+    pub name: String,
+    pub ip: std::net::Ipv4Addr,
+}
+
+/// Writes a fresh PKI into `dir` (which it creates). The API server's serving cert covers
+/// `apiserver_ips` besides loopback and the first service IP; every node in `nodes` gets
+/// its client and serving certs.
+pub fn generate(
+    dir: &Path,
+    apiserver_ips: &[std::net::Ipv4Addr],
+    nodes: &[NodeIdentity],
+) -> anyhow::Result<Pki> {
     std::fs::create_dir_all(dir)?;
     let pki = Pki::at(dir);
 
@@ -74,6 +119,11 @@ pub fn generate(dir: &Path) -> anyhow::Result<Pki> {
     serving
         .subject_alt_names
         .push(SanType::IpAddress([10, 96, 0, 1].into()));
+    for ip in apiserver_ips {
+        serving
+            .subject_alt_names
+            .push(SanType::IpAddress((*ip).into()));
+    }
     serving
         .distinguished_name
         .push(DnType::CommonName, "kube-apiserver");
@@ -94,6 +144,51 @@ pub fn generate(dir: &Path) -> anyhow::Result<Pki> {
     let admin_key = KeyPair::generate()?;
     write(&pki.admin_cert, &admin.signed_by(&admin_key, &ca)?.pem())?;
     write(&pki.admin_key, &admin_key.serialize_pem())?;
+
+    let client = |cn: &str, org: Option<&str>, cert: &Path, key: &Path| -> anyhow::Result<()> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        if let Some(o) = org {
+            params.distinguished_name.push(DnType::OrganizationName, o);
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let k = KeyPair::generate()?;
+        write(cert, &params.signed_by(&k, &ca)?.pem())?;
+        write(key, &k.serialize_pem())?;
+        Ok(())
+    };
+    client(
+        "kube-apiserver-kubelet-client",
+        Some("system:masters"),
+        &pki.kubelet_client_cert,
+        &pki.kubelet_client_key,
+    )?;
+    client(
+        "system:kube-proxy",
+        None,
+        &pki.kube_proxy_cert,
+        &pki.kube_proxy_key,
+    )?;
+    for node in nodes {
+        let certs = pki.node(&node.name);
+        client(
+            &format!("system:node:{}", node.name),
+            Some("system:nodes"),
+            &certs.client_cert,
+            &certs.client_key,
+        )?;
+        let mut params = CertificateParams::new(vec![node.name.clone()])?;
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(node.ip.into()));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("system:node:{}", node.name));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let k = KeyPair::generate()?;
+        write(&certs.serving_cert, &params.signed_by(&k, &ca)?.pem())?;
+        write(&certs.serving_key, &k.serialize_pem())?;
+    }
 
     let sa = KeyPair::generate()?;
     write(&pki.sa_key, &sa.serialize_pem())?;

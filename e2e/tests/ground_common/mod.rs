@@ -12,22 +12,22 @@ use sluice_e2e::cluster::{TestCluster, TestNamespace};
 
 pub const NODE: &str = "local-0";
 
-/// The running test ground with its process node, and a fresh namespace.
+/// The running test ground with its real node, and a fresh namespace.
 pub async fn ground(prefix: &str) -> anyhow::Result<(TestCluster, TestNamespace)> {
     let cluster = TestCluster::get()
         .await
         .context("the test ground's control plane")?;
-    require_process_node(&cluster.client).await?;
+    require_node(&cluster.client).await?;
     let ns = cluster.namespace(prefix).await?;
     Ok((cluster, ns))
 }
 
-/// Fails (does not skip) when the process node is missing: `make cluster-up` starts it.
-pub async fn require_process_node(client: &Client) -> anyhow::Result<()> {
+/// Fails (does not skip) when the real node is missing: `make cluster-up` starts it.
+pub async fn require_node(client: &Client) -> anyhow::Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     wait_for(
         Duration::from_secs(30),
-        "process node local-0 to be Ready (`make cluster-up` starts it)",
+        "real node local-0 to be Ready (`make cluster-up` starts it)",
         || {
             let nodes = nodes.clone();
             async move {

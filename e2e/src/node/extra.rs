@@ -1,0 +1,174 @@
+//! `sluice-e2e node`: one more real node beside `local-0`, in the foreground, for tests
+//! that need pods on several nodes (the InferenceSet rollout over GPU nodes). It joins the
+//! running ground (its PKI already holds certificates for `local-1` … `local-8`), and on
+//! SIGTERM or SIGINT stops its kubelet and containerd, gives back what it took, and deletes
+//! its Node.
+//!
+//! GPUs: `--gpus N` advertises `nvidia.com/gpu: N` the way the Kubernetes docs describe
+//! for extended resources (a patch of the Node's status capacity) and sets the GPU Feature
+//! Discovery labels. The kubelet admits pods that request them (its device manager handles
+//! only resources a device plugin registered) and the scheduler and Sluice's binder count
+//! them as on a real GPU node; nothing in the containers sees a device.
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+
+use super::{HostRecord, NodeCtx, NodeSpec, cleanup_node, start_node};
+use crate::cluster::{self, MAX_REAL_NODES, pki::Pki};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// `local-<i>`, i in 1..=8 (`local-0` is the ground's own).
+    #[arg(long)]
+    pub name: String,
+    /// Advertise this many `nvidia.com/gpu` and GPU Feature Discovery labels.
+    #[arg(long, default_value_t = 0)]
+    pub gpus: u32,
+    /// Extra node labels, `key=value` (repeatable).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+}
+
+/// GPU Feature Discovery's labels for a node of `gpus` H100s (empty without GPUs).
+pub fn gpu_labels(name: &str, gpus: u32) -> BTreeMap<String, String> {
+    if gpus == 0 {
+        return BTreeMap::new();
+    }
+    [
+        ("nvidia.com/gpu.present", "true".to_string()),
+        ("nvidia.com/gpu.count", gpus.to_string()),
+        (
+            "nvidia.com/gpu.product",
+            "NVIDIA-H100-80GB-HBM3".to_string(),
+        ),
+        ("nvidia.com/gpu.memory", "81559".to_string()),
+        ("nvidia.com/gpu.family", "hopper".to_string()),
+        ("nvidia.com/gpu.machine", "sluice-e2e-node".to_string()),
+        ("nvidia.com/gpu.clique", format!("{name}.0")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// The node's index from its name (`local-3` → 3), within what the PKI covers.
+pub fn node_index(name: &str) -> anyhow::Result<u8> {
+    let i: u8 = name
+        .strip_prefix("local-")
+        .and_then(|i| i.parse().ok())
+        .with_context(|| format!("node name {name:?}: use local-<i>"))?;
+    anyhow::ensure!(
+        (1..MAX_REAL_NODES).contains(&i),
+        "node {name}: i must be 1..={} (local-0 is the ground's own)",
+        MAX_REAL_NODES - 1
+    );
+    Ok(i)
+}
+
+pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+    let index = node_index(&args.name)?;
+    let state = cluster::ClusterState::load()?
+        .context("no test ground runs here: `make cluster-up` first")?;
+    let mut spec = NodeSpec::new(&args.name, index);
+    spec.gpus = args.gpus;
+    spec.labels = gpu_labels(&args.name, args.gpus).into_iter().collect();
+    for l in &args.labels {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("label {l:?}: use key=value"))?;
+        spec.labels.push((k.to_string(), v.to_string()));
+    }
+    let dir = cluster::state_dir();
+    let bins = cluster::upstream_binaries()?;
+    let pki = Pki::at(&dir.join("pki"));
+    let logs = dir.join("logs");
+    let ctx = NodeCtx {
+        state_dir: &dir,
+        repo_root: &cluster::repo_root(),
+        logs: &logs,
+        pki: &pki,
+        server: &state.server,
+        kubelet: bins.get("kubelet").context("kubelet not built")?,
+        kube_proxy: bins.get("kube-proxy").context("kube-proxy not built")?,
+    };
+    let mut rec = HostRecord::default();
+    let daemons = start_node(&spec, &ctx, &mut rec);
+    let client = cluster::client_for(&cluster::kubeconfig_path()).await?;
+    let result = match daemons {
+        Ok(daemons) => {
+            let r = serve(&client, &spec).await;
+            for d in daemons.iter().rev() {
+                d.stop(Duration::from_secs(10));
+            }
+            r
+        }
+        Err(e) => Err(e),
+    };
+    let mut errors = Vec::new();
+    cleanup_node(&dir, &spec.name, &mut errors);
+    let _ = Api::<Node>::all(client)
+        .delete(&spec.name, &DeleteParams::default())
+        .await;
+    if !errors.is_empty() {
+        eprintln!("node {}: {}", spec.name, errors.join("; "));
+    }
+    result
+}
+
+/// Waits for the node's registration, advertises its GPUs, then runs until told to stop.
+async fn serve(client: &kube::Client, spec: &NodeSpec) -> anyhow::Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while nodes.get_opt(&spec.name).await?.is_none() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "node {} did not register in 60 s (target/e2e/logs/kubelet-{}.log)",
+            spec.name,
+            spec.name
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if spec.gpus > 0 {
+        let patch = serde_json::json!({"status": {
+            "capacity": {"nvidia.com/gpu": spec.gpus.to_string()},
+            "allocatable": {"nvidia.com/gpu": spec.gpus.to_string()},
+        }});
+        nodes
+            .patch_status(&spec.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .context("advertising the node's GPUs")?;
+    }
+    eprintln!("node {} runs; SIGTERM or SIGINT stops it", spec.name);
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_nodes_are_local_one_to_eight() {
+        assert_eq!(node_index("local-3").unwrap(), 3);
+        assert!(node_index("local-0").is_err());
+        assert!(node_index("local-9").is_err());
+        assert!(node_index("gpu-1").is_err());
+    }
+
+    #[test]
+    fn gpu_labels_only_with_gpus() {
+        assert!(gpu_labels("local-1", 0).is_empty());
+        let l = gpu_labels("local-1", 8);
+        assert_eq!(l["nvidia.com/gpu.count"], "8");
+        assert_eq!(l["nvidia.com/gpu.clique"], "local-1.0");
+    }
+}

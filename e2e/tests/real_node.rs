@@ -1,0 +1,273 @@
+//! The test ground's real node `local-0`: an upstream kubelet with containerd, whose pods
+//! run in containers with their own network namespaces behind a CNI bridge. What a
+//! production node does here is what Sluice's drain depends on: the kubelet's probes and
+//! `preStop` hooks come from the bridge's address, not from the node's InternalIP.
+mod ground_common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use ground_common::*;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams};
+use serde_json::json;
+use sluice_e2e::cluster::upstream_binaries;
+
+fn kubectl(cluster: &sluice_e2e::cluster::TestCluster, args: &[&str]) -> anyhow::Result<String> {
+    let bins = upstream_binaries()?;
+    let out = Command::new(&bins["kubectl"])
+        .arg("--kubeconfig")
+        .arg(&cluster.kubeconfig)
+        .args(args)
+        .output()
+        .context("running kubectl")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "kubectl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn running(api: &Api<Pod>, name: &str) -> anyhow::Result<Pod> {
+    wait_for(
+        Duration::from_secs(60),
+        &format!("pod {name} Running"),
+        || {
+            let api = api.clone();
+            let name = name.to_string();
+            async move {
+                let p = api.get_opt(&name).await.ok()??;
+                (p.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(p)
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_node_is_an_upstream_kubelet_on_containerd() -> anyhow::Result<()> {
+    let (cluster, _ns) = ground("realnode").await?;
+    let node = Api::<Node>::all(cluster.client.clone()).get(NODE).await?;
+    let status = node.status.unwrap_or_default();
+    let info = status.node_info.context("nodeInfo")?;
+    assert_eq!(info.kubelet_version, "v1.34.4");
+    assert!(
+        info.container_runtime_version.starts_with("containerd://"),
+        "{}",
+        info.container_runtime_version
+    );
+    let internal = status
+        .addresses
+        .unwrap_or_default()
+        .into_iter()
+        .find(|a| a.type_ == "InternalIP")
+        .context("InternalIP")?
+        .address;
+    assert_eq!(internal, "10.250.0.1");
+    // The pods' gateway, where the kubelet's probes and hooks come from, is another address.
+    let wide = kubectl(&cluster, &["get", "node", NODE, "-o", "wide"])?;
+    assert!(
+        wide.contains("v1.34.4") && wide.contains("containerd://"),
+        "{wide}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn pods_run_in_containers_with_logs_and_exec() -> anyhow::Result<()> {
+    let (cluster, ns) = ground("realnode").await?;
+    let api: Api<Pod> = Api::namespaced(cluster.client.clone(), &ns.name);
+    create_pod(
+        &cluster.client,
+        &ns.name,
+        json!({
+            "metadata": {"name": "shell"},
+            "spec": {
+                "nodeName": NODE,
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{
+                    "name": "sh",
+                    "image": "sluice/shell:1",
+                    "imagePullPolicy": "Never",
+                    "args": ["-c", "echo hello from $(hostname); exec sleep 600"],
+                }],
+            }
+        }),
+    )
+    .await?;
+    let pod = running(&api, "shell").await?;
+    let status = pod.status.unwrap_or_default();
+    let id = status.container_statuses.unwrap_or_default()[0]
+        .container_id
+        .clone()
+        .unwrap_or_default();
+    assert!(id.starts_with("containerd://"), "{id}");
+    assert_ne!(
+        status.pod_ip, status.host_ip,
+        "a pod has an address of its own"
+    );
+
+    let logs = wait_for(Duration::from_secs(20), "the container's log line", || {
+        let out = kubectl(&cluster, &["logs", "-n", &ns.name, "shell"]).ok();
+        async move { out.filter(|o| o.contains("hello from shell")) }
+    })
+    .await?;
+    assert!(logs.contains("hello from shell"));
+    let out = kubectl(
+        &cluster,
+        &[
+            "exec",
+            "-n",
+            &ns.name,
+            "shell",
+            "--",
+            "cat",
+            "/etc/hostname",
+        ],
+    )?;
+    assert_eq!(out.trim(), "shell");
+    api.delete("shell", &DeleteParams::default()).await?;
+    Ok(())
+}
+
+/// An echo app fronted by the agent as a native sidecar, with the drain trigger the
+/// operator injects: `preStop.httpGet /drain` carrying the drain token.
+fn agent_pod(name: &str, agent_token: &str, hook_token: &str) -> serde_json::Value {
+    json!({
+        "metadata": {"name": name},
+        "spec": {
+            "nodeName": NODE,
+            "terminationGracePeriodSeconds": 30,
+            "initContainers": [{
+                "name": "sluice-agent",
+                "image": "sluice/agent:dev",
+                "restartPolicy": "Always",
+                // A quiet period long enough to read the agent's log while the pod drains.
+                "args": ["proxy", "--listen", "0.0.0.0:15001", "--upstream", "127.0.0.1:8080",
+                         "--admin", "0.0.0.0:9901", "--quiet-period", "4s"],
+                "env": [{"name": "SLUICE_DRAIN_TOKEN", "value": agent_token}],
+                "readinessProbe": {"httpGet": {"path": "/ready", "port": 9901}, "periodSeconds": 1},
+            }],
+            "containers": [{
+                "name": "app",
+                "image": "sluice/echo:v1",
+                "args": ["--listen", "127.0.0.1:8080"],
+                "lifecycle": {"preStop": {"httpGet": {
+                    "path": "/drain", "port": 9901,
+                    "httpHeaders": [{"name": "x-sluice-drain-token", "value": hook_token}],
+                }}},
+            }],
+        }
+    })
+}
+
+/// Reads `container`'s log of `pod` until `want` shows up or the pod is gone.
+async fn log_until_gone(
+    cluster: &sluice_e2e::cluster::TestCluster,
+    api: &Api<Pod>,
+    ns: &str,
+    pod: &str,
+    want: &str,
+) -> anyhow::Result<String> {
+    let mut last = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if let Ok(out) = kubectl(cluster, &["logs", "-n", ns, pod, "-c", "sluice-agent"]) {
+            last = out;
+            if last.contains(want) {
+                return Ok(last);
+            }
+        }
+        if api.get_opt(pod).await?.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("{want:?} not in the agent's log of {pod}:\n{last}")
+}
+
+#[tokio::test]
+async fn the_kubelets_prestop_drains_the_agent_with_the_token_not_by_address() -> anyhow::Result<()>
+{
+    let (cluster, ns) = ground("prestop").await?;
+    let api: Api<Pod> = Api::namespaced(cluster.client.clone(), &ns.name);
+    create_pod(
+        &cluster.client,
+        &ns.name,
+        agent_pod("good", "s3cret", "s3cret"),
+    )
+    .await?;
+    create_pod(
+        &cluster.client,
+        &ns.name,
+        agent_pod("forged", "s3cret", "guess"),
+    )
+    .await?;
+    let good = running(&api, "good").await?;
+    running(&api, "forged").await?;
+    let host_ip = good.status.and_then(|s| s.host_ip).unwrap_or_default();
+
+    api.delete("good", &DeleteParams::default()).await?;
+    api.delete("forged", &DeleteParams::default()).await?;
+    let log = log_until_gone(&cluster, &api, &ns.name, "good", "drain requested").await?;
+    // The hook came from the CNI bridge (the pods' gateway), not from the node's address:
+    // an agent that trusted status.hostIP would have refused it.
+    let line = log
+        .lines()
+        .find(|l| l.contains("drain requested"))
+        .unwrap_or_default();
+    assert!(line.contains("10.245.0.1:"), "hook source: {line}");
+    assert!(
+        !line.contains(&format!("{host_ip}:")),
+        "hook source: {line}"
+    );
+    let log = log_until_gone(&cluster, &api, &ns.name, "forged", "refused /drain").await?;
+    assert!(log.contains("wrong_token"), "{log}");
+    Ok(())
+}
+
+/// Programs we did not write run on the node from the machine's own installation: the
+/// `sluice/host` image is an empty root whose /usr is the host's, mounted read-only.
+#[tokio::test]
+async fn foreign_programs_run_from_the_hosts_usr() -> anyhow::Result<()> {
+    let (cluster, ns) = ground("foreign").await?;
+    let api: Api<Pod> = Api::namespaced(cluster.client.clone(), &ns.name);
+    create_pod(
+        &cluster.client,
+        &ns.name,
+        sluice_e2e::scenario::host_program_pod(
+            "py",
+            NODE,
+            &["python3", "-c", "import http.server as h; h.test(HandlerClass=h.SimpleHTTPRequestHandler, port=8000, bind='0.0.0.0')"],
+        ),
+    )
+    .await?;
+    let pod = running(&api, "py").await?;
+    let ip = pod.status.and_then(|s| s.pod_ip).context("pod IP")?;
+    let body = wait_for(
+        Duration::from_secs(30),
+        "python's http.server to answer",
+        || {
+            let ip = ip.clone();
+            async move {
+                let mut s = std::net::TcpStream::connect_timeout(
+                    &format!("{ip}:8000").parse().ok()?,
+                    Duration::from_secs(1),
+                )
+                .ok()?;
+                use std::io::{Read as _, Write as _};
+                s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+                let mut out = String::new();
+                s.read_to_string(&mut out).ok()?;
+                Some(out)
+            }
+        },
+    )
+    .await?;
+    assert!(body.starts_with("HTTP/1.0 200"), "{body}");
+    assert!(body.contains("SimpleHTTP"), "{body}");
+    Ok(())
+}
