@@ -4,7 +4,7 @@
 # Runs B1 (no preStop, app exits on SIGTERM), B2 (preStop sleep 15 + graceful app) and
 # Sluice (a Release in proxy mode; the operator runs as a host process for each run), each
 # at service-proxy propagation delays of 0, 5 and 20 s: a rolling update v1 → v2 of a
-# 6-replica echo Deployment on the process node under 200 keep-alive connections at
+# 6-replica echo Deployment on the real node local-0 under 200 keep-alive connections at
 # $RATE requests/s (default 2000; the issue asks for at least 500). Writes target/bench/lossless.json and target/bench/lossless.svg.
 #
 # Environment: SCENARIO (default all: B1, B2 and Sluice; also baselines, b1, b2, sluice,
@@ -15,13 +15,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The operator and the agent too: Sluice's runs start target/debug/sluice-operator, and
-# the process node runs the agent sidecar from the built binary.
+# the node runs the agent sidecar from the image built from the binary.
 cargo build -q --workspace --bins
-# The agent sits in every request's path: measure the build users run (the process node
-# takes the newer of target/release and target/debug).
+# The agent sits in every request's path: measure the build users run (the image takes
+# the newer of target/release and target/debug).
 cargo build -q --release -p sluice-agent --bin sluice-agent
 if [[ -z "${SLUICE_E2E_KUBECONFIG:-}" ]]; then
   make -s cluster-up
+else
+  target/debug/sluice-e2e images
 fi
 kubeconfig="${SLUICE_E2E_KUBECONFIG:-target/e2e/kubeconfig}"
 export SLUICE_E2E_KUBECONFIG="$kubeconfig"

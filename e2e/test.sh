@@ -15,6 +15,9 @@ if [ -z "${SLUICE_E2E_KUBECONFIG:-}" ]; then
     started_here=1
   fi
   export SLUICE_E2E_KUBECONFIG=$PWD/target/e2e/kubeconfig
+else
+  # A ground someone else started: give its node the binaries just built.
+  $e2e images
 fi
 stop() {
   rc=$?

@@ -358,6 +358,7 @@ pub fn delete_kube_proxy_tables(errors: &mut Vec<String>) {
 /// records which existed, `down` removes those it made.
 pub const HOST_DIRS: &[&str] = &[
     "/run/containerd",
+    "/run/mount",
     "/var/lib/kubelet",
     "/var/log/containers",
     "/var/log/pods",
