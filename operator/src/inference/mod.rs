@@ -22,6 +22,7 @@ mod plan_tests;
 
 use std::sync::Arc;
 
+use crate::release::settings::AgentImagePolicy;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::Api;
 use kube::runtime::watcher;
@@ -64,6 +65,8 @@ pub struct Config {
     pub binder: bool,
     /// Run the InferenceSet controller.
     pub controller: bool,
+    /// The agent image injected when a set names none, and the ones a set may name.
+    pub agent_images: AgentImagePolicy,
 }
 
 impl Config {
@@ -73,6 +76,12 @@ impl Config {
             topology: TopologyConfig::default(),
             binder: true,
             controller: true,
+            agent_images: AgentImagePolicy::only(
+                &std::env::var("SLUICE_AGENT_IMAGE")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| crate::release::crd::DEFAULT_AGENT_IMAGE.to_string()),
+            ),
         }
     }
 }
@@ -118,7 +127,7 @@ pub fn run(
         };
         let controller = async move {
             if config.controller {
-                controller::run(client, pods, nodes, metrics, scope).await;
+                controller::run(client, pods, nodes, metrics, scope, config.agent_images).await;
             } else {
                 std::future::pending::<()>().await;
             }
