@@ -63,7 +63,7 @@ async fn invalid_releases_are_rejected_with_a_fix() {
     // Observe mode leaves the proxy port unused: the application may have its number.
     let observe = release(
         "observe",
-        "  workloadRef: {name: echo}\n  agent: {mode: observe, port: 15101}\n  drain: {quietPeriod: 0s, propagationTimeout: 1h, drainTimeout: 1h}",
+        "  workloadRef: {name: echo}\n  agent: {mode: observe, port: 15101}\n  drain: {quietPeriod: 0s, propagationTimeout: 1h, drainTimeout: 30s}",
     );
     api.create(&dry, &observe)
         .await
@@ -187,9 +187,9 @@ async fn invalid_releases_are_rejected_with_a_fix() {
             "drain.quietPeriod must be shorter than drain.propagationTimeout",
         ),
         (
-            "ptd",
-            "  workloadRef: {name: echo}\n  drain: {propagationTimeout: 2m}",
-            "drain.propagationTimeout must not be longer than drain.drainTimeout",
+            "qd",
+            "  workloadRef: {name: echo}\n  drain: {quietPeriod: 30s, propagationTimeout: 5m, drainTimeout: 20s}",
+            "drain.quietPeriod must be shorter than drain.drainTimeout",
         ),
         (
             "pd",

@@ -515,10 +515,12 @@ fn check_bounds(
             format_duration(drain.propagation_timeout)
         ));
     }
-    if drain.propagation_timeout > drain.drain_timeout {
+    // Not propagationTimeout <= drainTimeout: the operator waits for quiet before the
+    // agent's drain starts, so the two do not nest (observe mode wants a short drain).
+    if drain.quiet_period >= drain.drain_timeout {
         errs.push(format!(
-            "drain.propagationTimeout ({}) must not be longer than drain.drainTimeout ({}): raise drainTimeout or lower propagationTimeout",
-            format_duration(drain.propagation_timeout),
+            "drain.quietPeriod ({}) must be shorter than drain.drainTimeout ({}): lengthen drainTimeout or shorten quietPeriod",
+            format_duration(drain.quiet_period),
             format_duration(drain.drain_timeout)
         ));
     }
@@ -678,8 +680,8 @@ mod tests {
                 "drain.quietPeriod (1m30s) must be shorter than drain.propagationTimeout (1m)",
             ),
             (
-                "drain: {propagationTimeout: 2m}",
-                "drain.propagationTimeout (2m) must not be longer than drain.drainTimeout (1m30s)",
+                "drain: {quietPeriod: 30s, propagationTimeout: 5m, drainTimeout: 20s}",
+                "drain.quietPeriod (30s) must be shorter than drain.drainTimeout (20s)",
             ),
             (
                 "progressDeadline: 48h",
@@ -718,6 +720,12 @@ mod tests {
                 "{extra}: {errs:?} should mention {want}"
             );
         }
+        // The e2e observe-mode shape: a drain shorter than the wait for quiet is fine.
+        Settings::from_spec(
+            &spec("workloadRef: {name: echo}\ndrain: {quietPeriod: 2s, propagationTimeout: 60s, drainTimeout: 30s}"),
+            "img",
+        )
+        .unwrap();
         // Observe mode does not use the proxy port.
         Settings::from_spec(
             &spec("workloadRef: {name: echo}\nagent: {mode: observe, port: 15101}"),
