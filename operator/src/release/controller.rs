@@ -2,8 +2,9 @@
 //! its actions idempotently, write status.
 //!
 //! Only the leader runs this (the operator shell starts [`run`] once it holds the Lease).
-//! The only in-memory state is a short history of agent metric samples per pod; losing it
-//! (restart) makes the next decisions wait for fresh samples, never act early.
+//! The only in-memory state is a short history of agent metric samples per Release and
+//! pod ([`super::samples`]); losing it (restart) makes the next decisions wait for fresh
+//! samples, never act early.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use super::crd::{
-    ABORT_ANNOTATION, DELETION_COST_ANNOTATION, DRAIN_RELEASED_ANNOTATION,
+    ABORT_ANNOTATION, DEFAULT_ADMIN_PORT, DELETION_COST_ANNOTATION, DRAIN_RELEASED_ANNOTATION,
     DRAIN_STARTED_ANNOTATION, FIELD_MANAGER, FINALIZER, PROMOTE_ANNOTATION, RELEASE_LABEL,
     REPLICAS_ANNOTATION, REVISION_LABEL, Release, ReleaseStatus, SERVING_CONDITION,
 };
@@ -268,7 +269,7 @@ async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Err
     let admin_port = settings
         .as_ref()
         .map(|s| s.agent.admin_port)
-        .unwrap_or(9901);
+        .unwrap_or(DEFAULT_ADMIN_PORT);
     let scraped = scrape_all(&our_pods, admin_port).await;
     let (rate_window, cmp_window) = match &settings {
         Ok(s) => (
