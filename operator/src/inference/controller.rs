@@ -367,7 +367,11 @@ async fn reconcile(set: Arc<InferenceSet>, ctx: Arc<Context>) -> Result<Requeue,
         let scraped = crate::drain::scrape_all(&draining, agent.admin_port).await;
         let keep = drain.quiet_period.as_secs_f64() + 10.0;
         let prefix = format!("{ns}/{name}/");
-        let mut history = ctx.history.lock().expect("history lock");
+        // A contained panic may have poisoned it; the history is still usable.
+        let mut history = ctx
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let present: Vec<String> = draining
             .iter()
             .map(|p| format!("{prefix}{}", p.name_any()))
@@ -709,7 +713,18 @@ pub async fn run(
     Controller::new(sets, watcher::Config::default())
         .owns(owned, watcher::Config::default().labels(SET_LABEL))
         .reconcile_all_on(node_changes(nodes))
-        .run(reconcile, error_policy, ctx)
+        .run(
+            |set, ctx| async move {
+                crate::panic_guard::catch_panic(reconcile(set, ctx))
+                    .await
+                    .unwrap_or_else(|msg| {
+                        tracing::error!(panic = %msg, "InferenceSet reconcile panicked");
+                        Err(Error::Panic(msg))
+                    })
+            },
+            error_policy,
+            ctx,
+        )
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "reconcile round");

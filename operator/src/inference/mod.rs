@@ -41,6 +41,10 @@ pub enum Error {
     Template(String),
     #[error("serialization: {0}")]
     Serialize(#[from] serde_json::Error),
+    /// A bug: the reconcile of this object panicked (contained to it; see
+    /// [`crate::panic_guard`]).
+    #[error("the reconcile panicked: {0}")]
+    Panic(String),
 }
 
 impl Error {
@@ -51,6 +55,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Template(_) => "template",
             Error::Serialize(_) => "serialize",
+            Error::Panic(_) => "panic",
         }
     }
 }

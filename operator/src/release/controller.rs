@@ -462,19 +462,9 @@ async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Err
 pub async fn contain_panic<T>(
     reconcile: impl std::future::Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
-    use futures::FutureExt;
-    match std::panic::AssertUnwindSafe(reconcile).catch_unwind().await {
-        Ok(res) => res,
-        Err(payload) => Err(Error::Panic(panic_message(payload.as_ref()))),
-    }
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
+    crate::panic_guard::catch_panic(reconcile)
+        .await
+        .unwrap_or_else(|msg| Err(Error::Panic(msg)))
 }
 
 /// The status a panicked reconcile leaves (pure): everything as it was, the message and
