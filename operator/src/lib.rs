@@ -10,5 +10,6 @@ pub mod crds;
 pub mod drain;
 pub mod inference;
 pub mod leader;
+pub mod panic_guard;
 pub mod release;
 pub mod telemetry;

@@ -19,6 +19,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of the arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Print the CustomResourceDefinitions as YAML (what `crds/` holds).
@@ -56,6 +58,15 @@ struct RunArgs {
         default_value = "topology.kubernetes.io/zone,sluice.dev/rack,nvidia.com/gpu.clique"
     )]
     topology_levels: Vec<String>,
+    /// The agent image injected into the pods of a Release that names none.
+    #[arg(long, env = "SLUICE_AGENT_IMAGE", default_value = release::crd::DEFAULT_AGENT_IMAGE)]
+    agent_image: String,
+    /// Agent images a Release may name in `spec.agent.image`, besides --agent-image
+    /// (comma-separated; an entry ending in `*` allows every image starting with the
+    /// rest). Default: only --agent-image. A Release naming another image fails with a
+    /// status condition that lists these, and nothing is injected.
+    #[arg(long, env = "SLUICE_ALLOWED_AGENT_IMAGES", value_delimiter = ',')]
+    allowed_agent_images: Vec<String>,
 }
 
 #[tokio::main]
@@ -88,6 +99,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = client(args.kubeconfig.as_deref()).await?;
     let mut registry = prometheus_client::registry::Registry::with_prefix("sluice");
     let release_metrics = release::register(&mut registry);
+    let release_config =
+        release::controller::Config::new(args.agent_image, args.allowed_agent_images);
+    let agent_images = release_config.agent_images.clone();
     let inference = inference::run(
         client.clone(),
         &mut registry,
@@ -95,6 +109,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             topology: inference::TopologyConfig {
                 levels: args.topology_levels,
             },
+            agent_images,
             ..inference::Config::new()
         },
     );
@@ -141,7 +156,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(%identity, "leading: starting controllers");
     let controllers = tokio::spawn(async move {
         tokio::select! {
-            _ = release::run(client.clone(), release_metrics) => "Release",
+            _ = release::run(client.clone(), release_metrics, release_config) => "Release",
             _ = inference => "InferenceSet",
         }
     });

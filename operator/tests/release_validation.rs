@@ -60,6 +60,14 @@ async fn invalid_releases_are_rejected_with_a_fix() {
     api.create(&dry, &ok)
         .await
         .expect("a valid Release is admitted");
+    // Observe mode leaves the proxy port unused: the application may have its number.
+    let observe = release(
+        "observe",
+        "  workloadRef: {name: echo}\n  agent: {mode: observe, port: 15101}\n  drain: {quietPeriod: 0s, propagationTimeout: 1h, drainTimeout: 30s}",
+    );
+    api.create(&dry, &observe)
+        .await
+        .expect("an observe-mode Release on the proxy port's number is admitted");
 
     let long = "a".repeat(60);
     let cases: &[(&str, &str, &str)] = &[
@@ -96,12 +104,12 @@ async fn invalid_releases_are_rejected_with_a_fix() {
         (
             "c",
             "  workloadRef: {name: echo}\n  drain: {closeRate: 0}",
-            "drain.closeRate must be at least 1",
+            "drain.closeRate must be between 1 and 100000",
         ),
         (
             "m",
             "  workloadRef: {name: echo}\n  drain: {maxConcurrent: 0}",
-            "drain.maxConcurrent must be at least 1",
+            "drain.maxConcurrent must be between 1 and 1000",
         ),
         (
             "k",
@@ -116,12 +124,12 @@ async fn invalid_releases_are_rejected_with_a_fix() {
         (
             "s",
             "  workloadRef: {name: echo}\n  maxSurge: 0",
-            "maxSurge must be a positive number",
+            "maxSurge must be a number of pods between 1 and 100000",
         ),
         (
             "p",
             "  workloadRef: {name: echo}\n  maxSurge: 150%",
-            "maxSurge must be a positive number",
+            "maxSurge must be a number of pods between 1 and 100000",
         ),
         (
             "r",
@@ -131,12 +139,12 @@ async fn invalid_releases_are_rejected_with_a_fix() {
         (
             "f",
             "  workloadRef: {name: echo}\n  gates: {comparison: {failureLimit: 0}}",
-            "comparison.failureLimit must be at least 1",
+            "comparison.failureLimit must be between 1 and 100",
         ),
         (
             "l",
             "  workloadRef: {name: echo}\n  gates: {comparison: {maxLatencyRatio: 0.5}}",
-            "maxLatencyRatio must be at least 1.0",
+            "maxLatencyRatio must be between 1.0 and 1000",
         ),
         (
             "x",
@@ -151,12 +159,77 @@ async fn invalid_releases_are_rejected_with_a_fix() {
         (
             "i",
             "  workloadRef: {name: echo}\n  agent: {image: ''}",
-            "agent.image must not be empty",
+            "agent.image must be an image reference of 1 to 512 characters",
         ),
         (
             "o",
             "  workloadRef: {name: echo}\n  agent: {mode: sidecar}",
             "supported values: \"proxy\", \"observe\"",
+        ),
+        (
+            "rmax",
+            "  workloadRef: {name: echo}\n  replicas: 200000",
+            "replicas must be between 1 and 100000",
+        ),
+        (
+            "dt0",
+            "  workloadRef: {name: echo}\n  drain: {drainTimeout: 0s, propagationTimeout: 0s, quietPeriod: 0s}",
+            "drain.drainTimeout must be longer than 0s and at most 1h",
+        ),
+        (
+            "pt2h",
+            "  workloadRef: {name: echo}\n  drain: {propagationTimeout: 2h, drainTimeout: 2h}",
+            "drain.propagationTimeout must be longer than 0s and at most 1h",
+        ),
+        (
+            "qp",
+            "  workloadRef: {name: echo}\n  drain: {quietPeriod: 90s}",
+            "drain.quietPeriod must be shorter than drain.propagationTimeout",
+        ),
+        (
+            "qd",
+            "  workloadRef: {name: echo}\n  drain: {quietPeriod: 30s, propagationTimeout: 5m, drainTimeout: 20s}",
+            "drain.quietPeriod must be shorter than drain.drainTimeout",
+        ),
+        (
+            "pd",
+            "  workloadRef: {name: echo}\n  progressDeadline: 48h",
+            "progressDeadline must be longer than 0s and at most 24h",
+        ),
+        (
+            "gd0",
+            "  workloadRef: {name: echo}\n  steps: [{gate: {duration: 0s}}]",
+            "gate.duration must be longer than 0s and at most 24h",
+        ),
+        (
+            "hi",
+            "  workloadRef: {name: echo}\n  gates: {health: {interval: 0s}}",
+            "health.interval must be between 1s and 10m",
+        ),
+        (
+            "ap",
+            "  workloadRef: {name: echo}\n  agent: {adminPort: 15101}",
+            "agent.adminPort and agent.proxyPort must differ",
+        ),
+        (
+            "pa",
+            "  workloadRef: {name: echo}\n  agent: {port: 9901}",
+            "must differ from agent.adminPort",
+        ),
+        (
+            "pp",
+            "  workloadRef: {name: echo}\n  agent: {port: 15101}",
+            "must differ from agent.proxyPort",
+        ),
+        (
+            "p0",
+            "  workloadRef: {name: echo}\n  agent: {port: 0}",
+            "agent.port must be a port number between 1 and 65535 or a port name",
+        ),
+        (
+            "pn",
+            "  workloadRef: {name: echo}\n  agent: {port: Not_A_Name}",
+            "agent.port must be a port number between 1 and 65535 or a port name",
         ),
         (
             long.as_str(),
@@ -173,4 +246,61 @@ async fn invalid_releases_are_rejected_with_a_fix() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `spec.workloadRef` cannot change, and status rejects a negative step. Needs a stored
+/// object (a dry run cannot update what does not exist): created, checked, deleted.
+#[tokio::test]
+async fn workload_ref_is_immutable_and_status_is_bounded() {
+    let Some(client) = client().await else {
+        eprintln!("SKIP: no test-ground cluster (make cluster-up)");
+        return;
+    };
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client.clone());
+    crds.patch(
+        "releases.sluice.dev",
+        &PatchParams::apply("sluice-e2e").force(),
+        &Patch::Apply(Release::crd()),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client, "default", &ApiResource::erase::<Release>(&()));
+    let name = "immutable-ref";
+    let _ = api.delete(name, &Default::default()).await;
+    api.create(
+        &PostParams::default(),
+        &release(name, "  workloadRef: {name: echo}"),
+    )
+    .await
+    .expect("a valid Release is stored");
+    let dry = PatchParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let changed = api
+        .patch(
+            name,
+            &dry,
+            &Patch::Merge(serde_json::json!({"spec": {"workloadRef": {"name": "other"}}})),
+        )
+        .await;
+    let negative = api
+        .patch_status(
+            name,
+            &dry,
+            &Patch::Merge(serde_json::json!({"status": {"currentStep": -1}})),
+        )
+        .await;
+    let _ = api.delete(name, &Default::default()).await;
+    match changed {
+        Err(kube::Error::Api(e)) if e.message.contains("workloadRef is immutable") => {}
+        other => panic!("changing workloadRef: {other:?}, expected \"workloadRef is immutable\""),
+    }
+    match negative {
+        Err(kube::Error::Api(e)) if e.message.contains("currentStep") => {}
+        other => panic!("status.currentStep -1: {other:?}, expected a rejection"),
+    }
 }

@@ -29,7 +29,7 @@ use crate::drain::History;
 use crate::release::crd::{DRAIN_STARTED_ANNOTATION, SERVING_CONDITION, parse_duration};
 use crate::release::inject::{inject, new_drain_token};
 use crate::release::plan::{parse_rfc3339, rfc3339};
-use crate::release::settings::{AgentSettings, DrainSettings};
+use crate::release::settings::{AgentImagePolicy, AgentSettings, DrainSettings};
 
 /// Shared by every reconcile.
 pub struct Context {
@@ -38,8 +38,8 @@ pub struct Context {
     pub nodes: Store<Node>,
     pub metrics: InferenceMetrics,
     pub recorder: Recorder,
-    /// Agent image when `spec.agent.image` is not set (`SLUICE_AGENT_IMAGE`).
-    pub agent_image: String,
+    /// The agent image when `spec.agent.image` is not set, and the ones a set may name.
+    pub agent_images: AgentImagePolicy,
     /// Agent samples of draining pods (the drain protocol's quiet signal).
     pub history: Mutex<History>,
 }
@@ -145,7 +145,7 @@ pub fn build_pod(
     slot: i32,
     rev: &str,
     index: i32,
-    agent_image: &str,
+    agent_images: &AgentImagePolicy,
 ) -> Result<Pod, Error> {
     let spec = &set.spec;
     let name = set.name_any();
@@ -159,7 +159,14 @@ pub fn build_pod(
     {
         c.startup_probe = Some(probe);
     }
-    if let Some((agent, drain)) = agent_settings(spec, agent_image) {
+    if let Some((agent, drain)) = agent_settings(spec, &agent_images.default_image) {
+        if !agent_images.allows(&agent.image) {
+            return Err(Error::Template(format!(
+                "agent.image {:?} is not allowed by this operator: allowed are {} (operator flag --allowed-agent-images); leave agent.image out to use the default",
+                agent.image,
+                agent_images.describe()
+            )));
+        }
         template = inject(&template, &agent, &drain, &new_drain_token())
             .map_err(|e| Error::Template(format!("injecting the agent: {e}")))?
             .template;
@@ -348,7 +355,7 @@ async fn reconcile(set: Arc<InferenceSet>, ctx: Arc<Context>) -> Result<Requeue,
         .filter_map(|p| pod_view(p, &nodes, t, grace))
         .collect();
     // The drain protocol's quiet signal: scrape the agents of draining pods.
-    if let Some((agent, drain)) = agent_settings(&set.spec, &ctx.agent_image) {
+    if let Some((agent, drain)) = agent_settings(&set.spec, &ctx.agent_images.default_image) {
         let draining: Vec<&Pod> = ours
             .iter()
             .map(|p| p.as_ref())
@@ -360,7 +367,11 @@ async fn reconcile(set: Arc<InferenceSet>, ctx: Arc<Context>) -> Result<Requeue,
         let scraped = crate::drain::scrape_all(&draining, agent.admin_port).await;
         let keep = drain.quiet_period.as_secs_f64() + 10.0;
         let prefix = format!("{ns}/{name}/");
-        let mut history = ctx.history.lock().expect("history lock");
+        // A contained panic may have poisoned it; the history is still usable.
+        let mut history = ctx
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let present: Vec<String> = draining
             .iter()
             .map(|p| format!("{prefix}{}", p.name_any()))
@@ -429,7 +440,7 @@ async fn execute(set: &InferenceSet, ctx: &Context, actions: &[Action]) -> Resul
             } => {
                 let pods = indices
                     .iter()
-                    .map(|i| build_pod(set, gang, *slot, revision, *i, &ctx.agent_image))
+                    .map(|i| build_pod(set, gang, *slot, revision, *i, &ctx.agent_images))
                     .collect::<Result<Vec<_>, _>>()?;
                 let jobs: Vec<futures::future::BoxFuture<'static, Result<(), kube::Error>>> = pods
                     .into_iter()
@@ -674,6 +685,7 @@ pub async fn run(
     nodes: Store<Node>,
     metrics: InferenceMetrics,
     namespace: Option<String>,
+    agent_images: AgentImagePolicy,
 ) {
     let (sets, owned): (Api<InferenceSet>, Api<Pod>) = match &namespace {
         Some(ns) => (
@@ -694,19 +706,76 @@ pub async fn run(
         pods: pods.clone(),
         nodes: nodes.clone(),
         metrics,
-        agent_image: std::env::var("SLUICE_AGENT_IMAGE")
-            .unwrap_or_else(|_| crate::release::crd::DEFAULT_AGENT_IMAGE.to_string()),
+        agent_images,
         history: Mutex::new(History::default()),
     });
     let _ = pods.wait_until_ready().await;
     Controller::new(sets, watcher::Config::default())
         .owns(owned, watcher::Config::default().labels(SET_LABEL))
         .reconcile_all_on(node_changes(nodes))
-        .run(reconcile, error_policy, ctx)
+        .run(
+            |set, ctx| async move {
+                crate::panic_guard::catch_panic(reconcile(set, ctx))
+                    .await
+                    .unwrap_or_else(|msg| {
+                        tracing::error!(panic = %msg, "InferenceSet reconcile panicked");
+                        Err(Error::Panic(msg))
+                    })
+            },
+            error_policy,
+            ctx,
+        )
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "reconcile round");
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::release::inject::{AGENT_CONTAINER, restricted_violations};
+
+    /// An InferenceSet's pods get the agent through the same injection as a Release's,
+    /// `restricted`-compliant too.
+    #[test]
+    fn the_agent_in_inference_pods_is_restricted_compliant() {
+        let set: InferenceSet = serde_json::from_value(serde_json::json!({
+            "apiVersion": "sluice.dev/v1alpha1",
+            "kind": "InferenceSet",
+            "metadata": {"name": "llm", "namespace": "ml", "uid": "u-1"},
+            "spec": {
+                "replicas": 1,
+                "podsPerReplica": 1,
+                "gpusPerPod": 1,
+                "agent": {},
+                "template": {"spec": {"containers": [{"name": "m", "image": "x", "ports": [{"name": "http", "containerPort": 8000}]}]}}
+            }
+        }))
+        .unwrap();
+        let images = AgentImagePolicy::only("sluice/agent:dev");
+        let pod = build_pod(&set, "g0", 0, "rev", 0, &images).unwrap();
+        let spec = pod.spec.unwrap();
+        let agent = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .find(|c| c.name == AGENT_CONTAINER)
+            .expect("the agent is injected");
+        assert_eq!(restricted_violations(agent), Vec::<String>::new());
+        let ports: Vec<i32> = agent
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| p.container_port)
+            .collect();
+        assert!(ports.contains(&15101), "{ports:?}");
+        // An image the operator does not allow is not injected.
+        let mut other = set.clone();
+        other.spec.agent.as_mut().unwrap().image = Some("evil.example/miner:1".into());
+        let err = build_pod(&other, "g0", 0, "rev", 0, &images).unwrap_err();
+        assert!(err.to_string().contains("is not allowed"), "{err}");
+    }
 }

@@ -22,6 +22,7 @@ mod plan_tests;
 
 use std::sync::Arc;
 
+use crate::release::settings::AgentImagePolicy;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::Api;
 use kube::runtime::watcher;
@@ -40,6 +41,10 @@ pub enum Error {
     Template(String),
     #[error("serialization: {0}")]
     Serialize(#[from] serde_json::Error),
+    /// A bug: the reconcile of this object panicked (contained to it; see
+    /// [`crate::panic_guard`]).
+    #[error("the reconcile panicked: {0}")]
+    Panic(String),
 }
 
 impl Error {
@@ -50,6 +55,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Template(_) => "template",
             Error::Serialize(_) => "serialize",
+            Error::Panic(_) => "panic",
         }
     }
 }
@@ -64,6 +70,8 @@ pub struct Config {
     pub binder: bool,
     /// Run the InferenceSet controller.
     pub controller: bool,
+    /// The agent image injected when a set names none, and the ones a set may name.
+    pub agent_images: AgentImagePolicy,
 }
 
 impl Config {
@@ -73,6 +81,12 @@ impl Config {
             topology: TopologyConfig::default(),
             binder: true,
             controller: true,
+            agent_images: AgentImagePolicy::only(
+                &std::env::var("SLUICE_AGENT_IMAGE")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| crate::release::crd::DEFAULT_AGENT_IMAGE.to_string()),
+            ),
         }
     }
 }
@@ -118,7 +132,7 @@ pub fn run(
         };
         let controller = async move {
             if config.controller {
-                controller::run(client, pods, nodes, metrics, scope).await;
+                controller::run(client, pods, nodes, metrics, scope, config.agent_images).await;
             } else {
                 std::future::pending::<()>().await;
             }

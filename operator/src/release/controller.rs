@@ -2,10 +2,11 @@
 //! its actions idempotently, write status.
 //!
 //! Only the leader runs this (the operator shell starts [`run`] once it holds the Lease).
-//! The only in-memory state is a short history of agent metric samples per pod; losing it
-//! (restart) makes the next decisions wait for fresh samples, never act early.
+//! The only in-memory state is a short history of agent metric samples per Release and
+//! pod ([`super::samples`]); losing it (restart) makes the next decisions wait for fresh
+//! samples, never act early.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,17 +23,18 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use super::crd::{
-    ABORT_ANNOTATION, DEFAULT_AGENT_IMAGE, DELETION_COST_ANNOTATION, DRAIN_RELEASED_ANNOTATION,
+    ABORT_ANNOTATION, DEFAULT_ADMIN_PORT, DELETION_COST_ANNOTATION, DRAIN_RELEASED_ANNOTATION,
     DRAIN_STARTED_ANNOTATION, FIELD_MANAGER, FINALIZER, PROMOTE_ANNOTATION, RELEASE_LABEL,
-    REPLICAS_ANNOTATION, REVISION_LABEL, Release, SERVING_CONDITION,
+    REPLICAS_ANNOTATION, REVISION_LABEL, Release, ReleaseStatus, SERVING_CONDITION,
 };
-use super::gates::{AgentSample, RevisionWindow, pod_signals};
 use super::inject::{inject, new_drain_token, revision_of};
 use super::metrics::ReleaseMetrics;
 use super::plan::{
     Action, DeploymentView, Observed, PodView, ReplicaSetView, parse_rfc3339, plan, rfc3339,
+    set_condition,
 };
-use super::settings::Settings;
+use super::samples::{ReleaseKey, SampleStore, SampleWindows};
+use super::settings::{AgentImagePolicy, Settings};
 use crate::drain::scrape_all;
 
 /// Errors of one reconcile; each has a metric label.
@@ -46,6 +48,10 @@ pub enum Error {
     MissingField(&'static str),
     #[error("Deployment {0:?} has no pod template spec")]
     NoTemplate(String),
+    /// A bug: the reconcile of this object panicked. Contained to this object; the
+    /// process and every other object's reconciles go on.
+    #[error("the reconcile panicked: {0}")]
+    Panic(String),
 }
 
 impl Error {
@@ -57,19 +63,41 @@ impl Error {
             Error::Serialize(_) => "serialize",
             Error::MissingField(_) => "invalid_object",
             Error::NoTemplate(_) => "invalid_workload",
+            Error::Panic(_) => "panic",
         }
     }
 }
-
-type Samples = HashMap<String, VecDeque<AgentSample>>;
 
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,
     pub metrics: ReleaseMetrics,
     pub recorder: Recorder,
-    pub agent_image: String,
-    samples: Mutex<Samples>,
+    /// The agent image injected by default and the ones Releases may name.
+    pub agent_images: AgentImagePolicy,
+    samples: Mutex<SampleStore>,
+}
+
+/// How the Release controller runs: the operator's flags.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub agent_images: AgentImagePolicy,
+}
+
+impl Config {
+    /// `allowed`: images a Release may name besides `default_image` (blanks ignored).
+    pub fn new(default_image: String, allowed: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            agent_images: AgentImagePolicy {
+                default_image,
+                allowed: allowed
+                    .into_iter()
+                    .map(|a| a.trim().to_string())
+                    .filter(|a| !a.is_empty())
+                    .collect(),
+            },
+        }
+    }
 }
 
 fn now_secs() -> f64 {
@@ -80,12 +108,7 @@ fn now_secs() -> f64 {
 }
 
 /// Run the Release controller until the returned future is dropped.
-///
-/// The agent image injected when a Release does not name one comes from
-/// `SLUICE_AGENT_IMAGE` (else [`DEFAULT_AGENT_IMAGE`]).
-pub async fn run(client: Client, metrics: ReleaseMetrics) {
-    let agent_image =
-        std::env::var("SLUICE_AGENT_IMAGE").unwrap_or_else(|_| DEFAULT_AGENT_IMAGE.to_string());
+pub async fn run(client: Client, metrics: ReleaseMetrics, config: Config) {
     let reporter = Reporter {
         controller: "sluice-release".into(),
         instance: std::env::var("POD_NAME").ok(),
@@ -94,8 +117,8 @@ pub async fn run(client: Client, metrics: ReleaseMetrics) {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
         metrics,
-        agent_image,
-        samples: Mutex::new(HashMap::new()),
+        agent_images: config.agent_images,
+        samples: Mutex::new(SampleStore::default()),
     });
     // `SLUICE_WATCH_NAMESPACE` limits the controller to one namespace (tests run one
     // operator per namespace side by side); unset, it watches every namespace.
@@ -180,7 +203,11 @@ fn error_policy(release: Arc<Release>, err: &Error, ctx: Arc<Context>) -> Requeu
 #[tracing::instrument(skip_all, fields(release = %release.name_any(), ns = release.namespace().unwrap_or_default()))]
 async fn reconcile(release: Arc<Release>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let started = Instant::now();
-    let res = reconcile_inner(&release, &ctx).await;
+    let res = contain_panic(reconcile_inner(&release, &ctx)).await;
+    if let Err(Error::Panic(msg)) = &res {
+        tracing::error!(panic = %msg, "release reconcile panicked");
+        report_panic(&release, &ctx, msg).await;
+    }
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
@@ -200,6 +227,7 @@ async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Err
         .get_opt(&name)
         .await?
     else {
+        lock_samples(ctx).forget_named(&ns, &name);
         return Ok(Requeue::await_change());
     };
     let release = &release;
@@ -210,7 +238,7 @@ async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Err
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
 
     // Gather.
-    let settings = Settings::from_spec(&release.spec, &ctx.agent_image);
+    let settings = Settings::from_spec_with(&release.spec, &ctx.agent_images);
     let deployment = deployments.get_opt(&release.spec.workload_ref.name).await?;
     let dep_view = deployment.as_ref().map(|d| deployment_view(d, &settings));
     let selector = format!("{RELEASE_LABEL}={name}");
@@ -228,28 +256,20 @@ async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Err
         .filter_map(|r| {
             Some(ReplicaSetView {
                 name: r.name_any(),
+                uid: r.uid()?,
                 revision: r.labels().get(REVISION_LABEL)?.clone(),
                 replicas: r.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
             })
         })
         .collect();
-    let rs_names: Vec<&str> = replica_sets.iter().map(|r| r.name.as_str()).collect();
     let pod_list = pods.list(&ListParams::default().labels(&selector)).await?;
-    let our_pods: Vec<&Pod> = pod_list
-        .items
-        .iter()
-        .filter(|p| {
-            p.owner_references()
-                .iter()
-                .any(|o| o.kind == "ReplicaSet" && rs_names.contains(&o.name.as_str()))
-        })
-        .collect();
+    let our_pods = pods_of_replica_sets(&pod_list.items, &replica_sets);
 
     let now = now_secs();
     let admin_port = settings
         .as_ref()
         .map(|s| s.agent.admin_port)
-        .unwrap_or(9901);
+        .unwrap_or(DEFAULT_ADMIN_PORT);
     let scraped = scrape_all(&our_pods, admin_port).await;
     let (rate_window, cmp_window) = match &settings {
         Ok(s) => (
@@ -264,40 +284,20 @@ async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Err
         ),
         Err(_) => (5.0, 10.0),
     };
-    let keep = rate_window.max(cmp_window) + 10.0;
-    let mut views = Vec::new();
-    let mut windows: BTreeMap<String, RevisionWindow> = BTreeMap::new();
-    {
-        let mut samples = ctx.samples.lock().expect("samples lock");
-        let prefix = format!("{ns}/");
-        let present: Vec<String> = our_pods
-            .iter()
-            .map(|p| format!("{ns}/{}", p.name_any()))
-            .collect();
-        samples.retain(|k, _| !k.starts_with(&prefix) || present.contains(k));
-        for (pod, sample) in our_pods.iter().zip(scraped) {
-            let key = format!("{ns}/{}", pod.name_any());
-            let hist = samples.entry(key).or_default();
-            if let Some(s) = sample {
-                hist.push_back(s);
-            }
-            while hist.front().is_some_and(|s| now - s.at > keep) && hist.len() > 2 {
-                hist.pop_front();
-            }
-            let hist = hist.make_contiguous();
-            let mut view = pod_view(pod);
-            if !hist.is_empty() {
-                view.signals = Some(pod_signals(hist, rate_window, now));
-            }
-            if view.drain_started.is_none() && !view.deleting {
-                windows
-                    .entry(view.revision.clone())
-                    .or_default()
-                    .add_pod(hist, cmp_window);
-            }
-            views.push(view);
-        }
-    }
+    let key = ReleaseKey {
+        namespace: ns.clone(),
+        name: name.clone(),
+        uid: uid.clone(),
+    };
+    let (views, windows) = lock_samples(ctx).observe(
+        &key,
+        our_pods.iter().map(|p| pod_view(p)).zip(scraped).collect(),
+        SampleWindows {
+            rate: rate_window,
+            comparison: cmp_window,
+        },
+        now,
+    );
 
     let annotations = release.annotations();
     let observed = Observed {
@@ -323,18 +323,15 @@ async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Err
         tracing::debug!(?action, "executing");
         match action {
             Action::AddFinalizer => {
-                let mut f: Vec<String> = release.finalizers().to_vec();
-                f.push(FINALIZER.into());
-                patch_release_meta(ctx, &ns, &name, json!({"metadata": {"finalizers": f}})).await?;
+                let patch = add_finalizer_patch(release.finalizers());
+                patch_release_json(ctx, &ns, &name, patch).await?;
             }
             Action::RemoveFinalizer => {
-                let f: Vec<&String> = release
-                    .finalizers()
-                    .iter()
-                    .filter(|f| *f != FINALIZER)
-                    .collect();
-                patch_release_meta(ctx, &ns, &name, json!({"metadata": {"finalizers": f}})).await?;
+                if let Some(patch) = remove_finalizer_patch(release.finalizers()) {
+                    patch_release_json(ctx, &ns, &name, patch).await?;
+                }
                 ctx.metrics.forget(&ns, &name);
+                lock_samples(ctx).forget(&key);
                 // The object may be gone now: no status to write.
                 return Ok(Requeue::await_change());
             }
@@ -460,20 +457,123 @@ async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Err
     Ok(Requeue::requeue(plan.requeue_after))
 }
 
+/// Run one reconcile; a panic in it becomes [`Error::Panic`] for this object alone
+/// (the controller's error policy requeues it, with backoff, like any other error).
+pub async fn contain_panic<T>(
+    reconcile: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    crate::panic_guard::catch_panic(reconcile)
+        .await
+        .unwrap_or_else(|msg| Err(Error::Panic(msg)))
+}
+
+/// The status a panicked reconcile leaves (pure): everything as it was, the message and
+/// the `Degraded` condition saying what happened.
+pub fn panic_status(prev: &ReleaseStatus, generation: i64, msg: &str, now: f64) -> ReleaseStatus {
+    let mut status = prev.clone();
+    let message = format!(
+        "the operator failed on this Release (a bug; please report it with the operator's log): {msg}; retrying with backoff"
+    );
+    status.message = Some(message.clone());
+    set_condition(
+        &mut status,
+        "Ready",
+        false,
+        "ReconcilePanicked",
+        &message,
+        generation,
+        now,
+    );
+    set_condition(
+        &mut status,
+        "Degraded",
+        true,
+        "ReconcilePanicked",
+        &message,
+        generation,
+        now,
+    );
+    status
+}
+
+/// Write [`panic_status`] (best effort: the error is already counted and logged).
+async fn report_panic(release: &Release, ctx: &Context, msg: &str) {
+    let (Some(ns), name) = (release.namespace(), release.name_any()) else {
+        return;
+    };
+    let status = panic_status(
+        &release.status.clone().unwrap_or_default(),
+        release.metadata.generation.unwrap_or(0),
+        msg,
+        now_secs(),
+    );
+    // A merge patch of the two fields: the rest of status stays as the last round wrote it.
+    let body = json!({"status": {"message": status.message, "conditions": status.conditions}});
+    let api: Api<Release> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Err(err) = api
+        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&body))
+        .await
+    {
+        tracing::warn!(error = %err, "could not report the panic in the Release's status");
+    }
+}
+
+/// JSON patch that adds [`FINALIZER`] to the list read as `current`, only if the list is
+/// still that: a finalizer another controller added meanwhile is never overwritten (the
+/// `test` fails, the reconcile retries on a fresh read).
+pub fn add_finalizer_patch(current: &[String]) -> serde_json::Value {
+    if current.is_empty() {
+        // An absent list tests equal to null.
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ])
+    } else {
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": current},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+        ])
+    }
+}
+
+/// JSON patch that removes [`FINALIZER`] at the index it was read at, only if it is still
+/// there; `None` when it is not in `current`.
+pub fn remove_finalizer_patch(current: &[String]) -> Option<serde_json::Value> {
+    let i = current.iter().position(|f| f == FINALIZER)?;
+    let path = format!("/metadata/finalizers/{i}");
+    Some(json!([
+        {"op": "test", "path": path, "value": FINALIZER},
+        {"op": "remove", "path": path},
+    ]))
+}
+
 fn o_abort_changed(o: &Observed, a: &super::crd::AbortInfo) -> bool {
     o.status.abort.as_ref() != Some(a)
 }
 
-async fn patch_release_meta(
+async fn patch_release_json(
     ctx: &Context,
     ns: &str,
     name: &str,
-    body: serde_json::Value,
+    patch: serde_json::Value,
 ) -> Result<(), Error> {
     let api: Api<Release> = Api::namespaced(ctx.client.clone(), ns);
-    api.patch(name, &PatchParams::default(), &Patch::Merge(&body))
-        .await?;
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::<()>::Json(serde_json::from_value(patch)?),
+    )
+    .await?;
     Ok(())
+}
+
+/// The sample store. A panic while it was held (contained by [`contain_panic`]) leaves it
+/// poisoned; the samples are still consistent enough to go on with (the worst is a lost
+/// sample), so carry on rather than fail every later reconcile.
+fn lock_samples(ctx: &Context) -> std::sync::MutexGuard<'_, SampleStore> {
+    ctx.samples
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn merge<K>(api: &Api<K>, name: &str, body: serde_json::Value) -> Result<(), Error>
@@ -534,6 +634,21 @@ fn deployment_view(d: &Deployment, settings: &Result<Settings, Vec<String>>) -> 
     }
 }
 
+/// The pods whose controlling owner is one of `replica_sets`, by UID: a name says nothing
+/// about which ReplicaSet it was (an earlier Release of the same name had a ReplicaSet of
+/// the same name, whose pods may still be going).
+fn pods_of_replica_sets<'a>(pods: &'a [Pod], replica_sets: &[ReplicaSetView]) -> Vec<&'a Pod> {
+    pods.iter()
+        .filter(|p| {
+            p.owner_references().iter().any(|o| {
+                o.kind == "ReplicaSet"
+                    && o.controller == Some(true)
+                    && replica_sets.iter().any(|r| r.uid == o.uid)
+            })
+        })
+        .collect()
+}
+
 fn time_secs(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> f64 {
     t.0.as_millisecond() as f64 / 1000.0
 }
@@ -565,7 +680,9 @@ fn pod_view(p: &Pod) -> PodView {
             .and_then(|c| c.last_transition_time.as_ref())
             .map(time_secs),
         serving: cond(SERVING_CONDITION).map(|c| c.status == "True"),
-        restarts: statuses.iter().map(|s| s.restart_count).sum(),
+        restarts: statuses
+            .iter()
+            .fold(0i32, |sum, s| sum.saturating_add(s.restart_count)),
         crash_looping: statuses.iter().any(|s| {
             s.state
                 .as_ref()
@@ -694,6 +811,127 @@ spec:
             t.spec.unwrap().init_containers.unwrap()[0].name,
             "sluice-agent"
         );
+    }
+
+    fn pod_owned_by(name: &str, rs: &str, rs_uid: &str) -> Pod {
+        let mut p = Pod::default();
+        p.metadata.name = Some(name.into());
+        p.metadata.owner_references = Some(vec![OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "ReplicaSet".into(),
+            name: rs.into(),
+            uid: rs_uid.into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        }]);
+        p
+    }
+
+    /// A pod left behind by an earlier Release of the same name (its ReplicaSet, of the
+    /// same name, is being garbage-collected) is not this Release's pod.
+    #[test]
+    fn pods_belong_to_a_replica_set_by_uid_not_by_name() {
+        let ours = ReplicaSetView {
+            name: "echo-abc".into(),
+            uid: "rs-new".into(),
+            revision: "abc".into(),
+            replicas: 1,
+        };
+        let pods = [
+            pod_owned_by("echo-abc-1", "echo-abc", "rs-new"),
+            pod_owned_by("echo-abc-2", "echo-abc", "rs-old"),
+        ];
+        let names: Vec<String> = pods_of_replica_sets(&pods, &[ours])
+            .iter()
+            .map(|p| p.name_any())
+            .collect();
+        assert_eq!(names, ["echo-abc-1"]);
+    }
+
+    /// A panic in one reconcile comes back as that reconcile's error, with its own
+    /// metric label; the caller (and the process) goes on.
+    #[test]
+    fn a_panicking_reconcile_becomes_an_error() {
+        let res: Result<i32, Error> = futures::executor::block_on(contain_panic(async {
+            let steps: Vec<i32> = Vec::new();
+            let i = steps.len() + 3;
+            Ok(steps[i])
+        }));
+        let err = res.unwrap_err();
+        assert_eq!(err.metric_label(), "panic");
+        assert!(err.to_string().contains("index out of bounds"), "{err}");
+        let res: Result<(), Error> =
+            futures::executor::block_on(contain_panic(async { panic!("boom {}", 7) }));
+        assert!(res.unwrap_err().to_string().contains("boom 7"));
+        let fine: Result<i32, Error> = futures::executor::block_on(contain_panic(async { Ok(4) }));
+        assert_eq!(fine.unwrap(), 4);
+    }
+
+    #[test]
+    fn a_panic_is_reported_in_the_status_and_keeps_the_rest() {
+        let prev = ReleaseStatus {
+            current_step: Some(2),
+            stable_revision: Some("v1".into()),
+            ..Default::default()
+        };
+        let st = panic_status(&prev, 3, "index out of bounds", 1_700_000_000.0);
+        assert_eq!(st.current_step, Some(2));
+        assert_eq!(st.stable_revision.as_deref(), Some("v1"));
+        let degraded = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded")
+            .unwrap();
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "ReconcilePanicked")
+        );
+        assert!(degraded.message.contains("index out of bounds"));
+        assert_eq!(degraded.observed_generation, Some(3));
+        let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.status, "False");
+    }
+
+    /// The finalizer patches test the list they were built from, so a finalizer another
+    /// controller wrote meanwhile is never lost (a merge patch of the whole list would
+    /// drop it).
+    #[test]
+    fn finalizer_patches_test_the_list_they_change() {
+        let add = add_finalizer_patch(&[]);
+        assert_eq!(
+            add,
+            json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": null},
+                {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+            ])
+        );
+        let others = vec!["example.com/keep".to_string()];
+        let add = add_finalizer_patch(&others);
+        assert_eq!(
+            add,
+            json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": ["example.com/keep"]},
+                {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+            ])
+        );
+        let current = vec![
+            "example.com/keep".to_string(),
+            FINALIZER.to_string(),
+            "example.com/other".to_string(),
+        ];
+        assert_eq!(
+            remove_finalizer_patch(&current).unwrap(),
+            json!([
+                {"op": "test", "path": "/metadata/finalizers/1", "value": FINALIZER},
+                {"op": "remove", "path": "/metadata/finalizers/1"},
+            ])
+        );
+        assert_eq!(remove_finalizer_patch(&others), None);
+        // What the client sends: a well-formed RFC 6902 patch.
+        for p in [add, remove_finalizer_patch(&current).unwrap()] {
+            let patch = Patch::<()>::Json(serde_json::from_value(p).unwrap());
+            assert!(matches!(patch, Patch::Json(_)));
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::core::{Message, Rule};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -40,6 +41,21 @@ pub const REPLICAS_ANNOTATION: &str = "sluice.dev/replicas";
 pub const FINALIZER: &str = "sluice.dev/handback";
 /// Field manager for server-side apply of status.
 pub const FIELD_MANAGER: &str = "sluice-release";
+/// Default `spec.drain.quietPeriod`.
+pub const DEFAULT_QUIET_PERIOD: &str = "2s";
+/// Default `spec.drain.propagationTimeout`.
+pub const DEFAULT_PROPAGATION_TIMEOUT: &str = "60s";
+/// Default `spec.drain.drainTimeout`.
+pub const DEFAULT_DRAIN_TIMEOUT: &str = "90s";
+/// Default `spec.agent.proxyPort`. Not 15001 (Istio's outbound capture port): no port
+/// Istio (15000–15090) or Linkerd (4140–4191) reserves in the pod.
+pub const DEFAULT_PROXY_PORT: i32 = 15101;
+/// Default `spec.agent.adminPort`.
+pub const DEFAULT_ADMIN_PORT: i32 = 9901;
+/// Most replicas a Release runs (a cluster holds at most 150 000 pods); keeps every
+/// count far from `i32` overflow.
+pub const MAX_REPLICAS: i32 = 100_000;
+
 /// The agent image used when `spec.agent.image` is unset and the operator was not given
 /// one (`SLUICE_AGENT_IMAGE`).
 pub const DEFAULT_AGENT_IMAGE: &str = "ghcr.io/sluice-dev/sluice-agent:0.1.0";
@@ -91,13 +107,18 @@ pub struct ReleaseSpec {
     /// The Deployment whose rollouts this Release runs. Users keep editing that
     /// Deployment (GitOps changes its image); its pod template is the source of each
     /// new revision.
+    #[x_kube(
+        validation = Rule::new("self == oldSelf").message(
+            "workloadRef is immutable: to run another Deployment, create a new Release (deleting this one hands its pods back to its Deployment)"
+        )
+    )]
     pub workload_ref: WorkloadRef,
 
     /// Number of pods to run. Defaults to the Deployment's `spec.replicas` at takeover
     /// (remembered in the Deployment's `sluice.dev/replicas` annotation while the
     /// Deployment is held at zero).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1").message("replicas must be at least 1"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100000").message("replicas must be between 1 and 100000"))]
     pub replicas: Option<i32>,
 
     /// The steps of a release, in order. After the last step the canary takes 100% and
@@ -126,6 +147,7 @@ pub struct ReleaseSpec {
     /// Time a new pod must have been ready before it receives traffic (its
     /// `sluice.dev/serving` condition turns True). Default `0s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = duration_at_most("warmup", "1h"))]
     pub warmup: Option<DurationString>,
 
     /// Extra pods allowed above `replicas` while new pods start, like a Deployment's
@@ -133,14 +155,15 @@ pub struct ReleaseSpec {
     /// at least one pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(
-        validation = Rule::new("type(self) == int ? self >= 1 : self.matches('^[1-9][0-9]?%$|^100%$')")
-            .message("maxSurge must be a positive number of pods or a percentage between 1% and 100%")
+        validation = Rule::new("type(self) == int ? self >= 1 && self <= 100000 : self.matches('^[1-9][0-9]?%$|^100%$')")
+            .message("maxSurge must be a number of pods between 1 and 100000 or a percentage between 1% and 100%")
     )]
     pub max_surge: Option<IntOrString>,
 
     /// A step that has not finished after this long aborts the release
     /// (`ProgressDeadlineExceeded`). Default `10m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = duration_positive_at_most("progressDeadline", "24h"))]
     pub progress_deadline: Option<DurationString>,
 
     /// Hold the release where it is: no step advances and no new drain starts (drains
@@ -201,6 +224,7 @@ pub struct Step {
 #[serde(rename_all = "camelCase")]
 pub struct PauseStep {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = duration_at_most("pause.duration", "24h"))]
     pub duration: Option<DurationString>,
 }
 
@@ -208,6 +232,7 @@ pub struct PauseStep {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct GateStep {
+    #[x_kube(validation = duration_positive_at_most("gate.duration", "24h"))]
     pub duration: DurationString,
 }
 
@@ -237,7 +262,7 @@ pub struct HealthGate {
     pub min_ready_ratio: Option<f64>,
     /// Maximum container restarts summed over the new pods. Default 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 0").message("health.maxRestarts must be zero or more"))]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 10000").message("health.maxRestarts must be between 0 and 10000"))]
     pub max_restarts: Option<i32>,
     /// Fail when a new pod's container is in CrashLoopBackOff. Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -245,13 +270,15 @@ pub struct HealthGate {
     /// How long a new pod may take to become ready before it counts as not ready.
     /// Default `5m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = duration_positive_at_most("health.startupTimeout", "1h"))]
     pub startup_timeout: Option<DurationString>,
     /// Consecutive failed evaluations that abort the release. Default 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1").message("health.failureLimit must be at least 1"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("health.failureLimit must be between 1 and 100"))]
     pub failure_limit: Option<i32>,
     /// Time between evaluations. Default `5s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = interval_rule("health.interval"))]
     pub interval: Option<DurationString>,
 }
 
@@ -264,14 +291,15 @@ pub struct HealthGate {
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionRateGate {
     /// New connections per second per new pod.
-    #[x_kube(validation = Rule::new("self > 0.0").message("connectionRate.maxPerPod must be a positive number of new connections per second"))]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1000000.0").message("connectionRate.maxPerPod must be a positive number of new connections per second, at most 1000000"))]
     pub max_per_pod: f64,
     /// Consecutive failed evaluations (with no drain under way) that abort. Default 6.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1").message("connectionRate.failureLimit must be at least 1"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("connectionRate.failureLimit must be between 1 and 100"))]
     pub failure_limit: Option<i32>,
     /// Window over which the rate is measured and time between evaluations. Default `5s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = interval_rule("connectionRate.interval"))]
     pub interval: Option<DurationString>,
 }
 
@@ -285,45 +313,58 @@ pub struct ComparisonGate {
     pub max_error_ratio_delta: Option<f64>,
     /// Largest allowed canary p99 latency divided by stable p99 latency. Default 1.5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1.0").message("comparison.maxLatencyRatio must be at least 1.0 (1.5 means the canary's p99 may be 50% above stable's)"))]
+    #[x_kube(validation = Rule::new("self >= 1.0 && self <= 1000.0").message("comparison.maxLatencyRatio must be between 1.0 and 1000 (1.5 means the canary's p99 may be 50% above stable's)"))]
     pub max_latency_ratio: Option<f64>,
     /// Fewer requests than this on either side in a window make it inconclusive.
     /// Default 50.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1").message("comparison.minRequests must be at least 1"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000000").message("comparison.minRequests must be between 1 and 1000000000"))]
     pub min_requests: Option<i64>,
     /// Consecutive failed evaluations that abort. Default 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1").message("comparison.failureLimit must be at least 1"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("comparison.failureLimit must be between 1 and 100"))]
     pub failure_limit: Option<i32>,
     /// Measurement window and time between evaluations. Default `10s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = interval_rule("comparison.interval"))]
     pub interval: Option<DurationString>,
 }
 
 /// Drain timings. The agent gets the same values as flags.
+///
+/// `propagationTimeout` may exceed `drainTimeout`: the operator's wait for quiet comes
+/// before the agent's drain starts (observe mode relies on a short `drainTimeout`).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new(duration_order_rule("quietPeriod", DEFAULT_QUIET_PERIOD, "<", "propagationTimeout", DEFAULT_PROPAGATION_TIMEOUT))
+        .message("drain.quietPeriod must be shorter than drain.propagationTimeout (defaults 2s and 60s), or quiet could never be seen before the wait for it times out: lengthen propagationTimeout or shorten quietPeriod"),
+    validation = Rule::new(duration_order_rule("quietPeriod", DEFAULT_QUIET_PERIOD, "<", "drainTimeout", DEFAULT_DRAIN_TIMEOUT))
+        .message("drain.quietPeriod must be shorter than drain.drainTimeout (defaults 2s and 90s), or the agent's own drain would time out before it could see quiet: lengthen drainTimeout or shorten quietPeriod")
+)]
 pub struct DrainPolicy {
     /// No new connection for this long means every load balancer has seen the pod
     /// leave. Default `2s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = duration_at_most("drain.quietPeriod", "1h"))]
     pub quiet_period: Option<DurationString>,
     /// Longest wait for quiet; then the drain goes on and the record says so.
     /// Default `60s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = duration_positive_at_most("drain.propagationTimeout", "1h"))]
     pub propagation_timeout: Option<DurationString>,
     /// Connections per second the agent closes while draining. Default 100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1").message("drain.closeRate must be at least 1 connection per second"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100000").message("drain.closeRate must be between 1 and 100000 connections per second"))]
     pub close_rate: Option<i32>,
     /// Longest paced close; the pod's termination grace period is raised to cover it.
     /// Default `90s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = duration_positive_at_most("drain.drainTimeout", "1h"))]
     pub drain_timeout: Option<DurationString>,
     /// Pods draining at the same time. Default 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1").message("drain.maxConcurrent must be at least 1"))]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000").message("drain.maxConcurrent must be between 1 and 1000"))]
     pub max_concurrent: Option<i32>,
 }
 
@@ -352,6 +393,14 @@ pub enum AgentProtocol {
 /// The agent injected as a native sidecar.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("(has(self.mode) && self.mode == 'observe') || (has(self.adminPort) ? self.adminPort : 9901) != (has(self.proxyPort) ? self.proxyPort : 15101)")
+        .message("agent.adminPort and agent.proxyPort must differ (defaults 9901 and 15101): change one of them"),
+    validation = Rule::new("!has(self.port) || type(self.port) != int || self.port != (has(self.adminPort) ? self.adminPort : 9901)")
+        .message("agent.port is the application's port and must differ from agent.adminPort (default 9901): change agent.adminPort"),
+    validation = Rule::new("(has(self.mode) && self.mode == 'observe') || !has(self.port) || type(self.port) != int || self.port != (has(self.proxyPort) ? self.proxyPort : 15101)")
+        .message("agent.port is the application's port and must differ from agent.proxyPort (default 15101): change agent.proxyPort")
+)]
 pub struct AgentSpec {
     /// `proxy` (default) or `observe`.
     #[serde(default)]
@@ -361,7 +410,7 @@ pub struct AgentSpec {
     pub protocol: Option<AgentProtocol>,
     /// Agent image. Default: the operator's `SLUICE_AGENT_IMAGE`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("size(self) > 0").message("agent.image must not be empty; leave it out to use the operator's default"))]
+    #[x_kube(validation = Rule::new("size(self) > 0 && size(self) <= 512").message("agent.image must be an image reference of 1 to 512 characters; leave it out to use the operator's default"))]
     pub image: Option<String>,
     /// The application container. Default: the container that declares `port`, else
     /// the first container.
@@ -370,8 +419,13 @@ pub struct AgentSpec {
     /// The application port the agent fronts (proxy) or watches (observe), by name or
     /// number. Default: the application container's first port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(
+        validation = Rule::new("type(self) == int ? self >= 1 && self <= 65535 : size(self) <= 15 && self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
+            .message("agent.port must be a port number between 1 and 65535 or a port name (at most 15 lowercase letters, digits and '-')")
+    )]
     pub port: Option<IntOrString>,
-    /// Port the agent listens on in proxy mode. Default 15001.
+    /// Port the agent listens on in proxy mode. Default 15101 (a port neither Istio
+    /// nor Linkerd uses).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("agent.proxyPort must be a port number between 1 and 65535"))]
     pub proxy_port: Option<i32>,
@@ -410,6 +464,48 @@ impl From<&str> for DurationString {
 
 /// The grammar the schema enforces; [`parse_duration`] accepts exactly this.
 pub const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h))+$";
+
+// Duration bounds as CEL. A string off the grammar is left to the grammar's own rule (the
+// `||` short-circuits before `duration()` could fail on it), so the user sees that rule's
+// message rather than an evaluation error.
+
+/// `field` may be zero, at most `max`.
+fn duration_at_most(field: &str, max: &str) -> Rule {
+    Rule::new(format!(
+        "!self.matches('{DURATION_PATTERN}') || duration(self) <= duration('{max}')"
+    ))
+    .message(Message::Message(format!("{field} must be at most {max}")))
+}
+
+/// `field` must be above zero and at most `max`.
+fn duration_positive_at_most(field: &str, max: &str) -> Rule {
+    Rule::new(format!(
+        "!self.matches('{DURATION_PATTERN}') || (duration(self) > duration('0s') && duration(self) <= duration('{max}'))"
+    ))
+    .message(Message::Message(format!(
+        "{field} must be longer than 0s and at most {max}"
+    )))
+}
+
+/// A gate interval: between 1s and 10m.
+fn interval_rule(field: &str) -> Rule {
+    Rule::new(format!(
+        "!self.matches('{DURATION_PATTERN}') || (duration(self) >= duration('1s') && duration(self) <= duration('10m'))"
+    ))
+    .message(Message::Message(format!(
+        "{field} must be between 1s and 10m"
+    )))
+}
+
+/// `a <op> b` between two optional duration fields of the same object, each with its
+/// default when unset.
+fn duration_order_rule(a: &str, a_default: &str, op: &str, b: &str, b_default: &str) -> String {
+    let val = |f: &str, d: &str| format!("(has(self.{f}) ? self.{f} : '{d}')");
+    let (va, vb) = (val(a, a_default), val(b, b_default));
+    format!(
+        "!{va}.matches('{DURATION_PATTERN}') || !{vb}.matches('{DURATION_PATTERN}') || duration({va}) {op} duration({vb})"
+    )
+}
 
 impl JsonSchema for DurationString {
     fn schema_name() -> Cow<'static, str> {
@@ -548,6 +644,7 @@ pub struct ReleaseStatus {
     pub message: Option<String>,
     /// Index of the step in progress; equal to the number of steps once all are done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub current_step: Option<i32>,
     /// `2/5` style, for printer columns.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -557,9 +654,11 @@ pub struct ReleaseStatus {
     pub step_started_at: Option<String>,
     /// Target percent of replicas on the canary revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
     pub canary_weight: Option<i32>,
     /// Replica count the release runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub replicas: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stable_revision: Option<String>,
@@ -619,6 +718,7 @@ pub struct GateResult {
     pub name: String,
     /// `Passed`, `Failed` or `Inconclusive`.
     pub result: String,
+    #[schemars(range(min = 0))]
     pub consecutive_failures: i32,
     /// RFC 3339.
     pub last_evaluated: String,
@@ -775,6 +875,69 @@ mod tests {
         assert!(all.iter().any(|r| r.contains("exists_one")));
         assert!(all.iter().any(|r| r.contains("self.metadata.name")));
         assert!(all.iter().any(|r| r.contains(DURATION_PATTERN)));
+    }
+
+    /// The rules of issue 13: immutability, duration bounds, cross-field orders, distinct
+    /// ports, status bounds.
+    #[test]
+    fn the_bounds_and_cross_field_rules_are_in_the_schema() {
+        let crd = crd_json();
+        let root = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"];
+        let spec = &root["spec"]["properties"];
+        let has = |v: &serde_json::Value, needle: &str| {
+            let mut out = Vec::new();
+            rules(v, &mut out);
+            out.iter()
+                .any(|(r, m)| r.contains(needle) || m.contains(needle))
+        };
+        assert!(has(&spec["workloadRef"], "self == oldSelf"));
+        assert!(has(&spec["workloadRef"], "workloadRef is immutable"));
+        let drain = &spec["drain"];
+        assert!(has(
+            &drain["properties"]["drainTimeout"],
+            "drain.drainTimeout must be longer than 0s and at most 1h"
+        ));
+        assert!(has(
+            drain,
+            "duration((has(self.quietPeriod) ? self.quietPeriod : '2s')) < duration((has(self.propagationTimeout) ? self.propagationTimeout : '60s'))"
+        ));
+        assert!(has(
+            drain,
+            "duration((has(self.quietPeriod) ? self.quietPeriod : '2s')) < duration((has(self.drainTimeout) ? self.drainTimeout : '90s'))"
+        ));
+        assert!(has(
+            &spec["agent"],
+            "agent.adminPort and agent.proxyPort must differ"
+        ));
+        assert!(has(&spec["agent"]["properties"]["port"], "65535"));
+        for port in [DEFAULT_ADMIN_PORT, DEFAULT_PROXY_PORT] {
+            assert!(has(&spec["agent"], &format!(": {port})")), "{port}");
+        }
+        assert!(has(&spec["replicas"], "100000"));
+        let status = &root["status"]["properties"];
+        assert_eq!(status["currentStep"]["minimum"], 0.0);
+        assert_eq!(status["canaryWeight"]["maximum"], 100.0);
+    }
+
+    /// The defaults the CEL rules assume are the ones the controller applies.
+    #[test]
+    fn rule_defaults_parse() {
+        for d in [
+            DEFAULT_QUIET_PERIOD,
+            DEFAULT_PROPAGATION_TIMEOUT,
+            DEFAULT_DRAIN_TIMEOUT,
+        ] {
+            assert!(parse_duration(d).is_ok(), "{d}");
+        }
+        assert!(parse_duration(DEFAULT_QUIET_PERIOD) < parse_duration(DEFAULT_PROPAGATION_TIMEOUT));
+        assert!(parse_duration(DEFAULT_QUIET_PERIOD) < parse_duration(DEFAULT_DRAIN_TIMEOUT));
+        let drain_rules = duration_order_rule("a", "1s", "<", "b", "2s");
+        assert!(
+            drain_rules.contains(
+                "duration((has(self.a) ? self.a : '1s')) < duration((has(self.b) ? self.b : '2s'))"
+            ),
+            "{drain_rules}"
+        );
     }
 
     #[test]

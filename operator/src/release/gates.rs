@@ -253,7 +253,9 @@ pub struct PodHealth {
 
 pub fn evaluate_health(h: &HealthSettings, pods: &[PodHealth]) -> Evaluation {
     let mut values = BTreeMap::new();
-    let restarts: i32 = pods.iter().map(|p| p.restarts).sum();
+    let restarts: i32 = pods
+        .iter()
+        .fold(0i32, |sum, p| sum.saturating_add(p.restarts.max(0)));
     let crash = pods.iter().filter(|p| p.crash_looping).count();
     let eligible: Vec<_> = pods
         .iter()

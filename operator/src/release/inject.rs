@@ -20,8 +20,9 @@
 //! Service must target `proxyPort` (see docs/release.md).
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, HTTPGetAction, HTTPHeader, Lifecycle, LifecycleHandler,
-    PodReadinessGate, PodTemplateSpec, Probe, ResourceRequirements,
+    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, HTTPHeader, Lifecycle,
+    LifecycleHandler, PodReadinessGate, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -61,6 +62,10 @@ pub enum InjectError {
         "container {0:?} declares no port: declare the application's containerPort or set agent.port"
     )]
     NoPort(String),
+    #[error(
+        "agent.port {0} is not declared by the application container: declare containerPort {0} on it, or set agent.port to the port it declares"
+    )]
+    UndeclaredPort(i32),
     #[error("agent.proxyPort {0} is also the application's port: choose another agent.proxyPort")]
     PortClash(i32),
 }
@@ -103,8 +108,8 @@ pub fn inject(
         (None, Some(IntOrString::Int(n))) => spec
             .containers
             .iter()
-            .position(|c| c.ports.iter().flatten().any(|p| p.container_port == *n))
-            .unwrap_or(0),
+            .position(|c| declares(c, *n))
+            .ok_or(InjectError::UndeclaredPort(*n))?,
         (None, None) => 0,
     };
     let app = &spec.containers[idx];
@@ -114,6 +119,9 @@ pub fn inject(
             (p.container_port, Some(name.clone()))
         }
         Some(IntOrString::Int(n)) => {
+            if !declares(app, *n) {
+                return Err(InjectError::UndeclaredPort(*n));
+            }
             let name = app
                 .ports
                 .iter()
@@ -222,6 +230,8 @@ pub fn inject(
             value: Some(drain_token.into()),
             ..Default::default()
         }]),
+        // Two failures in a row, each allowed 2 s: one slow answer on a busy node does
+        // not take the pod out of the Service.
         readiness_probe: Some(Probe {
             http_get: Some(HTTPGetAction {
                 path: Some("/ready".into()),
@@ -229,21 +239,30 @@ pub fn inject(
                 ..Default::default()
             }),
             period_seconds: Some(2),
-            failure_threshold: Some(1),
+            timeout_seconds: Some(2),
+            failure_threshold: Some(2),
             ..Default::default()
         }),
-        resources: Some(agent.resources.clone().unwrap_or_else(|| {
-            ResourceRequirements {
-                requests: Some(
-                    [
-                        ("cpu".to_string(), Quantity("10m".into())),
-                        ("memory".to_string(), Quantity("32Mi".into())),
-                    ]
-                    .into(),
-                ),
+        // A wedged agent (its admin server stops answering) is restarted; a draining one
+        // still answers `/healthz`.
+        liveness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz".into()),
+                port: IntOrString::Int(admin),
                 ..Default::default()
-            }
-        })),
+            }),
+            period_seconds: Some(10),
+            timeout_seconds: Some(2),
+            failure_threshold: Some(3),
+            ..Default::default()
+        }),
+        resources: Some(
+            agent
+                .resources
+                .clone()
+                .unwrap_or_else(default_agent_resources),
+        ),
+        security_context: Some(restricted_security_context()),
         ..Default::default()
     };
     let inits = spec.init_containers.get_or_insert_with(Vec::new);
@@ -285,7 +304,9 @@ pub fn inject(
         ));
     }
 
-    let need = drain.drain_timeout.as_secs() as i64 + 10;
+    let need = i64::try_from(drain.drain_timeout.as_secs())
+        .unwrap_or(i64::MAX)
+        .saturating_add(10);
     let grace = spec.termination_grace_period_seconds.unwrap_or(30);
     spec.termination_grace_period_seconds = Some(grace.max(need));
 
@@ -294,6 +315,50 @@ pub fn inject(
         app_port,
         notes,
     })
+}
+
+/// Requests 10m CPU and 32Mi memory, memory limited to 128Mi: the agent holds per
+/// connection only small buffers, so a leak or a flood ends in a restart of the agent, not
+/// in the node's memory.
+fn default_agent_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(
+            [
+                ("cpu".to_string(), Quantity("10m".into())),
+                ("memory".to_string(), Quantity("32Mi".into())),
+            ]
+            .into(),
+        ),
+        limits: Some([("memory".to_string(), Quantity("128Mi".into()))].into()),
+        ..Default::default()
+    }
+}
+
+/// What the Pod Security Standard `restricted` asks of a container, so that the agent
+/// never stands between a namespace that enforces it and its pods: a fixed non-root user
+/// (65532, "nonroot" of distroless images), no privilege escalation, a read-only root,
+/// no capabilities (the agent listens above 1024), the runtime's default seccomp profile.
+fn restricted_security_context() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(65532),
+        run_as_group: Some(65532),
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn declares(c: &Container, port: i32) -> bool {
+    c.ports.iter().flatten().any(|p| p.container_port == port)
 }
 
 fn port_by_name<'a>(c: &'a Container, name: &str) -> Option<&'a ContainerPort> {
@@ -435,9 +500,9 @@ spec:
             .iter()
             .find(|p| p.name.as_deref() == Some("http"))
             .unwrap();
-        assert_eq!(http.container_port, 15001);
+        assert_eq!(http.container_port, 15101);
         let args = agent.args.as_ref().unwrap().join(" ");
-        assert!(args.starts_with("proxy --listen 0.0.0.0:15001 --upstream 127.0.0.1:8080 --protocol http --admin 0.0.0.0:9901"), "{args}");
+        assert!(args.starts_with("proxy --listen 0.0.0.0:15101 --upstream 127.0.0.1:8080 --protocol http --admin 0.0.0.0:9901"), "{args}");
         assert!(
             args.contains(
                 "--quiet-period 2s --propagation-timeout 1m --close-rate 100 --drain-timeout 1m30s"
@@ -492,7 +557,7 @@ spec:
         let t = "spec: {containers: [{name: app, image: x, ports: [{containerPort: 8080}]}]}";
         let out = inject_with(t, "").unwrap();
         assert!(
-            out.notes.iter().any(|n| n.contains("targetPort at 15001")),
+            out.notes.iter().any(|n| n.contains("targetPort at 15101")),
             "{:?}",
             out.notes
         );
@@ -557,6 +622,21 @@ spec:
         );
     }
 
+    /// A number no container declares is a mistake to report, not a reason to pick the
+    /// first container.
+    #[test]
+    fn a_numeric_port_nobody_declares_is_an_error() {
+        let err = inject_with(ECHO, "agent: {port: 9090}").unwrap_err();
+        assert_eq!(err, InjectError::UndeclaredPort(9090));
+        assert!(err.to_string().contains("containerPort"), "{err}");
+        let err = inject_with(ECHO, "agent: {container: echo, port: 9090}").unwrap_err();
+        assert_eq!(err, InjectError::UndeclaredPort(9090));
+        assert_eq!(
+            inject_with(ECHO, "agent: {port: 8080}").unwrap().app_port,
+            8080
+        );
+    }
+
     #[test]
     fn own_prestop_is_kept_unless_it_only_sleeps() {
         let t = r#"
@@ -614,5 +694,155 @@ spec:
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
         );
+    }
+}
+
+/// Pod Security Standards, profile `restricted` (with `baseline` under it), as far as
+/// one container decides it: the checks of
+/// <https://kubernetes.io/docs/concepts/security/pod-security-standards/> that a
+/// container-level setting can satisfy or break. Pure, for tests.
+#[cfg(test)]
+pub(crate) fn restricted_violations(c: &Container) -> Vec<String> {
+    let mut v = Vec::new();
+    let sc = c.security_context.clone().unwrap_or_default();
+    if sc.privileged == Some(true) {
+        v.push("privileged".into());
+    }
+    if sc.allow_privilege_escalation != Some(false) {
+        v.push("allowPrivilegeEscalation must be false".into());
+    }
+    if sc.run_as_non_root != Some(true) {
+        v.push("runAsNonRoot must be true".into());
+    }
+    if sc.run_as_user == Some(0) {
+        v.push("runAsUser must not be 0".into());
+    }
+    match sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()) {
+        Some("RuntimeDefault" | "Localhost") => {}
+        other => v.push(format!(
+            "seccompProfile.type must be RuntimeDefault or Localhost, is {other:?}"
+        )),
+    }
+    let caps = sc.capabilities.clone().unwrap_or_default();
+    if !caps.drop.iter().flatten().any(|d| d == "ALL") {
+        v.push("capabilities.drop must include ALL".into());
+    }
+    for add in caps.add.iter().flatten() {
+        if add != "NET_BIND_SERVICE" {
+            v.push(format!("capability {add} may not be added"));
+        }
+    }
+    if sc.proc_mount.as_deref().is_some_and(|m| m != "Default") {
+        v.push("procMount must be Default".into());
+    }
+    if let Some(se) = &sc.se_linux_options {
+        if se.user.is_some() || se.role.is_some() {
+            v.push("seLinuxOptions user and role must be unset".into());
+        }
+        if let Some(t) = &se.type_
+            && ![
+                "container_t",
+                "container_init_t",
+                "container_kvm_t",
+                "container_engine_t",
+            ]
+            .contains(&t.as_str())
+        {
+            v.push(format!("seLinuxOptions.type {t} is not allowed"));
+        }
+    }
+    if sc
+        .app_armor_profile
+        .as_ref()
+        .is_some_and(|p| p.type_ == "Unconfined")
+    {
+        v.push("appArmorProfile must not be Unconfined".into());
+    }
+    if sc
+        .windows_options
+        .as_ref()
+        .is_some_and(|w| w.host_process == Some(true))
+    {
+        v.push("hostProcess".into());
+    }
+    for p in c.ports.iter().flatten() {
+        if p.host_port.is_some_and(|h| h != 0) {
+            v.push(format!("hostPort {:?}", p.host_port));
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod restricted_tests {
+    use super::*;
+    use crate::release::crd::ReleaseSpec;
+    use crate::release::settings::Settings;
+
+    fn agent_of(extra: &str) -> Container {
+        let spec: ReleaseSpec =
+            serde_yaml::from_str(&format!("workloadRef: {{name: echo}}\n{extra}")).unwrap();
+        let s = Settings::from_spec(&spec, "sluice/agent:dev").unwrap();
+        let t: PodTemplateSpec = serde_yaml::from_str(
+            "spec: {containers: [{name: app, image: x, ports: [{name: http, containerPort: 8080}]}]}",
+        )
+        .unwrap();
+        let out = inject(&t, &s.agent, &s.drain, "t0ken").unwrap();
+        out.template.spec.unwrap().init_containers.unwrap()[0].clone()
+    }
+
+    #[test]
+    fn the_checker_catches_what_restricted_forbids() {
+        let root = Container::default();
+        let v = restricted_violations(&root);
+        for want in [
+            "allowPrivilegeEscalation",
+            "runAsNonRoot",
+            "seccompProfile",
+            "capabilities.drop",
+        ] {
+            assert!(v.iter().any(|m| m.contains(want)), "{want}: {v:?}");
+        }
+    }
+
+    #[test]
+    fn the_injected_agent_is_restricted_compliant() {
+        for extra in ["", "agent: {mode: observe}", "agent: {protocol: tcp}"] {
+            let agent = agent_of(extra);
+            assert_eq!(
+                restricted_violations(&agent),
+                Vec::<String>::new(),
+                "{extra}"
+            );
+            let sc = agent.security_context.clone().unwrap();
+            assert_eq!(sc.run_as_user, Some(65532));
+            assert_eq!(sc.run_as_group, Some(65532));
+            assert_eq!(sc.read_only_root_filesystem, Some(true));
+        }
+    }
+
+    #[test]
+    fn the_injected_agent_has_bounded_memory_and_probes() {
+        let agent = agent_of("");
+        let res = agent.resources.clone().unwrap();
+        let req = res.requests.unwrap();
+        let lim = res.limits.unwrap();
+        assert!(
+            req.contains_key("cpu") && req.contains_key("memory"),
+            "{req:?}"
+        );
+        assert!(lim.contains_key("memory"), "{lim:?}");
+        let live = agent.liveness_probe.clone().unwrap();
+        let get = live.http_get.unwrap();
+        assert_eq!(get.path.as_deref(), Some("/healthz"));
+        assert_eq!(get.port, IntOrString::Int(9901));
+        let ready = agent.readiness_probe.clone().unwrap();
+        assert_eq!(
+            ready.http_get.as_ref().unwrap().path.as_deref(),
+            Some("/ready")
+        );
+        // One slow answer does not take the pod out of service.
+        assert!(ready.timeout_seconds.unwrap_or(1) >= 2, "{ready:?}");
+        assert!(ready.failure_threshold.unwrap_or(3) >= 2, "{ready:?}");
     }
 }

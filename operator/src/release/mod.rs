@@ -9,6 +9,7 @@
 //! - [`inject`]: what the operator adds to pod templates;
 //! - [`gates`]: agent metrics parsing and gate evaluation;
 //! - [`plan`]: the pure planner;
+//! - [`samples`]: the agent samples kept in memory, per Release and pod;
 //! - [`controller`]: gather, execute, status (I/O); [`metrics`]: its Prometheus metrics.
 
 pub mod controller;
@@ -17,6 +18,7 @@ pub mod gates;
 pub mod inject;
 pub mod metrics;
 pub mod plan;
+pub mod samples;
 pub mod settings;
 
 pub use controller::run;

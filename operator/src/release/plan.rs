@@ -44,6 +44,8 @@ pub struct DeploymentView {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReplicaSetView {
     pub name: String,
+    /// Pods are the ReplicaSet's by this UID in their owner reference, not by name.
+    pub uid: String,
     pub revision: String,
     pub replicas: i32,
 }
@@ -178,6 +180,7 @@ impl Ctx<'_> {
 /// Plan the next moves.
 pub fn plan(o: &Observed, now: f64) -> Plan {
     let mut status = o.status.clone();
+    within_status_bounds(&mut status);
     status.observed_generation = Some(o.generation);
     // Messages describe this round only.
     status.message = None;
@@ -201,6 +204,10 @@ pub fn plan(o: &Observed, now: f64) -> Plan {
         finished: Vec::new(),
         busy: false,
     };
+    // Status is input too (anyone with status rights can write it): a step outside
+    // `0..=steps` would index out of the steps.
+    let steps = step_count(settings);
+    c.status.current_step = c.status.current_step.map(|s| s.clamp(0, steps));
     if !o.deleting && !o.has_finalizer {
         c.actions.push(Action::AddFinalizer);
     }
@@ -269,6 +276,19 @@ pub fn plan(o: &Observed, now: f64) -> Plan {
     }
     revision_status(&mut c, o, &wants);
     finish(c, o)
+}
+
+/// Bring a status read back into the bounds its schema sets (`currentStep` ≥ 0,
+/// `canaryWeight` 0–100, `replicas` ≥ 1, `consecutiveFailures` ≥ 0). A status written
+/// before those bounds existed, or by hand, would otherwise make every status write of
+/// ours fail admission.
+fn within_status_bounds(st: &mut ReleaseStatus) {
+    st.current_step = st.current_step.map(|s| s.max(0));
+    st.canary_weight = st.canary_weight.map(|w| w.clamp(0, 100));
+    st.replicas = st.replicas.filter(|r| *r >= 1);
+    for g in &mut st.gates {
+        g.consecutive_failures = g.consecutive_failures.max(0);
+    }
 }
 
 fn failed(
@@ -389,19 +409,17 @@ fn decide_revisions(c: &mut Ctx, o: &Observed, dep: &DeploymentView) {
             );
             start_canary(c, &r);
         } else if c.status.canary_revision.is_some() {
-            let steps = c.s.steps.len() as i32;
+            let steps = step_count(c.s);
             let cur = c.status.current_step.unwrap_or(0);
             if full {
                 c.status.current_step = Some(steps);
                 c.status.step_started_at = Some(rfc3339(c.now));
                 c.event(false, "Promoted", "promoted to 100% (full)".into());
-            } else if cur < steps
-                && matches!(
-                    c.s.steps[cur as usize],
-                    StepKind::Pause(_) | StepKind::Gate(_)
-                )
-            {
-                c.status.current_step = Some(cur + 1);
+            } else if matches!(
+                step_at(c.s, cur),
+                Some(StepKind::Pause(_) | StepKind::Gate(_))
+            ) {
+                c.status.current_step = Some(cur.saturating_add(1));
                 c.status.step_started_at = Some(rfc3339(c.now));
                 c.event(false, "Promoted", format!("step {} promoted", cur + 1));
             }
@@ -453,12 +471,23 @@ fn abort(
     );
 }
 
+/// The number of steps, as the status counts them.
+fn step_count(s: &Settings) -> i32 {
+    i32::try_from(s.steps.len()).unwrap_or(i32::MAX)
+}
+
+/// Step `i`; `None` past the last one (and before the first).
+fn step_at(s: &Settings, i: i32) -> Option<&StepKind> {
+    usize::try_from(i).ok().and_then(|i| s.steps.get(i))
+}
+
 fn step_weight(s: &Settings, step: Option<i32>) -> i32 {
     let Some(step) = step else { return 0 };
-    if step as usize >= s.steps.len() {
+    let step = usize::try_from(step).unwrap_or(0);
+    if step >= s.steps.len() {
         return 100;
     }
-    s.steps[..=step as usize]
+    s.steps[..=step]
         .iter()
         .filter_map(|k| match k {
             StepKind::SetWeight(w) => Some(*w),
@@ -688,7 +717,7 @@ fn move_pods(
     // 3. Scale ReplicaSets: grow within the surge, never below the pods to keep.
     let surge = c.s.surge(n);
     let total: i32 = counts.values().map(|k| k.active).sum::<i32>() - released_now.len() as i32;
-    let mut headroom = (n + surge - total).max(0);
+    let mut headroom = n.saturating_add(surge).saturating_sub(total).max(0);
     for (rev, want) in wants {
         let k = counts.get(rev).copied().unwrap_or_default();
         let released_here = o
@@ -730,7 +759,11 @@ fn move_pods(
     // 4. Start drains where a revision has more pods than it wants.
     let in_flight = o.pods.iter().filter(|p| p.drain_started.is_some()).count() as i32;
     let mut slots = (d.max_concurrent - in_flight).max(0);
-    let mut serving_total: i32 = counts.values().map(|k| k.serving).sum::<i32>() + extra_serving;
+    let mut serving_total: i32 = counts
+        .values()
+        .map(|k| k.serving)
+        .sum::<i32>()
+        .saturating_add(extra_serving);
     let throttle = receiving_rate_excess(c, o, wants);
     let aborting = c.status.canary_revision.is_none() && c.status.aborted_revision.is_some();
     let held = c.s.paused && !o.deleting && !aborting;
@@ -1059,7 +1092,7 @@ fn evaluate_gates(c: &mut Ctx, o: &Observed) {
             }
             Verdict::Failed(m) => {
                 g.result = "Failed".into();
-                g.consecutive_failures += 1;
+                g.consecutive_failures = g.consecutive_failures.max(0).saturating_add(1);
                 g.message = Some(m.clone());
                 fail = Some((m.clone(), g.consecutive_failures));
             }
@@ -1095,11 +1128,10 @@ fn due(c: &Ctx, gate: &str, interval: Duration) -> bool {
 
 fn check_deadline(c: &mut Ctx) {
     let cur = c.status.current_step.unwrap_or(0);
-    let waiting_step = (cur as usize) < c.s.steps.len()
-        && matches!(
-            c.s.steps[cur as usize],
-            StepKind::Pause(_) | StepKind::Gate(_)
-        );
+    let waiting_step = matches!(
+        step_at(c.s, cur),
+        Some(StepKind::Pause(_) | StepKind::Gate(_))
+    );
     if waiting_step || c.s.paused {
         return;
     }
@@ -1134,8 +1166,8 @@ fn advance_steps(c: &mut Ctx, o: &Observed, n: i32, wants: &BTreeMap<String, i32
         && kc.serving >= want_c
         && ks.active - ks.draining <= want_s
         && ks.active == want_s;
-    let steps = c.s.steps.len() as i32;
-    let cur = c.status.current_step.unwrap_or(0).min(steps);
+    let steps = step_count(c.s);
+    let cur = c.status.current_step.unwrap_or(0).clamp(0, steps);
     let started = c
         .status
         .step_started_at
@@ -1170,11 +1202,14 @@ fn advance_steps(c: &mut Ctx, o: &Observed, n: i32, wants: &BTreeMap<String, i32
         }
         return;
     }
+    let Some(step) = step_at(c.s, cur) else {
+        return;
+    };
     let paused = c.s.paused;
     let mut next = false;
     let mut phase = Phase::Progressing;
     let mut msg = None;
-    match &c.s.steps[cur as usize] {
+    match step {
         StepKind::SetWeight(w) => {
             if converged && !paused {
                 next = true;
@@ -1384,9 +1419,11 @@ fn revision_status(c: &mut Ctx, o: &Observed, wants: &BTreeMap<String, i32>) {
 fn finish(mut c: Ctx, o: &Observed) -> Plan {
     let g = o.generation;
     let now = c.now;
-    let steps = c.s.steps.len() as i32;
+    let steps = step_count(c.s);
     c.status.step_display = Some(match c.status.current_step {
-        Some(s) if c.status.canary_revision.is_some() => format!("{}/{steps}", (s + 1).min(steps)),
+        Some(s) if c.status.canary_revision.is_some() => {
+            format!("{}/{steps}", s.saturating_add(1).min(steps))
+        }
         _ => format!("{steps}/{steps}"),
     });
     let phase = c.status.phase.unwrap_or_default();
@@ -1439,7 +1476,7 @@ fn finish(mut c: Ctx, o: &Observed) -> Plan {
     }
 }
 
-fn set_condition(
+pub(crate) fn set_condition(
     st: &mut ReleaseStatus,
     type_: &str,
     value: bool,

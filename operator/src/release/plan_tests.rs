@@ -140,6 +140,7 @@ impl Sim {
                     assert!(!self.rss.iter().any(|r| &r.revision == revision));
                     self.rss.push(ReplicaSetView {
                         name: format!("rel-{revision}"),
+                        uid: format!("uid-{revision}"),
                         revision: revision.clone(),
                         replicas: *replicas,
                     })
@@ -1097,4 +1098,128 @@ fn a_quiet_pod_with_nothing_to_close_does_not_wait_for_the_budget() {
         sim.round();
     }
     panic!("nothing was released");
+}
+
+/// No status or count makes the planner panic: step indices outside the steps (negative
+/// ones from a hand-edited status), replica counts and surges near 2^31, failure counts at
+/// their maximum. The planner clamps the step into `0..=steps`.
+#[test]
+fn extreme_inputs_do_not_panic_the_planner() {
+    let steps = [i32::MIN, -2, -1, 0, 1, 2, 3, 4, 5, i32::MAX - 1, i32::MAX];
+    let replicas = [1, 3, 1 << 30, i32::MAX - 1, i32::MAX];
+    let surges = ["1", "25%", "100%", "2147483647"];
+    for surge in surges {
+        let spec = format!(
+            "workloadRef: {{name: echo}}\nmaxSurge: {surge}\nsteps: [{{setWeight: 20}}, {{pause: {{}}}}, {{gate: {{duration: 1m}}}}, {{setWeight: 60}}]\ngates: {{connectionRate: {{maxPerPod: 5}}, comparison: {{}}}}"
+        );
+        for &n in &replicas {
+            for &step in &steps {
+                for failures in [0, i32::MAX] {
+                    let mut sim = Sim::new(&spec, n);
+                    sim.has_finalizer = true;
+                    let dep = sim.dep.as_mut().unwrap();
+                    dep.revision = "v2".into();
+                    dep.recorded_replicas = Some(i32::MIN);
+                    dep.available_replicas = i32::MAX;
+                    sim.status = ReleaseStatus {
+                        stable_revision: Some("v1".into()),
+                        canary_revision: Some("v2".into()),
+                        current_step: Some(step),
+                        replicas: Some(i32::MIN),
+                        gates: ["health", "connectionRate", "comparison"]
+                            .iter()
+                            .map(|g| super::crd::GateResult {
+                                name: (*g).into(),
+                                result: "Failed".into(),
+                                consecutive_failures: failures,
+                                last_evaluated: "2000-01-01T00:00:00Z".into(),
+                                ..Default::default()
+                            })
+                            .collect(),
+                        ..Default::default()
+                    };
+                    sim.promote = Some(format!("p{step}"));
+                    sim.rss = vec![
+                        ReplicaSetView {
+                            name: "rel-v1".into(),
+                            uid: "uid-v1".into(),
+                            revision: "v1".into(),
+                            replicas: i32::MAX,
+                        },
+                        ReplicaSetView {
+                            name: "rel-v2".into(),
+                            uid: "uid-v2".into(),
+                            revision: "v2".into(),
+                            replicas: i32::MAX,
+                        },
+                    ];
+                    sim.pods = (0..4)
+                        .map(|i| PodView {
+                            name: format!("p{i}"),
+                            revision: if i % 2 == 0 { "v1" } else { "v2" }.into(),
+                            created: sim.now - 100.0,
+                            containers_ready: true,
+                            ready_since: Some(sim.now - 90.0),
+                            serving: Some(true),
+                            restarts: i32::MAX,
+                            ..Default::default()
+                        })
+                        .collect();
+                    sim.status.canary_weight = Some(step);
+                    let plan = plan(&sim.observed(), sim.now);
+                    // Whatever came in, what goes out is within the status schema's bounds.
+                    let st = &plan.status;
+                    if let Some(s) = st.current_step {
+                        // Clamped into the steps where the spec is valid (a `maxSurge`
+                        // above 100000 is not: then only the schema's bound applies).
+                        let max = if st.phase == Some(Phase::Failed) {
+                            i32::MAX
+                        } else {
+                            4
+                        };
+                        assert!((0..=max).contains(&s), "step {step} planned as {s}");
+                    }
+                    if let Some(w) = st.canary_weight {
+                        assert!((0..=100).contains(&w), "weight {w}");
+                    }
+                    assert!(st.replicas.is_none_or(|r| r >= 1), "{:?}", st.replicas);
+                    for g in &st.gates {
+                        assert!(g.consecutive_failures >= 0, "{g:?}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A Release naming an agent image the operator does not allow fails, saying which are
+/// allowed, and creates no ReplicaSet (nothing is injected anywhere).
+#[test]
+fn a_disallowed_agent_image_fails_and_injects_nothing() {
+    let mut sim = Sim::new(
+        "workloadRef: {name: echo}\nagent: {image: evil.example/miner:1}",
+        3,
+    );
+    let plan = sim.round();
+    assert_eq!(plan.status.phase, Some(Phase::Failed));
+    assert!(
+        !plan
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::CreateReplicaSet { .. })),
+        "{:?}",
+        plan.actions
+    );
+    let degraded = plan
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(degraded.status, "True");
+    assert!(
+        degraded.message.contains("allowed are \"agent:test\""),
+        "{}",
+        degraded.message
+    );
 }

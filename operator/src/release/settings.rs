@@ -6,7 +6,64 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::crd::{AgentMode, AgentProtocol, DurationString, ReleaseSpec, parse_duration};
+use super::crd::{
+    AgentMode, AgentProtocol, DEFAULT_ADMIN_PORT, DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_PROPAGATION_TIMEOUT, DEFAULT_PROXY_PORT, DEFAULT_QUIET_PERIOD, DurationString,
+    MAX_REPLICAS, ReleaseSpec, format_duration, parse_duration,
+};
+
+/// Which agent images Releases may run in their pods: the operator's flag
+/// `--allowed-agent-images`. Whoever may write a Release must not thereby be able to run
+/// any image they like next to the application.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentImagePolicy {
+    /// Injected when a Release names no image; always allowed.
+    pub default_image: String,
+    /// Further images a Release may name: exact references, or a prefix ending in `*`
+    /// (`ghcr.io/sluice-dev/sluice-agent:*`).
+    pub allowed: Vec<String>,
+}
+
+impl Default for AgentImagePolicy {
+    /// Only [`DEFAULT_AGENT_IMAGE`](super::crd::DEFAULT_AGENT_IMAGE).
+    fn default() -> Self {
+        Self::only(super::crd::DEFAULT_AGENT_IMAGE)
+    }
+}
+
+impl AgentImagePolicy {
+    /// Only the default image.
+    pub fn only(default_image: &str) -> Self {
+        Self {
+            default_image: default_image.to_string(),
+            allowed: Vec::new(),
+        }
+    }
+
+    pub fn allows(&self, image: &str) -> bool {
+        image == self.default_image
+            || self.allowed.iter().any(|a| match a.strip_suffix('*') {
+                Some(prefix) => image.starts_with(prefix),
+                None => image == a,
+            })
+    }
+
+    /// The allowed images, for messages.
+    pub fn describe(&self) -> String {
+        let mut all = vec![format!("{:?}", self.default_image)];
+        all.extend(
+            self.allowed
+                .iter()
+                .filter(|a| **a != self.default_image)
+                .map(|a| format!("{a:?}")),
+        );
+        all.join(", ")
+    }
+}
+
+fn default_duration(s: &str) -> Duration {
+    parse_duration(s).expect("the built-in defaults parse")
+}
 
 /// One step, resolved.
 #[derive(Clone, Debug, PartialEq)]
@@ -77,8 +134,8 @@ impl AgentSettings {
                 .unwrap_or_else(|| default_image.to_string()),
             container: a.container.clone(),
             port: a.port.clone(),
-            proxy_port: a.proxy_port.unwrap_or(15001),
-            admin_port: a.admin_port.unwrap_or(9901),
+            proxy_port: a.proxy_port.unwrap_or(DEFAULT_PROXY_PORT),
+            admin_port: a.admin_port.unwrap_or(DEFAULT_ADMIN_PORT),
             resources: a.resources.clone(),
         }
     }
@@ -125,18 +182,29 @@ impl Settings {
         let n = match &self.max_surge {
             IntOrString::Int(n) => *n,
             IntOrString::String(s) => {
-                let pct: i32 = s.trim_end_matches('%').parse().unwrap_or(25);
-                (replicas * pct + 99) / 100
+                let pct: i64 = s.trim_end_matches('%').parse().unwrap_or(25);
+                // In i64: `replicas × pct` overflows i32 long before the result does.
+                let n = (i64::from(replicas) * pct.clamp(0, 100) + 99) / 100;
+                i32::try_from(n).unwrap_or(i32::MAX)
             }
         };
         n.max(1)
     }
 
-    /// Validate and fill defaults. Errors name the field and what to fix.
+    /// Validate and fill defaults, allowing only `default_agent_image` as the agent image.
     pub fn from_spec(
         spec: &ReleaseSpec,
         default_agent_image: &str,
     ) -> Result<Settings, Vec<String>> {
+        Self::from_spec_with(spec, &AgentImagePolicy::only(default_agent_image))
+    }
+
+    /// Validate and fill defaults. Errors name the field and what to fix.
+    pub fn from_spec_with(
+        spec: &ReleaseSpec,
+        images: &AgentImagePolicy,
+    ) -> Result<Settings, Vec<String>> {
+        let default_agent_image = images.default_image.as_str();
         let mut errs = Vec::new();
         let warmup = dur(&mut errs, "warmup", &spec.warmup, Duration::ZERO);
         let progress_deadline = dur(
@@ -234,20 +302,20 @@ impl Settings {
                 &mut errs,
                 "drain.quietPeriod",
                 &d.quiet_period,
-                Duration::from_secs(2),
+                default_duration(DEFAULT_QUIET_PERIOD),
             ),
             propagation_timeout: dur(
                 &mut errs,
                 "drain.propagationTimeout",
                 &d.propagation_timeout,
-                Duration::from_secs(60),
+                default_duration(DEFAULT_PROPAGATION_TIMEOUT),
             ),
             close_rate: d.close_rate.unwrap_or(100),
             drain_timeout: dur(
                 &mut errs,
                 "drain.drainTimeout",
                 &d.drain_timeout,
-                Duration::from_secs(90),
+                default_duration(DEFAULT_DRAIN_TIMEOUT),
             ),
             max_concurrent: d.max_concurrent.unwrap_or(2),
         };
@@ -262,10 +330,28 @@ impl Settings {
             errs.push("workloadRef.name: must name a Deployment".into());
         }
         if let Some(r) = spec.replicas
-            && r < 1
+            && !(1..=MAX_REPLICAS).contains(&r)
         {
-            errs.push("replicas: must be at least 1".into());
+            errs.push(format!("replicas: must be between 1 and {MAX_REPLICAS}"));
         }
+        if !images.allows(&agent.image) {
+            errs.push(format!(
+                "agent.image {:?} is not allowed by this operator: allowed are {} (operator flag --allowed-agent-images); leave agent.image out to use the default",
+                agent.image,
+                images.describe()
+            ));
+        }
+        check_bounds(
+            &mut errs,
+            &steps,
+            &health,
+            &connection_rate,
+            &comparison,
+            &drain,
+            warmup,
+            progress_deadline,
+        );
+        check_ports(&mut errs, &agent);
         let mut last = 0;
         for s in &steps {
             if let StepKind::SetWeight(w) = s {
@@ -309,7 +395,9 @@ impl Settings {
             .clone()
             .unwrap_or(IntOrString::String("25%".into()));
         match &max_surge {
-            IntOrString::Int(n) if *n < 1 => errs.push("maxSurge: must be at least 1".into()),
+            IntOrString::Int(n) if !(1..=MAX_REPLICAS).contains(n) => errs.push(format!(
+                "maxSurge: must be a number of pods between 1 and {MAX_REPLICAS} or a percentage"
+            )),
             IntOrString::String(s)
                 if !s.ends_with('%')
                     || !matches!(s.trim_end_matches('%').parse::<i32>(), Ok(1..=100)) =>
@@ -335,6 +423,139 @@ impl Settings {
             progress_deadline,
             paused: spec.paused,
         })
+    }
+}
+
+/// The admission rules' bounds, again (objects stored before a rule existed).
+#[allow(clippy::too_many_arguments)]
+fn check_bounds(
+    errs: &mut Vec<String>,
+    steps: &[StepKind],
+    health: &Option<HealthSettings>,
+    connection_rate: &Option<ConnectionRateSettings>,
+    comparison: &Option<ComparisonSettings>,
+    drain: &DrainSettings,
+    warmup: Duration,
+    progress_deadline: Duration,
+) {
+    const MINUTE: Duration = Duration::from_secs(60);
+    const HOUR: Duration = Duration::from_secs(3600);
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    let positive = Duration::from_millis(1);
+    let mut at_most = |field: &str, d: Duration, min: Duration, max: Duration| {
+        if d < min || d > max {
+            let low = if min.is_zero() {
+                "0s or more".to_string()
+            } else if min == positive {
+                "longer than 0s".to_string()
+            } else {
+                format!("at least {}", format_duration(min))
+            };
+            errs.push(format!(
+                "{field}: must be {low} and at most {}",
+                format_duration(max)
+            ));
+        }
+    };
+    at_most("warmup", warmup, Duration::ZERO, HOUR);
+    at_most("progressDeadline", progress_deadline, positive, DAY);
+    at_most(
+        "drain.quietPeriod",
+        drain.quiet_period,
+        Duration::ZERO,
+        HOUR,
+    );
+    at_most(
+        "drain.propagationTimeout",
+        drain.propagation_timeout,
+        positive,
+        HOUR,
+    );
+    at_most("drain.drainTimeout", drain.drain_timeout, positive, HOUR);
+    for (i, s) in steps.iter().enumerate() {
+        match s {
+            StepKind::Pause(Some(d)) => at_most(
+                &format!("steps[{i}].pause.duration"),
+                *d,
+                Duration::ZERO,
+                DAY,
+            ),
+            StepKind::Gate(d) => at_most(&format!("steps[{i}].gate.duration"), *d, positive, DAY),
+            _ => {}
+        }
+    }
+    if let Some(h) = health {
+        at_most(
+            "gates.health.startupTimeout",
+            h.startup_timeout,
+            positive,
+            HOUR,
+        );
+    }
+    let second = Duration::from_secs(1);
+    for (field, interval) in [
+        ("gates.health.interval", health.as_ref().map(|h| h.interval)),
+        (
+            "gates.connectionRate.interval",
+            connection_rate.as_ref().map(|c| c.interval),
+        ),
+        (
+            "gates.comparison.interval",
+            comparison.as_ref().map(|c| c.interval),
+        ),
+    ] {
+        if let Some(d) = interval {
+            at_most(field, d, second, 10 * MINUTE);
+        }
+    }
+    if drain.quiet_period >= drain.propagation_timeout {
+        errs.push(format!(
+            "drain.quietPeriod ({}) must be shorter than drain.propagationTimeout ({}): lengthen propagationTimeout or shorten quietPeriod",
+            format_duration(drain.quiet_period),
+            format_duration(drain.propagation_timeout)
+        ));
+    }
+    // Not propagationTimeout <= drainTimeout: the operator waits for quiet before the
+    // agent's drain starts, so the two do not nest (observe mode wants a short drain).
+    if drain.quiet_period >= drain.drain_timeout {
+        errs.push(format!(
+            "drain.quietPeriod ({}) must be shorter than drain.drainTimeout ({}): lengthen drainTimeout or shorten quietPeriod",
+            format_duration(drain.quiet_period),
+            format_duration(drain.drain_timeout)
+        ));
+    }
+}
+
+/// Ports: in range, and the agent's own ports apart from each other and the application's.
+fn check_ports(errs: &mut Vec<String>, agent: &AgentSettings) {
+    let valid = 1..=65535;
+    if !valid.contains(&agent.admin_port) {
+        errs.push("agent.adminPort: must be a port number between 1 and 65535".into());
+    }
+    if !valid.contains(&agent.proxy_port) {
+        errs.push("agent.proxyPort: must be a port number between 1 and 65535".into());
+    }
+    let proxy = agent.mode == AgentMode::Proxy;
+    if proxy && agent.admin_port == agent.proxy_port {
+        errs.push(format!(
+            "agent.adminPort and agent.proxyPort are both {}: change one of them",
+            agent.admin_port
+        ));
+    }
+    if let Some(IntOrString::Int(n)) = agent.port {
+        if !valid.contains(&n) {
+            errs.push(
+                "agent.port: must be a port number between 1 and 65535 or a port name".into(),
+            );
+        } else if n == agent.admin_port {
+            errs.push(format!(
+                "agent.port {n} is also agent.adminPort: change agent.adminPort"
+            ));
+        } else if proxy && n == agent.proxy_port {
+            errs.push(format!(
+                "agent.port {n} is also agent.proxyPort: change agent.proxyPort"
+            ));
+        }
     }
 }
 
@@ -434,6 +655,131 @@ mod tests {
                 "{y}: {errs:?} should mention {want}"
             );
         }
+    }
+
+    /// The admission rules' bounds hold in the controller too (objects stored before a
+    /// rule existed).
+    #[test]
+    fn bounds_and_cross_field_rules_say_what_to_fix() {
+        let cases = [
+            ("replicas: 200000", "replicas: must be between 1 and 100000"),
+            (
+                "maxSurge: 2147483647",
+                "maxSurge: must be a number of pods between 1 and 100000",
+            ),
+            (
+                "drain: {drainTimeout: 0s}",
+                "drain.drainTimeout: must be longer than 0s",
+            ),
+            (
+                "drain: {propagationTimeout: 2h, drainTimeout: 2h}",
+                "drain.propagationTimeout: must be longer than 0s and at most 1h",
+            ),
+            (
+                "drain: {quietPeriod: 90s}",
+                "drain.quietPeriod (1m30s) must be shorter than drain.propagationTimeout (1m)",
+            ),
+            (
+                "drain: {quietPeriod: 30s, propagationTimeout: 5m, drainTimeout: 20s}",
+                "drain.quietPeriod (30s) must be shorter than drain.drainTimeout (20s)",
+            ),
+            (
+                "progressDeadline: 48h",
+                "progressDeadline: must be longer than 0s and at most 24h",
+            ),
+            (
+                "steps: [{gate: {duration: 0s}}]",
+                "steps[0].gate.duration: must be longer than 0s",
+            ),
+            (
+                "gates: {comparison: {interval: 0s}}",
+                "gates.comparison.interval: must be at least 1s and at most 10m",
+            ),
+            (
+                "agent: {adminPort: 15101}",
+                "agent.adminPort and agent.proxyPort are both 15101",
+            ),
+            (
+                "agent: {port: 9901}",
+                "agent.port 9901 is also agent.adminPort",
+            ),
+            (
+                "agent: {port: 15101}",
+                "agent.port 15101 is also agent.proxyPort",
+            ),
+            ("agent: {port: 0}", "agent.port: must be a port number"),
+        ];
+        for (extra, want) in cases {
+            let errs = Settings::from_spec(
+                &spec(&format!("workloadRef: {{name: echo}}\n{extra}")),
+                "img",
+            )
+            .unwrap_err();
+            assert!(
+                errs.iter().any(|e| e.contains(want)),
+                "{extra}: {errs:?} should mention {want}"
+            );
+        }
+        // The e2e observe-mode shape: a drain shorter than the wait for quiet is fine.
+        Settings::from_spec(
+            &spec("workloadRef: {name: echo}\ndrain: {quietPeriod: 2s, propagationTimeout: 60s, drainTimeout: 30s}"),
+            "img",
+        )
+        .unwrap();
+        // Observe mode does not use the proxy port.
+        Settings::from_spec(
+            &spec("workloadRef: {name: echo}\nagent: {mode: observe, port: 15101}"),
+            "img",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn the_default_proxy_port_is_no_mesh_port() {
+        let s = Settings::from_spec(&spec("workloadRef: {name: echo}"), "img").unwrap();
+        assert_eq!(s.agent.proxy_port, 15101);
+        let istio = 15000..=15090;
+        let linkerd = 4140..=4191;
+        for p in [s.agent.proxy_port, s.agent.admin_port] {
+            assert!(!istio.contains(&p) && !linkerd.contains(&p), "{p}");
+        }
+    }
+
+    #[test]
+    fn only_allowed_agent_images_run() {
+        let policy = AgentImagePolicy {
+            default_image: "ghcr.io/sluice-dev/sluice-agent:0.1.0".into(),
+            allowed: vec![
+                "registry.local/sluice-agent:debug".into(),
+                "ghcr.io/sluice-dev/sluice-agent:*".into(),
+            ],
+        };
+        let with = |image: &str| {
+            Settings::from_spec_with(
+                &spec(&format!(
+                    "workloadRef: {{name: echo}}\nagent: {{image: {image:?}}}"
+                )),
+                &policy,
+            )
+        };
+        assert!(with("registry.local/sluice-agent:debug").is_ok());
+        assert!(with("ghcr.io/sluice-dev/sluice-agent:0.2.0").is_ok());
+        let errs = with("evil.example/miner:latest").unwrap_err();
+        let msg = errs.join("; ");
+        assert!(
+            msg.contains("\"evil.example/miner:latest\" is not allowed"),
+            "{msg}"
+        );
+        assert!(msg.contains("registry.local/sluice-agent:debug"), "{msg}");
+        assert!(msg.contains("--allowed-agent-images"), "{msg}");
+        // The default is always allowed; with no flag, nothing else is.
+        assert!(Settings::from_spec(&spec("workloadRef: {name: e}"), "img").is_ok());
+        let errs = Settings::from_spec(
+            &spec("workloadRef: {name: e}\nagent: {image: other}"),
+            "img",
+        )
+        .unwrap_err();
+        assert!(errs[0].contains("allowed are \"img\""), "{errs:?}");
     }
 
     #[test]
