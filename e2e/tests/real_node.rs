@@ -148,7 +148,13 @@ fn agent_pod(name: &str, agent_token: &str, hook_token: &str) -> serde_json::Val
                 // A quiet period long enough to read the agent's log while the pod drains.
                 "args": ["proxy", "--listen", "0.0.0.0:15001", "--upstream", "127.0.0.1:8080",
                          "--admin", "0.0.0.0:9901", "--quiet-period", "4s"],
-                "env": [{"name": "SLUICE_DRAIN_TOKEN", "value": agent_token}],
+                // HOST_IP is what an agent that trusted the node's address would compare the
+                // hook's source with (this one ignores it): kept so that such an agent, run
+                // with this pod, shows the refusal this test guards against.
+                "env": [
+                    {"name": "SLUICE_DRAIN_TOKEN", "value": agent_token},
+                    {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+                ],
                 "readinessProbe": {"httpGet": {"path": "/ready", "port": 9901}, "periodSeconds": 1},
             }],
             "containers": [{
@@ -269,5 +275,121 @@ async fn foreign_programs_run_from_the_hosts_usr() -> anyhow::Result<()> {
     .await?;
     assert!(body.starts_with("HTTP/1.0 200"), "{body}");
     assert!(body.contains("SimpleHTTP"), "{body}");
+    Ok(())
+}
+
+/// In-cluster traffic goes through the real kube-proxy: a client pod (our load generator
+/// in its image) reaches a Service's ClusterIP, and kube-proxy's nftables rules spread its
+/// connections over the Service's pods.
+#[tokio::test]
+async fn pods_reach_a_service_through_kube_proxy() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Service;
+    let (cluster, ns) = ground("kubeproxy").await?;
+    let api: Api<Pod> = Api::namespaced(cluster.client.clone(), &ns.name);
+    for name in ["echo-a", "echo-b"] {
+        create_pod(
+            &cluster.client,
+            &ns.name,
+            json!({
+                "metadata": {"name": name, "labels": {"app": "echo"}},
+                "spec": {
+                    "nodeName": NODE,
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "echo",
+                        "image": "sluice/echo:v1",
+                        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                        "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 1},
+                    }],
+                }
+            }),
+        )
+        .await?;
+    }
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "echo"},
+        "spec": {"selector": {"app": "echo"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }))?;
+    let svc = Api::<Service>::namespaced(cluster.client.clone(), &ns.name)
+        .create(&Default::default(), &svc)
+        .await?;
+    let cluster_ip = svc.spec.and_then(|s| s.cluster_ip).context("clusterIP")?;
+    let mut pod_ips = Vec::new();
+    for name in ["echo-a", "echo-b"] {
+        let ip = wait_for(Duration::from_secs(60), &format!("{name} Ready"), || {
+            let api = api.clone();
+            async move {
+                let p = api.get_opt(name).await.ok()??;
+                (condition(&p, "Ready").as_deref() == Some("True"))
+                    .then(|| p.status?.pod_ip)
+                    .flatten()
+            }
+        })
+        .await?;
+        pod_ips.push(ip);
+    }
+    // kube-proxy has programmed both endpoints once its table names them.
+    wait_for(
+        Duration::from_secs(30),
+        "kube-proxy's rules for both pods",
+        || {
+            let table = Command::new("nft")
+                .args(["list", "table", "ip", "kube-proxy"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let ok =
+                pod_ips.iter().all(|ip| table.contains(ip.as_str())) && table.contains(&cluster_ip);
+            async move { ok.then_some(()) }
+        },
+    )
+    .await?;
+    let url = format!("http://{cluster_ip}:80/");
+    create_pod(
+        &cluster.client,
+        &ns.name,
+        json!({
+            "metadata": {"name": "client"},
+            "spec": {
+                "nodeName": NODE,
+                "restartPolicy": "Never",
+                "containers": [{
+                    "name": "load",
+                    "image": "sluice/e2e:dev",
+                    // 32 connections: kube-proxy picks a backend at random per connection,
+                    // so both pods get some (all on one: 2^-31).
+                    "args": ["load", "--url", url, "-c", "32", "-r", "100", "-d", "3s"],
+                }],
+            }
+        }),
+    )
+    .await?;
+    let phase = wait_for(Duration::from_secs(60), "the client pod to finish", || {
+        let api = api.clone();
+        async move {
+            let p = api.get_opt("client").await.ok()??;
+            let phase = p.status?.phase?;
+            matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase)
+        }
+    })
+    .await?;
+    let out = kubectl(&cluster, &["logs", "-n", &ns.name, "client"])?;
+    assert_eq!(phase, "Succeeded", "{out}");
+    let json_start = out.find('{').context("no JSON summary")?;
+    // The JSON summary (stdout), then a one-line recap (stderr) in the same log.
+    let report: serde_json::Value = serde_json::Deserializer::from_str(&out[json_start..])
+        .into_iter()
+        .next()
+        .context("no JSON summary")?
+        .with_context(|| format!("summary: {out}"))?;
+    assert_eq!(report["failed"], 0, "{report}");
+    assert!(report["requests"].as_u64().unwrap_or(0) >= 250, "{report}");
+    let by_pod = report["by_pod"].as_object().context("by_pod")?;
+    for name in ["echo-a", "echo-b"] {
+        assert!(
+            by_pod.get(name).and_then(|v| v.as_u64()).unwrap_or(0) > 0,
+            "kube-proxy sent no connection to {name}: {by_pod:?}"
+        );
+    }
     Ok(())
 }
