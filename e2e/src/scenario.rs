@@ -190,6 +190,10 @@ pub struct RunSpec {
     /// measured against it for every strategy.
     #[serde(default = "default_new_pod_capacity")]
     pub new_pod_capacity: f64,
+    /// Run in a namespace that enforces the `restricted` Pod Security Standard (the
+    /// workload's own template complies; whatever Sluice adds must too).
+    #[serde(default)]
+    pub restricted: bool,
 }
 
 fn default_new_pod_capacity() -> f64 {
@@ -220,6 +224,7 @@ impl Default for RunSpec {
             node: "local-0".into(),
             keep: false,
             new_pod_capacity: default_new_pod_capacity(),
+            restricted: false,
         }
     }
 }
@@ -346,9 +351,17 @@ fn echo_deployment(name: &str, spec: &RunSpec, image: &str) -> Deployment {
                 "spec": {
                     "nodeSelector": {"kubernetes.io/hostname": spec.node},
                     "terminationGracePeriodSeconds": 30,
+                    // Compliant with the `restricted` Pod Security Standard, as a platform
+                    // team's template would be.
+                    "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
                     "containers": [{
                         "name": APP,
                         "image": image,
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
                         "args": ["--listen", format!("0.0.0.0:{APP_PORT}")],
                         "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
                         "ports": [{"name": "http", "containerPort": APP_PORT}],
@@ -474,8 +487,13 @@ pub async fn run_one(
     check_node(client, &spec.node).await?;
     tracing::info!(%namespace, strategy = %strategy.name(), delay = ?spec.delay, "run starting");
     let namespaces: Api<Namespace> = Api::all(client.clone());
+    let mut labels = serde_json::json!({"sluice.dev/e2e": "scenario"});
+    if spec.restricted {
+        labels["pod-security.kubernetes.io/enforce"] = "restricted".into();
+        labels["pod-security.kubernetes.io/enforce-version"] = "latest".into();
+    }
     let ns_obj: Namespace = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": namespace, "labels": {"sluice.dev/e2e": "scenario"}}
+        "metadata": {"name": namespace, "labels": labels}
     }))?;
     namespaces
         .create(&PostParams::default(), &ns_obj)
@@ -898,6 +916,9 @@ pub struct ScenarioArgs {
     pub node: String,
     #[arg(long, default_value = "target/bench/lossless.json")]
     pub out: PathBuf,
+    /// Run in namespaces that enforce the `restricted` Pod Security Standard.
+    #[arg(long)]
+    pub restricted: bool,
     #[arg(long, default_value = "target/bench/lossless.svg")]
     pub svg: PathBuf,
     /// Keep each run's namespace.
@@ -964,6 +985,7 @@ pub async fn run(args: ScenarioArgs) -> anyhow::Result<()> {
                 node: args.node.clone(),
                 keep: args.keep,
                 new_pod_capacity: args.new_pod_capacity,
+                restricted: args.restricted,
             };
             let result = run_one(&client, strategy.as_ref(), &spec)
                 .await

@@ -270,7 +270,11 @@ fn spawn_operator(
     namespace: &str,
     log: &std::path::Path,
 ) -> anyhow::Result<Child> {
-    let bin = crate::cluster::repo_root().join("target/debug/sluice-operator");
+    // SLUICE_E2E_OPERATOR_BIN runs another build (e.g. an older one, to check that a test
+    // fails without a fix).
+    let bin = std::env::var_os("SLUICE_E2E_OPERATOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::cluster::repo_root().join("target/debug/sluice-operator"));
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -104,3 +104,35 @@ async fn release_is_lossless_behind_a_slow_load_balancer() -> anyhow::Result<()>
     }
     Ok(())
 }
+
+/// The same release in a namespace that enforces the `restricted` Pod Security Standard,
+/// with an app whose own template complies: the pods Sluice creates, agent included, are
+/// admitted, and the release is lossless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_in_a_restricted_namespace_is_lossless() -> anyhow::Result<()> {
+    let cluster = sluice_e2e::cluster::TestCluster::get().await?;
+    require_node(&cluster.client).await?;
+    let spec = RunSpec {
+        replicas: 3,
+        connections: 45,
+        rate: 150.0,
+        delay: Duration::from_secs(1),
+        steady: Duration::from_secs(3),
+        tail: Duration::from_secs(2),
+        max_release: Duration::from_secs(120),
+        restricted: true,
+        ..Default::default()
+    };
+    let r = scenario::run_one(&cluster.client, &Sluice::proxy(), &spec)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!("the release in a restricted namespace did not complete: {e:#}")
+        })?;
+    eprintln!(
+        "restricted: {} requests, {} failed {:?}, storm {:.2}, release {:.1} s",
+        r.requests, r.failed, r.by_outcome, r.storm.factor, r.release_s
+    );
+    assert_eq!(r.failed, 0, "requests failed: {:?}", r.by_outcome);
+    assert_rolled_over(&r, 3);
+    Ok(())
+}
