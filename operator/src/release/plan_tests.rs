@@ -49,6 +49,7 @@ fn quiet_signals(_: &PodView, _: f64) -> Option<PodSignals> {
         connections_active: 3.0,
         connections_closed: 3.0,
         drain_phase: Some(0.0),
+        drain_refused: 0.0,
     })
 }
 
