@@ -730,7 +730,8 @@ pub struct DrainRecord {
     /// `Quiescing` (unserved, waiting for quiet), `Quiet` (waiting for its turn to close
     /// within the connection-rate budget), `Closing` (deleted; the agent closes
     /// connections paced), `Completed`, `QuietTimeout` (completed, but quiet never came
-    /// within the propagation timeout).
+    /// within the propagation timeout), `Refused` (released, but the agent refused the
+    /// kubelet's preStop `/drain`: wrong or missing drain token, no paced close).
     pub state: String,
     /// RFC 3339: when the pod was unserved.
     pub started_at: String,
