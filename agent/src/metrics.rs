@@ -173,11 +173,7 @@ impl Metrics {
             "Duration of the drain's phases (quiescing, closing, total); grows while a phase runs",
             m.drain_duration.clone(),
         );
-        r.register(
-            names::READY,
-            "1 when /ready answers 200",
-            m.ready.clone(),
-        );
+        r.register(names::READY, "1 when /ready answers 200", m.ready.clone());
         r.register(
             names::ACCEPT_QUEUE_LENGTH,
             "Observe mode: connections waiting in the port's accept queue",
@@ -231,7 +227,9 @@ impl Metrics {
     }
 
     pub fn upstream_error(&self, kind: &'static str) {
-        self.upstream_errors.get_or_create(&[(LABEL_KIND, kind)]).inc();
+        self.upstream_errors
+            .get_or_create(&[(LABEL_KIND, kind)])
+            .inc();
     }
 
     pub fn drain_refused(&self, why: DrainRefusal) {

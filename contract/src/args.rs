@@ -91,7 +91,11 @@ impl AgentArgs {
             } => {
                 args.push(PROXY.into());
                 flag(&mut args, FLAG_LISTEN, format!("0.0.0.0:{listen_port}"));
-                flag(&mut args, FLAG_UPSTREAM, format!("127.0.0.1:{upstream_port}"));
+                flag(
+                    &mut args,
+                    FLAG_UPSTREAM,
+                    format!("127.0.0.1:{upstream_port}"),
+                );
                 flag(&mut args, FLAG_PROTOCOL, protocol.as_str().into());
             }
             AgentCommand::Observe { port } => {
@@ -100,15 +104,27 @@ impl AgentArgs {
             }
         }
         let d = &self.drain;
-        flag(&mut args, FLAG_ADMIN, format!("0.0.0.0:{}", self.admin_port));
-        flag(&mut args, FLAG_QUIET_PERIOD, format_duration(d.quiet_period));
+        flag(
+            &mut args,
+            FLAG_ADMIN,
+            format!("0.0.0.0:{}", self.admin_port),
+        );
+        flag(
+            &mut args,
+            FLAG_QUIET_PERIOD,
+            format_duration(d.quiet_period),
+        );
         flag(
             &mut args,
             FLAG_PROPAGATION_TIMEOUT,
             format_duration(d.propagation_timeout),
         );
         flag(&mut args, FLAG_CLOSE_RATE, d.close_rate.to_string());
-        flag(&mut args, FLAG_DRAIN_TIMEOUT, format_duration(d.drain_timeout));
+        flag(
+            &mut args,
+            FLAG_DRAIN_TIMEOUT,
+            format_duration(d.drain_timeout),
+        );
         if let Some(o) = d.drain_orphan_after {
             flag(&mut args, FLAG_DRAIN_ORPHAN_AFTER, format_duration(o));
         }

@@ -198,6 +198,9 @@ mod tests {
         m.drains_refused.inc();
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
-        assert!(out.contains("sluice_release_drains_refused_total 1"), "{out}");
+        assert!(
+            out.contains("sluice_release_drains_refused_total 1"),
+            "{out}"
+        );
     }
 }

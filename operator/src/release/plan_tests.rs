@@ -1263,8 +1263,10 @@ fn a_refused_prestop_drain_is_recorded_and_told_once_per_pod() {
     assert_eq!(warnings.len(), 2, "{warnings:?}");
     for pod in &unique {
         assert!(
-            warnings.iter().any(|(_, _, note)| note.starts_with(pod.as_str())
-                && note.contains("refused by the agent (wrong or missing drain token)")),
+            warnings
+                .iter()
+                .any(|(_, _, note)| note.starts_with(pod.as_str())
+                    && note.contains("refused by the agent (wrong or missing drain token)")),
             "{warnings:?}"
         );
     }
@@ -1309,7 +1311,12 @@ fn a_refusal_before_the_release_is_not_blamed_on_the_prestop() {
         Some(s)
     });
     let p = plan(&sim.observed(), sim.now);
-    let rec = p.status.drains.iter().find(|d| d.pod == "echo-v1-a").unwrap();
+    let rec = p
+        .status
+        .drains
+        .iter()
+        .find(|d| d.pod == "echo-v1-a")
+        .unwrap();
     assert_eq!(rec.state, "Quiescing");
     assert!(p.refused_drains.is_empty());
 }
