@@ -18,6 +18,7 @@ use crate::controller::Drainer;
 use crate::drain::{Outcome, Phase};
 use crate::metrics::{CONTENT_TYPE, DrainRefusal, Metrics};
 use crate::observe::Observer;
+use sluice_contract::{DRAIN_PATH, HEALTHZ_PATH, METRICS_PATH, READY_PATH};
 
 /// How `/ready` decides that the application can serve.
 pub enum Readiness {
@@ -38,7 +39,8 @@ pub struct Admin {
 /// The header that carries the drain secret. The kubelet's preStop hook comes from whatever
 /// address the CNI gives the host side (the bridge, not `status.hostIP`), and an SSRF in
 /// the application comes from loopback: a source address proves nothing, the secret does.
-pub const DRAIN_TOKEN_HEADER: &str = "x-sluice-drain-token";
+/// The operator puts it in the injected preStop hook: it is the contract's.
+pub use sluice_contract::DRAIN_TOKEN_HEADER;
 
 /// Whether a `/drain` request carries the configured secret (compared in constant time).
 pub fn drain_authorized(
@@ -98,8 +100,8 @@ impl Admin {
         peer: SocketAddr,
     ) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path()) {
-            (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
-            (&Method::GET | &Method::HEAD, "/ready") => {
+            (&Method::GET | &Method::HEAD, HEALTHZ_PATH) => text(StatusCode::OK, "ok\n"),
+            (&Method::GET | &Method::HEAD, READY_PATH) => {
                 let ready = self.ready().await;
                 self.metrics.ready.set(i64::from(ready));
                 if ready {
@@ -108,7 +110,7 @@ impl Admin {
                     text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
                 }
             }
-            (&Method::GET | &Method::POST, "/drain") => {
+            (&Method::GET | &Method::POST, DRAIN_PATH) => {
                 let presented = req.headers().get(DRAIN_TOKEN_HEADER).map(|v| v.as_bytes());
                 if let Err(why) = drain_authorized(self.drain_token.as_deref(), presented) {
                     // Loud: a refused preStop means the pod is about to be killed without
@@ -140,7 +142,7 @@ impl Admin {
                 );
                 r
             }
-            (&Method::GET, "/metrics") => {
+            (&Method::GET, METRICS_PATH) => {
                 let mut r = text(StatusCode::OK, self.metrics.render());
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -148,7 +150,7 @@ impl Admin {
                 );
                 r
             }
-            (_, "/healthz" | "/ready" | "/drain" | "/metrics") => {
+            (_, path) if [HEALTHZ_PATH, READY_PATH, DRAIN_PATH, METRICS_PATH].contains(&path) => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),

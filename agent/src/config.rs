@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use sluice_contract::{DEFAULT_ADMIN_PORT, DRAIN_TOKEN_ENV};
 
 use crate::drain::DrainConfig;
 
@@ -23,6 +24,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, ConfigError> {
         input: s.to_string(),
         reason: e.to_string(),
     })
+}
+
+/// Every address, the contract's admin port: where the operator's probes, preStop hook and
+/// scrapes go unless it says otherwise.
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], DEFAULT_ADMIN_PORT))
 }
 
 #[derive(Debug, Parser)]
@@ -117,7 +124,7 @@ pub struct ProxyArgs {
     #[arg(long)]
     pub upstream: String,
     /// Admin endpoint (/healthz, /ready, /drain, /metrics).
-    #[arg(long, default_value = "0.0.0.0:9901")]
+    #[arg(long, default_value_t = default_admin())]
     pub admin: SocketAddr,
     #[arg(long, value_enum, default_value_t = Protocol::Http)]
     pub protocol: Protocol,
@@ -135,7 +142,7 @@ pub struct ProxyArgs {
     pub drain: DrainArgs,
     /// The secret `/drain` requires in the `x-sluice-drain-token` header (the operator
     /// puts it in the injected `preStop.httpGet`). Without one, `/drain` is refused.
-    #[arg(long, env = "SLUICE_DRAIN_TOKEN", hide_env_values = true)]
+    #[arg(long, env = DRAIN_TOKEN_ENV, hide_env_values = true)]
     pub drain_token: Option<String>,
     #[command(flatten)]
     pub limits: LimitArgs,
@@ -165,7 +172,7 @@ pub struct ObserveArgs {
     #[arg(long)]
     pub port: u16,
     /// Admin endpoint (/healthz, /ready, /drain, /metrics).
-    #[arg(long, default_value = "0.0.0.0:9901")]
+    #[arg(long, default_value_t = default_admin())]
     pub admin: SocketAddr,
     /// How often to read /proc/net/tcp{,6}.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
@@ -174,7 +181,7 @@ pub struct ObserveArgs {
     pub drain: DrainArgs,
     /// The secret `/drain` requires in the `x-sluice-drain-token` header (the operator
     /// puts it in the injected `preStop.httpGet`). Without one, `/drain` is refused.
-    #[arg(long, env = "SLUICE_DRAIN_TOKEN", hide_env_values = true)]
+    #[arg(long, env = DRAIN_TOKEN_ENV, hide_env_values = true)]
     pub drain_token: Option<String>,
 }
 

@@ -1,5 +1,7 @@
 //! The agent's Prometheus metrics (OpenMetrics text on `/metrics`). The names are an API:
-//! the operator reads them for its connection-rate and comparison gates.
+//! the operator reads them for its drains and its connection-rate and comparison gates, so
+//! they come from the contract crate (`sluice_contract::metrics`), whose parser the
+//! operator uses; `tests/contract.rs` parses this output with it.
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use sluice_contract::metrics::{self as names, LABEL_CODE, LABEL_KIND, LABEL_PHASE, LABEL_REASON};
 
 /// Why a connection ended (`sluice_agent_connections_closed_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -121,77 +124,73 @@ impl Metrics {
         };
         let r = &mut registry;
         r.register(
-            "sluice_agent_connections_active",
+            names::CONNECTIONS_ACTIVE,
             "Client connections open now (observe mode: established on the port)",
             m.connections_active.clone(),
         );
         r.register(
-            "sluice_agent_connections_accepted",
+            names::CONNECTIONS_ACCEPTED,
             "Client connections accepted (observe mode: new established connections seen)",
             m.connections_accepted.clone(),
         );
         r.register(
-            "sluice_agent_connections_closed",
+            names::CONNECTIONS_CLOSED,
             "Client connections ended, by reason",
             m.connections_closed.clone(),
         );
         r.register(
-            "sluice_agent_requests_in_flight",
+            names::REQUESTS_IN_FLIGHT,
             "HTTP requests being served now",
             InFlight(m.requests.clone()),
         );
         r.register(
-            "sluice_agent_requests",
+            names::REQUESTS,
             "HTTP responses sent, by status code",
             ByCode(m.requests.clone()),
         );
         r.register(
-            "sluice_agent_request_duration_seconds",
+            names::REQUEST_DURATION_SECONDS,
             "HTTP request duration, from request head to the end of the response body",
             DurationHistogram(m.requests.clone()),
         );
         r.register(
-            "sluice_agent_upstream_errors",
+            names::UPSTREAM_ERRORS,
             "Failures talking to the upstream, by kind",
             m.upstream_errors.clone(),
         );
         r.register(
-            "sluice_agent_drain_phase",
+            names::DRAIN_PHASE,
             "Drain phase: 0 serving, 1 quiescing, 2 closing, 3 drained",
             m.drain_phase.clone(),
         );
         r.register(
-            "sluice_agent_drain_refused",
+            names::DRAIN_REFUSED,
             "/drain requests refused (no or wrong drain token), by reason",
             m.drain_refused.clone(),
         );
         r.register(
-            "sluice_agent_drain_duration_seconds",
+            names::DRAIN_DURATION_SECONDS,
             "Duration of the drain's phases (quiescing, closing, total); grows while a phase runs",
             m.drain_duration.clone(),
         );
+        r.register(names::READY, "1 when /ready answers 200", m.ready.clone());
         r.register(
-            "sluice_agent_ready",
-            "1 when /ready answers 200",
-            m.ready.clone(),
-        );
-        r.register(
-            "sluice_agent_accept_queue_length",
+            names::ACCEPT_QUEUE_LENGTH,
             "Observe mode: connections waiting in the port's accept queue",
             m.accept_queue.clone(),
         );
         r.register(
-            "sluice_agent_tcp_passive_opens",
+            names::TCP_PASSIVE_OPENS,
             "Observe mode: TCP connections accepted in the pod's network namespace (all ports)",
             m.passive_opens.clone(),
         );
         r.register(
-            "sluice_agent_connections_shed",
+            names::CONNECTIONS_SHED,
             "Client connections closed at once because --max-connections were open",
             m.connections_shed.clone(),
         );
         r.register(
-            "sluice_agent_drain_orphaned",
+            names::DRAIN_ORPHANED,
             "1 when a drain was not followed by a termination signal within --drain-orphan-after: the pod serves nothing and should be replaced",
             m.drain_orphaned.clone(),
         );
@@ -200,7 +199,7 @@ impl Metrics {
 
     pub fn closed(&self, reason: CloseReason) {
         self.connections_closed
-            .get_or_create(&[("reason", reason.as_str())])
+            .get_or_create(&[(LABEL_REASON, reason.as_str())])
             .inc();
     }
 
@@ -228,18 +227,20 @@ impl Metrics {
     }
 
     pub fn upstream_error(&self, kind: &'static str) {
-        self.upstream_errors.get_or_create(&[("kind", kind)]).inc();
+        self.upstream_errors
+            .get_or_create(&[(LABEL_KIND, kind)])
+            .inc();
     }
 
     pub fn drain_refused(&self, why: DrainRefusal) {
         self.drain_refused
-            .get_or_create(&[("reason", why.as_str())])
+            .get_or_create(&[(LABEL_REASON, why.as_str())])
             .inc();
     }
 
     pub fn set_drain_duration(&self, phase: &'static str, seconds: f64) {
         self.drain_duration
-            .get_or_create(&[("phase", phase)])
+            .get_or_create(&[(LABEL_PHASE, phase)])
             .set(seconds);
     }
 
@@ -381,7 +382,7 @@ impl EncodeMetric for ByCode {
             if n == 0 && code != 200 {
                 continue;
             }
-            let labels: CodeLabel = [("code", code)];
+            let labels: CodeLabel = [(LABEL_CODE, code)];
             encoder
                 .encode_family(&labels)?
                 .encode_counter::<NoLabelSet, _, u64>(&n, None)?;

@@ -13,12 +13,15 @@
 //!
 //! This module holds the pure decision ([`drain_step`]) and the I/O both controllers need
 //! for it: scraping agents ([`scrape`], [`scrape_all`]) and a per-pod sample history
-//! ([`History`]). Parsing the agent's metrics lives in [`crate::release::gates`].
+//! ([`History`]). Parsing the agent's metrics is part of the operator↔agent contract
+//! ([`sluice_contract::metrics`]); the signals derived from it live in
+//! [`crate::release::gates`].
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
+use sluice_contract::METRICS_PATH;
 
 pub use crate::release::gates::{AgentSample, PodSignals, parse_agent_metrics, pod_signals};
 
@@ -92,7 +95,7 @@ pub fn drain_step(
 
 /// Scrape one agent's `/metrics` (`timeout` bounds connect and read).
 pub async fn scrape(ip: &str, admin_port: u16, timeout: Duration, now: f64) -> Option<AgentSample> {
-    let text = tokio::time::timeout(timeout, http_get(ip, admin_port, "/metrics"))
+    let text = tokio::time::timeout(timeout, http_get(ip, admin_port, METRICS_PATH))
         .await
         .ok()?
         .ok()?;

@@ -446,6 +446,9 @@ async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Err
     for d in &plan.finished_drains {
         ctx.metrics.drain_finished(d);
     }
+    for _ in &plan.refused_drains {
+        ctx.metrics.drains_refused.inc();
+    }
     if let Some(a) = &plan.status.abort
         && o_abort_changed(&observed, a)
     {

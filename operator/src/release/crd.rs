@@ -47,11 +47,10 @@ pub const DEFAULT_QUIET_PERIOD: &str = "2s";
 pub const DEFAULT_PROPAGATION_TIMEOUT: &str = "60s";
 /// Default `spec.drain.drainTimeout`.
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "90s";
-/// Default `spec.agent.proxyPort`. Not 15001 (Istio's outbound capture port): no port
-/// Istio (15000–15090) or Linkerd (4140–4191) reserves in the pod.
-pub const DEFAULT_PROXY_PORT: i32 = 15101;
-/// Default `spec.agent.adminPort`.
-pub const DEFAULT_ADMIN_PORT: i32 = 9901;
+/// Default `spec.agent.proxyPort` (the contract's; see there why 15101).
+pub const DEFAULT_PROXY_PORT: i32 = sluice_contract::DEFAULT_PROXY_PORT as i32;
+/// Default `spec.agent.adminPort`: the agent's own default admin port.
+pub const DEFAULT_ADMIN_PORT: i32 = sluice_contract::DEFAULT_ADMIN_PORT as i32;
 /// Most replicas a Release runs (a cluster holds at most 150 000 pods); keeps every
 /// count far from `i32` overflow.
 pub const MAX_REPLICAS: i32 = 100_000;
@@ -568,32 +567,9 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_millis(ms))
 }
 
-/// Format a duration the way users write them (`1m30s`, `500ms`).
-pub fn format_duration(d: std::time::Duration) -> String {
-    let ms = d.as_millis();
-    if ms == 0 {
-        return "0s".into();
-    }
-    if !ms.is_multiple_of(1000) {
-        return format!("{ms}ms");
-    }
-    let mut s = (ms / 1000) as u64;
-    let mut out = String::new();
-    let h = s / 3600;
-    s %= 3600;
-    let m = s / 60;
-    s %= 60;
-    if h > 0 {
-        out.push_str(&format!("{h}h"));
-    }
-    if m > 0 {
-        out.push_str(&format!("{m}m"));
-    }
-    if s > 0 {
-        out.push_str(&format!("{s}s"));
-    }
-    out
-}
+/// Format a duration the way users write them (`1m30s`, `500ms`): the contract's format,
+/// which the agent's flags parse too.
+pub use sluice_contract::format_duration;
 
 /// Phase of a release.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
@@ -754,7 +730,8 @@ pub struct DrainRecord {
     /// `Quiescing` (unserved, waiting for quiet), `Quiet` (waiting for its turn to close
     /// within the connection-rate budget), `Closing` (deleted; the agent closes
     /// connections paced), `Completed`, `QuietTimeout` (completed, but quiet never came
-    /// within the propagation timeout).
+    /// within the propagation timeout), `Refused` (released, but the agent refused the
+    /// kubelet's preStop `/drain`: wrong or missing drain token, no paced close).
     pub state: String,
     /// RFC 3339: when the pod was unserved.
     pub started_at: String,

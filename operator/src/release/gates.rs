@@ -10,93 +10,9 @@ use std::collections::BTreeMap;
 
 use super::settings::{ComparisonSettings, ConnectionRateSettings, HealthSettings};
 
-/// One scrape of an agent's `/metrics`, reduced to what the gates read.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct AgentSample {
-    /// Seconds since the Unix epoch when the sample was taken.
-    pub at: f64,
-    pub connections_accepted: f64,
-    pub connections_active: f64,
-    pub connections_closed: f64,
-    pub requests: f64,
-    /// Requests answered with a 5xx code (by the application or by the agent).
-    pub errors: f64,
-    /// Cumulative request-duration histogram: (upper bound in seconds, count).
-    pub latency_buckets: Vec<(f64, f64)>,
-    pub drain_phase: Option<f64>,
-}
-
-/// Parse the agent's OpenMetrics/Prometheus text exposition.
-pub fn parse_agent_metrics(text: &str, at: f64) -> AgentSample {
-    let mut s = AgentSample {
-        at,
-        ..Default::default()
-    };
-    let mut buckets: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (name, labels, rest) = match line.find('{') {
-            Some(i) => {
-                let Some(j) = line[i..].find('}') else {
-                    continue;
-                };
-                (&line[..i], &line[i + 1..i + j], line[i + j + 1..].trim())
-            }
-            None => match line.split_once(' ') {
-                Some((n, r)) => (n, "", r.trim()),
-                None => continue,
-            },
-        };
-        let Some(value) = rest
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-        else {
-            continue;
-        };
-        match name {
-            "sluice_agent_connections_accepted_total" => s.connections_accepted += value,
-            "sluice_agent_connections_active" => s.connections_active += value,
-            "sluice_agent_connections_closed_total" => s.connections_closed += value,
-            "sluice_agent_requests_total" => {
-                s.requests += value;
-                if label(labels, "code").is_some_and(|c| c.starts_with('5')) {
-                    s.errors += value;
-                }
-            }
-            "sluice_agent_request_duration_seconds_bucket" => {
-                if let Some(le) = label(labels, "le") {
-                    let le = if le == "+Inf" {
-                        f64::INFINITY
-                    } else {
-                        match le.parse::<f64>() {
-                            Ok(v) => v,
-                            Err(_) => continue,
-                        }
-                    };
-                    let e = buckets.entry(le.to_bits()).or_insert((le, 0.0));
-                    e.1 += value;
-                }
-            }
-            "sluice_agent_drain_phase" => s.drain_phase = Some(value),
-            _ => {}
-        }
-    }
-    let mut b: Vec<(f64, f64)> = buckets.into_values().collect();
-    b.sort_by(|x, y| x.0.total_cmp(&y.0));
-    s.latency_buckets = b;
-    s
-}
-
-fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
-    labels.split(',').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k.trim() == key).then(|| v.trim().trim_matches('"'))
-    })
-}
+// The agent's sample and its parser are the operator↔agent contract (`sluice-contract`),
+// checked against the agent's real output in the agent's tests.
+pub use sluice_contract::metrics::{AgentSample, parse_agent_metrics};
 
 /// Quantile `q` (0–1) of a histogram given as cumulative (upper bound, count) buckets,
 /// interpolated linearly inside the bucket as Prometheus' `histogram_quantile` does.
@@ -143,6 +59,9 @@ pub struct PodSignals {
     pub connections_active: f64,
     pub connections_closed: f64,
     pub drain_phase: Option<f64>,
+    /// `/drain` requests the agent refused (all reasons; see
+    /// [`AgentSample::drain_refused`]).
+    pub drain_refused: f64,
 }
 
 /// Derive [`PodSignals`] from a pod's samples (oldest first) at time `now`.
@@ -166,6 +85,7 @@ pub fn pod_signals(samples: &[AgentSample], rate_window: f64, now: f64) -> PodSi
         connections_active: last.connections_active,
         connections_closed: last.connections_closed,
         drain_phase: last.drain_phase,
+        drain_refused: last.drain_refused,
     }
 }
 
@@ -396,28 +316,6 @@ sluice_agent_request_duration_seconds_count 1000
 sluice_agent_drain_phase 1
 # EOF
 "#;
-
-    #[test]
-    fn parses_the_agent_exposition() {
-        let s = parse_agent_metrics(TEXT, 10.0);
-        assert_eq!(s.connections_active, 7.0);
-        assert_eq!(s.connections_accepted, 120.0);
-        assert_eq!(s.connections_closed, 13.0);
-        assert_eq!(s.requests, 1000.0);
-        assert_eq!(s.errors, 100.0);
-        assert_eq!(s.drain_phase, Some(1.0));
-        assert_eq!(s.latency_buckets.len(), 3);
-        assert_eq!(s.latency_buckets[2].0, f64::INFINITY);
-    }
-
-    #[test]
-    fn garbage_is_ignored() {
-        let s = parse_agent_metrics(
-            "nonsense\n{}\nfoo{ 1\nsluice_agent_connections_active x\n",
-            0.0,
-        );
-        assert_eq!(s, AgentSample::default());
-    }
 
     #[test]
     fn quantiles_interpolate() {

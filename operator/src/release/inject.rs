@@ -27,7 +27,11 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::crd::{AgentMode, AgentProtocol, SERVING_CONDITION, format_duration};
+use sluice_contract::{
+    AgentArgs, AgentCommand, DRAIN_PATH, DrainFlags, HEALTHZ_PATH, Protocol, READY_PATH,
+};
+
+use super::crd::{AgentMode, AgentProtocol, SERVING_CONDITION};
 use super::settings::{AgentSettings, DrainSettings};
 
 /// Name of the injected sidecar.
@@ -36,10 +40,9 @@ pub const AGENT_CONTAINER: &str = "sluice-agent";
 pub const RENAMED_APP_PORT: &str = "sluice-app";
 /// Name of the agent's admin port.
 pub const ADMIN_PORT_NAME: &str = "sluice-admin";
-/// The header the agent's `/drain` requires (the agent's `admin::DRAIN_TOKEN_HEADER`).
-pub const DRAIN_TOKEN_HEADER: &str = "x-sluice-drain-token";
-/// The agent's environment variable that holds the drain token.
-pub const DRAIN_TOKEN_ENV: &str = "SLUICE_DRAIN_TOKEN";
+/// The header the agent's `/drain` requires and the environment variable that gives the
+/// agent its drain token: the operator↔agent contract.
+pub use sluice_contract::{DRAIN_TOKEN_ENV, DRAIN_TOKEN_HEADER};
 
 /// A fresh drain token: 128 random bits, hex. One per ReplicaSet (Release) or pod
 /// (InferenceSet), written only into that template.
@@ -68,6 +71,15 @@ pub enum InjectError {
     UndeclaredPort(i32),
     #[error("agent.proxyPort {0} is also the application's port: choose another agent.proxyPort")]
     PortClash(i32),
+    #[error("port {0} is not a port number between 1 and 65535")]
+    PortOutOfRange(i32),
+}
+
+fn port_number(p: i32) -> Result<u16, InjectError> {
+    u16::try_from(p)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or(InjectError::PortOutOfRange(p))
 }
 
 /// The result of injection, with notes for the user (surfaced as events).
@@ -142,30 +154,17 @@ pub fn inject(
     };
 
     let admin = agent.admin_port;
-    let mut args: Vec<String> = Vec::new();
     let mut agent_ports = vec![ContainerPort {
         name: Some(ADMIN_PORT_NAME.into()),
         container_port: admin,
         protocol: Some("TCP".into()),
         ..Default::default()
     }];
-    match agent.mode {
+    let command = match agent.mode {
         AgentMode::Proxy => {
             if agent.proxy_port == app_port {
                 return Err(InjectError::PortClash(app_port));
             }
-            args.extend([
-                "proxy".into(),
-                "--listen".into(),
-                format!("0.0.0.0:{}", agent.proxy_port),
-                "--upstream".into(),
-                format!("127.0.0.1:{app_port}"),
-                "--protocol".into(),
-                match agent.protocol {
-                    AgentProtocol::Http => "http".into(),
-                    AgentProtocol::Tcp => "tcp".into(),
-                },
-            ]);
             match &app_port_name {
                 Some(name) => {
                     // The agent takes the name; the application keeps its number under a
@@ -201,23 +200,32 @@ pub fn inject(
                     ));
                 }
             }
+            AgentCommand::Proxy {
+                listen_port: port_number(agent.proxy_port)?,
+                upstream_port: port_number(app_port)?,
+                protocol: match agent.protocol {
+                    AgentProtocol::Http => Protocol::Http,
+                    AgentProtocol::Tcp => Protocol::Tcp,
+                },
+            }
         }
-        AgentMode::Observe => {
-            args.extend(["observe".into(), "--port".into(), app_port.to_string()]);
-        }
+        AgentMode::Observe => AgentCommand::Observe {
+            port: port_number(app_port)?,
+        },
+    };
+    let args = AgentArgs {
+        command,
+        admin_port: port_number(admin)?,
+        drain: DrainFlags {
+            quiet_period: drain.quiet_period,
+            propagation_timeout: drain.propagation_timeout,
+            // Settings validation keeps it at least 1.
+            close_rate: u32::try_from(drain.close_rate).unwrap_or(0),
+            drain_timeout: drain.drain_timeout,
+            drain_orphan_after: None,
+        },
     }
-    args.extend([
-        "--admin".into(),
-        format!("0.0.0.0:{admin}"),
-        "--quiet-period".into(),
-        format_duration(drain.quiet_period),
-        "--propagation-timeout".into(),
-        format_duration(drain.propagation_timeout),
-        "--close-rate".into(),
-        drain.close_rate.to_string(),
-        "--drain-timeout".into(),
-        format_duration(drain.drain_timeout),
-    ]);
+    .render();
 
     let sidecar = Container {
         name: AGENT_CONTAINER.into(),
@@ -234,7 +242,7 @@ pub fn inject(
         // not take the pod out of the Service.
         readiness_probe: Some(Probe {
             http_get: Some(HTTPGetAction {
-                path: Some("/ready".into()),
+                path: Some(READY_PATH.into()),
                 port: IntOrString::Int(admin),
                 ..Default::default()
             }),
@@ -247,7 +255,7 @@ pub fn inject(
         // still answers `/healthz`.
         liveness_probe: Some(Probe {
             http_get: Some(HTTPGetAction {
-                path: Some("/healthz".into()),
+                path: Some(HEALTHZ_PATH.into()),
                 port: IntOrString::Int(admin),
                 ..Default::default()
             }),
@@ -287,7 +295,7 @@ pub fn inject(
         }
         lifecycle.pre_stop = Some(LifecycleHandler {
             http_get: Some(HTTPGetAction {
-                path: Some("/drain".into()),
+                path: Some(DRAIN_PATH.into()),
                 port: IntOrString::Int(admin),
                 http_headers: Some(vec![HTTPHeader {
                     name: DRAIN_TOKEN_HEADER.into(),

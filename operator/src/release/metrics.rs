@@ -26,6 +26,9 @@ pub struct ReleaseMetrics {
     pub drain_quiet: Histogram,
     pub drain_connections_closed: Counter,
     pub drains: Family<Labels, Counter>,
+    /// Released pods whose agent refused the kubelet's preStop `/drain` (counted when
+    /// seen, once per pod; `drains_total{outcome="Refused"}` counts them when gone).
+    pub drains_refused: Counter,
     pub reconcile_duration: Histogram,
     pub reconcile_errors: Family<Labels, Counter>,
 }
@@ -42,6 +45,7 @@ impl Default for ReleaseMetrics {
             drain_quiet: Histogram::new(exponential_buckets(0.25, 2.0, 10)),
             drain_connections_closed: Counter::default(),
             drains: Family::default(),
+            drains_refused: Counter::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             reconcile_errors: Family::default(),
         }
@@ -85,6 +89,11 @@ pub fn register(registry: &mut Registry) -> ReleaseMetrics {
         m.drain_connections_closed.clone(),
     );
     r.register("drains", "Finished drains by outcome", m.drains.clone());
+    r.register(
+        "drains_refused",
+        "Released pods whose agent refused the kubelet's preStop /drain (wrong or missing drain token): no paced close",
+        m.drains_refused.clone(),
+    );
     r.register(
         "reconcile_duration_seconds",
         "Time per reconcile",
@@ -186,5 +195,12 @@ mod tests {
         assert!(out.contains("sluice_release_step{namespace=\"default\",name=\"echo\"} 1"));
         assert!(out.contains("sluice_release_reconcile_errors_total{kind=\"kube\"} 1"));
         assert!(out.contains("sluice_release_drain_duration_seconds_bucket"));
+        m.drains_refused.inc();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        assert!(
+            out.contains("sluice_release_drains_refused_total 1"),
+            "{out}"
+        );
     }
 }

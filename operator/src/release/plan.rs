@@ -26,6 +26,9 @@ use crate::drain::{DrainStep, QuietSignal, drain_step};
 
 /// Most drain records kept in status.
 pub const MAX_DRAIN_RECORDS: usize = 50;
+/// [`DrainRecord::state`] of a released pod whose agent refused a `/drain` (the kubelet's
+/// preStop): it terminates without a paced close.
+pub const DRAIN_REFUSED: &str = "Refused";
 
 /// The Deployment, as the planner needs it.
 #[derive(Clone, Debug, PartialEq)]
@@ -140,6 +143,8 @@ pub struct Plan {
     pub evaluations: Vec<Evaluation>,
     /// Drains finished in this round (for metrics).
     pub finished_drains: Vec<DrainRecord>,
+    /// Drains whose `/drain` the agent refused, newly seen in this round (for metrics).
+    pub refused_drains: Vec<DrainRecord>,
     pub requeue_after: Duration,
 }
 
@@ -164,6 +169,7 @@ struct Ctx<'a> {
     status: ReleaseStatus,
     evaluations: Vec<Evaluation>,
     finished: Vec<DrainRecord>,
+    refused: Vec<DrainRecord>,
     busy: bool,
 }
 
@@ -202,6 +208,7 @@ pub fn plan(o: &Observed, now: f64) -> Plan {
         status,
         evaluations: Vec::new(),
         finished: Vec::new(),
+        refused: Vec::new(),
         busy: false,
     };
     // Status is input too (anyone with status rights can write it): a step outside
@@ -333,6 +340,7 @@ fn failed(
         status,
         evaluations: Vec::new(),
         finished_drains: Vec::new(),
+        refused_drains: Vec::new(),
         requeue_after: Duration::from_secs(30),
     }
 }
@@ -935,6 +943,7 @@ fn round3(x: f64) -> f64 {
 /// records of pods that are gone, and re-create records lost with status.
 fn record_drains(c: &mut Ctx, o: &Observed) {
     let now = c.now;
+    let mut refused = Vec::new();
     for p in &o.pods {
         let Some(started) = p.drain_started else {
             continue;
@@ -967,6 +976,30 @@ fn record_drains(c: &mut Ctx, o: &Observed) {
             let closed = sig.connections_closed as i64;
             rec.connections_closed = Some(rec.connections_closed.unwrap_or(0).max(closed));
         }
+        // A released pod's preStop is the kubelet's `/drain`; an agent that refused one
+        // (wrong or missing token: a template the operator did not inject, or a token
+        // changed under it) lets the pod die without its paced close, which nothing else
+        // would show. Told once per pod: the record keeps the state.
+        let released = p.drain_released.is_some() || p.deleting;
+        if released
+            && rec.duration_seconds.is_none()
+            && rec.state != DRAIN_REFUSED
+            && p.signals.as_ref().is_some_and(|s| s.drain_refused > 0.0)
+        {
+            rec.state = DRAIN_REFUSED.into();
+            refused.push(rec.clone());
+        }
+    }
+    for r in refused {
+        c.event(
+            true,
+            "DrainRefused",
+            format!(
+                "{}: the kubelet's preStop /drain was refused by the agent (wrong or missing drain token): the pod terminates without a paced close",
+                r.pod
+            ),
+        );
+        c.refused.push(r);
     }
     let present: BTreeSet<&str> = o.pods.iter().map(|p| p.name.as_str()).collect();
     let mut events = Vec::new();
@@ -974,7 +1007,8 @@ fn record_drains(c: &mut Ctx, o: &Observed) {
         if r.duration_seconds.is_none() && !present.contains(r.pod.as_str()) {
             let started = parse_rfc3339(&r.started_at).unwrap_or(now);
             r.duration_seconds = Some(round3(now - started));
-            if r.state != "QuietTimeout" {
+            // A refused or timed-out drain keeps saying so.
+            if r.state != "QuietTimeout" && r.state != DRAIN_REFUSED {
                 r.state = "Completed".into();
             }
             events.push(r.clone());
@@ -982,7 +1016,7 @@ fn record_drains(c: &mut Ctx, o: &Observed) {
     }
     for r in events {
         c.event(
-            r.state == "QuietTimeout",
+            r.state == "QuietTimeout" || r.state == DRAIN_REFUSED,
             "PodDrained",
             format!(
                 "{} drained in {:.1}s (quiet after {:.1}s, {} connections closed)",
@@ -1472,6 +1506,7 @@ fn finish(mut c: Ctx, o: &Observed) -> Plan {
         status: c.status,
         evaluations: c.evaluations,
         finished_drains: c.finished,
+        refused_drains: c.refused,
         requeue_after,
     }
 }

@@ -49,6 +49,7 @@ fn quiet_signals(_: &PodView, _: f64) -> Option<PodSignals> {
         connections_active: 3.0,
         connections_closed: 3.0,
         drain_phase: Some(0.0),
+        drain_refused: 0.0,
     })
 }
 
@@ -1222,4 +1223,100 @@ fn a_disallowed_agent_image_fails_and_injects_nothing() {
         "{}",
         degraded.message
     );
+}
+
+#[test]
+fn a_refused_prestop_drain_is_recorded_and_told_once_per_pod() {
+    // The agents of released pods refuse the kubelet's /drain (a wrong token): each such
+    // drain ends `Refused`, with one warning per pod, and the release still completes.
+    let mut sim = Sim::new("workloadRef: {name: echo}", 2);
+    sim.settle();
+    sim.signals = Box::new(|p: &PodView, now| {
+        let mut s = quiet_signals(p, now).unwrap();
+        if p.drain_released.is_some() {
+            s.drain_refused = 1.0;
+        }
+        Some(s)
+    });
+    sim.new_template("v2");
+    let mut refused_seen = Vec::new();
+    for _ in 0..200 {
+        if sim.phase() == Phase::Completed && sim.pods_of("v1") == 0 {
+            break;
+        }
+        let plan = sim.round();
+        refused_seen.extend(plan.refused_drains.iter().map(|d| d.pod.clone()));
+    }
+    assert_eq!(sim.phase(), Phase::Completed, "{:#?}", sim.status);
+    sim.assert_lossless(2);
+    // Once per pod: in the plans (for the metric) and in the events.
+    refused_seen.sort();
+    let mut unique = refused_seen.clone();
+    unique.dedup();
+    assert_eq!(refused_seen.len(), 2, "{refused_seen:?}");
+    assert_eq!(unique, refused_seen);
+    let warnings: Vec<_> = sim
+        .events
+        .iter()
+        .filter(|(warning, reason, _)| *warning && reason == "DrainRefused")
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    for pod in &unique {
+        assert!(
+            warnings
+                .iter()
+                .any(|(_, _, note)| note.starts_with(pod.as_str())
+                    && note.contains("refused by the agent (wrong or missing drain token)")),
+            "{warnings:?}"
+        );
+    }
+    // The records keep saying so once the pods are gone.
+    let refused: Vec<_> = sim
+        .status
+        .drains
+        .iter()
+        .filter(|d| d.state == DRAIN_REFUSED)
+        .collect();
+    assert_eq!(refused.len(), 2, "{:#?}", sim.status.drains);
+    assert!(refused.iter().all(|d| d.duration_seconds.is_some()));
+    // The new revision's pods were never released: nothing refused there.
+    assert!(
+        sim.status
+            .drains
+            .iter()
+            .all(|d| d.revision == "v1" || d.state != DRAIN_REFUSED)
+    );
+}
+
+#[test]
+fn a_refusal_before_the_release_is_not_blamed_on_the_prestop() {
+    // A /drain refused while the pod still quiesces (not the kubelet's: it runs only once
+    // the pod is released) leaves the record alone until the pod is released.
+    let mut sim = Sim::new("workloadRef: {name: echo}", 1);
+    sim.pods.push(PodView {
+        name: "echo-v1-a".into(),
+        revision: "v1".into(),
+        created: sim.now - 100.0,
+        containers_ready: true,
+        ready_since: Some(sim.now - 90.0),
+        serving: Some(false),
+        drain_started: Some(sim.now - 1.0),
+        ..Default::default()
+    });
+    sim.signals = Box::new(|p: &PodView, now| {
+        let mut s = quiet_signals(p, now).unwrap();
+        s.drain_refused = 2.0;
+        // Not quiet yet: the pod is not released in this round.
+        s.quiet_seconds = Some(0.5);
+        Some(s)
+    });
+    let p = plan(&sim.observed(), sim.now);
+    let rec = p
+        .status
+        .drains
+        .iter()
+        .find(|d| d.pod == "echo-v1-a")
+        .unwrap();
+    assert_eq!(rec.state, "Quiescing");
+    assert!(p.refused_drains.is_empty());
 }

@@ -1,0 +1,24 @@
+//! The agent's admin endpoint, its drain token and default ports.
+
+/// Liveness: answers 200 while the admin server runs (also while draining).
+pub const HEALTHZ_PATH: &str = "/healthz";
+/// Readiness: 200 while serving and the application is reachable, 503 once draining.
+pub const READY_PATH: &str = "/ready";
+/// Starts the drain and answers once it is over (the injected preStop hook calls it).
+pub const DRAIN_PATH: &str = "/drain";
+/// OpenMetrics text the operator scrapes ([`crate::metrics`]).
+pub const METRICS_PATH: &str = "/metrics";
+
+/// The header that carries the drain secret on `/drain`. A source address proves nothing
+/// (the kubelet's hook comes from the CNI's host-side address, an SSRF in the application
+/// from loopback): the secret does.
+pub const DRAIN_TOKEN_HEADER: &str = "x-sluice-drain-token";
+/// The agent's environment variable that holds the drain secret.
+pub const DRAIN_TOKEN_ENV: &str = "SLUICE_DRAIN_TOKEN";
+
+/// The agent's admin port unless told otherwise (`--admin`, `spec.agent.adminPort`).
+pub const DEFAULT_ADMIN_PORT: u16 = 9901;
+/// The port the injected agent listens on in proxy mode (`spec.agent.proxyPort`). Not
+/// 15001 (Istio's outbound capture port): no port Istio (15000–15090) or Linkerd
+/// (4140–4191) reserves in the pod.
+pub const DEFAULT_PROXY_PORT: u16 = 15101;
