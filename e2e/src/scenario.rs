@@ -1015,6 +1015,28 @@ pub async fn run(args: ScenarioArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A pod that runs a program installed on this machine (nginx, python3, java: software
+/// the project did not write) on a real node: image `sluice/host` is an empty root with the
+/// merged-/usr links, and the host's /usr is mounted read-only into it. (A program that
+/// reads its configuration under /etc gets it from a ConfigMap or a flag.)
+pub fn host_program_pod(name: &str, node: &str, command: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "nodeName": node,
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{
+                "name": "app",
+                "image": "sluice/host:1",
+                "imagePullPolicy": "Never",
+                "command": command,
+                "volumeMounts": [{"name": "usr", "mountPath": "/usr", "readOnly": true}],
+            }],
+            "volumes": [{"name": "usr", "hostPath": {"path": "/usr", "type": "Directory"}}],
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1174,26 +1196,4 @@ mod tests {
         assert!(svg.contains("x &lt; y"));
         assert!(report.table().contains("| B1 | 0 s |"));
     }
-}
-
-/// A pod that runs a program installed on this machine (nginx, python3, java: software
-/// the project did not write) on a real node: image `sluice/host` is an empty root with the
-/// merged-/usr links, and the host's /usr is mounted read-only into it. (A program that
-/// reads its configuration under /etc gets it from a ConfigMap or a flag.)
-pub fn host_program_pod(name: &str, node: &str, command: &[&str]) -> serde_json::Value {
-    serde_json::json!({
-        "metadata": {"name": name, "labels": {"app": name}},
-        "spec": {
-            "nodeName": node,
-            "terminationGracePeriodSeconds": 5,
-            "containers": [{
-                "name": "app",
-                "image": "sluice/host:1",
-                "imagePullPolicy": "Never",
-                "command": command,
-                "volumeMounts": [{"name": "usr", "mountPath": "/usr", "readOnly": true}],
-            }],
-            "volumes": [{"name": "usr", "hostPath": {"path": "/usr", "type": "Directory"}}],
-        }
-    })
 }
