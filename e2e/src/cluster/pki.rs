@@ -209,29 +209,69 @@ fn write(path: &Path, pem: &str) -> std::io::Result<()> {
 
 /// An admin kubeconfig with the certificates inlined, so it can be copied anywhere.
 pub fn admin_kubeconfig(pki: &Pki, server: &str) -> anyhow::Result<String> {
-    let encode = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    let ca = encode(&std::fs::read(&pki.ca_cert)?);
-    let cert = encode(&std::fs::read(&pki.admin_cert)?);
-    let key = encode(&std::fs::read(&pki.admin_key)?);
-    Ok(format!(
+    let encode = |path: &Path| -> anyhow::Result<String> {
+        Ok(base64::engine::general_purpose::STANDARD.encode(std::fs::read(path)?))
+    };
+    Ok(kubeconfig(
+        server,
+        "admin",
+        KubeconfigCreds::Inline {
+            ca: encode(&pki.ca_cert)?,
+            cert: encode(&pki.admin_cert)?,
+            key: encode(&pki.admin_key)?,
+        },
+    ))
+}
+
+/// How a kubeconfig carries its CA and client certificate.
+pub enum KubeconfigCreds<'a> {
+    /// Base64 PEM in the file (`*-data`).
+    Inline {
+        ca: String,
+        cert: String,
+        key: String,
+    },
+    /// Paths to PEM files.
+    Files {
+        ca: &'a Path,
+        cert: &'a Path,
+        key: &'a Path,
+    },
+}
+
+/// A one-cluster, one-user kubeconfig for the ground's API server.
+pub fn kubeconfig(server: &str, user: &str, creds: KubeconfigCreds) -> String {
+    let (ca, cert, key) = match creds {
+        KubeconfigCreds::Inline { ca, cert, key } => (
+            format!("certificate-authority-data: {ca}"),
+            format!("client-certificate-data: {cert}"),
+            format!("client-key-data: {key}"),
+        ),
+        KubeconfigCreds::Files { ca, cert, key } => (
+            format!("certificate-authority: {}", ca.display()),
+            format!("client-certificate: {}", cert.display()),
+            format!("client-key: {}", key.display()),
+        ),
+    };
+    format!(
         "apiVersion: v1
 kind: Config
 clusters:
 - name: sluice-e2e
   cluster:
     server: {server}
-    certificate-authority-data: {ca}
+    {ca}
 users:
-- name: admin
+- name: {user}
   user:
-    client-certificate-data: {cert}
-    client-key-data: {key}
+    {cert}
+    {key}
 contexts:
 - name: sluice-e2e
   context:
     cluster: sluice-e2e
-    user: admin
+    user: {user}
 current-context: sluice-e2e
 "
-    ))
+    )
 }

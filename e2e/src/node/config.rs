@@ -359,34 +359,6 @@ nftables:
     )
 }
 
-/// A kubeconfig with certificate files by path.
-pub fn kubeconfig(server: &str, ca: &Path, cert: &Path, key: &Path, user: &str) -> String {
-    format!(
-        "apiVersion: v1
-kind: Config
-clusters:
-- name: sluice-e2e
-  cluster:
-    server: {server}
-    certificate-authority: {ca}
-users:
-- name: {user}
-  user:
-    client-certificate: {cert}
-    client-key: {key}
-contexts:
-- name: sluice-e2e
-  context:
-    cluster: sluice-e2e
-    user: {user}
-current-context: sluice-e2e
-",
-        ca = ca.display(),
-        cert = cert.display(),
-        key = key.display(),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::{Daemon, pki::Pki, procs};
+use crate::cluster::pki::{KubeconfigCreds, Pki, kubeconfig};
+use crate::cluster::{Daemon, procs};
 pub use config::{NodePaths, NodeSpec, POD_SUPERNET};
 
 /// The node `cluster up` starts.
@@ -160,12 +161,14 @@ pub fn start_node(
     let node_certs = pki.node(&spec.name);
     std::fs::write(
         paths.kubelet_kubeconfig(),
-        config::kubeconfig(
+        kubeconfig(
             ctx.server,
-            &pki.ca_cert,
-            &node_certs.client_cert,
-            &node_certs.client_key,
             &format!("system:node:{}", spec.name),
+            KubeconfigCreds::Files {
+                ca: &pki.ca_cert,
+                cert: &node_certs.client_cert,
+                key: &node_certs.client_key,
+            },
         ),
     )?;
     let ports = config::KubeletPorts {
@@ -220,12 +223,14 @@ pub fn start_kube_proxy(
     let pki = ctx.pki;
     std::fs::write(
         paths.kube_proxy_kubeconfig(),
-        config::kubeconfig(
+        kubeconfig(
             ctx.server,
-            &pki.ca_cert,
-            &pki.kube_proxy_cert,
-            &pki.kube_proxy_key,
             "system:kube-proxy",
+            KubeconfigCreds::Files {
+                ca: &pki.ca_cert,
+                cert: &pki.kube_proxy_cert,
+                key: &pki.kube_proxy_key,
+            },
         ),
     )?;
     std::fs::write(
