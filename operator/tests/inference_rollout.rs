@@ -181,7 +181,9 @@ fn inference_set(spec: &Spec, pool: &str, version: &str) -> serde_json::Value {
 }
 
 async fn wait_nodes_ready(nodes: &Api<Node>, names: &[String], pool: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Each node imports every image into its own containerd before its kubelet starts: with
+    // eight nodes doing that at once on two cores, a minute is not enough.
+    let deadline = Instant::now() + Duration::from_secs(240);
     loop {
         let mut ready = 0;
         for n in names {
@@ -201,7 +203,7 @@ async fn wait_nodes_ready(nodes: &Api<Node>, names: &[String], pool: &str) -> an
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "{ready}/{} real nodes ready after 60s",
+            "{ready}/{} real nodes ready after 240s",
             names.len()
         );
         tokio::time::sleep(Duration::from_millis(300)).await;

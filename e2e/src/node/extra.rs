@@ -94,18 +94,41 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         kubelet: bins.get("kubelet").context("kubelet not built")?,
         kube_proxy: bins.get("kube-proxy").context("kube-proxy not built")?,
     };
-    let mut rec = HostRecord::default();
-    let daemons = start_node(&spec, &ctx, &mut rec);
+    // Signals are ours from here on: a stop while the node is still starting (importing
+    // images can take a while) must clean up too, not kill this process half-way.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let client = cluster::client_for(&cluster::kubeconfig_path()).await?;
-    let result = match daemons {
-        Ok(daemons) => {
-            let r = serve(&client, &spec).await;
-            for d in daemons.iter().rev() {
-                d.stop(Duration::from_secs(10));
+    let starting = {
+        let (spec, state_dir, server) = (spec.clone(), dir.clone(), state.server.clone());
+        let (kubelet, kube_proxy) = (ctx.kubelet.to_path_buf(), ctx.kube_proxy.to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            let ctx = NodeCtx {
+                state_dir: &state_dir,
+                repo_root: &cluster::repo_root(),
+                logs: &state_dir.join("logs"),
+                pki: &Pki::at(&state_dir.join("pki")),
+                server: &server,
+                kubelet: &kubelet,
+                kube_proxy: &kube_proxy,
+            };
+            start_node(&spec, &ctx, &mut HostRecord::default())
+        })
+    };
+    let result = tokio::select! {
+        started = starting => match started? {
+            Ok(daemons) => {
+                let r = serve(&client, &spec, &mut term, &mut int).await;
+                for d in daemons.iter().rev() {
+                    d.stop(Duration::from_secs(10));
+                }
+                r
             }
-            r
-        }
-        Err(e) => Err(e),
+            Err(e) => Err(e),
+        },
+        _ = term.recv() => Ok(()),
+        _ = int.recv() => Ok(()),
     };
     let mut errors = Vec::new();
     cleanup_node(&dir, &spec.name, &mut errors);
@@ -119,7 +142,12 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
 }
 
 /// Waits for the node's registration, advertises its GPUs, then runs until told to stop.
-async fn serve(client: &kube::Client, spec: &NodeSpec) -> anyhow::Result<()> {
+async fn serve(
+    client: &kube::Client,
+    spec: &NodeSpec,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while nodes.get_opt(&spec.name).await?.is_none() {
@@ -142,9 +170,6 @@ async fn serve(client: &kube::Client, spec: &NodeSpec) -> anyhow::Result<()> {
             .context("advertising the node's GPUs")?;
     }
     eprintln!("node {} runs; SIGTERM or SIGINT stops it", spec.name);
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

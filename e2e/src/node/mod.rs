@@ -327,6 +327,12 @@ pub fn cleanup_node(state_dir: &Path, name: &str, errors: &mut Vec<String>) {
     // cgroups: the containers and pause processes.
     let needle = format!("{}/", paths.run.display());
     host::kill_all(&host::pids_with_cmdline(&needle));
+    // The node's own daemons name their config files under its directory: whatever
+    // started them (and however it stopped), they go too.
+    host::kill_all(&host::pids_with_cmdline(&format!(
+        "{}/",
+        paths.dir.display()
+    )));
     host::remove_cgroup_root(&format!("/sluice-{name}"), errors);
     host::kill_all(&host::pids_with_cmdline(&needle));
     host::unmount_under(&[paths.run.clone(), paths.dir.clone()], errors);
