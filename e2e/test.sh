@@ -11,9 +11,11 @@ e2e=target/debug/sluice-e2e
 
 started_here=0
 if [ -z "${SLUICE_E2E_KUBECONFIG:-}" ]; then
-  if ! $e2e cluster up | tee /dev/stderr | grep -q "already runs"; then
-    started_here=1
-  fi
+  # Captured, not `| tee /dev/stderr`: opening /dev/stderr truncates the log file that a
+  # redirected run writes to; and a failed `up` stops the script here.
+  up_out=$($e2e cluster up)
+  echo "$up_out"
+  case $up_out in *"already runs"*) ;; *) started_here=1 ;; esac
   export SLUICE_E2E_KUBECONFIG=$PWD/target/e2e/kubeconfig
 else
   # A ground someone else started: give its node the binaries just built.
