@@ -29,12 +29,8 @@ fn release(name: &str, spec: &str) -> DynamicObject {
     .unwrap()
 }
 
-#[tokio::test]
-async fn invalid_releases_are_rejected_with_a_fix() {
-    let Some(client) = client().await else {
-        eprintln!("SKIP: no test-ground cluster (make cluster-up)");
-        return;
-    };
+/// Applies the CRD generated from the Rust types and returns Releases in `default`.
+async fn releases_with_current_crd(client: Client) -> Api<DynamicObject> {
     let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
         Api::all(client.clone());
     crds.patch(
@@ -46,8 +42,16 @@ async fn invalid_releases_are_rejected_with_a_fix() {
     .unwrap();
     // The apiserver needs a moment to serve a changed schema.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(client, "default", &ApiResource::erase::<Release>(&()));
+    Api::namespaced_with(client, "default", &ApiResource::erase::<Release>(&()))
+}
+
+#[tokio::test]
+async fn invalid_releases_are_rejected_with_a_fix() {
+    let Some(client) = client().await else {
+        eprintln!("SKIP: no test-ground cluster (make cluster-up)");
+        return;
+    };
+    let api = releases_with_current_crd(client).await;
     let dry = PostParams {
         dry_run: true,
         ..Default::default()
@@ -256,18 +260,7 @@ async fn workload_ref_is_immutable_and_status_is_bounded() {
         eprintln!("SKIP: no test-ground cluster (make cluster-up)");
         return;
     };
-    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
-        Api::all(client.clone());
-    crds.patch(
-        "releases.sluice.dev",
-        &PatchParams::apply("sluice-e2e").force(),
-        &Patch::Apply(Release::crd()),
-    )
-    .await
-    .unwrap();
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(client, "default", &ApiResource::erase::<Release>(&()));
+    let api = releases_with_current_crd(client).await;
     let name = "immutable-ref";
     let _ = api.delete(name, &Default::default()).await;
     api.create(

@@ -83,17 +83,11 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     }
     let dir = cluster::state_dir();
     let bins = cluster::upstream_binaries()?;
-    let pki = Pki::at(&dir.join("pki"));
-    let logs = dir.join("logs");
-    let ctx = NodeCtx {
-        state_dir: &dir,
-        repo_root: &cluster::repo_root(),
-        logs: &logs,
-        pki: &pki,
-        server: &state.server,
-        kubelet: bins.get("kubelet").context("kubelet not built")?,
-        kube_proxy: bins.get("kube-proxy").context("kube-proxy not built")?,
-    };
+    let kubelet = bins.get("kubelet").context("kubelet not built")?.clone();
+    let kube_proxy = bins
+        .get("kube-proxy")
+        .context("kube-proxy not built")?
+        .clone();
     // Signals are ours from here on: a stop while the node is still starting (importing
     // images can take a while) must clean up too, not kill this process half-way.
     use tokio::signal::unix::{SignalKind, signal};
@@ -102,7 +96,6 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let client = cluster::client_for(&cluster::kubeconfig_path()).await?;
     let starting = {
         let (spec, state_dir, server) = (spec.clone(), dir.clone(), state.server.clone());
-        let (kubelet, kube_proxy) = (ctx.kubelet.to_path_buf(), ctx.kube_proxy.to_path_buf());
         tokio::task::spawn_blocking(move || {
             let ctx = NodeCtx {
                 state_dir: &state_dir,
