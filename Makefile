@@ -4,7 +4,7 @@ CARGO ?= cargo
 E2E := target/debug/sluice-e2e
 export SLUICE_REPO := $(CURDIR)
 
-.PHONY: help build test unit lint fmt crds cluster-up cluster-down demo bench bench-agent bench-placement bench-lossless bench-gpu fuzz-agent
+.PHONY: help build test unit lint fmt crds cluster-up cluster-down demo bench bench-agent bench-placement bench-lossless bench-gpu fuzz
 
 help: ## List the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
@@ -54,6 +54,9 @@ bench-gpu: ## Gang binding throughput (Sluice vs kube-scheduler) and InferenceSe
 	./e2e/bench-gpu.sh
 
 FUZZ_SECONDS ?= 60
-fuzz-agent: ## Fuzz the agent's parsers (cargo-fuzz, nightly), FUZZ_SECONDS each (default 60)
-	cd agent/fuzz && for t in headers procfs duration; do \
-		$(CARGO) +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; done
+FUZZ_TARGETS := agent_headers agent_procfs agent_duration operator_duration agent_metrics gang_request gpu_topology
+fuzz: ## Fuzz every untrusted-input parser with libFuzzer (nightly, cargo-fuzz), FUZZ_SECONDS each
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	for t in $(FUZZ_TARGETS); do mkdir -p target/fuzz/corpus/$$t && \
+		$(CARGO) +nightly fuzz run --fuzz-dir fuzz/cargo-fuzz $$t target/fuzz/corpus/$$t fuzz/seeds/$$t \
+		-- -max_total_time=$(FUZZ_SECONDS) -max_len=4096 || exit 1; done

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::duration::format_duration;
+
 /// Subcommand: in the data path.
 pub const PROXY: &str = "proxy";
 /// Subcommand: no data path, the kernel's TCP tables.
@@ -130,33 +132,6 @@ impl AgentArgs {
         }
         args
     }
-}
-
-/// Format a duration the way users write them and both sides parse (`1m30s`, `500ms`).
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms == 0 {
-        return "0s".into();
-    }
-    if !ms.is_multiple_of(1000) {
-        return format!("{ms}ms");
-    }
-    let mut s = (ms / 1000) as u64;
-    let mut out = String::new();
-    let h = s / 3600;
-    s %= 3600;
-    let m = s / 60;
-    s %= 60;
-    if h > 0 {
-        out.push_str(&format!("{h}h"));
-    }
-    if m > 0 {
-        out.push_str(&format!("{m}m"));
-    }
-    if s > 0 {
-        out.push_str(&format!("{s}s"));
-    }
-    out
 }
 
 #[cfg(test)]

@@ -12,11 +12,13 @@
 
 pub mod admin;
 pub mod args;
+pub mod duration;
 pub mod metrics;
 
 pub use admin::{
     DEFAULT_ADMIN_PORT, DEFAULT_PROXY_PORT, DRAIN_PATH, DRAIN_TOKEN_ENV, DRAIN_TOKEN_HEADER,
     HEALTHZ_PATH, METRICS_PATH, READY_PATH,
 };
-pub use args::{AgentArgs, AgentCommand, DrainFlags, Protocol, format_duration};
+pub use args::{AgentArgs, AgentCommand, DrainFlags, Protocol};
+pub use duration::{format_duration, parse_duration};
 pub use metrics::{AgentSample, parse_agent_metrics};

@@ -75,6 +75,12 @@ pub const LABEL_PHASE: &str = "phase";
 /// A histogram bucket's upper bound (written by the exposition format itself).
 pub const LABEL_LE: &str = "le";
 
+/// The largest value a sample line may carry (2^53, where f64 stops counting exactly).
+/// Every metric the operator reads is a count or a gauge of things, never negative: a line
+/// with a negative, non-finite or larger value is skipped, so that an agent (any tenant's
+/// pod) cannot feed NaN or infinities into the release gates.
+pub const MAX_SAMPLE_VALUE: f64 = 9_007_199_254_740_992.0;
+
 /// One scrape of an agent's `/metrics`, reduced to what the operator reads.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AgentSample {
@@ -124,6 +130,7 @@ pub fn parse_agent_metrics(text: &str, at: f64) -> AgentSample {
             .split_whitespace()
             .next()
             .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| (0.0..=MAX_SAMPLE_VALUE).contains(v))
         else {
             continue;
         };
@@ -143,8 +150,8 @@ pub fn parse_agent_metrics(text: &str, at: f64) -> AgentSample {
                         f64::INFINITY
                     } else {
                         match le.parse::<f64>() {
-                            Ok(v) => v,
-                            Err(_) => continue,
+                            Ok(v) if v.is_finite() => v,
+                            _ => continue,
                         }
                     };
                     let e = buckets.entry(le.to_bits()).or_insert((le, 0.0));
@@ -192,6 +199,22 @@ sluice_agent_drain_refused_total{reason="missing_token"} 2
 sluice_agent_drain_refused_total{reason="wrong_token"} 1
 # EOF
 "#;
+
+    #[test]
+    fn skips_values_no_agent_can_mean() {
+        let text = "sluice_agent_requests_total{code=\"500\"} NaN\n\
+                    sluice_agent_requests_total{code=\"200\"} -5\n\
+                    sluice_agent_requests_total{code=\"200\"} +Inf\n\
+                    sluice_agent_requests_total{code=\"200\"} 1e300\n\
+                    sluice_agent_requests_total{code=\"200\"} 4\n\
+                    sluice_agent_request_duration_seconds_bucket{le=\"NaN\"} 3\n\
+                    sluice_agent_connections_active inf\n";
+        let s = parse_agent_metrics(text, 0.0);
+        assert_eq!(s.requests, 4.0);
+        assert_eq!(s.errors, 0.0);
+        assert_eq!(s.connections_active, 0.0);
+        assert!(s.latency_buckets.is_empty());
+    }
 
     #[test]
     fn parses_the_agent_exposition() {

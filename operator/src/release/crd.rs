@@ -525,51 +525,9 @@ impl JsonSchema for DurationString {
     }
 }
 
-/// Parse `500ms`, `30s`, `5m`, `1h30m`: one or more `<digits><unit>` with units ms, s,
-/// m, h.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let bad = || format!("{s:?} is not a duration such as 500ms, 30s, 5m or 1h30m");
-    if s.is_empty() {
-        return Err(bad());
-    }
-    let bytes = s.as_bytes();
-    let mut i = 0;
-    let mut total_ms: u128 = 0;
-    while i < bytes.len() {
-        let start = i;
-        while i < bytes.len() && bytes[i].is_ascii_digit() {
-            i += 1;
-        }
-        if i == start {
-            return Err(bad());
-        }
-        let n: u128 = s[start..i].parse().map_err(|_| bad())?;
-        let unit_ms = if s[i..].starts_with("ms") {
-            i += 2;
-            1
-        } else if s[i..].starts_with('s') {
-            i += 1;
-            1000
-        } else if s[i..].starts_with('m') {
-            i += 1;
-            60_000
-        } else if s[i..].starts_with('h') {
-            i += 1;
-            3_600_000
-        } else {
-            return Err(bad());
-        };
-        total_ms = total_ms
-            .checked_add(n.checked_mul(unit_ms).ok_or_else(bad)?)
-            .ok_or_else(bad)?;
-    }
-    let ms = u64::try_from(total_ms).map_err(|_| bad())?;
-    Ok(std::time::Duration::from_millis(ms))
-}
-
-/// Format a duration the way users write them (`1m30s`, `500ms`): the contract's format,
-/// which the agent's flags parse too.
-pub use sluice_contract::format_duration;
+/// Durations are the contract's: the operator parses what the user wrote and renders it into
+/// the agent's flags in one format that both sides read.
+pub use sluice_contract::duration::{MAX_DURATION, format_duration, parse_duration};
 
 /// Phase of a release.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
@@ -767,29 +725,6 @@ pub struct ReleaseCondition {
 mod tests {
     use super::*;
     use kube::CustomResourceExt;
-    use std::time::Duration;
-
-    #[test]
-    fn durations_parse_like_the_schema_says() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("1m500ms"), Ok(Duration::from_millis(60_500)));
-        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
-        for bad in ["", "5", "s", "1.5s", "-1s", "5 s", "1d", "1h30", "ms5"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} should not parse");
-        }
-    }
-
-    #[test]
-    fn durations_format_back() {
-        for s in ["500ms", "30s", "5m", "1h30m", "1h0m5s"] {
-            let d = parse_duration(s).unwrap();
-            assert_eq!(parse_duration(&format_duration(d)).unwrap(), d);
-        }
-        assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
-    }
 
     fn crd_json() -> serde_json::Value {
         serde_json::to_value(Release::crd()).unwrap()
