@@ -14,7 +14,7 @@ use sluice_agent::config::{Cli, Command, Protocol as AgentProtocol, ProxyArgs};
 use sluice_agent::start_proxy;
 use sluice_contract::{
     AgentArgs, AgentCommand, DRAIN_TOKEN_ENV, DRAIN_TOKEN_HEADER, DrainFlags, METRICS_PATH,
-    Protocol, parse_agent_metrics,
+    Protocol, ProxyLimits, parse_agent_metrics,
 };
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -107,6 +107,15 @@ fn the_agent_parses_the_rendered_command_line_as_meant() {
                 listen_port: 15101,
                 upstream_port: 8080,
                 protocol,
+                limits: ProxyLimits {
+                    max_connections: Some(20_000),
+                    http2_max_concurrent_streams: Some(250),
+                    header_read_timeout: Some(Duration::from_secs(12)),
+                    body_timeout: Some(Duration::ZERO),
+                    upstream_timeout: Some(Duration::from_millis(2500)),
+                    http2_idle_timeout: Some(Duration::from_secs(3600)),
+                    tcp_keepalive: Some(Duration::from_secs(45)),
+                },
             },
             admin_port: 9902,
             drain: drain_flags(),
@@ -127,6 +136,13 @@ fn the_agent_parses_the_rendered_command_line_as_meant() {
         assert_eq!(p.drain.close_rate, 7);
         assert_eq!(p.drain.drain_timeout, Duration::from_secs(5400));
         assert_eq!(p.drain.drain_orphan_after, Some(Duration::from_secs(200)));
+        assert_eq!(p.limits.max_connections, 20_000);
+        assert_eq!(p.limits.http2_max_concurrent_streams, 250);
+        assert_eq!(p.header_read_timeout, Duration::from_secs(12));
+        assert_eq!(p.limits.body_timeout, Duration::ZERO);
+        assert_eq!(p.limits.upstream_timeout, Duration::from_millis(2500));
+        assert_eq!(p.limits.http2_idle_timeout, Duration::from_secs(3600));
+        assert_eq!(p.limits.tcp_keepalive, Duration::from_secs(45));
     }
 
     let args = AgentArgs {

@@ -21,6 +21,13 @@ pub const FLAG_PROPAGATION_TIMEOUT: &str = "--propagation-timeout";
 pub const FLAG_CLOSE_RATE: &str = "--close-rate";
 pub const FLAG_DRAIN_TIMEOUT: &str = "--drain-timeout";
 pub const FLAG_DRAIN_ORPHAN_AFTER: &str = "--drain-orphan-after";
+pub const FLAG_MAX_CONNECTIONS: &str = "--max-connections";
+pub const FLAG_HTTP2_MAX_CONCURRENT_STREAMS: &str = "--http2-max-concurrent-streams";
+pub const FLAG_HEADER_READ_TIMEOUT: &str = "--header-read-timeout";
+pub const FLAG_BODY_TIMEOUT: &str = "--body-timeout";
+pub const FLAG_UPSTREAM_TIMEOUT: &str = "--upstream-timeout";
+pub const FLAG_HTTP2_IDLE_TIMEOUT: &str = "--http2-idle-timeout";
+pub const FLAG_TCP_KEEPALIVE: &str = "--tcp-keepalive";
 
 /// What the proxy speaks (`--protocol`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,9 +54,53 @@ pub enum AgentCommand {
         listen_port: u16,
         upstream_port: u16,
         protocol: Protocol,
+        limits: ProxyLimits,
     },
     /// `observe`: watch the application's `port`.
     Observe { port: u16 },
+}
+
+/// The proxy's limits a Release may set; `None` leaves the agent's default (docs/agent.md
+/// lists each default and what a client over it sees). A zero duration turns off the
+/// timeouts that can be off (body, upstream, TCP keep-alive).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProxyLimits {
+    pub max_connections: Option<u32>,
+    pub http2_max_concurrent_streams: Option<u32>,
+    pub header_read_timeout: Option<Duration>,
+    pub body_timeout: Option<Duration>,
+    pub upstream_timeout: Option<Duration>,
+    pub http2_idle_timeout: Option<Duration>,
+    pub tcp_keepalive: Option<Duration>,
+}
+
+impl ProxyLimits {
+    fn render(&self, args: &mut Vec<String>) {
+        let counts = [
+            (FLAG_MAX_CONNECTIONS, self.max_connections),
+            (
+                FLAG_HTTP2_MAX_CONCURRENT_STREAMS,
+                self.http2_max_concurrent_streams,
+            ),
+        ];
+        for (name, value) in counts {
+            if let Some(v) = value {
+                args.extend([name.to_string(), v.to_string()]);
+            }
+        }
+        let durations = [
+            (FLAG_HEADER_READ_TIMEOUT, self.header_read_timeout),
+            (FLAG_BODY_TIMEOUT, self.body_timeout),
+            (FLAG_UPSTREAM_TIMEOUT, self.upstream_timeout),
+            (FLAG_HTTP2_IDLE_TIMEOUT, self.http2_idle_timeout),
+            (FLAG_TCP_KEEPALIVE, self.tcp_keepalive),
+        ];
+        for (name, value) in durations {
+            if let Some(d) = value {
+                args.extend([name.to_string(), format_duration(d)]);
+            }
+        }
+    }
 }
 
 /// The drain policy flags, common to both modes.
@@ -90,6 +141,7 @@ impl AgentArgs {
                 listen_port,
                 upstream_port,
                 protocol,
+                limits,
             } => {
                 args.push(PROXY.into());
                 flag(&mut args, FLAG_LISTEN, format!("0.0.0.0:{listen_port}"));
@@ -99,6 +151,7 @@ impl AgentArgs {
                     format!("127.0.0.1:{upstream_port}"),
                 );
                 flag(&mut args, FLAG_PROTOCOL, protocol.as_str().into());
+                limits.render(&mut args);
             }
             AgentCommand::Observe { port } => {
                 args.push(OBSERVE.into());
@@ -155,6 +208,7 @@ mod tests {
                 listen_port: 15101,
                 upstream_port: 8080,
                 protocol: Protocol::Http,
+                limits: ProxyLimits::default(),
             },
             admin_port: 9901,
             drain: drain(),
@@ -162,6 +216,28 @@ mod tests {
         assert_eq!(
             proxy.render().join(" "),
             "proxy --listen 0.0.0.0:15101 --upstream 127.0.0.1:8080 --protocol http --admin 0.0.0.0:9901 --quiet-period 2s --propagation-timeout 1m --close-rate 100 --drain-timeout 1m30s"
+        );
+        let limited = AgentArgs {
+            command: AgentCommand::Proxy {
+                listen_port: 15101,
+                upstream_port: 8080,
+                protocol: Protocol::Http,
+                limits: ProxyLimits {
+                    max_connections: Some(20_000),
+                    upstream_timeout: Some(Duration::from_secs(30)),
+                    tcp_keepalive: Some(Duration::ZERO),
+                    ..ProxyLimits::default()
+                },
+            },
+            admin_port: 9901,
+            drain: drain(),
+        };
+        assert!(
+            limited.render().join(" ").starts_with(
+                "proxy --listen 0.0.0.0:15101 --upstream 127.0.0.1:8080 --protocol http --max-connections 20000 --upstream-timeout 30s --tcp-keepalive 0s --admin"
+            ),
+            "{:?}",
+            limited.render()
         );
         let observe = AgentArgs {
             command: AgentCommand::Observe { port: 8080 },
@@ -175,13 +251,5 @@ mod tests {
             observe.render().join(" "),
             "observe --port 8080 --admin 0.0.0.0:9901 --quiet-period 2s --propagation-timeout 1m --close-rate 100 --drain-timeout 1m30s --drain-orphan-after 1500ms"
         );
-    }
-
-    #[test]
-    fn durations_format_as_users_write_them() {
-        assert_eq!(format_duration(Duration::ZERO), "0s");
-        assert_eq!(format_duration(Duration::from_millis(500)), "500ms");
-        assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
-        assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
     }
 }

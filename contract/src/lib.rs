@@ -19,6 +19,6 @@ pub use admin::{
     DEFAULT_ADMIN_PORT, DEFAULT_PROXY_PORT, DRAIN_PATH, DRAIN_TOKEN_ENV, DRAIN_TOKEN_HEADER,
     HEALTHZ_PATH, METRICS_PATH, READY_PATH,
 };
-pub use args::{AgentArgs, AgentCommand, DrainFlags, Protocol};
+pub use args::{AgentArgs, AgentCommand, DrainFlags, Protocol, ProxyLimits};
 pub use duration::{format_duration, parse_duration};
 pub use metrics::{AgentSample, parse_agent_metrics};

@@ -59,7 +59,7 @@ async fn invalid_releases_are_rejected_with_a_fix() {
 
     let ok = release(
         "ok",
-        "  workloadRef: {name: echo}\n  steps: [{setWeight: 20}, {pause: {duration: 30s}}, {setWeight: 50}, {gate: {duration: 1m}}, {pause: {}}]\n  gates: {connectionRate: {maxPerPod: 50}, comparison: {maxErrorRatioDelta: 0.02}}\n  maxSurge: 25%\n  drain: {quietPeriod: 2s, propagationTimeout: 1m30s}",
+        "  workloadRef: {name: echo}\n  steps: [{setWeight: 20}, {pause: {duration: 30s}}, {setWeight: 50}, {gate: {duration: 1m}}, {pause: {}}]\n  gates: {connectionRate: {maxPerPod: 50}, comparison: {maxErrorRatioDelta: 0.02}}\n  maxSurge: 25%\n  drain: {quietPeriod: 2s, propagationTimeout: 1m30s}\n  agent: {limits: {maxConnections: 20000, http2MaxConcurrentStreams: 250, headerReadTimeout: 10s, bodyTimeout: 0s, upstreamTimeout: 30s, http2IdleTimeout: 1h, tcpKeepalive: 30s}}",
     );
     api.create(&dry, &ok)
         .await
@@ -239,6 +239,21 @@ async fn invalid_releases_are_rejected_with_a_fix() {
             long.as_str(),
             "  workloadRef: {name: echo}",
             "metadata.name must be at most 52 characters",
+        ),
+        (
+            "limits-conns",
+            "  workloadRef: {name: echo}\n  agent: {limits: {maxConnections: 0}}",
+            "agent.limits.maxConnections must be between 1 and 1000000",
+        ),
+        (
+            "limits-body",
+            "  workloadRef: {name: echo}\n  agent: {limits: {bodyTimeout: 25h}}",
+            "agent.limits.bodyTimeout must be at most 24h",
+        ),
+        (
+            "limits-header",
+            "  workloadRef: {name: echo}\n  agent: {limits: {headerReadTimeout: 0s}}",
+            "agent.limits.headerReadTimeout must be longer than 0s",
         ),
     ];
     let mut failures = Vec::new();

@@ -435,6 +435,50 @@ pub struct AgentSpec {
     /// Resources of the agent container. Default: requests 10m CPU, 32Mi memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Limits of the proxy (proxy mode): what one client, or a crowd of them, may hold
+    /// and how long a peer may stall. Each unset field keeps the agent's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<AgentLimits>,
+}
+
+/// The proxy's limits a Release may set (docs/agent.md: each default and what a client
+/// over it sees). `0s` turns off the timeouts that can be off.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentLimits {
+    /// Client connections open at once; one more is accepted and closed at once, the
+    /// others are untouched. Default 4096.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000").message("agent.limits.maxConnections must be between 1 and 1000000"))]
+    pub max_connections: Option<i32>,
+    /// Concurrent HTTP/2 streams per client connection; one more is refused with
+    /// REFUSED_STREAM (safe to retry). Default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 10000").message("agent.limits.http2MaxConcurrentStreams must be between 1 and 10000"))]
+    pub http2_max_concurrent_streams: Option<i32>,
+    /// A client that sends no complete request head for this long is closed. Default `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = duration_positive_at_most("agent.limits.headerReadTimeout", "10m"))]
+    pub header_read_timeout: Option<DurationString>,
+    /// A request or response body that moves no byte for this long closes the client
+    /// connection; streaming APIs (SSE, long polls, gRPC streams) need more, or `0s`
+    /// (off). Default `60s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = duration_at_most("agent.limits.bodyTimeout", "24h"))]
+    pub body_timeout: Option<DurationString>,
+    /// Longest wait for the application's response head, then 504. Default `0s` (none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = duration_at_most("agent.limits.upstreamTimeout", "24h"))]
+    pub upstream_timeout: Option<DurationString>,
+    /// An HTTP/2 connection with no stream open for this long gets GOAWAY. Default `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = duration_positive_at_most("agent.limits.http2IdleTimeout", "24h"))]
+    pub http2_idle_timeout: Option<DurationString>,
+    /// TCP keep-alive idle time on client and application sockets; `0s` turns it off.
+    /// Default `60s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = duration_at_most("agent.limits.tcpKeepalive", "2h"))]
+    pub tcp_keepalive: Option<DurationString>,
 }
 
 /// A duration such as `500ms`, `30s`, `5m` or `1h30m`.

@@ -207,6 +207,7 @@ pub fn inject(
                     AgentProtocol::Http => Protocol::Http,
                     AgentProtocol::Tcp => Protocol::Tcp,
                 },
+                limits: agent.limits.clone(),
             }
         }
         AgentMode::Observe => AgentCommand::Observe {
@@ -539,6 +540,25 @@ spec:
         assert_eq!(spec.termination_grace_period_seconds, Some(100));
         assert_eq!(out.app_port, 8080);
         assert!(out.notes.iter().any(|n| n.contains("took port name")));
+    }
+
+    #[test]
+    fn the_releases_agent_limits_reach_the_agents_flags() {
+        let out = inject_with(
+            ECHO,
+            "agent: {limits: {maxConnections: 20000, upstreamTimeout: 30s, tcpKeepalive: 0s}}",
+        )
+        .unwrap();
+        let spec = out.template.spec.unwrap();
+        let args = spec.init_containers.unwrap()[0]
+            .args
+            .clone()
+            .unwrap()
+            .join(" ");
+        assert!(
+            args.contains("--protocol http --max-connections 20000 --upstream-timeout 30s --tcp-keepalive 0s --admin"),
+            "{args}"
+        );
     }
 
     #[test]

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use sluice_contract::ProxyLimits;
+
 use super::crd::{
-    AgentMode, AgentProtocol, DEFAULT_ADMIN_PORT, DEFAULT_DRAIN_TIMEOUT,
+    AgentLimits, AgentMode, AgentProtocol, DEFAULT_ADMIN_PORT, DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_PROPAGATION_TIMEOUT, DEFAULT_PROXY_PORT, DEFAULT_QUIET_PERIOD, DurationString,
     MAX_REPLICAS, ReleaseSpec, format_duration, parse_duration,
 };
@@ -119,6 +121,8 @@ pub struct AgentSettings {
     pub proxy_port: i32,
     pub admin_port: i32,
     pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    /// The proxy's limits the spec sets; unset ones keep the agent's defaults.
+    pub limits: ProxyLimits,
 }
 
 impl AgentSettings {
@@ -137,7 +141,70 @@ impl AgentSettings {
             proxy_port: a.proxy_port.unwrap_or(DEFAULT_PROXY_PORT),
             admin_port: a.admin_port.unwrap_or(DEFAULT_ADMIN_PORT),
             resources: a.resources.clone(),
+            limits: ProxyLimits::default(),
         }
+    }
+}
+
+/// The spec's `agent.limits`, bounds checked as admission does (for objects that bypassed
+/// it); errors name the field.
+fn resolve_limits(errs: &mut Vec<String>, l: &AgentLimits) -> ProxyLimits {
+    let count = |errs: &mut Vec<String>, field: &str, v: Option<i32>, max: i32| {
+        v.and_then(|n| match u32::try_from(n) {
+            Ok(c) if (1..=max).contains(&n) => Some(c),
+            _ => {
+                errs.push(format!("agent.limits.{field} must be between 1 and {max}"));
+                None
+            }
+        })
+    };
+    let duration = |errs: &mut Vec<String>,
+                    field: &str,
+                    v: &Option<DurationString>,
+                    zero_ok: bool,
+                    max: &str| {
+        let d = v.as_ref()?;
+        match parse_duration(&d.0) {
+            Ok(d) if d > default_duration(max) => {
+                errs.push(format!("agent.limits.{field} must be at most {max}"));
+                None
+            }
+            Ok(d) if d.is_zero() && !zero_ok => {
+                errs.push(format!("agent.limits.{field} must be longer than 0s"));
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                errs.push(format!("agent.limits.{field}: {e}"));
+                None
+            }
+        }
+    };
+    ProxyLimits {
+        max_connections: count(errs, "maxConnections", l.max_connections, 1_000_000),
+        http2_max_concurrent_streams: count(
+            errs,
+            "http2MaxConcurrentStreams",
+            l.http2_max_concurrent_streams,
+            10_000,
+        ),
+        header_read_timeout: duration(
+            errs,
+            "headerReadTimeout",
+            &l.header_read_timeout,
+            false,
+            "10m",
+        ),
+        body_timeout: duration(errs, "bodyTimeout", &l.body_timeout, true, "24h"),
+        upstream_timeout: duration(errs, "upstreamTimeout", &l.upstream_timeout, true, "24h"),
+        http2_idle_timeout: duration(
+            errs,
+            "http2IdleTimeout",
+            &l.http2_idle_timeout,
+            false,
+            "24h",
+        ),
+        tcp_keepalive: duration(errs, "tcpKeepalive", &l.tcp_keepalive, true, "2h"),
     }
 }
 
@@ -320,7 +387,10 @@ impl Settings {
             max_concurrent: d.max_concurrent.unwrap_or(2),
         };
         let a = &spec.agent;
-        let agent = AgentSettings::resolve(a, default_agent_image);
+        let mut agent = AgentSettings::resolve(a, default_agent_image);
+        if let Some(l) = &a.limits {
+            agent.limits = resolve_limits(&mut errs, l);
+        }
 
         // The same checks as the admission rules, for objects that bypassed them.
         if spec.workload_ref.kind != "Deployment" || spec.workload_ref.api_version != "apps/v1" {
@@ -708,6 +778,26 @@ mod tests {
                 "agent.port 15101 is also agent.proxyPort",
             ),
             ("agent: {port: 0}", "agent.port: must be a port number"),
+            (
+                "agent: {limits: {maxConnections: 0}}",
+                "agent.limits.maxConnections must be between 1 and 1000000",
+            ),
+            (
+                "agent: {limits: {http2MaxConcurrentStreams: 20000}}",
+                "agent.limits.http2MaxConcurrentStreams must be between 1 and 10000",
+            ),
+            (
+                "agent: {limits: {headerReadTimeout: 0s}}",
+                "agent.limits.headerReadTimeout must be longer than 0s",
+            ),
+            (
+                "agent: {limits: {bodyTimeout: 25h}}",
+                "agent.limits.bodyTimeout must be at most 24h",
+            ),
+            (
+                "agent: {limits: {tcpKeepalive: 1x}}",
+                "agent.limits.tcpKeepalive: \"1x\" is not a duration",
+            ),
         ];
         for (extra, want) in cases {
             let errs = Settings::from_spec(
@@ -732,6 +822,26 @@ mod tests {
             "img",
         )
         .unwrap();
+    }
+
+    #[test]
+    fn agent_limits_resolve_and_unset_ones_keep_the_agents_defaults() {
+        let s = Settings::from_spec(&spec("workloadRef: {name: echo}"), "img").unwrap();
+        assert_eq!(s.agent.limits, ProxyLimits::default());
+        let s = Settings::from_spec(
+            &spec("workloadRef: {name: echo}\nagent: {limits: {maxConnections: 20000, upstreamTimeout: 30s, bodyTimeout: 0s}}"),
+            "img",
+        )
+        .unwrap();
+        assert_eq!(
+            s.agent.limits,
+            ProxyLimits {
+                max_connections: Some(20_000),
+                upstream_timeout: Some(Duration::from_secs(30)),
+                body_timeout: Some(Duration::ZERO),
+                ..ProxyLimits::default()
+            }
+        );
     }
 
     #[test]
