@@ -100,6 +100,12 @@ impl Admin {
         peer: SocketAddr,
     ) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path()) {
+            // A drain no deletion followed fails liveness: the kubelet restarts the agent
+            // container and the pod serves again (see `Drainer::watch_orphan`).
+            (&Method::GET | &Method::HEAD, HEALTHZ_PATH) if self.drainer.orphaned() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "drained, but no termination followed: restart me\n",
+            ),
             (&Method::GET | &Method::HEAD, HEALTHZ_PATH) => text(StatusCode::OK, "ok\n"),
             (&Method::GET | &Method::HEAD, READY_PATH) => {
                 let ready = self.ready().await;

@@ -28,6 +28,8 @@ struct Inner {
     close_rate: u32,
     /// A termination signal came: the pod is going away.
     terminating: AtomicBool,
+    /// The drain went unfollowed by a termination signal for the orphan bound.
+    orphaned: AtomicBool,
 }
 
 /// Handle to the drain; cheap to clone.
@@ -53,6 +55,7 @@ impl Drainer {
             metrics,
             close_rate,
             terminating: AtomicBool::new(false),
+            orphaned: AtomicBool::new(false),
         });
         tokio::spawn(drive(inner.clone()));
         Drainer { inner }
@@ -105,11 +108,14 @@ impl Drainer {
         self.inner.terminating.store(true, Ordering::Release);
     }
 
-    /// Reports a drain that no termination signal follows within `after` of its start:
-    /// the pod then serves nothing (unready, listener closed) and only its replacement
-    /// helps, so the agent logs an error (again every `after` while it lasts) and sets
-    /// `sluice_agent_drain_orphaned` to 1. It does not undo the drain: load balancers
-    /// may already have been told the pod is leaving, and a drain is a promise to them.
+    /// Reports a drain that no termination signal follows within `after` of its start
+    /// (a preStop hook run for a container restart, not a deletion, does that): the pod
+    /// then serves nothing (unready, listener closed). The agent logs an error (again every
+    /// `after` while it lasts), sets `sluice_agent_drain_orphaned` to 1 and fails its
+    /// liveness check ([`Drainer::orphaned`]), so the kubelet restarts the agent container
+    /// and the pod serves again, through a fresh agent that becomes ready the usual way.
+    /// The drain itself is not undone in place: load balancers were told the pod is
+    /// leaving, and only a new readiness tells them otherwise.
     pub fn watch_orphan(&self, after: Duration) {
         let me = self.clone();
         tokio::spawn(async move {
@@ -124,6 +130,7 @@ impl Drainer {
                 if me.inner.terminating.load(Ordering::Acquire) {
                     return;
                 }
+                me.inner.orphaned.store(true, Ordering::Release);
                 me.inner.metrics.drain_orphaned.set(1);
                 error!(
                     since_drain_start_s = at.saturating_duration_since(started).as_secs(),
@@ -133,6 +140,11 @@ impl Drainer {
                 at += after;
             }
         });
+    }
+
+    /// Whether a drain went unfollowed by a termination signal (see [`Drainer::watch_orphan`]).
+    pub fn orphaned(&self) -> bool {
+        self.inner.orphaned.load(Ordering::Acquire)
     }
 
     /// Resolves once the drain is over.

@@ -837,15 +837,24 @@ async fn grpc_over_upstream_http2_works_end_to_end() {
 // ---- 4. a drain no deletion follows ------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drain_that_no_termination_follows_is_reported() {
+async fn a_drain_that_no_termination_follows_is_reported_and_fails_liveness() {
     let upstream = start_upstream().await;
     let mut a = args(upstream);
     a.drain.drain_orphan_after = Some(Duration::from_millis(500));
     let agent = start_proxy(a).await.unwrap();
     let m = metrics(&agent).await;
     assert_eq!(metric(&m, "sluice_agent_drain_orphaned"), Some(0.0));
+    let before = http(agent.admin_addr, "GET", "/healthz").await.0;
     let (code, _) = within(LIMIT, "drain", drain(agent.admin_addr)).await;
     assert_eq!(code, 200);
+    // Once no termination followed the drain, liveness fails: the kubelet restarts the
+    // agent container and the pod serves again.
     wait_metric(&agent, "sluice_agent_drain_orphaned", 1.0).await;
+    let after = http(agent.admin_addr, "GET", "/healthz").await;
+    assert_eq!(
+        (before, after.0),
+        (200, 503),
+        "healthz before and after the orphan bound: {after:?}"
+    );
     agent.abort();
 }
