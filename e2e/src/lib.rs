@@ -3,9 +3,11 @@
 //! generator. Integration tests use [`TestCluster`](cluster::TestCluster).
 
 pub mod cluster;
+pub mod cpu;
 pub mod load;
 pub mod node;
 pub mod scenario;
 pub mod scenario_sluice;
 pub mod svc_proxy;
+pub mod tail;
 pub mod telemetry;

@@ -252,6 +252,14 @@ pub struct RunResult {
     /// p99 latency of the requests due from the release's start until the propagation
     /// delay after its end.
     pub p99_release_ms: f64,
+    /// The release window's tail, split by old/new pod and by first request on a
+    /// connection vs later ones, per second too (the worst second is in here).
+    #[serde(default)]
+    pub tail: crate::tail::TailBreakdown,
+    /// CPU seconds spent from the release's start until the propagation delay after its
+    /// end, by role (operator, agents, apps, node, control_plane, load_and_proxy, other).
+    #[serde(default)]
+    pub cpu_s: BTreeMap<String, f64>,
     pub storm: Storm,
     pub connections_opened: u64,
     pub closed_by_server: u64,
@@ -601,6 +609,7 @@ async fn run_in_namespace(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let load_task = tokio::spawn(load::run_load(cfg, Some(stop_rx)));
     tokio::time::sleep(spec.steady).await;
+    let cpu = crate::cpu::CpuMeter::start();
     let release_start = origin.elapsed();
     let released = async {
         strategy.release(&ctx).await?;
@@ -614,7 +623,11 @@ async fn run_in_namespace(
     // release is part of the release's cost.
     let tail = spec.tail + spec.delay;
     if released.is_ok() {
-        tokio::time::sleep(tail).await;
+        tokio::time::sleep(spec.delay).await;
+    }
+    let cpu_s = cpu.stop().await;
+    if released.is_ok() {
+        tokio::time::sleep(spec.tail).await;
     }
     let _ = stop_tx.send(true);
     let report: LoadReport = load_task.await.context("load task")??;
@@ -649,6 +662,12 @@ async fn run_in_namespace(
             rs_ms,
             re_ms + spec.delay.as_secs_f64() * 1000.0,
         ),
+        tail: crate::tail::tail_breakdown(
+            &report.request_log,
+            &new_pods,
+            (rs_ms, re_ms + spec.delay.as_secs_f64() * 1000.0),
+        ),
+        cpu_s,
         storm,
         connections_opened: report.connections_opened,
         closed_by_server: report.closed_by_server,
@@ -671,9 +690,12 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "| strategy | delay | requests | failed | outcomes | storm factor | peak new conns/s at the new pods (capacity) | busiest new pod's peak | p99 steady | p99 release | release | ok req/s |"
+            "| strategy | delay | requests | failed | outcomes | storm factor | peak new conns/s at the new pods (capacity) | busiest new pod's peak | p99 steady | p99 release | worst 1 s p99 | p99 release old / new pods | p99 release first / later on a connection | CPU s operator / agents / apps / all | release | ok req/s |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
         for r in &self.runs {
             let outcomes: Vec<String> = r
                 .by_outcome
@@ -681,9 +703,10 @@ impl Report {
                 .filter(|(o, n)| o.is_failure() && **n > 0)
                 .map(|(o, n)| format!("{} {n}", o.as_str()))
                 .collect();
+            let cpu = |role: &str| r.cpu_s.get(role).copied().unwrap_or(0.0);
             let _ = writeln!(
                 s,
-                "| {} | {:.0} s | {} | {} | {} | {:.2} | {:.0} ({:.0}) | {:.0} | {:.1} ms | {:.1} ms | {:.1} s | {:.0} |",
+                "| {} | {:.0} s | {} | {} | {} | {:.2} | {:.0} ({:.0}) | {:.0} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} / {:.1} / {:.1} | {:.1} s | {:.0} |",
                 r.strategy,
                 r.delay_s,
                 r.requests,
@@ -699,6 +722,15 @@ impl Report {
                 r.storm.pod_peak_per_s,
                 r.p99_steady_ms,
                 r.p99_release_ms,
+                r.tail.worst_second_p99_ms,
+                r.tail.window.p99_old_ms,
+                r.tail.window.p99_new_ms,
+                r.tail.window.p99_first_ms,
+                r.tail.window.p99_reused_ms,
+                cpu("operator"),
+                cpu("agents"),
+                cpu("apps"),
+                r.cpu_s.values().sum::<f64>(),
                 r.release_s,
                 r.achieved_rps
             );
@@ -991,7 +1023,7 @@ pub async fn run(args: ScenarioArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("{} at {delay} s", strategy.name()))?;
             eprintln!(
-                "{} delay {:.0}s: {} failed of {} ({:?}), storm {:.2}, p99 {:.1} → {:.1} ms, release {:.1} s",
+                "{} delay {:.0}s: {} failed of {} ({:?}), storm {:.2}, p99 {:.1} → {:.1} ms (worst second {:.1} ms), release {:.1} s, CPU {:?} s",
                 result.strategy,
                 result.delay_s,
                 result.failed,
@@ -1004,7 +1036,9 @@ pub async fn run(args: ScenarioArgs) -> anyhow::Result<()> {
                 result.storm.factor,
                 result.p99_steady_ms,
                 result.p99_release_ms,
-                result.release_s
+                result.tail.worst_second_p99_ms,
+                result.release_s,
+                result.cpu_s
             );
             report.runs.push(result);
             write_report(&report, &args.out, &args.svg)?;
@@ -1177,6 +1211,8 @@ mod tests {
             release_end_s: 2.0,
             p99_steady_ms: 1.0,
             p99_release_ms: 2.0,
+            tail: crate::tail::TailBreakdown::default(),
+            cpu_s: BTreeMap::from([("operator".to_string(), 1.5)]),
             storm: Storm::default(),
             connections_opened: 2,
             closed_by_server: 1,
@@ -1195,5 +1231,10 @@ mod tests {
         assert_eq!(svg.matches("(propagation delay").count(), 2);
         assert!(svg.contains("x &lt; y"));
         assert!(report.table().contains("| B1 | 0 s |"));
+        assert!(
+            report.table().contains("| 1.5 / 0.0 / 0.0 / 1.5 |"),
+            "{}",
+            report.table()
+        );
     }
 }
