@@ -393,3 +393,98 @@ async fn pods_reach_a_service_through_kube_proxy() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// An extra node started with `--gpus`: its kubelet advertises the GPUs of the fake device
+/// plugin itself (nobody patches the Node's status), the scheduler places a pod that asks
+/// for two on it, the kubelet's device manager allocates two devices and the container sees
+/// them in `NVIDIA_VISIBLE_DEVICES`, as with NVIDIA's plugin; the node's volume mounts
+/// (the service-account token) still reach the container from its own mount namespace.
+#[tokio::test]
+async fn a_gpu_node_gets_its_gpus_from_a_device_plugin() -> anyhow::Result<()> {
+    const GPU_NODE: &str = "local-8";
+    let (cluster, ns) = ground("gpunode").await?;
+    let logs = sluice_e2e::cluster::state_dir().join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let mut node = Command::new(env!("CARGO_BIN_EXE_sluice-e2e"))
+        .args(["node", "--name", GPU_NODE, "--gpus", "4"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(
+            logs.join(format!("node-{GPU_NODE}.log")),
+        )?)
+        .spawn()?;
+    let result = async {
+        let nodes: Api<Node> = Api::all(cluster.client.clone());
+        // Image import on a fresh node takes a while.
+        let gpus = wait_for(
+            Duration::from_secs(240),
+            "the kubelet advertising 4 GPUs",
+            || {
+                let nodes = nodes.clone();
+                async move {
+                    let n = nodes.get_opt(GPU_NODE).await.ok()??;
+                    let status = n.status?;
+                    let ready = status
+                        .conditions?
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True");
+                    let gpus = status.capacity?.get("nvidia.com/gpu")?.0.clone();
+                    (ready && gpus == "4").then_some(gpus)
+                }
+            },
+        )
+        .await?;
+        assert_eq!(gpus, "4");
+        let api: Api<Pod> = Api::namespaced(cluster.client.clone(), &ns.name);
+        create_pod(
+            &cluster.client,
+            &ns.name,
+            json!({
+                "metadata": {"name": "gpu"},
+                "spec": {
+                    "nodeSelector": {"kubernetes.io/hostname": GPU_NODE},
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "sh",
+                        "image": "sluice/shell:1",
+                        "imagePullPolicy": "Never",
+                        "args": ["-c", "echo gpus=$NVIDIA_VISIBLE_DEVICES; ls /var/run/secrets/kubernetes.io/serviceaccount/token && exec sleep 600"],
+                        "resources": {"limits": {"nvidia.com/gpu": "2"}},
+                    }],
+                }
+            }),
+        )
+        .await?;
+        let pod = running(&api, "gpu").await?;
+        assert_eq!(
+            pod.spec.as_ref().and_then(|s| s.node_name.as_deref()),
+            Some(GPU_NODE)
+        );
+        let out = wait_for(Duration::from_secs(20), "the container's log", || {
+            let out = kubectl(&cluster, &["logs", "-n", &ns.name, "gpu"]).ok();
+            async move { out.filter(|o| o.contains("serviceaccount/token")) }
+        })
+        .await?;
+        let line = out
+            .lines()
+            .find_map(|l| l.strip_prefix("gpus="))
+            .with_context(|| format!("no gpus= line in {out:?}"))?;
+        let ids: Vec<&str> = line.split(',').collect();
+        assert_eq!(ids.len(), 2, "{line}");
+        assert!(
+            ids.iter()
+                .all(|id| id.starts_with(&format!("GPU-sluice-{GPU_NODE}-"))),
+            "{line}"
+        );
+        assert_ne!(ids[0], ids[1]);
+        api.delete("gpu", &DeleteParams::default()).await?;
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &node.id().to_string()])
+        .status();
+    let stopped = tokio::task::spawn_blocking(move || node.wait()).await??;
+    result?;
+    assert!(stopped.success(), "sluice-e2e node exited with {stopped}");
+    Ok(())
+}

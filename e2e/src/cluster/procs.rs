@@ -17,9 +17,47 @@ pub struct Daemon {
     pub log: PathBuf,
 }
 
+/// The mount namespace a daemon runs in.
+#[derive(Clone, Debug, Default)]
+pub enum MountNamespace {
+    /// The machine's.
+    #[default]
+    Host,
+    /// A new one, every mount private, with `source` bind-mounted on `target` (a path the
+    /// daemon cannot be told to use elsewhere, such as the kubelet's device-plugin
+    /// directory). It ends with the last process in it.
+    New { source: PathBuf, target: PathBuf },
+    /// The one process `pid` runs in (the node's containerd's, for its kubelet: both must
+    /// see the same mounts, the kubelet's volume mounts above all).
+    Of(i32),
+}
+
 /// Starts `binary args…` detached, stdout and stderr appended to `log`.
 pub fn spawn(name: &str, binary: &Path, args: &[String], log: &Path) -> anyhow::Result<Daemon> {
+    spawn_in(name, binary, args, log, &MountNamespace::Host)
+}
+
+/// [`spawn`] in the mount namespace `ns`.
+pub fn spawn_in(
+    name: &str,
+    binary: &Path,
+    args: &[String],
+    log: &Path,
+    ns: &MountNamespace,
+) -> anyhow::Result<Daemon> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt as _;
     use std::os::unix::process::CommandExt;
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("no NUL in a path");
+    // Prepared before the fork: the child may only make system calls.
+    let setup: Option<(CString, CString)> = match ns {
+        MountNamespace::New { source, target } => Some((c(source), c(target))),
+        _ => None,
+    };
+    let join: Option<CString> = match ns {
+        MountNamespace::Of(pid) => Some(c(Path::new(&format!("/proc/{pid}/ns/mnt")))),
+        _ => None,
+    };
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -29,11 +67,40 @@ pub fn spawn(name: &str, binary: &Path, args: &[String], log: &Path) -> anyhow::
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    // SAFETY: only system calls (async-signal-safe) on memory prepared before the fork.
     unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() == -1 {
-                return Err(std::io::Error::last_os_error());
+        cmd.pre_exec(move || {
+            let check = |rc: libc::c_int| {
+                if rc == -1 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            check(libc::setsid())?;
+            if let Some((source, target)) = &setup {
+                check(libc::unshare(libc::CLONE_NEWNS))?;
+                check(libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ))?;
+                check(libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ))?;
+            }
+            if let Some(path) = &join {
+                let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                check(fd)?;
+                let rc = libc::setns(fd, libc::CLONE_NEWNS);
+                libc::close(fd);
+                check(rc)?;
             }
             Ok(())
         });

@@ -100,6 +100,11 @@ impl NodePaths {
     pub fn kubelet_root(&self) -> PathBuf {
         self.dir.join("kubelet")
     }
+    /// A GPU node's device-plugin directory: mounted on the kubelet's fixed
+    /// `/var/lib/kubelet/device-plugins` in the node's own mount namespace.
+    pub fn device_plugins(&self) -> PathBuf {
+        self.dir.join("device-plugins")
+    }
     pub fn kubelet_config(&self) -> PathBuf {
         self.dir.join("kubelet.yaml")
     }

@@ -4,19 +4,19 @@
 //! SIGTERM or SIGINT stops its kubelet and containerd, gives back what it took, and deletes
 //! its Node.
 //!
-//! GPUs: `--gpus N` advertises `nvidia.com/gpu: N` the way the Kubernetes docs describe
-//! for extended resources (a patch of the Node's status capacity) and sets the GPU Feature
-//! Discovery labels. The kubelet admits pods that request them (its device manager handles
-//! only resources a device plugin registered) and the scheduler and Sluice's binder count
-//! them as on a real GPU node; nothing in the containers sees a device.
+//! GPUs: `--gpus N` runs a fake device plugin for the node ([`super::device_plugin`]): the
+//! kubelet advertises `nvidia.com/gpu: N` itself and its device manager allocates devices to
+//! containers (`NVIDIA_VISIBLE_DEVICES`), as on a GPU node with NVIDIA's plugin; the node
+//! gets GPU Feature Discovery's labels. No container sees a device node.
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams};
 
-use super::{HostRecord, NodeCtx, NodeSpec, cleanup_node, start_node};
+use super::config::NodePaths;
+use super::{HostRecord, NodeCtx, NodeSpec, cleanup_node, device_plugin, start_node};
 use crate::cluster::{self, MAX_REAL_NODES, pki::Pki};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -152,22 +152,47 @@ async fn serve(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let plugin = async {
+        if spec.gpus == 0 {
+            return std::future::pending().await;
+        }
+        let dir = NodePaths::new(&cluster::state_dir(), &spec.name).device_plugins();
+        device_plugin::serve(dir, spec.name.clone(), spec.gpus).await
+    };
+    tokio::pin!(plugin);
+    // The kubelet advertises the plugin's GPUs itself once it registered.
+    let want = spec.gpus.to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     if spec.gpus > 0 {
-        let patch = serde_json::json!({"status": {
-            "capacity": {"nvidia.com/gpu": spec.gpus.to_string()},
-            "allocatable": {"nvidia.com/gpu": spec.gpus.to_string()},
-        }});
-        nodes
-            .patch_status(&spec.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .context("advertising the node's GPUs")?;
+        loop {
+            let node = nodes.get(&spec.name).await?;
+            let gpus = node
+                .status
+                .and_then(|s| s.allocatable)
+                .and_then(|a| a.get(device_plugin::GPU_RESOURCE).map(|q| q.0.clone()));
+            if gpus.as_deref() == Some(want.as_str()) {
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "node {}: the kubelet did not advertise {} {} from the device plugin in 60 s (allocatable: {gpus:?}; target/e2e/logs/kubelet-{}.log)",
+                spec.name,
+                spec.gpus,
+                device_plugin::GPU_RESOURCE,
+                spec.name
+            );
+            tokio::select! {
+                r = &mut plugin => return r,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
     }
     eprintln!("node {} runs; SIGTERM or SIGINT stops it", spec.name);
     tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+        r = &mut plugin => r,
+        _ = term.recv() => Ok(()),
+        _ = int.recv() => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! come from the bridge address. One kube-proxy (nftables mode) serves the machine: nodes
 //! share its network namespace.
 pub mod config;
+pub mod device_plugin;
 pub mod extra;
 pub mod host;
 pub mod images;
@@ -120,13 +121,33 @@ pub fn start_node(
         format!("nameserver {}\noptions ndots:1\n", config::CLUSTER_DNS),
     )?;
 
+    // A GPU node's kubelet must find its own device plugin at the kubelet's fixed
+    // registration path: its containerd and kubelet share a mount namespace of their own
+    // where the node's directory is mounted there (they must share it: containerd mounts
+    // the kubelet's volume mounts into containers).
+    let namespace = if spec.gpus > 0 {
+        let target = PathBuf::from(device_plugin::KUBELET_DEVICE_PLUGIN_DIR);
+        std::fs::create_dir_all(&target)?;
+        std::fs::create_dir_all(paths.device_plugins())?;
+        procs::MountNamespace::New {
+            source: paths.device_plugins(),
+            target,
+        }
+    } else {
+        procs::MountNamespace::Host
+    };
     let mut daemons = Vec::new();
-    let containerd = procs::spawn(
+    let containerd = procs::spawn_in(
         &format!("containerd-{}", spec.name),
         Path::new("/usr/bin/containerd"),
         &[format!("--config={}", paths.containerd_config().display())],
         &ctx.logs.join(format!("containerd-{}.log", spec.name)),
+        &namespace,
     )?;
+    let kubelet_namespace = match namespace {
+        procs::MountNamespace::Host => procs::MountNamespace::Host,
+        _ => procs::MountNamespace::Of(containerd.pid),
+    };
     daemons.push(containerd.clone());
     let sock = paths.containerd_socket();
     wait_sync(Duration::from_secs(30), || {
@@ -195,7 +216,7 @@ pub fn start_node(
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",");
-    let kubelet = procs::spawn(
+    let kubelet = procs::spawn_in(
         &format!("kubelet-{}", spec.name),
         ctx.kubelet,
         &[
@@ -208,6 +229,7 @@ pub fn start_node(
             "--v=1".into(),
         ],
         &ctx.logs.join(format!("kubelet-{}.log", spec.name)),
+        &kubelet_namespace,
     )?;
     daemons.push(kubelet);
     Ok(daemons)
