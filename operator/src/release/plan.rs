@@ -218,7 +218,10 @@ pub fn plan(o: &Observed, now: f64) -> Plan {
             // The controller hands back with lenient settings when it can; this is only
             // reached when even those are invalid, so nothing was taken over.
             if o.deleting && o.has_finalizer {
-                if o.deployment.as_ref().is_some_and(|d| d.claim == Claim::Ours) {
+                if o.deployment
+                    .as_ref()
+                    .is_some_and(|d| d.claim == Claim::Ours)
+                {
                     actions.push(Action::ReleaseClaim);
                 }
                 actions.push(Action::RemoveFinalizer);

@@ -1354,7 +1354,10 @@ fn the_claim_comes_first_and_goes_last() {
     let first = sim.round();
     assert_eq!(
         deployment_actions(&first),
-        vec![&Action::ClaimDeployment, &Action::RecordDeploymentReplicas(3)]
+        vec![
+            &Action::ClaimDeployment,
+            &Action::RecordDeploymentReplicas(3)
+        ]
     );
     let claim_at = first
         .actions
@@ -1377,8 +1380,15 @@ fn the_claim_comes_first_and_goes_last() {
     }
     let last = last.unwrap();
     let release_at = last.actions.iter().position(|a| *a == Action::ReleaseClaim);
-    let remove_at = last.actions.iter().position(|a| *a == Action::RemoveFinalizer);
-    assert!(release_at.is_some() && release_at < remove_at, "{:?}", last.actions);
+    let remove_at = last
+        .actions
+        .iter()
+        .position(|a| *a == Action::RemoveFinalizer);
+    assert!(
+        release_at.is_some() && release_at < remove_at,
+        "{:?}",
+        last.actions
+    );
     assert_eq!(sim.dep.as_ref().unwrap().claim, Claim::Free);
 }
 
@@ -1427,7 +1437,11 @@ fn a_second_release_for_a_claimed_deployment_is_refused() {
         ("False", "DeploymentClaimed")
     );
     assert!(ready.message.contains("\"first\""), "{}", ready.message);
-    assert_eq!(warnings.len(), 1, "one warning, not one per round: {warnings:?}");
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one warning, not one per round: {warnings:?}"
+    );
     assert_eq!(warnings[0].0, "DeploymentClaimed");
     assert!(warnings[0].1.contains("\"first\""));
 
