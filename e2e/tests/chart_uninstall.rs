@@ -2,7 +2,8 @@
 //! operator installed with Helm (two replicas, a PodDisruptionBudget) runs a Release of an
 //! echo Deployment on the real node; then, while requests flow, every Release is deleted
 //! with `kubectl delete --wait` (the hand-backs), and only then is the chart uninstalled.
-//! Every request is answered and the Deployment serves its replicas at the end.
+//! Every request is answered and the Deployment serves its replicas at the end. On the
+//! way, the chart's admission policy refuses an orphan deletion of the Release.
 mod ground_common;
 
 use std::collections::BTreeMap;
@@ -20,7 +21,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use sluice_e2e::cluster::{repo_root, upstream_binaries};
 use sluice_e2e::scenario::{self, RunContext, RunSpec, Strategy};
-use sluice_e2e::scenario_sluice::{Sluice, apply_crds};
+use sluice_e2e::scenario_sluice::{Sluice, apply_crds, releases};
 
 const OPERATOR_PODS: &str =
     "app.kubernetes.io/name=sluice-operator,app.kubernetes.io/instance=sluice";
@@ -212,6 +213,32 @@ impl Strategy for Uninstall {
                 "before: deployment replicas={} available={}",
                 before.0, before.1
             ));
+            // The chart's admission policy refuses the one deletion that bypasses the
+            // hand-back.
+            let orphan = self
+                .tools
+                .run(
+                    "kubectl",
+                    &[
+                        "delete",
+                        "releases.sluice.dev",
+                        &ctx.name,
+                        "-n",
+                        ns,
+                        "--cascade=orphan",
+                    ],
+                )
+                .await;
+            let still_there = releases(&ctx.client, ns)
+                .get_opt(&ctx.name)
+                .await?
+                .is_some();
+            self.note(format!(
+                "orphan deletion refused: {} (release still there: {still_there})",
+                orphan
+                    .err()
+                    .is_some_and(|e| e.to_string().contains("propagationPolicy=Orphan"))
+            ));
             // docs/release.md, "Uninstalling Sluice", steps 1 to 3 (scoped to this
             // namespace: other tests' Releases are not ours to delete).
             let started = Instant::now();
@@ -337,6 +364,10 @@ async fn uninstall_procedure_leaves_every_deployment_serving() -> anyhow::Result
         "the chart has a PodDisruptionBudget: {notes:#?}"
     );
     assert!(has("before: deployment replicas=0"), "{notes:#?}");
+    assert!(
+        has("orphan deletion refused: true (release still there: true)"),
+        "{notes:#?}"
+    );
     assert!(
         has("releases left=0 deployment replicas=3 available=3"),
         "kubectl delete --wait returns once the Deployment serves again: {notes:#?}"
