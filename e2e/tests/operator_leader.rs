@@ -21,7 +21,7 @@ fn operator(kubeconfig: &std::path::Path, ns: &str, identity: &str) -> Child {
 }
 
 /// Lease 4 s, renew deadline 3 s, retry 500 ms; JSON logs to `log` when given. Its
-/// controllers watch only `ns`.
+/// controllers watch only `ns` and inject the ground's agent image.
 fn operator_logged(
     kubeconfig: &std::path::Path,
     ns: &str,
@@ -58,6 +58,7 @@ fn operator_logged(
         .arg(kubeconfig)
         .env("RUST_LOG", "sluice_operator=info,warn")
         .env("SLUICE_WATCH_NAMESPACE", ns)
+        .env("SLUICE_AGENT_IMAGE", "sluice/agent:dev")
         .stdout(Stdio::null())
         .stderr(stderr)
         .spawn()
@@ -383,5 +384,155 @@ async fn expiry_is_judged_on_the_candidates_own_clock() -> anyhow::Result<()> {
              watched it for a lease duration"
         );
     }
+    Ok(())
+}
+
+/// A release under load with two replicas, and the API server paused (SIGSTOP) for 8 s in
+/// the middle of it: the leader stops acting within its renew deadline, the standby
+/// finishes the release after the resume, their acting periods never overlap, and no
+/// request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_survives_an_api_server_pause_with_two_replicas() -> anyhow::Result<()> {
+    use futures::future::BoxFuture;
+    use k8s_openapi::api::apps::v1::Deployment;
+    use sluice_e2e::scenario::{self, RunContext, RunSpec, Strategy};
+    use sluice_e2e::scenario_sluice::{Sluice, apply_crds, wait_settled};
+
+    struct Paused {
+        sluice: Sluice,
+        kubeconfig: std::path::PathBuf,
+        logs: std::sync::Mutex<Vec<std::path::PathBuf>>,
+        procs: std::sync::Mutex<Vec<Child>>,
+        from: std::sync::Mutex<Option<String>>,
+        pause: std::sync::Mutex<Option<(Instant, Instant)>>,
+    }
+    impl Strategy for Paused {
+        fn name(&self) -> String {
+            "Sluice-paused".into()
+        }
+        fn description(&self) -> String {
+            "two replicas, API server paused during the release".into()
+        }
+        fn shape(&self, d: &mut Deployment) {
+            self.sluice.shape(d)
+        }
+        fn prepare<'a>(&'a self, ctx: &'a RunContext) -> BoxFuture<'a, anyhow::Result<()>> {
+            Box::pin(async move {
+                apply_crds(&ctx.client).await?;
+                let dir = ground_common::scratch(&ctx.namespace);
+                for id in ["replica-a", "replica-b"] {
+                    let log = dir.join(format!("{id}.log"));
+                    let child = operator_logged(
+                        &self.kubeconfig,
+                        &ctx.namespace,
+                        id,
+                        "sluice-operator",
+                        Some(&log),
+                    );
+                    self.procs.lock().unwrap().push(child);
+                    self.logs.lock().unwrap().push(log);
+                }
+                self.sluice.create_release(ctx, 3).await
+            })
+        }
+        fn release<'a>(&'a self, ctx: &'a RunContext) -> BoxFuture<'a, anyhow::Result<()>> {
+            Box::pin(async move {
+                let before = sluice_e2e::scenario_sluice::release_state(
+                    &ctx.client,
+                    &ctx.namespace,
+                    &ctx.name,
+                )
+                .await?;
+                *self.from.lock().unwrap() = before.stable;
+                ctx.set_image(&ctx.new_image).await?;
+                // Into the release: new pods starting, old ones about to drain.
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                let pid = apiserver_pid()?;
+                let resume = Resume(pid);
+                anyhow::ensure!(unsafe { libc::kill(pid, libc::SIGSTOP) } == 0, "SIGSTOP");
+                let start = Instant::now();
+                tokio::time::sleep(Duration::from_secs(8)).await;
+                drop(resume);
+                *self.pause.lock().unwrap() = Some((start, Instant::now()));
+                Ok(())
+            })
+        }
+        fn wait_released<'a>(
+            &'a self,
+            ctx: &'a RunContext,
+            replicas: i32,
+            deadline: Instant,
+        ) -> BoxFuture<'a, anyhow::Result<()>> {
+            Box::pin(async move {
+                let from = self.from.lock().unwrap().clone();
+                wait_settled(
+                    &ctx.client,
+                    &ctx.namespace,
+                    &ctx.name,
+                    replicas,
+                    from.as_deref(),
+                    false,
+                    deadline,
+                )
+                .await?;
+                for p in self.procs.lock().unwrap().iter_mut() {
+                    unsafe { libc::kill(p.id() as i32, libc::SIGTERM) };
+                    let _ = wait_exit(p, Duration::from_secs(10));
+                    let _ = p.kill();
+                }
+                Ok(())
+            })
+        }
+    }
+
+    let cluster = TestCluster::get().await?;
+    ground_common::require_node(&cluster.client).await?;
+    let strategy = Paused {
+        sluice: Sluice::proxy(),
+        kubeconfig: cluster.kubeconfig.clone(),
+        logs: Default::default(),
+        procs: Default::default(),
+        from: Default::default(),
+        pause: Default::default(),
+    };
+    let spec = RunSpec {
+        replicas: 3,
+        connections: 45,
+        rate: 150.0,
+        delay: Duration::from_secs(1),
+        steady: Duration::from_secs(3),
+        tail: Duration::from_secs(2),
+        max_release: Duration::from_secs(150),
+        ..Default::default()
+    };
+    let r = scenario::run_one(&cluster.client, &strategy, &spec).await;
+    for p in strategy.procs.lock().unwrap().iter_mut() {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    let r = r.map_err(|e| anyhow::anyhow!("the release did not complete: {e:#}"))?;
+    let logs = strategy.logs.lock().unwrap().clone();
+    let mut periods: Vec<(Timestamp, Option<Timestamp>, String)> = Vec::new();
+    for log in &logs {
+        for (start, end) in acting_periods(log) {
+            periods.push((start, end, log.display().to_string()));
+        }
+    }
+    periods.sort_by_key(|p| p.0);
+    eprintln!(
+        "paused release: {} requests, {} failed {:?}, release {:.1} s; acting periods {periods:?}",
+        r.requests, r.failed, r.by_outcome, r.release_s
+    );
+    for w in periods.windows(2) {
+        let end = w[0]
+            .1
+            .context("a replica acted until the end while another started")?;
+        assert!(end < w[1].0, "two replicas acted at once: {periods:?}");
+    }
+    assert!(
+        periods.len() >= 2,
+        "the pause moved the leadership: {periods:?}"
+    );
+    assert_eq!(r.failed, 0, "requests failed: {:?}", r.by_outcome);
     Ok(())
 }
