@@ -345,7 +345,8 @@ pub fn p99_between(requests: &[RequestRecord], from_ms: f64, to_ms: f64) -> f64 
     .p99
 }
 
-fn echo_deployment(name: &str, spec: &RunSpec, image: &str) -> Deployment {
+/// The echo app's Deployment (`spec.replicas` pods of `image` on `spec.node`).
+pub fn echo_deployment(name: &str, spec: &RunSpec, image: &str) -> Deployment {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -386,7 +387,8 @@ fn echo_deployment(name: &str, spec: &RunSpec, image: &str) -> Deployment {
     .expect("valid Deployment")
 }
 
-fn echo_service(name: &str) -> Service {
+/// The echo app's Service (port 80 to the named port `http`).
+pub fn echo_service(name: &str) -> Service {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",
         "kind": "Service",

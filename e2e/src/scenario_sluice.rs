@@ -155,7 +155,8 @@ impl Sluice {
         })
     }
 
-    fn stop_operator(&self) {
+    /// Stops the run's operator process (SIGTERM), if one runs.
+    pub fn stop_operator(&self) {
         if let Some(mut op) = self.operator.lock().expect("operator lock").take() {
             op.stop();
         }

@@ -289,7 +289,6 @@ async fn crds_chart_rbac_and_a_hundred_kwok_nodes() -> anyhow::Result<()> {
         },
     )
     .await?;
-    let pod_name = pod.metadata.name.clone().unwrap_or_default();
     let spec = pod.spec.clone().unwrap_or_default();
     assert_eq!(spec.node_name.as_deref(), Some(node.as_str()));
     assert_ne!(spec.host_network, Some(true));
@@ -337,21 +336,29 @@ async fn crds_chart_rbac_and_a_hundred_kwok_nodes() -> anyhow::Result<()> {
         format!("system:serviceaccount:{}:sluice-operator", ns.name)
     );
 
-    // …and holding its leader Lease (identity: POD_NAME).
+    // …and one of the chart's replicas (two by default) holds the leader Lease (identity:
+    // POD_NAME).
     let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), &ns.name);
     wait_for(
-        "the Lease held by the operator pod",
+        "the Lease held by an operator pod",
         Duration::from_secs(60),
         || {
             let leases = leases.clone();
-            let pod_name = pod_name.clone();
+            let pods = pods.clone();
             async move {
+                let names: Vec<String> = pods
+                    .list(&ListParams::default().labels(selector))
+                    .await?
+                    .items
+                    .into_iter()
+                    .filter_map(|p| p.metadata.name)
+                    .collect();
                 let holder = leases
                     .get_opt("sluice-operator")
                     .await?
                     .and_then(|l| l.spec)
                     .and_then(|s| s.holder_identity);
-                Ok((holder.as_deref() == Some(pod_name.as_str())).then_some(()))
+                Ok(holder.filter(|h| names.contains(h)).map(|_| ()))
             }
         },
     )

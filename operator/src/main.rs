@@ -45,9 +45,18 @@ struct RunArgs {
     /// This replica's identity in the Lease (the pod name in a cluster).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
-    /// How long a Lease stays valid without renewal; a standby takes over after this.
+    /// How long a Lease stays valid without renewal: a standby takes over once the Lease
+    /// has not changed for this long (by the standby's own clock).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
+    /// A leader that could not renew its Lease for this long stops its controllers and
+    /// exits; below --lease-duration. Default: two thirds of --lease-duration.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    renew_deadline: Option<Duration>,
+    /// How often the leader renews and a standby retries; below --renew-deadline.
+    /// Default: 2/15 of --lease-duration (2s for 15s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    retry_period: Option<Duration>,
     #[arg(long, value_enum, default_value = "text")]
     log_format: telemetry::LogFormat,
     /// GPU topology levels for InferenceSet placement: node label keys, coarse to fine
@@ -130,19 +139,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(id) => id,
         None => hostname(),
     };
-    let elector = leader::LeaderElector::new(
-        client.clone(),
-        leader::LeaseConfig {
-            namespace: args.lease_namespace,
-            name: args.lease_name,
-            identity: identity.clone(),
-            lease_duration: args.lease_duration,
-            retry_period: args.lease_duration / 5,
-        },
-    );
+    let lease_cfg = leader::LeaseConfig {
+        namespace: args.lease_namespace,
+        name: args.lease_name,
+        identity: identity.clone(),
+        lease_duration: args.lease_duration,
+        renew_deadline: args.renew_deadline.unwrap_or(args.lease_duration * 2 / 3),
+        retry_period: args.retry_period.unwrap_or(args.lease_duration * 2 / 15),
+    };
+    let elector = leader::LeaderElector::new(client.clone(), lease_cfg)?;
     let (leading_tx, mut leading) = watch::channel(false);
     let elector = std::sync::Arc::new(elector);
-    let election = {
+    let mut election = {
         let elector = elector.clone();
         tokio::spawn(async move { elector.run(leading_tx).await })
     };
@@ -154,30 +162,44 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = shutdown_signal() => return Ok(()),
     }
     tracing::info!(%identity, "leading: starting controllers");
-    let controllers = tokio::spawn(async move {
+    let mut controllers = tokio::spawn(async move {
         tokio::select! {
             _ = release::run(client.clone(), release_metrics, release_config) => "Release",
             _ = inference => "InferenceSet",
         }
     });
 
-    tokio::select! {
-        res = controllers => {
-            election.abort();
-            anyhow::bail!("the {} controller stopped unexpectedly", res.unwrap_or("(panicked)"));
-        }
-        _ = leading.wait_for(|l| !*l) => {
-            election.abort();
-            anyhow::bail!("lost leadership: exiting so that a fresh start re-joins the election");
-        }
-        _ = shutdown_signal() => {
-            election.abort();
-            if let Err(err) = elector.release().await {
-                tracing::warn!(error = %err, "could not release the Lease on shutdown");
-            }
-            Ok(())
-        }
+    // Whatever ends the term, the controllers stop before anything else happens: before
+    // the process exits on a lost Lease, and before the Lease is released on shutdown.
+    let outcome = tokio::select! {
+        res = &mut controllers => Err(anyhow::anyhow!(
+            "the {} controller stopped unexpectedly",
+            res.unwrap_or("(panicked)")
+        )),
+        _ = leading.wait_for(|l| !*l) => Err(anyhow::anyhow!(
+            "lost leadership: exiting so that a fresh start re-joins the election"
+        )),
+        _ = &mut election => Err(anyhow::anyhow!("leader election stopped")),
+        _ = shutdown_signal() => Ok(()),
+    };
+    // (A JoinHandle must not be awaited again once it returned.)
+    if !controllers.is_finished() {
+        controllers.abort();
+        let _ = controllers.await;
     }
+    tracing::info!(%identity, "stopped acting: controllers stopped");
+    // No renewal after this point: the Lease is only released (on shutdown) or left to
+    // expire.
+    if !election.is_finished() {
+        election.abort();
+        let _ = election.await;
+    }
+    if outcome.is_ok()
+        && let Err(err) = elector.release().await
+    {
+        tracing::warn!(error = %err, "could not release the Lease on shutdown");
+    }
+    outcome
 }
 
 fn admin_exit(res: Result<std::io::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {

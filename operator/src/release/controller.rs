@@ -23,14 +23,15 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use super::crd::{
-    ABORT_ANNOTATION, DEFAULT_ADMIN_PORT, DELETION_COST_ANNOTATION, DRAIN_RELEASED_ANNOTATION,
-    DRAIN_STARTED_ANNOTATION, FIELD_MANAGER, FINALIZER, PROMOTE_ANNOTATION, RELEASE_LABEL,
-    REPLICAS_ANNOTATION, REVISION_LABEL, Release, ReleaseStatus, SERVING_CONDITION,
+    ABORT_ANNOTATION, CLAIM_ANNOTATION, DEFAULT_ADMIN_PORT, DELETION_COST_ANNOTATION,
+    DRAIN_RELEASED_ANNOTATION, DRAIN_STARTED_ANNOTATION, FIELD_MANAGER, FINALIZER,
+    PROMOTE_ANNOTATION, RELEASE_LABEL, REPLICAS_ANNOTATION, REVISION_LABEL, Release, ReleaseStatus,
+    SERVING_CONDITION,
 };
 use super::inject::{inject, new_drain_token, revision_of};
 use super::metrics::ReleaseMetrics;
 use super::plan::{
-    Action, DeploymentView, Observed, PodView, ReplicaSetView, parse_rfc3339, plan, rfc3339,
+    Action, Claim, DeploymentView, Observed, PodView, ReplicaSetView, parse_rfc3339, plan, rfc3339,
     set_condition,
 };
 use super::samples::{ReleaseKey, SampleStore, SampleWindows};
@@ -238,9 +239,31 @@ async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Err
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
 
     // Gather.
-    let settings = Settings::from_spec_with(&release.spec, &ctx.agent_images);
+    let deleting = release.metadata.deletion_timestamp.is_some();
+    // An invalid spec must not strand the Deployment at 0 on deletion: the hand-back runs
+    // with what the spec still says validly (drain policy, replicas), defaults for the rest.
+    let settings = Settings::for_reconcile(&release.spec, &ctx.agent_images, deleting);
     let deployment = deployments.get_opt(&release.spec.workload_ref.name).await?;
-    let dep_view = deployment.as_ref().map(|d| deployment_view(d, &settings));
+    let claim = match deployment
+        .as_ref()
+        .and_then(|d| d.annotations().get(CLAIM_ANNOTATION))
+        .filter(|c| !c.is_empty())
+    {
+        None => Claim::Free,
+        Some(c) if *c == name => Claim::Ours,
+        // A claim naming a Release that is gone (deleted while no operator ran, its
+        // finalizer removed by hand) is stale: the Deployment is free.
+        Some(c) => match Api::<Release>::namespaced(client.clone(), &ns)
+            .get_opt(c)
+            .await?
+        {
+            Some(_) => Claim::Other(c.clone()),
+            None => Claim::Free,
+        },
+    };
+    let dep_view = deployment
+        .as_ref()
+        .map(|d| deployment_view(d, &settings, claim));
     let selector = format!("{RELEASE_LABEL}={name}");
     let owned = |m: &ObjectMeta| {
         m.owner_references
@@ -302,7 +325,7 @@ async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Err
     let annotations = release.annotations();
     let observed = Observed {
         generation: release.metadata.generation.unwrap_or(0),
-        deleting: release.metadata.deletion_timestamp.is_some(),
+        deleting,
         has_finalizer: release.finalizers().iter().any(|f| f == FINALIZER),
         settings,
         status: release.status.clone().unwrap_or_default(),
@@ -334,6 +357,43 @@ async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Err
                 lock_samples(ctx).forget(&key);
                 // The object may be gone now: no status to write.
                 return Ok(Requeue::await_change());
+            }
+            Action::ClaimDeployment => {
+                let dep = deployment
+                    .as_ref()
+                    .ok_or(Error::MissingField("Deployment"))?;
+                // The resourceVersion read makes this conditional: when another Release
+                // claimed the Deployment meanwhile, it fails with a conflict, and the next
+                // reconcile sees that claim. Nothing after it in this plan runs.
+                deployments
+                    .patch(
+                        &release.spec.workload_ref.name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&json!({"metadata": {
+                            "resourceVersion": dep.resource_version(),
+                            "annotations": {CLAIM_ANNOTATION: name},
+                        }})),
+                    )
+                    .await?;
+            }
+            Action::ReleaseClaim => {
+                let patch = json!([
+                    {"op": "test", "path": CLAIM_POINTER, "value": name},
+                    {"op": "remove", "path": CLAIM_POINTER},
+                ]);
+                match deployments
+                    .patch(
+                        &release.spec.workload_ref.name,
+                        &PatchParams::default(),
+                        &Patch::<()>::Json(serde_json::from_value(patch)?),
+                    )
+                    .await
+                {
+                    Ok(_) => {}
+                    // Gone, or the claim is no longer ours (a failed test is a 422).
+                    Err(kube::Error::Api(e)) if e.code == 404 || e.code == 422 => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
             Action::RecordDeploymentReplicas(n) => {
                 merge(
@@ -613,7 +673,14 @@ async fn set_serving(pods: &Api<Pod>, pod: &str, serving: bool) -> Result<(), Er
     }
 }
 
-fn deployment_view(d: &Deployment, settings: &Result<Settings, Vec<String>>) -> DeploymentView {
+/// [`CLAIM_ANNOTATION`] as a JSON pointer (`/` escaped as `~1`).
+const CLAIM_POINTER: &str = "/metadata/annotations/sluice.dev~1claimed-by";
+
+fn deployment_view(
+    d: &Deployment,
+    settings: &Result<Settings, Vec<String>>,
+    claim: Claim,
+) -> DeploymentView {
     let spec = d.spec.clone().unwrap_or_default();
     let inject_error = match settings {
         Ok(s) => inject(&spec.template, &s.agent, &s.drain, "")
@@ -634,6 +701,7 @@ fn deployment_view(d: &Deployment, settings: &Result<Settings, Vec<String>>) -> 
             .and_then(|s| s.available_replicas)
             .unwrap_or(0),
         inject_error,
+        claim,
     }
 }
 

@@ -37,6 +37,9 @@ pub const ABORT_ANNOTATION: &str = "sluice.dev/abort";
 /// Deployment annotation: the replica count the Release took over, so that the
 /// Deployment can be handed back at that size.
 pub const REPLICAS_ANNOTATION: &str = "sluice.dev/replicas";
+/// Deployment annotation: the name of the Release that runs the Deployment. One Release
+/// per Deployment: another Release naming it is refused while that Release exists.
+pub const CLAIM_ANNOTATION: &str = "sluice.dev/claimed-by";
 /// Finalizer that hands pods back to the Deployment before a Release goes away.
 pub const FINALIZER: &str = "sluice.dev/handback";
 /// Field manager for server-side apply of status.

@@ -41,6 +41,20 @@ pub struct DeploymentView {
     pub available_replicas: i32,
     /// Why the current template cannot be run (injection failed), if it cannot.
     pub inject_error: Option<String>,
+    /// Which Release runs the Deployment (`sluice.dev/claimed-by`).
+    pub claim: Claim,
+}
+
+/// The Deployment's claim, as seen by one Release.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Claim {
+    /// No claim, or one naming a Release that no longer exists.
+    #[default]
+    Free,
+    /// Claimed by this Release.
+    Ours,
+    /// Claimed by another Release of the namespace, which exists: this one is refused.
+    Other(String),
 }
 
 /// A ReplicaSet the Release owns.
@@ -98,6 +112,12 @@ pub struct Observed {
 pub enum Action {
     AddFinalizer,
     RemoveFinalizer,
+    /// Record this Release as the Deployment's one Release (`sluice.dev/claimed-by`), only
+    /// if the Deployment did not change since it was read: a concurrent claim fails.
+    /// Comes before anything else that touches the Deployment.
+    ClaimDeployment,
+    /// Remove this Release's claim from the Deployment (after the hand-back).
+    ReleaseClaim,
     /// Remember the Deployment's replica count in its `sluice.dev/replicas` annotation.
     RecordDeploymentReplicas(i32),
     ScaleDeployment(i32),
@@ -195,7 +215,15 @@ pub fn plan(o: &Observed, now: f64) -> Plan {
         Err(errs) => {
             let msg = format!("invalid spec: {}", errs.join("; "));
             let mut actions = Vec::new();
+            // The controller hands back with lenient settings when it can; this is only
+            // reached when even those are invalid, so nothing was taken over.
             if o.deleting && o.has_finalizer {
+                if o.deployment
+                    .as_ref()
+                    .is_some_and(|d| d.claim == Claim::Ours)
+                {
+                    actions.push(Action::ReleaseClaim);
+                }
                 actions.push(Action::RemoveFinalizer);
             }
             return failed(&o.status, status, actions, msg, o.generation, now);
@@ -232,6 +260,30 @@ pub fn plan(o: &Observed, now: f64) -> Plan {
         );
         return failed(&o.status, c.status, c.actions, msg, o.generation, now);
     };
+    // One Release per Deployment: a Deployment another existing Release runs is never
+    // touched, not even on deletion.
+    if let Claim::Other(first) = &dep.claim {
+        if o.deleting && o.has_finalizer {
+            c.actions.push(Action::RemoveFinalizer);
+        }
+        let msg = format!(
+            "Deployment {:?} is already run by Release {first:?}: one Release per Deployment; \
+             this one waits until {first:?} is deleted",
+            settings.deployment
+        );
+        return failed_as(
+            "DeploymentClaimed",
+            &o.status,
+            c.status,
+            c.actions,
+            msg,
+            o.generation,
+            now,
+        );
+    }
+    if !o.deleting && dep.claim == Claim::Free {
+        c.actions.push(Action::ClaimDeployment);
+    }
 
     let n = settings
         .replicas
@@ -300,6 +352,20 @@ fn within_status_bounds(st: &mut ReleaseStatus) {
 
 fn failed(
     prev: &ReleaseStatus,
+    status: ReleaseStatus,
+    actions: Vec<Action>,
+    msg: String,
+    generation: i64,
+    now: f64,
+) -> Plan {
+    failed_as("Failed", prev, status, actions, msg, generation, now)
+}
+
+/// Phase `Failed` with `reason` on the conditions; a Warning event (`ReleaseFailed`, or
+/// `reason` itself when it is not `Failed`) once per message.
+fn failed_as(
+    reason: &str,
+    prev: &ReleaseStatus,
     mut status: ReleaseStatus,
     actions: Vec<Action>,
     msg: String,
@@ -310,31 +376,27 @@ fn failed(
     if prev.phase != Some(Phase::Failed) || prev.message.as_deref() != Some(msg.as_str()) {
         actions.push(Action::Event {
             warning: true,
-            reason: "ReleaseFailed".into(),
+            reason: if reason == "Failed" {
+                "ReleaseFailed".into()
+            } else {
+                reason.into()
+            },
             note: msg.clone(),
         });
     }
     status.phase = Some(Phase::Failed);
     status.message = Some(msg.clone());
-    set_condition(&mut status, "Ready", false, "Failed", &msg, generation, now);
+    set_condition(&mut status, "Ready", false, reason, &msg, generation, now);
     set_condition(
         &mut status,
         "Progressing",
         false,
-        "Failed",
+        reason,
         &msg,
         generation,
         now,
     );
-    set_condition(
-        &mut status,
-        "Degraded",
-        true,
-        "Failed",
-        &msg,
-        generation,
-        now,
-    );
+    set_condition(&mut status, "Degraded", true, reason, &msg, generation, now);
     Plan {
         actions,
         status,
@@ -1376,6 +1438,9 @@ fn hand_back(c: &mut Ctx, o: &Observed, dep: &DeploymentView, n: i32) {
             });
         }
         if o.has_finalizer {
+            if dep.claim == Claim::Ours {
+                c.actions.push(Action::ReleaseClaim);
+            }
             c.actions.push(Action::RemoveFinalizer);
         }
         c.status.message = Some("handed back to the Deployment".into());

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use super::crd::{DrainRecord, Phase, ReleaseSpec, ReleaseStatus};
 use super::gates::{PodSignals, RevisionWindow};
 use super::plan::*;
-use super::settings::Settings;
+use super::settings::{AgentImagePolicy, Settings};
 
 type SignalFn = Box<dyn Fn(&PodView, f64) -> Option<PodSignals>>;
 
@@ -68,6 +68,7 @@ impl Sim {
                 recorded_replicas: None,
                 available_replicas: replicas,
                 inject_error: None,
+                claim: Claim::Free,
             }),
             rss: Vec::new(),
             pods: Vec::new(),
@@ -97,7 +98,11 @@ impl Sim {
             generation: 1,
             deleting: self.deleting,
             has_finalizer: self.has_finalizer,
-            settings: Settings::from_spec(&self.spec, "agent:test"),
+            settings: Settings::for_reconcile(
+                &self.spec,
+                &AgentImagePolicy::only("agent:test"),
+                self.deleting,
+            ),
             status: self.status.clone(),
             promote: self.promote.clone(),
             abort: self.abort.clone(),
@@ -129,6 +134,12 @@ impl Sim {
             match a {
                 Action::AddFinalizer => self.has_finalizer = true,
                 Action::RemoveFinalizer => self.has_finalizer = false,
+                Action::ClaimDeployment => {
+                    let d = self.dep.as_mut().unwrap();
+                    assert_eq!(d.claim, Claim::Free, "claimed a claimed Deployment");
+                    d.claim = Claim::Ours;
+                }
+                Action::ReleaseClaim => self.dep.as_mut().unwrap().claim = Claim::Free,
                 Action::RecordDeploymentReplicas(n) => {
                     self.dep.as_mut().unwrap().recorded_replicas = Some(*n)
                 }
@@ -1319,4 +1330,162 @@ fn a_refusal_before_the_release_is_not_blamed_on_the_prestop() {
         .unwrap();
     assert_eq!(rec.state, "Quiescing");
     assert!(p.refused_drains.is_empty());
+}
+
+/// The actions that touch the Deployment, in order.
+fn deployment_actions(plan: &Plan) -> Vec<&Action> {
+    plan.actions
+        .iter()
+        .filter(|a| {
+            matches!(
+                a,
+                Action::ClaimDeployment
+                    | Action::ReleaseClaim
+                    | Action::RecordDeploymentReplicas(_)
+                    | Action::ScaleDeployment(_)
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_claim_comes_first_and_goes_last() {
+    let mut sim = Sim::new(STEPS, 3);
+    let first = sim.round();
+    assert_eq!(
+        deployment_actions(&first),
+        vec![
+            &Action::ClaimDeployment,
+            &Action::RecordDeploymentReplicas(3)
+        ]
+    );
+    let claim_at = first
+        .actions
+        .iter()
+        .position(|a| *a == Action::ClaimDeployment)
+        .unwrap();
+    let create_at = first
+        .actions
+        .iter()
+        .position(|a| matches!(a, Action::CreateReplicaSet { .. }))
+        .unwrap();
+    assert!(claim_at < create_at);
+    sim.settle();
+    assert_eq!(sim.dep.as_ref().unwrap().claim, Claim::Ours);
+    sim.deleting = true;
+    let mut last = None;
+    sim.run_until(100, |s| !s.has_finalizer);
+    if let Some(p) = &sim.last_plan {
+        last = Some(p.clone());
+    }
+    let last = last.unwrap();
+    let release_at = last.actions.iter().position(|a| *a == Action::ReleaseClaim);
+    let remove_at = last
+        .actions
+        .iter()
+        .position(|a| *a == Action::RemoveFinalizer);
+    assert!(
+        release_at.is_some() && release_at < remove_at,
+        "{:?}",
+        last.actions
+    );
+    assert_eq!(sim.dep.as_ref().unwrap().claim, Claim::Free);
+}
+
+/// A second Release for a Deployment another existing Release runs: refused with a
+/// condition and one Warning event naming the first, the Deployment never touched (not
+/// on deletion either); once the first is gone it takes over.
+#[test]
+fn a_second_release_for_a_claimed_deployment_is_refused() {
+    let mut sim = Sim::new(STEPS, 3);
+    sim.dep.as_mut().unwrap().claim = Claim::Other("first".into());
+    let dep_before = sim.dep.clone();
+    let mut warnings = Vec::new();
+    for _ in 0..5 {
+        let plan = sim.round();
+        assert!(deployment_actions(&plan).is_empty(), "{:?}", plan.actions);
+        assert!(
+            !plan
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::CreateReplicaSet { .. })),
+            "{:?}",
+            plan.actions
+        );
+        for a in &plan.actions {
+            if let Action::Event {
+                warning: true,
+                reason,
+                note,
+            } = a
+            {
+                warnings.push((reason.clone(), note.clone()));
+            }
+        }
+    }
+    assert_eq!(sim.dep, dep_before);
+    assert!(sim.rss.is_empty() && sim.pods.is_empty());
+    assert_eq!(sim.phase(), Phase::Failed);
+    let ready = sim
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "DeploymentClaimed")
+    );
+    assert!(ready.message.contains("\"first\""), "{}", ready.message);
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one warning, not one per round: {warnings:?}"
+    );
+    assert_eq!(warnings[0].0, "DeploymentClaimed");
+    assert!(warnings[0].1.contains("\"first\""));
+
+    // Deleting the refused Release leaves the Deployment alone.
+    let mut deleted = Sim::new(STEPS, 3);
+    deleted.dep = sim.dep.clone();
+    deleted.status = sim.status.clone();
+    deleted.has_finalizer = true;
+    deleted.deleting = true;
+    let plan = deleted.round();
+    assert_eq!(
+        plan.actions
+            .iter()
+            .filter(|a| !matches!(a, Action::Event { .. }))
+            .collect::<Vec<_>>(),
+        vec![&Action::RemoveFinalizer]
+    );
+
+    // The first Release is gone (its claim removed): this one takes over.
+    sim.dep.as_mut().unwrap().claim = Claim::Free;
+    sim.run_until(100, |s| s.phase() == Phase::Completed && s.serving() == 3);
+    assert_eq!(sim.dep.as_ref().unwrap().claim, Claim::Ours);
+}
+
+/// A Release whose spec turned invalid (here: an agent image the operator does not
+/// allow) still hands the Deployment back when deleted, losslessly.
+#[test]
+fn deleting_a_release_with_an_invalid_spec_hands_back() {
+    let mut sim = Sim::new(STEPS, 3);
+    sim.settle();
+    sim.spec.agent.image = Some("evil.example/agent:1".into());
+    sim.round();
+    assert_eq!(sim.phase(), Phase::Failed);
+    sim.deleting = true;
+    let plan = sim.round();
+    assert!(
+        plan.actions.contains(&Action::ScaleDeployment(3)),
+        "{:?}",
+        plan.actions
+    );
+    assert!(!plan.actions.contains(&Action::RemoveFinalizer));
+    sim.run_until(100, |s| !s.has_finalizer);
+    assert!(sim.pods.is_empty());
+    assert_eq!(sim.dep.as_ref().unwrap().spec_replicas, 3);
+    assert_eq!(sim.drains_started.len(), 3);
+    assert!(sim.unsafe_deletes.is_empty());
 }

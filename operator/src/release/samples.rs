@@ -166,6 +166,7 @@ mod tests {
                 recorded_replicas: Some(2),
                 available_replicas: 0,
                 inject_error: None,
+                claim: Default::default(),
             }),
             replica_sets: Vec::new(),
             pods: vec![pod("bad-s1", "bs"), pod("bad-c1", "bc")],

@@ -266,6 +266,43 @@ impl Settings {
         Self::from_spec_with(spec, &AgentImagePolicy::only(default_agent_image))
     }
 
+    /// The settings a reconcile works with: the spec's; while the Release is being deleted
+    /// and its spec is invalid, [`Settings::for_hand_back`] when those are valid.
+    pub fn for_reconcile(
+        spec: &ReleaseSpec,
+        images: &AgentImagePolicy,
+        deleting: bool,
+    ) -> Result<Settings, Vec<String>> {
+        let strict = Self::from_spec_with(spec, images);
+        match strict {
+            Err(_) if deleting => Self::for_hand_back(spec, images).or(strict),
+            _ => strict,
+        }
+    }
+
+    /// Settings to hand the Deployment back with when the spec is invalid (deleting a
+    /// Release must never strand its Deployment at 0 replicas): the spec without its steps,
+    /// gates and agent image (a hand-back runs no gate and creates no pod), else only
+    /// `workloadRef` and a valid `replicas` with every other field at its default.
+    pub fn for_hand_back(
+        spec: &ReleaseSpec,
+        images: &AgentImagePolicy,
+    ) -> Result<Settings, Vec<String>> {
+        let mut lenient = spec.clone();
+        lenient.steps.clear();
+        lenient.gates = Default::default();
+        lenient.agent.image = None;
+        Self::from_spec_with(&lenient, images).or_else(|_| {
+            let mut minimal = serde_json::json!({"workloadRef": spec.workload_ref});
+            if let Some(r) = spec.replicas.filter(|r| (1..=100_000).contains(r)) {
+                minimal["replicas"] = r.into();
+            }
+            let minimal: ReleaseSpec =
+                serde_json::from_value(minimal).map_err(|e| vec![e.to_string()])?;
+            Self::from_spec_with(&minimal, images)
+        })
+    }
+
     /// Validate and fill defaults. Errors name the field and what to fix.
     pub fn from_spec_with(
         spec: &ReleaseSpec,
