@@ -3,7 +3,8 @@
 //! expires; a clean shutdown hands over at once. With the API server paused (SIGSTOP) the
 //! leader stops acting by its renew deadline, before the standby may take over, and a
 //! holder's timestamps from a skewed clock neither hand the Lease over early nor keep it
-//! forever.
+//! forever. A leader whose network to the API server stalls while the standby's does not
+//! stops acting before the standby takes over.
 mod ground_common;
 
 use std::process::{Child, Command, Stdio};
@@ -309,6 +310,185 @@ async fn api_server_paused_never_two_leaders() -> anyhow::Result<()> {
         "SIGTERM stops the controllers before the Lease goes"
     );
     assert_eq!(holder(&leases).await, None, "released on SIGTERM");
+    Ok(())
+}
+
+/// A TCP relay to the API server that can stall: while stalled it moves no byte in either
+/// direction and closes nothing, which is what a network partition does to established
+/// connections; connections opened meanwhile are accepted and left waiting. Stopped
+/// relaying when dropped.
+struct StallableRelay {
+    addr: std::net::SocketAddr,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallableRelay {
+    async fn start(upstream: std::net::SocketAddr) -> anyhow::Result<Self> {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let stalled = Arc::new(AtomicBool::new(false));
+        let flag = stalled.clone();
+        async fn wait_unstalled(flag: &AtomicBool) {
+            while flag.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        async fn pump(
+            mut from: tokio::net::tcp::OwnedReadHalf,
+            mut to: tokio::net::tcp::OwnedWriteHalf,
+            flag: Arc<AtomicBool>,
+        ) {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                wait_unstalled(&flag).await;
+                let n = match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                // Bytes read just before a stall wait with the rest.
+                wait_unstalled(&flag).await;
+                if to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown().await;
+        }
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    wait_unstalled(&flag).await;
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::spawn(pump(cr, sw, flag.clone()));
+                    pump(sr, cw, flag).await;
+                });
+            }
+        });
+        Ok(StallableRelay {
+            addr,
+            stalled,
+            task,
+        })
+    }
+
+    fn stall(&self, on: bool) {
+        self.stalled
+            .store(on, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Drop for StallableRelay {
+    fn drop(&mut self) {
+        self.stall(false);
+        self.task.abort();
+    }
+}
+
+/// `kubeconfig` with its server replaced by `https://<addr>` (the API server's certificate
+/// names 127.0.0.1), written to `out`; and the API server's own address.
+fn kubeconfig_via(
+    kubeconfig: &std::path::Path,
+    addr: std::net::SocketAddr,
+    out: &std::path::Path,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(kubeconfig)?)?;
+    let server = doc["clusters"][0]["cluster"]["server"]
+        .as_str()
+        .context("kubeconfig without a server")?
+        .to_string();
+    let upstream: std::net::SocketAddr = server
+        .trim_start_matches("https://")
+        .parse()
+        .with_context(|| format!("server {server}"))?;
+    doc["clusters"][0]["cluster"]["server"] = format!("https://{addr}").into();
+    std::fs::write(out, serde_yaml::to_string(&doc)?)?;
+    Ok(upstream)
+}
+
+/// The leader's network to the API server stalls (a partition: no byte moves, nothing is
+/// closed) while the standby's does not, so the standby can take the Lease once it expired:
+/// the leader must have stopped acting by then, on its own, by its renew deadline.
+#[tokio::test]
+async fn a_leader_cut_off_by_a_network_stall_stops_before_the_standby_leads() -> anyhow::Result<()>
+{
+    let cluster = TestCluster::get().await?;
+    let ns = cluster.namespace("leader-stall").await?;
+    let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), &ns.name);
+    let dir = ground_common::scratch(&ns.name);
+    let logs = [dir.join("replica-a.log"), dir.join("replica-b.log")];
+    let ids = ["replica-a", "replica-b"];
+    // replica-a talks to the API server through the relay; it leads first.
+    let relayed = dir.join("relayed.kubeconfig");
+    let upstream = kubeconfig_via(&cluster.kubeconfig, "127.0.0.1:9".parse()?, &relayed)?;
+    let relay = StallableRelay::start(upstream).await?;
+    kubeconfig_via(&cluster.kubeconfig, relay.addr, &relayed)?;
+    let mut a = operator_logged(&relayed, &ns.name, ids[0], "sluice-operator", Some(&logs[0]));
+    wait_for_holder(&leases, |h| h == ids[0], Duration::from_secs(30))
+        .await
+        .context("replica-a leads")?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !log_has(&logs[0], "leading: starting controllers") {
+        anyhow::ensure!(Instant::now() < deadline, "replica-a never started its controllers");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut b = operator_logged(
+        &cluster.kubeconfig,
+        &ns.name,
+        ids[1],
+        "sluice-operator",
+        Some(&logs[1]),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(holder(&leases).await.as_deref(), Some(ids[0]), "no takeover yet");
+
+    relay.stall(true);
+    let stalled = Instant::now();
+    let exited = wait_exit(&mut a, Duration::from_secs(6));
+    let stopped_after = stalled.elapsed();
+    let next = wait_for_holder(&leases, |h| h == ids[1], Duration::from_secs(20)).await;
+    let took_over_after = stalled.elapsed();
+    relay.stall(false);
+    let exited = exited.with_context(|| {
+        format!("replica-a still ran 6 s into the stall: it kept acting without its Lease")
+    })?;
+    eprintln!(
+        "leader exited {stopped_after:?} into the stall ({exited}); standby held the Lease {took_over_after:?} into it"
+    );
+    assert!(!exited.success(), "the leader exits non-zero when it loses the Lease");
+    assert!(
+        log_has(&logs[0], "could not renew it within the renew deadline"),
+        "the leader says why it stopped"
+    );
+    assert_eq!(next.as_deref(), Some(ids[1]), "the standby took over during the stall");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !log_has(&logs[1], "leading: starting controllers") {
+        anyhow::ensure!(Instant::now() < deadline, "the standby never started its controllers");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    unsafe { libc::kill(b.id() as i32, libc::SIGTERM) };
+    b.wait()?;
+    let old = acting_periods(&logs[0]);
+    let new = acting_periods(&logs[1]);
+    eprintln!("acting periods: {}: {old:?}; {}: {new:?}", ids[0], ids[1]);
+    assert_eq!((old.len(), new.len()), (1, 1), "{old:?} {new:?}");
+    let old_end = old[0]
+        .1
+        .context("the old leader never logged that it stopped acting")?;
+    assert!(
+        old_end < new[0].0,
+        "two leaders acted at once: {} stopped at {old_end}, {} started at {}",
+        ids[0],
+        ids[1],
+        new[0].0
+    );
     Ok(())
 }
 
