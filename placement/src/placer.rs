@@ -199,6 +199,9 @@ pub struct Placer {
     index: Index,
     greedy_cache: FxMap<GreedyKey, (Vec<u64>, Option<Greedy>)>,
     accel: bool,
+    /// Per fleet node: left out of the current decision by the caller (empty: none). Set at
+    /// the start of every decision, so it never outlives the call that passed it.
+    excluded: Vec<bool>,
 }
 
 fn view_of(n: &Node) -> View<'_> {
@@ -249,6 +252,7 @@ impl Placer {
             index: Index::default(),
             greedy_cache: FxMap::default(),
             accel: true,
+            excluded: Vec::new(),
         }
     }
 
@@ -298,6 +302,20 @@ impl Placer {
     /// Choose where a gang goes, all pods or none. Does not change the fleet; record the
     /// result with [`Fleet::allocate`] (or use [`Placer::place_and_allocate`]).
     pub fn place(&mut self, fleet: &Fleet, req: &GangRequest) -> Result<GangPlacement, PlaceError> {
+        self.place_excluding(fleet, req, std::iter::empty())
+    }
+
+    /// [`Placer::place`] on the fleet without the `excluded` nodes (unknown names are
+    /// ignored): the same decision as cordoning them for the call, without changing the
+    /// fleet, so one fleet serves gangs whose pods may use different nodes (taints, node
+    /// selectors, node affinity).
+    pub fn place_excluding<'a>(
+        &mut self,
+        fleet: &Fleet,
+        req: &GangRequest,
+        excluded: impl IntoIterator<Item = &'a str>,
+    ) -> Result<GangPlacement, PlaceError> {
+        self.exclude(fleet, excluded);
         self.ensure_compiled(fleet);
         let rq = self.resolve(fleet, req)?;
         self.decisions += 1;
@@ -318,12 +336,41 @@ impl Placer {
 
     /// Replicas of the request's spread group in its emptiest eligible domain, as
     /// [`Placer::place`] measures a hard `max_skew` against (0 without a spread). A caller
-    /// that cordons eligible nodes for a first attempt reads this before, and passes it as
+    /// that leaves out eligible nodes for a first attempt reads this before, and passes it as
     /// [`crate::Spread::floor`].
     pub fn spread_floor(&mut self, fleet: &Fleet, req: &GangRequest) -> Result<u32, PlaceError> {
+        self.spread_floor_excluding(fleet, req, std::iter::empty())
+    }
+
+    /// [`Placer::spread_floor`] on the fleet without the `excluded` nodes.
+    pub fn spread_floor_excluding<'a>(
+        &mut self,
+        fleet: &Fleet,
+        req: &GangRequest,
+        excluded: impl IntoIterator<Item = &'a str>,
+    ) -> Result<u32, PlaceError> {
+        self.exclude(fleet, excluded);
         self.ensure_compiled(fleet);
         let rq = self.resolve(fleet, req)?;
         Ok(self.spread_min(fleet, &rq))
+    }
+
+    /// Record the nodes the next decision leaves out.
+    fn exclude<'a>(&mut self, fleet: &Fleet, names: impl IntoIterator<Item = &'a str>) {
+        self.excluded.clear();
+        for name in names {
+            if let Ok(i) = fleet.index_of(name) {
+                if self.excluded.is_empty() {
+                    self.excluded.resize(fleet.nodes.len(), false);
+                }
+                self.excluded[i] = true;
+            }
+        }
+    }
+
+    /// Whether the current decision may use node `i`: live, schedulable, not excluded.
+    fn usable(&self, i: usize, n: &Node) -> bool {
+        n.usable() && !self.excluded.get(i).copied().unwrap_or(false)
     }
 
     /// Place a gang and record it in the fleet under `id`, owned by the spread group (if any).
@@ -496,11 +543,8 @@ impl Placer {
             ix.ctx.fine_cap.resize(m, 0);
         }
         for (i, node) in fleet.nodes.iter().enumerate() {
-            let sig = if node.usable() {
-                u64::from(node.state) + 1
-            } else {
-                0
-            };
+            let usable = node.usable() && !self.excluded.get(i).copied().unwrap_or(false);
+            let sig = if usable { u64::from(node.state) + 1 } else { 0 };
             if ix.seen[i] == sig {
                 continue;
             }
@@ -606,7 +650,12 @@ impl Placer {
         let levels = fleet.config().levels.len();
         let mut min = u32::MAX;
         let mut seen: FxMap<u32, ()> = FxMap::default();
-        for (i, node) in fleet.nodes.iter().enumerate().filter(|(_, n)| n.usable()) {
+        for (i, node) in fleet
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|&(i, n)| self.usable(i, n))
+        {
             if !product_ok(&rq.allowed, rq.min_mem, rq.mig, &view_of(node)) {
                 continue;
             }
@@ -813,7 +862,7 @@ impl Placer {
         gmode: GMode,
     ) -> Option<Choice> {
         let node = &fleet.nodes[idx];
-        if !node.usable() {
+        if !self.usable(idx, node) {
             return None;
         }
         let ovl = ov.iter().find(|o| o.0 == idx);
@@ -997,7 +1046,7 @@ impl Placer {
         let mut have = 0u64;
         for &i in members {
             let n = &fleet.nodes[i];
-            if !n.usable() || !product_ok(&rq.allowed, rq.min_mem, rq.mig, &view_of(n)) {
+            if !self.usable(i, n) || !product_ok(&rq.allowed, rq.min_mem, rq.mig, &view_of(n)) {
                 continue;
             }
             have += match rq.demand {
@@ -1282,7 +1331,7 @@ impl Placer {
         let matching: Vec<usize> = (0..fleet.nodes.len())
             .filter(|&i| {
                 let n = &fleet.nodes[i];
-                n.usable()
+                self.usable(i, n)
                     && product_ok(&rq.allowed, rq.min_mem, rq.mig, &view_of(n))
                     && (rq.demand == GpuDemand::None || !n.free.is_empty())
                     && rq.mig_devs.is_none_or(|(p, c)| n.mig_of(p).0 >= c)
@@ -1721,6 +1770,52 @@ mod index_tests {
             !pl.index.ctx.doms.is_empty(),
             "the profile has gang domain types"
         );
+    }
+
+    /// Nodes left out by argument give the decisions of the same nodes cordoned in the
+    /// fleet, also for one placer whose index sees a different set every call.
+    #[test]
+    fn excluding_nodes_equals_cordoning_them() {
+        for seed in 0..6 {
+            let mut rng = Rng::new(100 + seed);
+            let mut fleet = Fleet::new(TopologyConfig::default());
+            for i in 0..32 {
+                fleet
+                    .add_node(random_node(&mut rng, format!("n{i}")))
+                    .unwrap();
+            }
+            let shapes: Vec<GangRequest> = (0..12).map(|_| random_request(&mut rng)).collect();
+            let profile = WorkloadProfile::from_requests(&shapes);
+            let mut shared = Placer::new(profile.clone());
+            let names: Vec<String> = fleet.node_names().map(str::to_string).collect();
+            for op in 0..200 {
+                let req = shapes[rng.below(shapes.len())].clone();
+                let excluded: Vec<&str> = names
+                    .iter()
+                    .filter(|_| rng.below(4) == 0)
+                    .map(String::as_str)
+                    .collect();
+                let a = shared.place_excluding(&fleet, &req, excluded.iter().copied());
+                let floor_a = shared.spread_floor_excluding(&fleet, &req, excluded.iter().copied());
+                let mut cordoned = fleet.clone();
+                for n in &excluded {
+                    cordoned.set_schedulable(n, false).unwrap();
+                }
+                let mut fresh = Placer::new(profile.clone());
+                let b = fresh.place(&cordoned, &req);
+                let floor_b = fresh.spread_floor(&cordoned, &req);
+                assert_eq!(format!("{a:?}"), format!("{b:?}"), "seed {seed}, op {op}");
+                assert_eq!(format!("{floor_a:?}"), format!("{floor_b:?}"));
+                // Nothing left out afterwards: the fleet itself is unchanged.
+                let c = shared.place(&fleet, &req);
+                let d = Placer::new(profile.clone()).place(&fleet, &req);
+                assert_eq!(format!("{c:?}"), format!("{d:?}"), "seed {seed}, op {op}");
+                if let Ok(p) = c {
+                    let group = req.spread.as_ref().map(|s| s.group.as_str());
+                    fleet.allocate(&format!("a{op}"), group, &p.pods).unwrap();
+                }
+            }
+        }
     }
 
     /// A domain that cannot hold the gang is skipped by the index without scanning it, and
