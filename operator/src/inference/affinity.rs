@@ -25,10 +25,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Affinity, Node, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodSpec,
-    PreferredSchedulingTerm,
+    PreferredSchedulingTerm, Taint, Toleration,
 };
-
-use super::scheduler::tolerates;
 
 /// The only field `matchFields` may name.
 pub const FIELD_NODE_NAME: &str = "metadata.name";
@@ -260,6 +258,30 @@ pub fn ignored_constraints(spec: &PodSpec) -> Vec<&'static str> {
         out.push("topology spread constraints");
     }
     out
+}
+
+/// Whether `tolerations` tolerate every NoSchedule/NoExecute taint.
+pub fn tolerates(taints: &[Taint], tolerations: &[Toleration]) -> bool {
+    taints
+        .iter()
+        .filter(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+        .all(|t| {
+            tolerations.iter().any(|tol| {
+                let effect_ok = tol
+                    .effect
+                    .as_deref()
+                    .is_none_or(|e| e.is_empty() || e == t.effect);
+                let key_ok = match tol.key.as_deref() {
+                    None | Some("") => tol.operator.as_deref() == Some("Exists"),
+                    Some(k) => k == t.key,
+                };
+                let value_ok = match tol.operator.as_deref() {
+                    Some("Exists") => true,
+                    _ => tol.value.as_deref().unwrap_or("") == t.value.as_deref().unwrap_or(""),
+                };
+                effect_ok && key_ok && value_ok
+            })
+        })
 }
 
 #[cfg(test)]
@@ -690,5 +712,41 @@ mod tests {
             {"key": "z", "operator": "Exists"}]}}]));
         assert_ne!(eligibility_key(&a), eligibility_key(&b));
         assert_ne!(eligibility_key(&a), eligibility_key(&pod_spec(json!({}))));
+    }
+
+    fn taint(key: &str, value: &str, effect: &str) -> Taint {
+        Taint {
+            key: key.into(),
+            value: Some(value.into()),
+            effect: effect.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn kwok_taint_needs_a_toleration() {
+        let t = vec![taint("kwok.x-k8s.io/node", "fake", "NoSchedule")];
+        assert!(!tolerates(&t, &[]));
+        let exists = Toleration {
+            key: Some("kwok.x-k8s.io/node".into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        };
+        assert!(tolerates(&t, std::slice::from_ref(&exists)));
+        let wrong_value = Toleration {
+            key: Some("kwok.x-k8s.io/node".into()),
+            operator: Some("Equal".into()),
+            value: Some("real".into()),
+            ..Default::default()
+        };
+        assert!(!tolerates(&t, &[wrong_value]));
+        let all = Toleration {
+            operator: Some("Exists".into()),
+            ..Default::default()
+        };
+        assert!(tolerates(&t, &[all]));
+        // PreferNoSchedule never blocks.
+        assert!(tolerates(&[taint("a", "b", "PreferNoSchedule")], &[]));
     }
 }

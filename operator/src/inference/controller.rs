@@ -21,8 +21,8 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use sluice_placement::{GangRequest, TopologyLevel};
 
-use super::Error;
 use super::crd::*;
+use super::error::Error;
 use super::metrics::InferenceMetrics;
 use super::plan::{self, Action, Observed, PodView, Settings};
 use crate::drain::History;
@@ -286,7 +286,7 @@ pub fn pod_view(
             .map(|t| t.0.as_millisecond() as f64 / 1000.0)
             .unwrap_or(now),
         node,
-        gpu_ids: super::scheduler::gpu_ids(p).unwrap_or_default(),
+        gpu_ids: super::binder::gpu_ids(p).unwrap_or_default(),
         deleting: p.metadata.deletion_timestamp.is_some(),
         finished: phase == "Failed" || phase == "Succeeded",
         containers_ready: cond("ContainersReady").is_some_and(|c| c.status == "True"),

@@ -4,18 +4,20 @@
 //! - [`affinity`]: node eligibility of a pod (taints, `nodeSelector`, required node
 //!   affinity) and the constraints the binder does not honour;
 //! - [`plan`]: the pure planner (gangs, scale, node loss, slot-swap rollouts);
-//! - [`scheduler`]: the gang binder for pods with `schedulerName: sluice`;
+//! - [`binder`]: the gang binder for pods with `schedulerName: sluice` (its fleet an
+//!   index the Node and Pod caches update object by object);
 //! - [`controller`]: gather → plan → execute → status;
 //! - [`metrics`]: the `sluice_inference_*` metrics.
 //!
 //! See `docs/inference.md`.
 
 pub mod affinity;
+pub mod binder;
 pub mod controller;
 pub mod crd;
+mod error;
 pub mod metrics;
 pub mod plan;
-pub mod scheduler;
 
 #[cfg(test)]
 mod plan_tests;
@@ -31,34 +33,7 @@ pub use sluice_placement::TopologyConfig;
 use tokio::sync::Notify;
 
 pub use crd::{InferenceSet, InferenceSetSpec, InferenceSetStatus};
-
-/// Errors of a reconcile or a binder round.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("cannot build pods from the template: {0}")]
-    Template(String),
-    #[error("serialization: {0}")]
-    Serialize(#[from] serde_json::Error),
-    /// A bug: the reconcile of this object panicked (contained to it; see
-    /// [`crate::panic_guard`]).
-    #[error("the reconcile panicked: {0}")]
-    Panic(String),
-}
-
-impl Error {
-    /// Short label for `sluice_inference_reconcile_errors{error=...}`.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube(kube::Error::Api(_)) => "api",
-            Error::Kube(_) => "kube",
-            Error::Template(_) => "template",
-            Error::Serialize(_) => "serialize",
-            Error::Panic(_) => "panic",
-        }
-    }
-}
+pub use error::Error;
 
 /// Options of the InferenceSet controller and the binder.
 #[derive(Clone, Debug, Default)]
@@ -102,7 +77,7 @@ pub fn run(
     let metrics = metrics::register(registry);
     async move {
         let wake = Arc::new(Notify::new());
-        let (nodes, node_watch) = scheduler::reflect(
+        let (nodes, node_watch) = binder::reflect(
             Api::<Node>::all(client.clone()),
             watcher::Config::default(),
             wake.clone(),
@@ -117,14 +92,13 @@ pub fn run(
             Some(ns) => Api::<Pod>::namespaced(client.clone(), ns),
             None => Api::<Pod>::all(client.clone()),
         };
-        let (pods, pod_watch) =
-            scheduler::reflect(pod_api, watcher::Config::default(), wake.clone());
+        let (pods, pod_watch) = binder::reflect(pod_api, watcher::Config::default(), wake.clone());
         let binder = {
             let (client, nodes, pods, metrics) =
                 (client.clone(), nodes.clone(), pods.clone(), metrics.clone());
             async move {
                 if config.binder {
-                    scheduler::run(client, nodes, pods, wake, config.topology, metrics).await;
+                    binder::run(client, nodes, pods, wake, config.topology, metrics).await;
                 } else {
                     std::future::pending::<()>().await;
                 }
