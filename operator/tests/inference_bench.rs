@@ -243,6 +243,7 @@ async fn gpu_bind_throughput() -> anyhow::Result<()> {
                 wake,
                 TopologyConfig::default(),
                 m.clone(),
+                None,
             )
         );
     });

@@ -686,6 +686,7 @@ pub async fn run(
     metrics: InferenceMetrics,
     namespace: Option<String>,
     agent_images: AgentImagePolicy,
+    identity: Option<String>,
 ) {
     let (sets, owned): (Api<InferenceSet>, Api<Pod>) = match &namespace {
         Some(ns) => (
@@ -699,7 +700,7 @@ pub async fn run(
             client.clone(),
             Reporter {
                 controller: "sluice-inference".into(),
-                instance: std::env::var("POD_NAME").ok(),
+                instance: identity,
             },
         ),
         client,

@@ -47,21 +47,32 @@ pub struct Config {
     pub controller: bool,
     /// The agent image injected when a set names none, and the ones a set may name.
     pub agent_images: AgentImagePolicy,
+    /// The one namespace the controller and the binder watch pods in (tests run one
+    /// operator per namespace side by side); `None`: every namespace. Nodes stay
+    /// cluster-wide.
+    pub watch_namespace: Option<String>,
+    /// This replica's name in the events it publishes (the pod name in a cluster).
+    pub identity: Option<String>,
 }
 
 impl Config {
-    /// Both the controller and the binder with the default topology levels.
+    /// Both the controller and the binder with the default topology levels. The settings
+    /// the binary does not pass yet come from its environment here, and only here:
+    /// `SLUICE_AGENT_IMAGE`, `SLUICE_WATCH_NAMESPACE` and `POD_NAME` (empty counts as unset
+    /// for the first two).
     pub fn new() -> Self {
+        let env = |name: &str| std::env::var(name).ok();
         Self {
             topology: TopologyConfig::default(),
             binder: true,
             controller: true,
             agent_images: AgentImagePolicy::only(
-                &std::env::var("SLUICE_AGENT_IMAGE")
-                    .ok()
+                &env("SLUICE_AGENT_IMAGE")
                     .filter(|s| !s.is_empty())
                     .unwrap_or_else(|| crate::release::crd::DEFAULT_AGENT_IMAGE.to_string()),
             ),
+            watch_namespace: env("SLUICE_WATCH_NAMESPACE").filter(|ns| !ns.is_empty()),
+            identity: env("POD_NAME"),
         }
     }
 }
@@ -82,12 +93,7 @@ pub fn run(
             watcher::Config::default(),
             wake.clone(),
         );
-        // `SLUICE_WATCH_NAMESPACE` limits the controller and the binder to one namespace, as
-        // for the Release controller (tests run one operator per namespace side by side);
-        // nodes stay cluster-wide. Unset, every namespace.
-        let scope = std::env::var("SLUICE_WATCH_NAMESPACE")
-            .ok()
-            .filter(|ns| !ns.is_empty());
+        let scope = config.watch_namespace.clone();
         let pod_api = match &scope {
             Some(ns) => Api::<Pod>::namespaced(client.clone(), ns),
             None => Api::<Pod>::all(client.clone()),
@@ -96,9 +102,11 @@ pub fn run(
         let binder = {
             let (client, nodes, pods, metrics) =
                 (client.clone(), nodes.clone(), pods.clone(), metrics.clone());
+            let (run_binder, topology, identity) =
+                (config.binder, config.topology, config.identity.clone());
             async move {
-                if config.binder {
-                    binder::run(client, nodes, pods, wake, config.topology, metrics).await;
+                if run_binder {
+                    binder::run(client, nodes, pods, wake, topology, metrics, identity).await;
                 } else {
                     std::future::pending::<()>().await;
                 }
@@ -106,7 +114,16 @@ pub fn run(
         };
         let controller = async move {
             if config.controller {
-                controller::run(client, pods, nodes, metrics, scope, config.agent_images).await;
+                controller::run(
+                    client,
+                    pods,
+                    nodes,
+                    metrics,
+                    scope,
+                    config.agent_images,
+                    config.identity,
+                )
+                .await;
             } else {
                 std::future::pending::<()>().await;
             }

@@ -85,6 +85,7 @@ impl Binder {
         pods: Store<Pod>,
         topology: TopologyConfig,
         metrics: InferenceMetrics,
+        identity: Option<String>,
     ) -> Self {
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
@@ -99,7 +100,7 @@ impl Binder {
                 client.clone(),
                 Reporter {
                     controller: "sluice-binder".into(),
-                    instance: std::env::var("POD_NAME").ok(),
+                    instance: identity,
                 },
             ),
             client,
@@ -332,6 +333,7 @@ impl Binder {
 }
 
 /// Start the caches and the binder; returns when the binder stops (never, normally).
+/// `identity` names this replica in the events it publishes.
 pub async fn run(
     client: kube::Client,
     nodes: Store<Node>,
@@ -339,10 +341,11 @@ pub async fn run(
     wake: Arc<Notify>,
     topology: TopologyConfig,
     metrics: InferenceMetrics,
+    identity: Option<String>,
 ) {
     let _ = nodes.wait_until_ready().await;
     let _ = pods.wait_until_ready().await;
-    Binder::new(client, nodes, pods, topology, metrics)
+    Binder::new(client, nodes, pods, topology, metrics, identity)
         .run(wake)
         .await
 }
