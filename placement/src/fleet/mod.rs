@@ -2,17 +2,18 @@
 //!
 //! - [`spec`]: the inputs (node specs, topology levels, pod assignments) and label names;
 //! - this file: the fleet's nodes and domains;
+//! - [`levels`]: which domain of a topology level a node or a gang lies in;
 //! - [`alloc`]: recording and releasing allocations, spread counts.
 
 mod alloc;
-mod spec;
+mod levels;
+pub(crate) mod spec;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::FleetError;
 use crate::fx::FxMap;
-use crate::request::TopologyLevel;
 
 pub use spec::{
     GPU_TOPOLOGY_ANNOTATION, GpuTopology, LABEL_GPU_CLIQUE, LABEL_GPU_COUNT, LABEL_GPU_MEMORY,
@@ -365,64 +366,6 @@ impl Fleet {
             .flat_map(|n| n.free.iter())
             .map(|&f| u64::from(MILLI_PER_GPU - f))
             .sum()
-    }
-
-    /// Name of the domain holding `node` at `level` (`None` for the GPU-group level, which
-    /// depends on the GPUs, not only the node).
-    pub fn domain_of(
-        &self,
-        node: &str,
-        level: &TopologyLevel,
-    ) -> Result<Option<String>, FleetError> {
-        let idx = self.index_of(node)?;
-        Ok(match level {
-            TopologyLevel::Label(key) => {
-                let lvl = self
-                    .level_index(key)
-                    .ok_or_else(|| FleetError::UnknownLevel(key.clone()))?;
-                Some(self.domains[lvl].names[self.nodes[idx].domains[lvl] as usize].clone())
-            }
-            TopologyLevel::Node => Some(self.nodes[idx].name.clone()),
-            TopologyLevel::GpuGroup => None,
-        })
-    }
-
-    /// Whether all the pods of a gang lie inside one domain of `level`.
-    pub fn within_one_domain(
-        &self,
-        pods: &[PodAssignment],
-        level: &TopologyLevel,
-    ) -> Result<bool, FleetError> {
-        let Some(first) = pods.first() else {
-            return Ok(true);
-        };
-        let f = self.index_of(&first.node)?;
-        for p in pods {
-            let i = self.index_of(&p.node)?;
-            let same = match level {
-                TopologyLevel::Label(key) => {
-                    let lvl = self
-                        .level_index(key)
-                        .ok_or_else(|| FleetError::UnknownLevel(key.clone()))?;
-                    self.nodes[i].domains[lvl] == self.nodes[f].domains[lvl]
-                }
-                TopologyLevel::Node => i == f,
-                TopologyLevel::GpuGroup => {
-                    let g0 = first
-                        .gpus
-                        .first()
-                        .map(|&g| self.nodes[f].group_of[g as usize]);
-                    i == f
-                        && p.gpus
-                            .iter()
-                            .all(|&g| Some(self.nodes[i].group_of[g as usize]) == g0)
-                }
-            };
-            if !same {
-                return Ok(false);
-            }
-        }
-        Ok(true)
     }
 
     pub(crate) fn level_index(&self, key: &str) -> Option<usize> {

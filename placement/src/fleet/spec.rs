@@ -244,5 +244,16 @@ pub struct PodAssignment {
     pub memory_mib: u64,
     /// MIG devices taken (`mixed` strategy), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mig: Option<crate::request::MigDevices>,
+    pub mig: Option<MigDevices>,
+}
+
+/// MIG devices of one profile that a pod takes on a node with the `mixed` MIG strategy
+/// (the pod's `nvidia.com/mig-<profile>` limit), e.g. `{"profile": "1g.5gb", "count": 1}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigDevices {
+    /// Profile, as in the resource name after `nvidia.com/mig-` (`1g.5gb`, `3g.40gb`).
+    pub profile: String,
+    /// Devices of that profile.
+    pub count: u32,
 }
