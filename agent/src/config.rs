@@ -47,6 +47,11 @@ pub struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true)]
     pub log_json: bool,
+    /// Worker threads (proxy mode: each serves its connections on a single-threaded
+    /// runtime; 0 or 1 serve everything on the main thread. Observe mode: the runtime's
+    /// workers, 0 single-threaded). Default: the cores, at most 2.
+    #[arg(long, global = true, env = "SLUICE_AGENT_WORKERS")]
+    pub workers: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -318,8 +323,11 @@ mod tests {
             "7",
             "--drain-timeout",
             "2s",
+            "--workers",
+            "3",
         ])
         .unwrap();
+        assert_eq!(cli.workers, Some(3));
         let Command::Proxy(p) = cli.command else {
             panic!("not proxy")
         };

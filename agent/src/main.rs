@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         fmt.init();
     }
-    let rt = runtime(&cli.command).context("cannot start the tokio runtime")?;
+    let rt = runtime(&cli.command, cli.workers).context("cannot start the tokio runtime")?;
     rt.block_on(async {
         let agent = match cli.command {
             Command::Proxy(args) => sluice_agent::start_proxy(args).await?,
@@ -38,24 +38,20 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The runtime. A sidecar should stay small: at most 2 threads unless `SLUICE_AGENT_WORKERS`
-/// says otherwise.
+/// The runtime. A sidecar should stay small: at most 2 threads unless `--workers`
+/// (`SLUICE_AGENT_WORKERS`) says otherwise.
 ///
 /// * proxy mode (http and tcp): thread per core. The main runtime is single-threaded
 ///   (accepts, admin, drain); each client connection is served by one of
-///   `SLUICE_AGENT_WORKERS` threads with a single-threaded runtime each, so a request never
-///   wakes another thread. `SLUICE_AGENT_WORKERS` 0 or 1 serves everything on the main
-///   thread.
+///   `workers` threads with a single-threaded runtime each, so a request never wakes
+///   another thread. 0 or 1 serve everything on the main thread.
 /// * observe mode: a multi-threaded runtime with that many workers (0: single-threaded).
-fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
-    let workers = std::env::var("SLUICE_AGENT_WORKERS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get().min(2))
-                .unwrap_or(1)
-        });
+fn runtime(command: &Command, workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get().min(2))
+            .unwrap_or(1)
+    });
     let proxy = matches!(command, Command::Proxy(_));
     if proxy {
         // One worker is no better than the main thread itself.

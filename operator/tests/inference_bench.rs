@@ -24,7 +24,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use sluice_e2e::cluster::{GpuNodeProfile, TestCluster};
-use sluice_operator::inference::{TopologyConfig, metrics, scheduler};
+use sluice_operator::inference::{TopologyConfig, binder, metrics};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -221,12 +221,12 @@ async fn gpu_bind_throughput() -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let m = metrics::register(&mut registry);
     let wake = std::sync::Arc::new(tokio::sync::Notify::new());
-    let (node_store, node_watch) = scheduler::reflect(
+    let (node_store, node_watch) = binder::reflect(
         Api::<Node>::all(client.clone()),
         watcher::Config::default(),
         wake.clone(),
     );
-    let (pod_store, pod_watch) = scheduler::reflect(
+    let (pod_store, pod_watch) = binder::reflect(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default(),
         wake.clone(),
@@ -236,13 +236,14 @@ async fn gpu_bind_throughput() -> anyhow::Result<()> {
         tokio::join!(
             node_watch,
             pod_watch,
-            scheduler::run(
+            binder::run(
                 client.clone(),
                 node_store.clone(),
                 pod_store.clone(),
                 wake,
                 TopologyConfig::default(),
                 m.clone(),
+                None,
             )
         );
     });

@@ -2,7 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::fleet::{MILLI_PER_GPU, PodAssignment};
+pub use crate::fleet::spec::MigDevices;
+use crate::fleet::spec::{MILLI_PER_GPU, PodAssignment};
 
 /// What one pod asks of GPUs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -58,17 +59,6 @@ pub enum MigSelector {
     /// with [`GpuSelector::products`] (the product label carries it, e.g.
     /// `NVIDIA-A100-SXM4-40GB-MIG-1g.5gb`).
     Only,
-}
-
-/// MIG devices of one profile that a pod takes on a node with the `mixed` MIG strategy
-/// (the pod's `nvidia.com/mig-<profile>` limit), e.g. `{"profile": "1g.5gb", "count": 1}`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MigDevices {
-    /// Profile, as in the resource name after `nvidia.com/mig-` (`1g.5gb`, `3g.40gb`).
-    pub profile: String,
-    /// Devices of that profile.
-    pub count: u32,
 }
 
 /// Which GPUs a pod may use.

@@ -135,7 +135,7 @@ pub fn register(registry: &mut Registry) -> InferenceMetrics {
 }
 
 impl InferenceMetrics {
-    pub fn reconcile_error(&self, e: &super::Error) {
+    pub fn reconcile_error(&self, e: &super::error::Error) {
         self.reconcile_errors
             .get_or_create(&vec![("error", e.metric_label().to_string())])
             .inc();
@@ -143,10 +143,7 @@ impl InferenceMetrics {
 
     pub fn placement_failed(&self, e: &sluice_placement::PlaceError) {
         self.placement_failures
-            .get_or_create(&vec![(
-                "reason",
-                super::scheduler::place_error_label(e).to_string(),
-            )])
+            .get_or_create(&vec![("reason", place_error_label(e).to_string())])
             .inc();
     }
 
@@ -176,5 +173,20 @@ impl InferenceMetrics {
         let l = vec![("namespace", ns.to_string()), ("name", name.to_string())];
         self.rollout_progress.remove(&l);
         self.serving_replicas.remove(&l);
+    }
+}
+
+/// Map a placement error to a short metric label.
+pub fn place_error_label(e: &sluice_placement::PlaceError) -> &'static str {
+    use sluice_placement::PlaceError;
+    match e {
+        PlaceError::InvalidRequest(_) => "invalid_request",
+        PlaceError::UnknownLevel(_) => "unknown_level",
+        PlaceError::NoMatchingGpu { .. } => "no_matching_gpu",
+        PlaceError::PodLargerThanAnyNode { .. } => "pod_larger_than_any_node",
+        PlaceError::RequiredDomainTooSmall { .. } => "required_domain_too_small",
+        PlaceError::RequiredDomainFull { .. } => "required_domain_full",
+        PlaceError::SpreadUnsatisfiable { .. } => "spread_unsatisfiable",
+        PlaceError::InsufficientCapacity { .. } => "insufficient_capacity",
     }
 }

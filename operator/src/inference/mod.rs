@@ -4,18 +4,20 @@
 //! - [`affinity`]: node eligibility of a pod (taints, `nodeSelector`, required node
 //!   affinity) and the constraints the binder does not honour;
 //! - [`plan`]: the pure planner (gangs, scale, node loss, slot-swap rollouts);
-//! - [`scheduler`]: the gang binder for pods with `schedulerName: sluice`;
+//! - [`binder`]: the gang binder for pods with `schedulerName: sluice` (its fleet an
+//!   index the Node and Pod caches update object by object);
 //! - [`controller`]: gather → plan → execute → status;
 //! - [`metrics`]: the `sluice_inference_*` metrics.
 //!
 //! See `docs/inference.md`.
 
 pub mod affinity;
+pub mod binder;
 pub mod controller;
 pub mod crd;
+mod error;
 pub mod metrics;
 pub mod plan;
-pub mod scheduler;
 
 #[cfg(test)]
 mod plan_tests;
@@ -31,34 +33,7 @@ pub use sluice_placement::TopologyConfig;
 use tokio::sync::Notify;
 
 pub use crd::{InferenceSet, InferenceSetSpec, InferenceSetStatus};
-
-/// Errors of a reconcile or a binder round.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("cannot build pods from the template: {0}")]
-    Template(String),
-    #[error("serialization: {0}")]
-    Serialize(#[from] serde_json::Error),
-    /// A bug: the reconcile of this object panicked (contained to it; see
-    /// [`crate::panic_guard`]).
-    #[error("the reconcile panicked: {0}")]
-    Panic(String),
-}
-
-impl Error {
-    /// Short label for `sluice_inference_reconcile_errors{error=...}`.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube(kube::Error::Api(_)) => "api",
-            Error::Kube(_) => "kube",
-            Error::Template(_) => "template",
-            Error::Serialize(_) => "serialize",
-            Error::Panic(_) => "panic",
-        }
-    }
-}
+pub use error::Error;
 
 /// Options of the InferenceSet controller and the binder.
 #[derive(Clone, Debug, Default)]
@@ -72,21 +47,32 @@ pub struct Config {
     pub controller: bool,
     /// The agent image injected when a set names none, and the ones a set may name.
     pub agent_images: AgentImagePolicy,
+    /// The one namespace the controller and the binder watch pods in (tests run one
+    /// operator per namespace side by side); `None`: every namespace. Nodes stay
+    /// cluster-wide.
+    pub watch_namespace: Option<String>,
+    /// This replica's name in the events it publishes (the pod name in a cluster).
+    pub identity: Option<String>,
 }
 
 impl Config {
-    /// Both the controller and the binder with the default topology levels.
+    /// Both the controller and the binder with the default topology levels. The settings
+    /// the binary does not pass yet come from its environment here, and only here:
+    /// `SLUICE_AGENT_IMAGE`, `SLUICE_WATCH_NAMESPACE` and `POD_NAME` (empty counts as unset
+    /// for the first two).
     pub fn new() -> Self {
+        let env = |name: &str| std::env::var(name).ok();
         Self {
             topology: TopologyConfig::default(),
             binder: true,
             controller: true,
             agent_images: AgentImagePolicy::only(
-                &std::env::var("SLUICE_AGENT_IMAGE")
-                    .ok()
+                &env("SLUICE_AGENT_IMAGE")
                     .filter(|s| !s.is_empty())
                     .unwrap_or_else(|| crate::release::crd::DEFAULT_AGENT_IMAGE.to_string()),
             ),
+            watch_namespace: env("SLUICE_WATCH_NAMESPACE").filter(|ns| !ns.is_empty()),
+            identity: env("POD_NAME"),
         }
     }
 }
@@ -102,29 +88,25 @@ pub fn run(
     let metrics = metrics::register(registry);
     async move {
         let wake = Arc::new(Notify::new());
-        let (nodes, node_watch) = scheduler::reflect(
+        let (nodes, node_watch) = binder::reflect(
             Api::<Node>::all(client.clone()),
             watcher::Config::default(),
             wake.clone(),
         );
-        // `SLUICE_WATCH_NAMESPACE` limits the controller and the binder to one namespace, as
-        // for the Release controller (tests run one operator per namespace side by side);
-        // nodes stay cluster-wide. Unset, every namespace.
-        let scope = std::env::var("SLUICE_WATCH_NAMESPACE")
-            .ok()
-            .filter(|ns| !ns.is_empty());
+        let scope = config.watch_namespace.clone();
         let pod_api = match &scope {
             Some(ns) => Api::<Pod>::namespaced(client.clone(), ns),
             None => Api::<Pod>::all(client.clone()),
         };
-        let (pods, pod_watch) =
-            scheduler::reflect(pod_api, watcher::Config::default(), wake.clone());
+        let (pods, pod_watch) = binder::reflect(pod_api, watcher::Config::default(), wake.clone());
         let binder = {
             let (client, nodes, pods, metrics) =
                 (client.clone(), nodes.clone(), pods.clone(), metrics.clone());
+            let (run_binder, topology, identity) =
+                (config.binder, config.topology, config.identity.clone());
             async move {
-                if config.binder {
-                    scheduler::run(client, nodes, pods, wake, config.topology, metrics).await;
+                if run_binder {
+                    binder::run(client, nodes, pods, wake, topology, metrics, identity).await;
                 } else {
                     std::future::pending::<()>().await;
                 }
@@ -132,7 +114,16 @@ pub fn run(
         };
         let controller = async move {
             if config.controller {
-                controller::run(client, pods, nodes, metrics, scope, config.agent_images).await;
+                controller::run(
+                    client,
+                    pods,
+                    nodes,
+                    metrics,
+                    scope,
+                    config.agent_images,
+                    config.identity,
+                )
+                .await;
             } else {
                 std::future::pending::<()>().await;
             }
