@@ -380,8 +380,7 @@ impl StallableRelay {
     }
 
     fn stall(&self, on: bool) {
-        self.stalled
-            .store(on, std::sync::atomic::Ordering::Release);
+        self.stalled.store(on, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -389,6 +388,16 @@ impl Drop for StallableRelay {
     fn drop(&mut self) {
         self.stall(false);
         self.task.abort();
+    }
+}
+
+/// A child process killed and reaped when dropped (a failed assertion leaves none behind).
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -430,51 +439,74 @@ async fn a_leader_cut_off_by_a_network_stall_stops_before_the_standby_leads() ->
     let upstream = kubeconfig_via(&cluster.kubeconfig, "127.0.0.1:9".parse()?, &relayed)?;
     let relay = StallableRelay::start(upstream).await?;
     kubeconfig_via(&cluster.kubeconfig, relay.addr, &relayed)?;
-    let mut a = operator_logged(&relayed, &ns.name, ids[0], "sluice-operator", Some(&logs[0]));
+    let mut a = Reaped(operator_logged(
+        &relayed,
+        &ns.name,
+        ids[0],
+        "sluice-operator",
+        Some(&logs[0]),
+    ));
     wait_for_holder(&leases, |h| h == ids[0], Duration::from_secs(30))
         .await
         .context("replica-a leads")?;
     let deadline = Instant::now() + Duration::from_secs(15);
     while !log_has(&logs[0], "leading: starting controllers") {
-        anyhow::ensure!(Instant::now() < deadline, "replica-a never started its controllers");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "replica-a never started its controllers"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut b = operator_logged(
+    let mut b = Reaped(operator_logged(
         &cluster.kubeconfig,
         &ns.name,
         ids[1],
         "sluice-operator",
         Some(&logs[1]),
-    );
+    ));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(holder(&leases).await.as_deref(), Some(ids[0]), "no takeover yet");
+    assert_eq!(
+        holder(&leases).await.as_deref(),
+        Some(ids[0]),
+        "no takeover yet"
+    );
 
     relay.stall(true);
     let stalled = Instant::now();
-    let exited = wait_exit(&mut a, Duration::from_secs(6));
+    let exited = wait_exit(&mut a.0, Duration::from_secs(6));
     let stopped_after = stalled.elapsed();
     let next = wait_for_holder(&leases, |h| h == ids[1], Duration::from_secs(20)).await;
     let took_over_after = stalled.elapsed();
     relay.stall(false);
-    let exited = exited.with_context(|| {
-        format!("replica-a still ran 6 s into the stall: it kept acting without its Lease")
-    })?;
+    let exited = exited.with_context(
+        || "replica-a still ran 6 s into the stall: it kept acting without its Lease",
+    )?;
     eprintln!(
         "leader exited {stopped_after:?} into the stall ({exited}); standby held the Lease {took_over_after:?} into it"
     );
-    assert!(!exited.success(), "the leader exits non-zero when it loses the Lease");
+    assert!(
+        !exited.success(),
+        "the leader exits non-zero when it loses the Lease"
+    );
     assert!(
         log_has(&logs[0], "could not renew it within the renew deadline"),
         "the leader says why it stopped"
     );
-    assert_eq!(next.as_deref(), Some(ids[1]), "the standby took over during the stall");
+    assert_eq!(
+        next.as_deref(),
+        Some(ids[1]),
+        "the standby took over during the stall"
+    );
     let deadline = Instant::now() + Duration::from_secs(15);
     while !log_has(&logs[1], "leading: starting controllers") {
-        anyhow::ensure!(Instant::now() < deadline, "the standby never started its controllers");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the standby never started its controllers"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    unsafe { libc::kill(b.id() as i32, libc::SIGTERM) };
-    b.wait()?;
+    unsafe { libc::kill(b.0.id() as i32, libc::SIGTERM) };
+    b.0.wait()?;
     let old = acting_periods(&logs[0]);
     let new = acting_periods(&logs[1]);
     eprintln!("acting periods: {}: {old:?}; {}: {new:?}", ids[0], ids[1]);
