@@ -42,9 +42,14 @@ struct RunArgs {
     lease_namespace: String,
     #[arg(long, default_value = "sluice-operator")]
     lease_name: String,
-    /// This replica's identity in the Lease (the pod name in a cluster).
+    /// This replica's identity in the Lease and in the events it publishes (the pod name
+    /// in a cluster).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Watch Releases, InferenceSets and their pods in this namespace only (tests run one
+    /// operator per namespace side by side); empty or unset: every namespace.
+    #[arg(long, env = "SLUICE_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
     /// How long a Lease stays valid without renewal: a standby takes over once the Lease
     /// has not changed for this long (by the standby's own clock).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
@@ -108,8 +113,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = client(args.kubeconfig.as_deref()).await?;
     let mut registry = prometheus_client::registry::Registry::with_prefix("sluice");
     let release_metrics = release::register(&mut registry);
-    let release_config =
-        release::controller::Config::new(args.agent_image, args.allowed_agent_images);
+    let watch_namespace = args.watch_namespace.clone().filter(|ns| !ns.is_empty());
+    let release_config = release::controller::Config {
+        watch_namespace: watch_namespace.clone(),
+        identity: args.identity.clone(),
+        ..release::controller::Config::new(args.agent_image, args.allowed_agent_images)
+    };
     let agent_images = release_config.agent_images.clone();
     let inference = inference::run(
         client.clone(),
@@ -119,6 +128,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 levels: args.topology_levels,
             },
             agent_images,
+            watch_namespace,
+            identity: args.identity.clone(),
             ..inference::Config::new()
         },
     );

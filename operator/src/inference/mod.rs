@@ -56,23 +56,16 @@ pub struct Config {
 }
 
 impl Config {
-    /// Both the controller and the binder with the default topology levels. The settings
-    /// the binary does not pass yet come from its environment here, and only here:
-    /// `SLUICE_AGENT_IMAGE`, `SLUICE_WATCH_NAMESPACE` and `POD_NAME` (empty counts as unset
-    /// for the first two).
+    /// Both the controller and the binder with the default topology levels, the default
+    /// agent image only, every namespace. The binary fills the rest from its flags.
     pub fn new() -> Self {
-        let env = |name: &str| std::env::var(name).ok();
         Self {
             topology: TopologyConfig::default(),
             binder: true,
             controller: true,
-            agent_images: AgentImagePolicy::only(
-                &env("SLUICE_AGENT_IMAGE")
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| crate::release::crd::DEFAULT_AGENT_IMAGE.to_string()),
-            ),
-            watch_namespace: env("SLUICE_WATCH_NAMESPACE").filter(|ns| !ns.is_empty()),
-            identity: env("POD_NAME"),
+            agent_images: AgentImagePolicy::only(crate::release::crd::DEFAULT_AGENT_IMAGE),
+            watch_namespace: None,
+            identity: None,
         }
     }
 }

@@ -83,6 +83,11 @@ pub struct Context {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub agent_images: AgentImagePolicy,
+    /// The one namespace to watch (tests run one operator per namespace side by side);
+    /// `None`: every namespace.
+    pub watch_namespace: Option<String>,
+    /// This replica's name in the events it publishes (the pod name in a cluster).
+    pub identity: Option<String>,
 }
 
 impl Config {
@@ -97,6 +102,8 @@ impl Config {
                     .filter(|a| !a.is_empty())
                     .collect(),
             },
+            watch_namespace: None,
+            identity: None,
         }
     }
 }
@@ -112,7 +119,7 @@ fn now_secs() -> f64 {
 pub async fn run(client: Client, metrics: ReleaseMetrics, config: Config) {
     let reporter = Reporter {
         controller: "sluice-release".into(),
-        instance: std::env::var("POD_NAME").ok(),
+        instance: config.identity.clone(),
     };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
@@ -121,11 +128,7 @@ pub async fn run(client: Client, metrics: ReleaseMetrics, config: Config) {
         agent_images: config.agent_images,
         samples: Mutex::new(SampleStore::default()),
     });
-    // `SLUICE_WATCH_NAMESPACE` limits the controller to one namespace (tests run one
-    // operator per namespace side by side); unset, it watches every namespace.
-    let scope = std::env::var("SLUICE_WATCH_NAMESPACE")
-        .ok()
-        .filter(|ns| !ns.is_empty());
+    let scope = config.watch_namespace.clone();
     fn api<K>(client: &Client, scope: &Option<String>) -> Api<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
