@@ -246,8 +246,9 @@ pub struct KubeletFiles<'a> {
 
 /// The kubelet's config. What mattered on this machine kind: cgroup v1 allowed
 /// (`failCgroupV1: false`) with the cgroupfs driver and a cgroup root of our own; no
-/// iptables utility chains in the machine's INPUT/OUTPUT; eviction thresholds near zero and
-/// no image GC (the ground's disk is shared with the build); an explicit resolv.conf; every
+/// iptables utility chains in the machine's INPUT/OUTPUT; eviction thresholds near zero, in
+/// absolute terms ([`KUBELET_EVICTION_FREE`]: a percentage of a large shared disk is gigabytes
+/// a build may take) and no image GC (the ground's disk is shared with the build); an explicit resolv.conf; every
 /// directory the kubelet would otherwise create on the host put under the node's own.
 pub fn kubelet_yaml(
     spec: &NodeSpec,
@@ -293,9 +294,9 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard:
   memory.available: "100Mi"
-  nodefs.available: "1%"
+  nodefs.available: "{min_free}"
   nodefs.inodesFree: "1%"
-  imagefs.available: "1%"
+  imagefs.available: "{min_free}"
 evictionPressureTransitionPeriod: 5s
 nodeStatusUpdateFrequency: 10s
 nodeStatusReportFrequency: 1m
@@ -319,7 +320,31 @@ localStorageCapacityIsolation: true
         resolv = p.resolv_conf().display(),
         pod_logs = p.pod_logs().display(),
         plugins = p.dir.join("volume-plugins").display(),
+        min_free = KUBELET_EVICTION_FREE,
     )
+}
+
+/// Free disk space below which a node's kubelet evicts pods and admits none (the kubelet's
+/// `evictionHard` for `nodefs` and `imagefs`).
+pub const KUBELET_EVICTION_FREE: &str = "512Mi";
+
+/// Free disk space `cluster up` and `sluice-e2e node` require where the ground keeps its
+/// state: well above [`KUBELET_EVICTION_FREE`], so that builds and logs during a test run
+/// do not push the nodes into disk pressure (pods refused or evicted, tests failing for a
+/// reason that is not theirs).
+pub const MIN_FREE_DISK_BYTES: u64 = 4 << 30;
+
+/// Free bytes for unprivileged use on the filesystem holding `path`.
+pub fn free_disk_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a statvfs buffer of the right size.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// kube-proxy in nftables mode. It touches only its own `kube-proxy` tables; conntrack

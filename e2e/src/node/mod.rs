@@ -86,6 +86,15 @@ pub fn start_node(
     rec: &mut HostRecord,
 ) -> anyhow::Result<Vec<Daemon>> {
     let paths = NodePaths::new(ctx.state_dir, &spec.name);
+    let free = config::free_disk_bytes(ctx.state_dir).unwrap_or(u64::MAX);
+    anyhow::ensure!(
+        free >= config::MIN_FREE_DISK_BYTES,
+        "only {:.1} GiB free where the test ground keeps its state ({}); node {} needs at least {} GiB, or its kubelet soon refuses and evicts pods for disk pressure: free some (cargo clean, old worktrees' target directories)",
+        free as f64 / f64::from(1u32 << 30),
+        ctx.state_dir.display(),
+        spec.name,
+        config::MIN_FREE_DISK_BYTES >> 30
+    );
     // A node's files from an earlier run would confuse the fresh kubelet (stale pod dirs).
     let _ = std::fs::remove_dir_all(&paths.dir);
     for d in [
