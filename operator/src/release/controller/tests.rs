@@ -1,5 +1,13 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::Patch;
+use serde_json::json;
+
+use super::gather::pods_of_replica_sets;
 use super::*;
 use crate::release::crd::ReleaseSpec;
+use crate::release::crd::{FINALIZER, REVISION_LABEL, ReleaseStatus};
+use crate::release::plan::ReplicaSetView;
+use crate::release::settings::Settings;
 
 #[test]
 fn replica_sets_are_owned_labelled_and_injected() {
