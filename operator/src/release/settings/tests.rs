@@ -1,3 +1,5 @@
+use sluice_contract::ProxyLimits;
+
 use super::*;
 use crate::release::crd::*;
 
