@@ -10,6 +10,13 @@
 //! Traffic moves by replica ratio: the Service selects both revisions' pods and the
 //! operator decides which pods are in its endpoints through the `sluice.dev/serving`
 //! readiness gate.
+//!
+//! `plan()` is one round in order; each part in its own file: `model.rs` (what is observed,
+//! the actions, the plan, the round's state), `weights.rs` (step arithmetic, pods per
+//! revision), `takeover.rs` (stable and canary revisions, abort, hand-back), `drain.rs`
+//! (pods moved between revisions, paced release, drain records), `gates.rs` (the canary's
+//! gates and deadline), `steps.rs` (advancing steps, settling), `status.rs` (failure,
+//! conditions, per-revision status, the closing [`Plan`]).
 
 mod drain;
 mod gates;
