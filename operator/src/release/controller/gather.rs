@@ -1,0 +1,263 @@
+//! Gather: the observed state of one Release, read from the API and the agents.
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams, ObjectMeta};
+
+use crate::drain::scrape_all;
+use crate::release::crd::{
+    ABORT_ANNOTATION, CLAIM_ANNOTATION, DEFAULT_ADMIN_PORT, DRAIN_RELEASED_ANNOTATION,
+    DRAIN_STARTED_ANNOTATION, FINALIZER, PROMOTE_ANNOTATION, RELEASE_LABEL, REPLICAS_ANNOTATION,
+    REVISION_LABEL, Release, SERVING_CONDITION,
+};
+use crate::release::inject::{inject, revision_of};
+use crate::release::plan::{
+    Claim, DeploymentView, Observed, PodView, ReplicaSetView, parse_rfc3339,
+};
+use crate::release::samples::{ReleaseKey, SampleWindows};
+use crate::release::settings::Settings;
+
+use super::context::{Context, Error, lock_samples, now_secs};
+
+/// What one round observed, and what executing its plan needs besides.
+pub(super) struct Gathered {
+    pub(super) ns: String,
+    pub(super) name: String,
+    /// The Release as read in this round (not the watch cache's copy).
+    pub(super) release: Release,
+    pub(super) key: ReleaseKey,
+    pub(super) deployment: Option<Deployment>,
+    pub(super) observed: Observed,
+    pub(super) now: f64,
+}
+
+/// Read the Release, its Deployment, ReplicaSets and pods, and scrape the agents.
+/// `None`: the Release is gone (its samples are forgotten).
+pub(super) async fn gather(cached: &Release, ctx: &Context) -> Result<Option<Gathered>, Error> {
+    let ns = cached
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = cached.name_any();
+    // The planner starts from the status it wrote last. The watch cache can lag behind our
+    // own status patch (the next reconcile often comes before the watch event), and
+    // planning from an older status would repeat events and lose what the last round
+    // recorded (drain records, quiet times); read the Release itself.
+    let Some(release) = Api::<Release>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&name)
+        .await?
+    else {
+        lock_samples(ctx).forget_named(&ns, &name);
+        return Ok(None);
+    };
+    let uid = release.uid().ok_or(Error::MissingField("metadata.uid"))?;
+    let client = ctx.client.clone();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let rss: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+
+    let deleting = release.metadata.deletion_timestamp.is_some();
+    // An invalid spec must not strand the Deployment at 0 on deletion: the hand-back runs
+    // with what the spec still says validly (drain policy, replicas), defaults for the rest.
+    let settings = Settings::for_reconcile(&release.spec, &ctx.agent_images, deleting);
+    let deployment = deployments.get_opt(&release.spec.workload_ref.name).await?;
+    let claim = match deployment
+        .as_ref()
+        .and_then(|d| d.annotations().get(CLAIM_ANNOTATION))
+        .filter(|c| !c.is_empty())
+    {
+        None => Claim::Free,
+        Some(c) if *c == name => Claim::Ours,
+        // A claim naming a Release that is gone (deleted while no operator ran, its
+        // finalizer removed by hand) is stale: the Deployment is free.
+        Some(c) => match Api::<Release>::namespaced(client.clone(), &ns)
+            .get_opt(c)
+            .await?
+        {
+            Some(_) => Claim::Other(c.clone()),
+            None => Claim::Free,
+        },
+    };
+    let dep_view = deployment
+        .as_ref()
+        .map(|d| deployment_view(d, &settings, claim));
+    let selector = format!("{RELEASE_LABEL}={name}");
+    let owned = |m: &ObjectMeta| {
+        m.owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.uid == uid && o.controller == Some(true))
+    };
+    let rs_list = rss.list(&ListParams::default().labels(&selector)).await?;
+    let replica_sets: Vec<ReplicaSetView> = rs_list
+        .items
+        .iter()
+        .filter(|r| owned(&r.metadata))
+        .filter_map(|r| {
+            Some(ReplicaSetView {
+                name: r.name_any(),
+                uid: r.uid()?,
+                revision: r.labels().get(REVISION_LABEL)?.clone(),
+                replicas: r.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+            })
+        })
+        .collect();
+    let pod_list = pods.list(&ListParams::default().labels(&selector)).await?;
+    let our_pods = pods_of_replica_sets(&pod_list.items, &replica_sets);
+
+    let now = now_secs();
+    let admin_port = settings
+        .as_ref()
+        .map(|s| s.agent.admin_port)
+        .unwrap_or(DEFAULT_ADMIN_PORT);
+    let scraped = scrape_all(&our_pods, admin_port).await;
+    let (rate_window, cmp_window) = match &settings {
+        Ok(s) => (
+            s.connection_rate
+                .as_ref()
+                .map(|c| c.interval.as_secs_f64())
+                .unwrap_or(5.0),
+            s.comparison
+                .as_ref()
+                .map(|c| c.interval.as_secs_f64())
+                .unwrap_or(10.0),
+        ),
+        Err(_) => (5.0, 10.0),
+    };
+    let key = ReleaseKey {
+        namespace: ns.clone(),
+        name: name.clone(),
+        uid: uid.clone(),
+    };
+    let (views, windows) = lock_samples(ctx).observe(
+        &key,
+        our_pods.iter().map(|p| pod_view(p)).zip(scraped).collect(),
+        SampleWindows {
+            rate: rate_window,
+            comparison: cmp_window,
+        },
+        now,
+    );
+
+    let annotations = release.annotations();
+    let observed = Observed {
+        generation: release.metadata.generation.unwrap_or(0),
+        deleting,
+        has_finalizer: release.finalizers().iter().any(|f| f == FINALIZER),
+        settings,
+        status: release.status.clone().unwrap_or_default(),
+        promote: annotations.get(PROMOTE_ANNOTATION).cloned(),
+        abort: annotations.get(ABORT_ANNOTATION).cloned(),
+        deployment: dep_view,
+        replica_sets,
+        pods: views,
+        windows,
+    };
+    Ok(Some(Gathered {
+        ns,
+        name,
+        release,
+        key,
+        deployment,
+        observed,
+        now,
+    }))
+}
+
+fn deployment_view(
+    d: &Deployment,
+    settings: &Result<Settings, Vec<String>>,
+    claim: Claim,
+) -> DeploymentView {
+    let spec = d.spec.clone().unwrap_or_default();
+    let inject_error = match settings {
+        Ok(s) => inject(&spec.template, &s.agent, &s.drain, "")
+            .err()
+            .map(|e| e.to_string()),
+        Err(_) => None,
+    };
+    DeploymentView {
+        revision: revision_of(&spec.template),
+        spec_replicas: spec.replicas.unwrap_or(1),
+        recorded_replicas: d
+            .annotations()
+            .get(REPLICAS_ANNOTATION)
+            .and_then(|v| v.parse().ok()),
+        available_replicas: d
+            .status
+            .as_ref()
+            .and_then(|s| s.available_replicas)
+            .unwrap_or(0),
+        inject_error,
+        claim,
+    }
+}
+
+/// The pods whose controlling owner is one of `replica_sets`, by UID: a name says nothing
+/// about which ReplicaSet it was (an earlier Release of the same name had a ReplicaSet of
+/// the same name, whose pods may still be going).
+pub(super) fn pods_of_replica_sets<'a>(
+    pods: &'a [Pod],
+    replica_sets: &[ReplicaSetView],
+) -> Vec<&'a Pod> {
+    pods.iter()
+        .filter(|p| {
+            p.owner_references().iter().any(|o| {
+                o.kind == "ReplicaSet"
+                    && o.controller == Some(true)
+                    && replica_sets.iter().any(|r| r.uid == o.uid)
+            })
+        })
+        .collect()
+}
+
+fn time_secs(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> f64 {
+    t.0.as_millisecond() as f64 / 1000.0
+}
+
+fn pod_view(p: &Pod) -> PodView {
+    let status = p.status.clone().unwrap_or_default();
+    let conditions = status.conditions.unwrap_or_default();
+    let cond = |t: &str| conditions.iter().find(|c| c.type_ == t);
+    let ready = cond("ContainersReady").filter(|c| c.status == "True");
+    let statuses: Vec<_> = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(status.init_container_statuses.iter().flatten())
+        .collect();
+    let ann = p.annotations();
+    PodView {
+        name: p.name_any(),
+        revision: p.labels().get(REVISION_LABEL).cloned().unwrap_or_default(),
+        created: p
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(time_secs)
+            .unwrap_or(0.0),
+        deleting: p.metadata.deletion_timestamp.is_some(),
+        containers_ready: ready.is_some(),
+        ready_since: ready
+            .and_then(|c| c.last_transition_time.as_ref())
+            .map(time_secs),
+        serving: cond(SERVING_CONDITION).map(|c| c.status == "True"),
+        restarts: statuses
+            .iter()
+            .fold(0i32, |sum, s| sum.saturating_add(s.restart_count)),
+        crash_looping: statuses.iter().any(|s| {
+            s.state
+                .as_ref()
+                .and_then(|st| st.waiting.as_ref())
+                .and_then(|w| w.reason.as_deref())
+                == Some("CrashLoopBackOff")
+        }),
+        drain_started: ann
+            .get(DRAIN_STARTED_ANNOTATION)
+            .and_then(|v| parse_rfc3339(v)),
+        drain_released: ann
+            .get(DRAIN_RELEASED_ANNOTATION)
+            .and_then(|v| parse_rfc3339(v)),
+        signals: None,
+    }
+}

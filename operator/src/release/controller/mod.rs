@@ -1,0 +1,164 @@
+//! The Release controller's I/O: gather the observed state, run the pure planner, execute
+//! its actions idempotently, write status.
+//!
+//! Only the leader runs this (the operator shell starts [`run`] once it holds the Lease).
+//! The only in-memory state is a short history of agent metric samples per Release and
+//! pod ([`super::samples`]); losing it (restart) makes the next decisions wait for fresh
+//! samples, never act early.
+//!
+//! One round ([`reconcile_inner`]) in stages, each in its own file: `gather.rs` (the
+//! Release, its Deployment, ReplicaSets and pods, the agents' samples → `Observed`), the
+//! pure planner (`super::plan`), `execute.rs` (the plan's actions, each idempotent),
+//! `status.rs` (status, metrics, and the status a panicked round leaves); `context.rs`
+//! holds the errors, the shared context and the configuration.
+
+mod context;
+mod execute;
+mod gather;
+mod status;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+
+use crate::release::crd::{RELEASE_LABEL, Release};
+use crate::release::metrics::ReleaseMetrics;
+use crate::release::plan::plan;
+use crate::release::samples::SampleStore;
+
+pub use context::{Config, Context, Error};
+pub use execute::{add_finalizer_patch, build_replica_set, remove_finalizer_patch};
+pub use status::{contain_panic, panic_status};
+
+use execute::{Executed, execute};
+use gather::gather;
+use status::{record_metrics, report_panic, write_status};
+
+#[cfg(test)]
+mod tests;
+
+/// Run the Release controller until the returned future is dropped.
+pub async fn run(client: Client, metrics: ReleaseMetrics, config: Config) {
+    let reporter = Reporter {
+        controller: "sluice-release".into(),
+        instance: config.identity.clone(),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        metrics,
+        agent_images: config.agent_images,
+        samples: Mutex::new(SampleStore::default()),
+    });
+    let scope = config.watch_namespace.clone();
+    fn api<K>(client: &Client, scope: &Option<String>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as Resource>::DynamicType: Default,
+    {
+        match scope {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let releases: Api<Release> = api(&client, &scope);
+    let rs: Api<ReplicaSet> = api(&client, &scope);
+    let pods: Api<Pod> = api(&client, &scope);
+    let deployments: Api<Deployment> = api(&client, &scope);
+    let controller = Controller::new(releases, watcher::Config::default());
+    let store = controller.store();
+    controller
+        .owns(rs, watcher::Config::default().labels(RELEASE_LABEL))
+        .watches(
+            pods,
+            watcher::Config::default().labels(RELEASE_LABEL),
+            |pod: Pod| {
+                let ns = pod.namespace();
+                pod.labels()
+                    .get(RELEASE_LABEL)
+                    .map(|name| {
+                        let r = ObjectRef::new(name);
+                        match ns {
+                            Some(ns) => r.within(&ns),
+                            None => r,
+                        }
+                    })
+                    .into_iter()
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            deployments,
+            watcher::Config::default(),
+            move |dep: Deployment| {
+                let ns = dep.namespace().unwrap_or_default();
+                let name = dep.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|r| {
+                        r.namespace().as_deref() == Some(ns.as_str())
+                            && r.spec.workload_ref.name == name
+                    })
+                    .map(|r| ObjectRef::from_obj(&*r))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(err) = res {
+                tracing::debug!(error = %err, "release reconcile failed");
+            }
+        })
+        .await;
+}
+
+fn error_policy(release: Arc<Release>, err: &Error, ctx: Arc<Context>) -> Requeue {
+    tracing::warn!(release = %release.name_any(), error = %err, "reconcile failed");
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&vec![("kind", err.metric_label().to_string())])
+        .inc();
+    Requeue::requeue(Duration::from_secs(if err.metric_label() == "conflict" {
+        1
+    } else {
+        5
+    }))
+}
+
+#[tracing::instrument(skip_all, fields(release = %release.name_any(), ns = release.namespace().unwrap_or_default()))]
+async fn reconcile(release: Arc<Release>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let started = Instant::now();
+    let res = contain_panic(reconcile_inner(&release, &ctx)).await;
+    if let Err(Error::Panic(msg)) = &res {
+        tracing::error!(panic = %msg, "release reconcile panicked");
+        report_panic(&release, &ctx, msg).await;
+    }
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    res
+}
+
+/// One round: gather → plan (pure) → execute → status and metrics.
+async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Error> {
+    let Some(g) = gather(cached, ctx).await? else {
+        return Ok(Requeue::await_change());
+    };
+    let plan = plan(&g.observed, g.now);
+    if execute(ctx, &g, &plan).await? == Executed::Finalized {
+        return Ok(Requeue::await_change());
+    }
+    write_status(ctx, &g.ns, &g.name, &plan).await?;
+    record_metrics(ctx, &g.ns, &g.name, &g.observed, &plan);
+    Ok(Requeue::requeue(plan.requeue_after))
+}

@@ -1,0 +1,179 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::Patch;
+use serde_json::json;
+
+use super::gather::pods_of_replica_sets;
+use super::*;
+use crate::release::crd::ReleaseSpec;
+use crate::release::crd::{FINALIZER, REVISION_LABEL, ReleaseStatus};
+use crate::release::plan::ReplicaSetView;
+use crate::release::settings::Settings;
+
+#[test]
+fn replica_sets_are_owned_labelled_and_injected() {
+    let mut release = Release::new(
+        "echo",
+        serde_yaml::from_str::<ReleaseSpec>("workloadRef: {name: echo}").unwrap(),
+    );
+    release.metadata.namespace = Some("default".into());
+    release.metadata.uid = Some("u-1".into());
+    let dep: Deployment = serde_yaml::from_str(r#"
+metadata: {name: echo, namespace: default}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: echo}}
+  template:
+    metadata: {labels: {app: echo}}
+    spec: {containers: [{name: echo, image: "sluice/echo:v1", ports: [{name: http, containerPort: 8080}]}]}
+"#).unwrap();
+    let settings = Settings::from_spec(&release.spec, "sluice/agent:dev").unwrap();
+    let rs = build_replica_set(&release, &dep, &settings, "abc", 2).unwrap();
+    assert_eq!(rs.metadata.name.as_deref(), Some("echo-abc"));
+    let owner = &rs.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("Release", Some(true))
+    );
+    let spec = rs.spec.unwrap();
+    let sel = spec.selector.match_labels.unwrap();
+    assert_eq!(sel.get("app").map(String::as_str), Some("echo"));
+    assert_eq!(sel.get(REVISION_LABEL).map(String::as_str), Some("abc"));
+    let t = spec.template.unwrap();
+    let labels = t.metadata.unwrap().labels.unwrap();
+    // The selector matches the template, as the apiserver requires.
+    assert!(sel.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    assert_eq!(
+        t.spec.unwrap().init_containers.unwrap()[0].name,
+        "sluice-agent"
+    );
+}
+
+fn pod_owned_by(name: &str, rs: &str, rs_uid: &str) -> Pod {
+    let mut p = Pod::default();
+    p.metadata.name = Some(name.into());
+    p.metadata.owner_references = Some(vec![OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "ReplicaSet".into(),
+        name: rs.into(),
+        uid: rs_uid.into(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }]);
+    p
+}
+
+/// A pod left behind by an earlier Release of the same name (its ReplicaSet, of the
+/// same name, is being garbage-collected) is not this Release's pod.
+#[test]
+fn pods_belong_to_a_replica_set_by_uid_not_by_name() {
+    let ours = ReplicaSetView {
+        name: "echo-abc".into(),
+        uid: "rs-new".into(),
+        revision: "abc".into(),
+        replicas: 1,
+    };
+    let pods = [
+        pod_owned_by("echo-abc-1", "echo-abc", "rs-new"),
+        pod_owned_by("echo-abc-2", "echo-abc", "rs-old"),
+    ];
+    let names: Vec<String> = pods_of_replica_sets(&pods, &[ours])
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    assert_eq!(names, ["echo-abc-1"]);
+}
+
+/// A panic in one reconcile comes back as that reconcile's error, with its own
+/// metric label; the caller (and the process) goes on.
+#[test]
+fn a_panicking_reconcile_becomes_an_error() {
+    let res: Result<i32, Error> = futures::executor::block_on(contain_panic(async {
+        let steps: Vec<i32> = Vec::new();
+        let i = steps.len() + 3;
+        Ok(steps[i])
+    }));
+    let err = res.unwrap_err();
+    assert_eq!(err.metric_label(), "panic");
+    assert!(err.to_string().contains("index out of bounds"), "{err}");
+    let res: Result<(), Error> =
+        futures::executor::block_on(contain_panic(async { panic!("boom {}", 7) }));
+    assert!(res.unwrap_err().to_string().contains("boom 7"));
+    let fine: Result<i32, Error> = futures::executor::block_on(contain_panic(async { Ok(4) }));
+    assert_eq!(fine.unwrap(), 4);
+}
+
+#[test]
+fn a_panic_is_reported_in_the_status_and_keeps_the_rest() {
+    let prev = ReleaseStatus {
+        current_step: Some(2),
+        stable_revision: Some("v1".into()),
+        ..Default::default()
+    };
+    let st = panic_status(&prev, 3, "index out of bounds", 1_700_000_000.0);
+    assert_eq!(st.current_step, Some(2));
+    assert_eq!(st.stable_revision.as_deref(), Some("v1"));
+    let degraded = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "ReconcilePanicked")
+    );
+    assert!(degraded.message.contains("index out of bounds"));
+    assert_eq!(degraded.observed_generation, Some(3));
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.status, "False");
+}
+
+/// The finalizer patches test the list they were built from, so a finalizer another
+/// controller wrote meanwhile is never lost (a merge patch of the whole list would
+/// drop it).
+#[test]
+fn finalizer_patches_test_the_list_they_change() {
+    let add = add_finalizer_patch(&[]);
+    assert_eq!(
+        add,
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ])
+    );
+    let others = vec!["example.com/keep".to_string()];
+    let add = add_finalizer_patch(&others);
+    assert_eq!(
+        add,
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": ["example.com/keep"]},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+        ])
+    );
+    let current = vec![
+        "example.com/keep".to_string(),
+        FINALIZER.to_string(),
+        "example.com/other".to_string(),
+    ];
+    assert_eq!(
+        remove_finalizer_patch(&current).unwrap(),
+        json!([
+            {"op": "test", "path": "/metadata/finalizers/1", "value": FINALIZER},
+            {"op": "remove", "path": "/metadata/finalizers/1"},
+        ])
+    );
+    assert_eq!(remove_finalizer_patch(&others), None);
+    // What the client sends: a well-formed RFC 6902 patch.
+    for p in [add, remove_finalizer_patch(&current).unwrap()] {
+        let patch = Patch::<()>::Json(serde_json::from_value(p).unwrap());
+        assert!(matches!(patch, Patch::Json(_)));
+    }
+}
+
+#[test]
+fn error_labels() {
+    assert_eq!(Error::MissingField("x").metric_label(), "invalid_object");
+    assert_eq!(
+        Error::NoTemplate("x".into()).metric_label(),
+        "invalid_workload"
+    );
+}

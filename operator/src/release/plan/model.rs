@@ -1,0 +1,189 @@
+//! The planner's input ([`Observed`]) and output ([`Plan`], [`Action`]), times as RFC 3339,
+//! and the state one planning round works on.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::release::crd::{DrainRecord, ReleaseStatus};
+use crate::release::gates::{Evaluation, PodSignals, RevisionWindow};
+use crate::release::settings::Settings;
+
+/// Most drain records kept in status.
+pub const MAX_DRAIN_RECORDS: usize = 50;
+
+/// [`DrainRecord::state`] of a released pod whose agent refused a `/drain` (the kubelet's
+/// preStop): it terminates without a paced close.
+pub const DRAIN_REFUSED: &str = "Refused";
+
+/// The Deployment, as the planner needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeploymentView {
+    /// Revision (hash) of the Deployment's current pod template.
+    pub revision: String,
+    pub spec_replicas: i32,
+    /// `sluice.dev/replicas` annotation.
+    pub recorded_replicas: Option<i32>,
+    pub available_replicas: i32,
+    /// Why the current template cannot be run (injection failed), if it cannot.
+    pub inject_error: Option<String>,
+    /// Which Release runs the Deployment (`sluice.dev/claimed-by`).
+    pub claim: Claim,
+}
+
+/// The Deployment's claim, as seen by one Release.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Claim {
+    /// No claim, or one naming a Release that no longer exists.
+    #[default]
+    Free,
+    /// Claimed by this Release.
+    Ours,
+    /// Claimed by another Release of the namespace, which exists: this one is refused.
+    Other(String),
+}
+
+/// A ReplicaSet the Release owns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReplicaSetView {
+    pub name: String,
+    /// Pods are the ReplicaSet's by this UID in their owner reference, not by name.
+    pub uid: String,
+    pub revision: String,
+    pub replicas: i32,
+}
+
+/// A pod of one of the Release's ReplicaSets.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PodView {
+    pub name: String,
+    pub revision: String,
+    /// Seconds since the epoch.
+    pub created: f64,
+    pub deleting: bool,
+    pub containers_ready: bool,
+    /// When the containers became ready (seconds since the epoch).
+    pub ready_since: Option<f64>,
+    /// The `sluice.dev/serving` condition: `None` when absent.
+    pub serving: Option<bool>,
+    pub restarts: i32,
+    pub crash_looping: bool,
+    pub drain_started: Option<f64>,
+    pub drain_released: Option<f64>,
+    /// From the agent; `None` when it could not be scraped.
+    pub signals: Option<PodSignals>,
+}
+
+/// Everything the planner looks at.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    pub generation: i64,
+    pub deleting: bool,
+    pub has_finalizer: bool,
+    pub settings: Result<Settings, Vec<String>>,
+    pub status: ReleaseStatus,
+    /// `sluice.dev/promote` annotation.
+    pub promote: Option<String>,
+    /// `sluice.dev/abort` annotation.
+    pub abort: Option<String>,
+    pub deployment: Option<DeploymentView>,
+    pub replica_sets: Vec<ReplicaSetView>,
+    pub pods: Vec<PodView>,
+    /// Request figures per revision over the comparison window.
+    pub windows: BTreeMap<String, RevisionWindow>,
+}
+
+/// What to do. The executor runs the actions in order; each is idempotent.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    AddFinalizer,
+    RemoveFinalizer,
+    /// Record this Release as the Deployment's one Release (`sluice.dev/claimed-by`), only
+    /// if the Deployment did not change since it was read: a concurrent claim fails.
+    /// Comes before anything else that touches the Deployment.
+    ClaimDeployment,
+    /// Remove this Release's claim from the Deployment (after the hand-back).
+    ReleaseClaim,
+    /// Remember the Deployment's replica count in its `sluice.dev/replicas` annotation.
+    RecordDeploymentReplicas(i32),
+    ScaleDeployment(i32),
+    /// Create the ReplicaSet of the Deployment's current template (injected).
+    CreateReplicaSet {
+        revision: String,
+        replicas: i32,
+    },
+    ScaleReplicaSet {
+        name: String,
+        replicas: i32,
+    },
+    DeleteReplicaSet {
+        name: String,
+    },
+    /// Set the pod's `sluice.dev/serving` condition.
+    SetServing {
+        pod: String,
+        serving: bool,
+    },
+    /// Annotate `sluice.dev/drain-started` and set serving False.
+    StartDrain {
+        pod: String,
+    },
+    /// The pod went quiet: annotate `sluice.dev/drain-released` and the lowest deletion
+    /// cost, so that the following scale-down of its ReplicaSet deletes exactly it.
+    ReleasePod {
+        pod: String,
+    },
+    Event {
+        warning: bool,
+        reason: String,
+        note: String,
+    },
+}
+
+/// The planner's answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    pub status: ReleaseStatus,
+    /// Gate evaluations made in this round (for metrics).
+    pub evaluations: Vec<Evaluation>,
+    /// Drains finished in this round (for metrics).
+    pub finished_drains: Vec<DrainRecord>,
+    /// Drains whose `/drain` the agent refused, newly seen in this round (for metrics).
+    pub refused_drains: Vec<DrainRecord>,
+    pub requeue_after: Duration,
+}
+
+/// Seconds since the epoch → RFC 3339.
+pub fn rfc3339(t: f64) -> String {
+    k8s_openapi::jiff::Timestamp::from_millisecond((t * 1000.0) as i64)
+        .map(|ts| ts.to_string())
+        .unwrap_or_default()
+}
+
+/// RFC 3339 → seconds since the epoch.
+pub fn parse_rfc3339(s: &str) -> Option<f64> {
+    s.parse::<k8s_openapi::jiff::Timestamp>()
+        .ok()
+        .map(|t| t.as_millisecond() as f64 / 1000.0)
+}
+
+pub(super) struct Ctx<'a> {
+    pub(super) now: f64,
+    pub(super) s: &'a Settings,
+    pub(super) actions: Vec<Action>,
+    pub(super) status: ReleaseStatus,
+    pub(super) evaluations: Vec<Evaluation>,
+    pub(super) finished: Vec<DrainRecord>,
+    pub(super) refused: Vec<DrainRecord>,
+    pub(super) busy: bool,
+}
+
+impl Ctx<'_> {
+    pub(super) fn event(&mut self, warning: bool, reason: &str, note: String) {
+        self.actions.push(Action::Event {
+            warning,
+            reason: reason.into(),
+            note,
+        });
+    }
+}
