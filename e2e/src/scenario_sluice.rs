@@ -19,7 +19,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 
-use crate::scenario::{APP, RunContext, Strategy};
+use crate::scenario::spec::APP;
+use crate::scenario::strategy::{RunContext, Strategy};
 
 /// How the agent sits in the pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
