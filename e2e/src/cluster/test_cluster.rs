@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, NodeSpec, NodeStatus, Taint};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 
-use super::KWOK_NODE_ANNOTATION;
+use super::ground::KWOK_NODE_ANNOTATION;
 
 /// A running control plane and an admin client for it.
 #[derive(Clone)]
@@ -28,11 +28,11 @@ impl TestCluster {
         let kubeconfig = match std::env::var_os("SLUICE_E2E_KUBECONFIG") {
             Some(path) => PathBuf::from(path),
             None => {
-                super::up(&Default::default()).await?;
-                super::kubeconfig_path()
+                super::up::up(&Default::default()).await?;
+                super::ground::kubeconfig_path()
             }
         };
-        let client = super::client_for(&kubeconfig).await?;
+        let client = super::client::client_for(&kubeconfig).await?;
         Ok(Self { client, kubeconfig })
     }
 
@@ -127,7 +127,7 @@ impl Drop for TestNamespace {
                 .build()
                 .ok()?;
             rt.block_on(async {
-                let client = super::client_for(&kubeconfig).await.ok()?;
+                let client = super::client::client_for(&kubeconfig).await.ok()?;
                 Api::<Namespace>::all(client)
                     .delete(&name, &DeleteParams::background())
                     .await

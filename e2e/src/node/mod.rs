@@ -23,7 +23,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::pki::{KubeconfigCreds, Pki, kubeconfig};
-use crate::cluster::{Daemon, procs};
+use crate::cluster::procs::{self, Daemon};
 pub use config::{NodePaths, NodeSpec, POD_SUPERNET};
 
 /// The node `cluster up` starts.
@@ -203,7 +203,7 @@ pub fn start_node(
     )?;
     let ports = config::KubeletPorts {
         server: 10250,
-        healthz: crate::cluster::free_port()?,
+        healthz: crate::cluster::net::free_port()?,
     };
     std::fs::write(
         paths.kubelet_config(),
@@ -269,8 +269,8 @@ pub fn start_kube_proxy(
         config::kube_proxy_yaml(
             spec,
             &paths.kube_proxy_kubeconfig(),
-            crate::cluster::free_port()?,
-            crate::cluster::free_port()?,
+            crate::cluster::net::free_port()?,
+            crate::cluster::net::free_port()?,
             min_sync_period,
         ),
     )?;
