@@ -20,7 +20,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use sluice_e2e::cluster::{repo_root, upstream_binaries};
-use sluice_e2e::scenario::{self, RunContext, RunSpec, Strategy};
+use sluice_e2e::scenario::{self, RunContext, Strategy};
 use sluice_e2e::scenario_sluice::{Sluice, apply_crds, releases};
 
 const OPERATOR_PODS: &str =
@@ -80,24 +80,6 @@ impl Drop for Uninstall {
     }
 }
 
-async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await? {
-            return Ok(v);
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
 fn ready(p: &Pod) -> bool {
     p.status
         .as_ref()
@@ -149,7 +131,7 @@ impl Strategy for Uninstall {
                 .await?;
             *self.installed_in.lock().unwrap() = Some(ns.to_string());
             let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-            let names = wait_until(
+            let names = ground_common::wait_until(
                 Duration::from_secs(120),
                 "two operator pods Ready",
                 || async {
@@ -168,7 +150,7 @@ impl Strategy for Uninstall {
             .await?;
             self.note(format!("operator pods ready: {}", names.len()));
             let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), ns);
-            let holder = wait_until(
+            let holder = ground_common::wait_until(
                 Duration::from_secs(60),
                 "the Lease held by a replica",
                 || async {
@@ -298,7 +280,7 @@ impl Strategy for Uninstall {
         Box::pin(async move {
             let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
             let left = deadline.saturating_duration_since(Instant::now());
-            wait_until(left, "operator gone and the Deployment serving", || async {
+            ground_common::wait_until(left, "operator gone and the Deployment serving", || async {
                 let operator = pods
                     .list(&ListParams::default().labels(OPERATOR_PODS))
                     .await?
@@ -335,16 +317,7 @@ async fn uninstall_procedure_leaves_every_deployment_serving() -> anyhow::Result
         notes: Default::default(),
         installed_in: Default::default(),
     };
-    let spec = RunSpec {
-        replicas: 3,
-        connections: 45,
-        rate: 150.0,
-        delay: Duration::from_secs(1),
-        steady: Duration::from_secs(3),
-        tail: Duration::from_secs(2),
-        max_release: Duration::from_secs(240),
-        ..Default::default()
-    };
+    let spec = ground_common::small_run(Duration::from_secs(240));
     let r = scenario::run_one(&cluster.client, &strategy, &spec)
         .await
         .map_err(|e| anyhow::anyhow!("the uninstall did not complete: {e:#}"))?;

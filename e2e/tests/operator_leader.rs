@@ -607,7 +607,7 @@ async fn expiry_is_judged_on_the_candidates_own_clock() -> anyhow::Result<()> {
 async fn release_survives_an_api_server_pause_with_two_replicas() -> anyhow::Result<()> {
     use futures::future::BoxFuture;
     use k8s_openapi::api::apps::v1::Deployment;
-    use sluice_e2e::scenario::{self, RunContext, RunSpec, Strategy};
+    use sluice_e2e::scenario::{self, RunContext, Strategy};
     use sluice_e2e::scenario_sluice::{Sluice, apply_crds, wait_settled};
 
     struct Paused {
@@ -707,16 +707,7 @@ async fn release_survives_an_api_server_pause_with_two_replicas() -> anyhow::Res
         from: Default::default(),
         pause: Default::default(),
     };
-    let spec = RunSpec {
-        replicas: 3,
-        connections: 45,
-        rate: 150.0,
-        delay: Duration::from_secs(1),
-        steady: Duration::from_secs(3),
-        tail: Duration::from_secs(2),
-        max_release: Duration::from_secs(150),
-        ..Default::default()
-    };
+    let spec = ground_common::small_run(Duration::from_secs(150));
     let r = scenario::run_one(&cluster.client, &strategy, &spec).await;
     for p in strategy.procs.lock().unwrap().iter_mut() {
         let _ = p.kill();

@@ -13,7 +13,7 @@ use ground_common::require_node;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PropagationPolicy};
-use sluice_e2e::scenario::{self, RunContext, RunSpec, Strategy};
+use sluice_e2e::scenario::{self, RunContext, Strategy};
 use sluice_e2e::scenario_sluice::{Sluice, releases};
 
 struct Deletion {
@@ -100,16 +100,7 @@ async fn delete_under_load(policy: PropagationPolicy) -> anyhow::Result<()> {
         sluice: Sluice::proxy(),
         policy: policy.clone(),
     };
-    let spec = RunSpec {
-        replicas: 3,
-        connections: 45,
-        rate: 150.0,
-        delay: Duration::from_secs(1),
-        steady: Duration::from_secs(3),
-        tail: Duration::from_secs(2),
-        max_release: Duration::from_secs(90),
-        ..Default::default()
-    };
+    let spec = ground_common::small_run(Duration::from_secs(90));
     let r = scenario::run_one(&cluster.client, &strategy, &spec)
         .await
         .map_err(|e| anyhow::anyhow!("{policy:?} deletion: {e:#}"))?;

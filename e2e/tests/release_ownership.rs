@@ -45,24 +45,6 @@ impl Ownership {
     }
 }
 
-async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await? {
-            return Ok(v);
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 fn condition(status: &serde_json::Value, type_: &str) -> Option<(String, String, String)> {
     status["conditions"].as_array()?.iter().find_map(|c| {
         (c["type"] == type_).then(|| {
@@ -104,7 +86,7 @@ impl Strategy for Ownership {
                     )
                     .await
                     .context("creating the second Release")?;
-                    let (reason, message) = wait_until(
+                    let (reason, message) = ground_common::wait_until(
                         Duration::from_secs(30),
                         "the second Release to be refused",
                         || async {
@@ -121,26 +103,31 @@ impl Strategy for Ownership {
                     // The Event comes with the status.
                     let events: Api<k8s_openapi::api::events::v1::Event> =
                         Api::namespaced(ctx.client.clone(), &ctx.namespace);
-                    let note = wait_until(Duration::from_secs(10), "the Warning event", || async {
-                        Ok(events
-                            .list(&ListParams::default())
-                            .await?
-                            .items
-                            .into_iter()
-                            .find(|e| {
-                                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(SECOND)
-                                    && e.type_.as_deref() == Some("Warning")
-                                    && e.reason.as_deref() == Some("DeploymentClaimed")
-                            })
-                            .and_then(|e| e.note))
-                    })
+                    let note = ground_common::wait_until(
+                        Duration::from_secs(10),
+                        "the Warning event",
+                        || async {
+                            Ok(events
+                                .list(&ListParams::default())
+                                .await?
+                                .items
+                                .into_iter()
+                                .find(|e| {
+                                    e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                                        == Some(SECOND)
+                                        && e.type_.as_deref() == Some("Warning")
+                                        && e.reason.as_deref() == Some("DeploymentClaimed")
+                                })
+                                .and_then(|e| e.note))
+                        },
+                    )
                     .await
                     .unwrap_or_default();
                     self.note(format!("event DeploymentClaimed note={note}"));
                     // Let it run a few reconciles, then delete it.
                     tokio::time::sleep(Duration::from_secs(3)).await;
                     rels.delete(SECOND, &DeleteParams::default()).await?;
-                    wait_until(
+                    ground_common::wait_until(
                         Duration::from_secs(30),
                         "the second Release to go",
                         || async { Ok(rels.get_opt(SECOND).await?.is_none().then_some(())) },
@@ -170,12 +157,15 @@ impl Strategy for Ownership {
                     )
                     .await
                     .context("setting a disallowed agent image")?;
-                    let msg =
-                        wait_until(Duration::from_secs(30), "the Release to fail", || async {
+                    let msg = ground_common::wait_until(
+                        Duration::from_secs(30),
+                        "the Release to fail",
+                        || async {
                             let st = release_state(&ctx.client, &ctx.namespace, &ctx.name).await?;
                             Ok((st.phase.as_deref() == Some("Failed")).then_some(st.message))
-                        })
-                        .await?;
+                        },
+                    )
+                    .await?;
                     self.note(format!("failed: {msg:?}"));
                     rels.delete(&ctx.name, &DeleteParams::default()).await?;
                 }
@@ -198,7 +188,7 @@ impl Strategy for Ownership {
                     Api::namespaced(ctx.client.clone(), &ctx.namespace);
                 let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
                 let left = deadline.saturating_duration_since(Instant::now());
-                wait_until(left, "the hand-back to the Deployment", || async {
+                ground_common::wait_until(left, "the hand-back to the Deployment", || async {
                     let gone = rels.get_opt(&ctx.name).await?.is_none();
                     let available = deployments
                         .get(&ctx.name)
@@ -235,16 +225,7 @@ impl Strategy for Ownership {
 }
 
 fn spec() -> RunSpec {
-    RunSpec {
-        replicas: 3,
-        connections: 45,
-        rate: 150.0,
-        delay: Duration::from_secs(1),
-        steady: Duration::from_secs(3),
-        tail: Duration::from_secs(2),
-        max_release: Duration::from_secs(120),
-        ..Default::default()
-    }
+    ground_common::small_run(Duration::from_secs(120))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
