@@ -63,10 +63,31 @@ async fn serve_listener(
     max_connections: usize,
     header_read_timeout: Duration,
 ) {
+    serve_accepted(
+        || listener.accept(),
+        state,
+        max_connections,
+        header_read_timeout,
+    )
+    .await
+}
+
+/// The accept loop, over any source of accepted connections (a listener; a test's source
+/// of errors). An accept error (out of file descriptors, say) backs off, 10 ms doubling to
+/// 1 s, instead of spinning on the error.
+async fn serve_accepted<A, F>(
+    mut accept: A,
+    state: Arc<AdminState>,
+    max_connections: usize,
+    header_read_timeout: Duration,
+) where
+    A: FnMut() -> F,
+    F: std::future::Future<Output = std::io::Result<(tokio::net::TcpStream, SocketAddr)>>,
+{
     let slots = Arc::new(Semaphore::new(max_connections));
     let mut backoff = ACCEPT_BACKOFF.0;
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let (stream, peer) = match accept().await {
             Ok(conn) => {
                 backoff = ACCEPT_BACKOFF.0;
                 conn
@@ -172,6 +193,36 @@ mod tests {
     async fn until_closed(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).await.map(|_| rest)
+    }
+
+    /// Accept errors back off instead of spinning: with the clock paused, a source that
+    /// fails every time is asked about a dozen times in the first 5 s (10 ms doubling to
+    /// 1 s), not thousands.
+    #[tokio::test(start_paused = true)]
+    async fn accept_errors_back_off_instead_of_spinning() {
+        use std::sync::atomic::AtomicUsize;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let server = tokio::spawn(serve_accepted(
+            move || {
+                let n = counted.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    if n < 10_000 {
+                        Err(std::io::Error::other("too many open files"))
+                    } else {
+                        std::future::pending().await
+                    }
+                }
+            },
+            AdminState::new(Registry::default()),
+            8,
+            Duration::from_secs(10),
+        ));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let n = calls.load(Ordering::Relaxed);
+        server.abort();
+        // 10+20+40+…+640 ms = 1.27 s for the first 7, then one a second.
+        assert!((8..=14).contains(&n), "{n} accept calls in 5 s");
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 //! and imports them into a node's containerd. An archive is rebuilt, and imported again,
 //! only when what it is built from changes (the key is the image's entry plus the size and
 //! modification time of every file it copies).
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -433,6 +433,10 @@ pub fn sync(
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();
+    // What containerd holds now: the record alone is not enough, since the kubelet removes
+    // images it counts as unused when the disk runs low (its eviction manager does), and
+    // a node without its pause image starts no pod at all.
+    let present = present_images(ctr, socket)?;
     let mut done = Vec::new();
     for (repo, entry) in &map.entries {
         let program = if let Some(b) = &entry.binary {
@@ -458,7 +462,8 @@ pub fn sync(
             write_archive(repo, entry, program.as_deref(), &archive)
                 .with_context(|| format!("building image {repo}"))?;
         }
-        if imported.get(repo) == Some(&key) {
+        let all_present = entry.tags.iter().all(|tag| holds(&present, repo, tag));
+        if imported.get(repo) == Some(&key) && all_present {
             continue;
         }
         let out = Command::new(ctr)
@@ -480,6 +485,34 @@ pub fn sync(
         done.push(repo.clone());
     }
     Ok(done)
+}
+
+/// The image references the containerd at `socket` holds (namespace k8s.io).
+fn present_images(ctr: &Path, socket: &Path) -> anyhow::Result<BTreeSet<String>> {
+    let out = Command::new(ctr)
+        .arg("--address")
+        .arg(socket)
+        .args(["-n", "k8s.io", "images", "ls", "-q"])
+        .output()
+        .context("running ctr (package containerd)")?;
+    if !out.status.success() {
+        bail!(
+            "listing the images of {}: {}",
+            socket.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
+/// Whether `present` holds `repo:tag`, by its short or its normalised name
+/// (`sluice/echo:v1` is `docker.io/sluice/echo:v1` to containerd).
+fn holds(present: &BTreeSet<String>, repo: &str, tag: &str) -> bool {
+    let short = format!("{repo}:{tag}");
+    present.contains(&short) || present.contains(&format!("docker.io/{short}"))
 }
 
 /// Forgets what was imported into the containerd at `socket` (its state went with it).
@@ -504,6 +537,18 @@ pub fn forget_all_imports(cache: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_image_counts_as_present_by_its_short_or_normalised_name() {
+        let present: BTreeSet<String> = ["docker.io/sluice/echo:v1", "sluice/agent:dev"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        assert!(holds(&present, "sluice/echo", "v1"));
+        assert!(holds(&present, "sluice/agent", "dev"));
+        assert!(!holds(&present, "sluice/echo", "v2"));
+        assert!(!holds(&present, "sluice/pause", "3.10"));
+    }
 
     #[test]
     fn ldd_output_gives_library_paths() {
