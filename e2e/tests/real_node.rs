@@ -376,7 +376,8 @@ async fn pods_reach_a_service_through_kube_proxy() -> anyhow::Result<()> {
     let out = kubectl(&cluster, &["logs", "-n", &ns.name, "client"])?;
     assert_eq!(phase, "Succeeded", "{out}");
     let json_start = out.find('{').context("no JSON summary")?;
-    // The JSON summary (stdout), then a one-line recap (stderr) in the same log.
+    // The JSON summary (one line on stdout) and a one-line recap (stderr) share the log,
+    // in either order.
     let report: serde_json::Value = serde_json::Deserializer::from_str(&out[json_start..])
         .into_iter()
         .next()

@@ -1,7 +1,7 @@
 //! `sluice-e2e load`: the command line, its target (a URL or a test-ground Service) and
 //! its output.
 use std::collections::BTreeMap;
-use std::io;
+use std::io::{self, IsTerminal as _, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -102,7 +102,6 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     };
     let report = run_load(cfg, None).await?;
     if let Some(path) = &args.records {
-        use std::io::Write as _;
         let mut f = io::BufWriter::new(std::fs::File::create(path)?);
         for r in &report.request_log {
             writeln!(f, "{}", serde_json::json!({"request": r}))?;
@@ -112,10 +111,16 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         }
         f.flush()?;
     }
-    let json = serde_json::to_string_pretty(&report)?;
     match &args.out {
-        Some(p) => std::fs::write(p, json)?,
-        None => println!("{json}"),
+        Some(p) => std::fs::write(p, serde_json::to_string_pretty(&report)?)?,
+        // Not a terminal (a pipe, a container's log): one line, written at once, so the
+        // recap on stderr cannot land inside it where both streams share one log.
+        None if !io::stdout().is_terminal() => {
+            let mut line = serde_json::to_vec(&report)?;
+            line.push(b'\n');
+            io::stdout().lock().write_all(&line)?;
+        }
+        None => println!("{}", serde_json::to_string_pretty(&report)?),
     }
     eprintln!(
         "{} requests, {} failed {:?}, {:.0} ok/s, p50 {:.1} ms p99 {:.1} ms, {} connections opened",
