@@ -51,49 +51,131 @@ pub fn parse_stat(text: &str) -> Option<ProcSample> {
     })
 }
 
-/// CPU ticks spent since the first sample, per process, by role.
+/// One process as the account knows it.
+#[derive(Clone, Debug)]
+struct Seen {
+    role: &'static str,
+    comm: String,
+    first: u64,
+    last: u64,
+}
+
+/// CPU ticks spent since the first sample, per process, by role, and when.
 #[derive(Clone, Debug, Default)]
 pub struct CpuAccount {
-    /// (pid, start) → (role, ticks at first sight, ticks at last sight).
-    seen: BTreeMap<(u32, u64), (&'static str, u64, u64)>,
+    /// (pid, start) → what was seen of it.
+    seen: BTreeMap<(u32, u64), Seen>,
     first_sample: bool,
+    /// Whole seconds since the first sample → role → ticks spent in that second (the ticks
+    /// of an interval go to the second the interval ends in).
+    by_second: BTreeMap<u64, BTreeMap<&'static str, u64>>,
+}
+
+/// CPU by role in one second of the window: how many cores each role kept busy.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CpuSecond {
+    /// Seconds since the window opened.
+    pub t: u64,
+    pub cores: BTreeMap<String, f64>,
 }
 
 impl CpuAccount {
     pub fn new() -> Self {
         CpuAccount {
-            seen: BTreeMap::new(),
             first_sample: true,
+            ..Default::default()
         }
     }
 
-    /// One sample of every process. Processes already running at the first sample count
-    /// from there; those born later count from zero.
-    pub fn observe(&mut self, sample: &[ProcSample]) {
+    /// One sample of every process, taken `at` after the window opened. Processes already
+    /// running at the first sample count from there; those born later count from zero.
+    pub fn observe(&mut self, at: Duration, sample: &[ProcSample]) {
+        let first = self.first_sample;
+        let second = self.by_second.entry(at.as_secs()).or_default();
         for p in sample {
-            let base = if self.first_sample { p.cpu_ticks } else { 0 };
-            let e = self.seen.entry((p.pid, p.start_ticks)).or_insert((
-                role(&p.comm),
-                base,
-                p.cpu_ticks,
-            ));
-            e.2 = e.2.max(p.cpu_ticks);
+            let base = if first { p.cpu_ticks } else { 0 };
+            let e = self.seen.entry((p.pid, p.start_ticks)).or_insert(Seen {
+                role: role(&p.comm),
+                comm: p.comm.clone(),
+                first: base,
+                last: base,
+            });
+            let spent = p.cpu_ticks.saturating_sub(e.last);
+            e.last = e.last.max(p.cpu_ticks);
+            if spent > 0 {
+                *second.entry(e.role).or_default() += spent;
+            }
         }
         self.first_sample = false;
+    }
+
+    /// Cores busy by role, second by second.
+    pub fn series(&self, ticks_per_second: f64) -> Vec<CpuSecond> {
+        self.by_second
+            .iter()
+            .map(|(t, roles)| CpuSecond {
+                t: *t,
+                cores: roles
+                    .iter()
+                    .map(|(r, ticks)| {
+                        let cores = *ticks as f64 / ticks_per_second;
+                        (r.to_string(), (cores * 100.0).round() / 100.0)
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// The processes of role `other` that spent the most, by name (so that what "other"
+    /// is can be read off a report): at most `n`, seconds each.
+    pub fn top_other(&self, ticks_per_second: f64, n: usize) -> Vec<(String, f64)> {
+        let mut by_comm: BTreeMap<&str, u64> = BTreeMap::new();
+        for s in self.seen.values().filter(|s| s.role == "other") {
+            *by_comm.entry(&s.comm).or_default() += s.last.saturating_sub(s.first);
+        }
+        let mut top: Vec<(String, f64)> = by_comm
+            .into_iter()
+            .filter(|(_, t)| *t > 0)
+            .map(|(c, t)| {
+                (
+                    c.to_string(),
+                    (t as f64 / ticks_per_second * 100.0).round() / 100.0,
+                )
+            })
+            .collect();
+        top.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        top.truncate(n);
+        top
     }
 
     /// Seconds of CPU by role.
     pub fn seconds(&self, ticks_per_second: f64) -> BTreeMap<String, f64> {
         let mut out: BTreeMap<String, f64> = BTreeMap::new();
-        for (role, first, last) in self.seen.values() {
-            *out.entry((*role).to_string()).or_default() +=
-                last.saturating_sub(*first) as f64 / ticks_per_second;
+        for s in self.seen.values() {
+            *out.entry(s.role.to_string()).or_default() +=
+                s.last.saturating_sub(s.first) as f64 / ticks_per_second;
         }
         for v in out.values_mut() {
             *v = (*v * 100.0).round() / 100.0;
         }
         out
     }
+}
+
+/// CPU seconds by role over the seconds of `series` from `from` until `to` (seconds, the
+/// window rounded out to whole seconds).
+pub fn seconds_between(series: &[CpuSecond], from: f64, to: f64) -> BTreeMap<String, f64> {
+    let (first, last) = (from.floor() as u64, to.ceil() as u64);
+    let mut out: BTreeMap<String, f64> = BTreeMap::new();
+    for s in series.iter().filter(|s| s.t >= first && s.t < last) {
+        for (role, cores) in &s.cores {
+            *out.entry(role.clone()).or_default() += cores;
+        }
+    }
+    for v in out.values_mut() {
+        *v = (*v * 100.0).round() / 100.0;
+    }
+    out
 }
 
 fn sample_all() -> Vec<ProcSample> {
@@ -108,8 +190,8 @@ fn sample_all() -> Vec<ProcSample> {
     .collect()
 }
 
-/// Samples the machine's processes until stopped; [`CpuMeter::stop`] returns CPU seconds
-/// by role over the meter's life.
+/// Samples the machine's processes until stopped; [`CpuMeter::stop`] returns what they
+/// spent over the meter's life.
 pub struct CpuMeter {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<CpuAccount>,
@@ -119,21 +201,33 @@ pub struct CpuMeter {
 /// Linux architecture this runs on.
 const USER_HZ: f64 = 100.0;
 
+/// What the processes spent while a meter ran.
+#[derive(Clone, Debug, Default)]
+pub struct CpuSpent {
+    /// CPU seconds by role over the window.
+    pub seconds: BTreeMap<String, f64>,
+    /// Cores busy by role, second by second.
+    pub series: Vec<CpuSecond>,
+    /// The busiest processes of role `other`, by name, CPU seconds.
+    pub top_other: Vec<(String, f64)>,
+}
+
 impl CpuMeter {
     pub fn start() -> Self {
         let (stop, mut rx) = watch::channel(false);
         let task = tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
             let mut account = CpuAccount::new();
             loop {
-                account.observe(
-                    &tokio::task::spawn_blocking(sample_all)
-                        .await
-                        .unwrap_or_default(),
-                );
+                let sample = tokio::task::spawn_blocking(sample_all)
+                    .await
+                    .unwrap_or_default();
+                account.observe(started.elapsed(), &sample);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                     _ = rx.changed() => {
-                        account.observe(&tokio::task::spawn_blocking(sample_all).await.unwrap_or_default());
+                        let sample = tokio::task::spawn_blocking(sample_all).await.unwrap_or_default();
+                        account.observe(started.elapsed(), &sample);
                         return account;
                     }
                 }
@@ -142,11 +236,15 @@ impl CpuMeter {
         CpuMeter { stop, task }
     }
 
-    pub async fn stop(self) -> BTreeMap<String, f64> {
+    pub async fn stop(self) -> CpuSpent {
         let _ = self.stop.send(true);
         self.task
             .await
-            .map(|a| a.seconds(USER_HZ))
+            .map(|a| CpuSpent {
+                seconds: a.seconds(USER_HZ),
+                series: a.series(USER_HZ),
+                top_other: a.top_other(USER_HZ, 5),
+            })
             .unwrap_or_default()
     }
 }
@@ -178,25 +276,75 @@ mod tests {
     #[test]
     fn counts_from_the_first_sample_and_newborns_from_zero() {
         let mut a = CpuAccount::new();
-        a.observe(&[
-            p(1, 10, "sluice-operator", 500),
-            p(2, 11, "sluice-agent", 100),
-        ]);
-        a.observe(&[
-            p(1, 10, "sluice-operator", 650),
-            p(2, 11, "sluice-agent", 130),
-            // Born during the window.
-            p(3, 99, "sluice-agent", 40),
-        ]);
+        a.observe(
+            ms(0),
+            &[
+                p(1, 10, "sluice-operator", 500),
+                p(2, 11, "sluice-agent", 100),
+            ],
+        );
+        a.observe(
+            ms(500),
+            &[
+                p(1, 10, "sluice-operator", 650),
+                p(2, 11, "sluice-agent", 130),
+                // Born during the window.
+                p(3, 99, "sluice-agent", 40),
+            ],
+        );
         // pid 2 exited; its pid is reused by another process.
-        a.observe(&[
-            p(1, 10, "sluice-operator", 700),
-            p(2, 120, "sluice-echo", 25),
-        ]);
+        a.observe(
+            ms(1250),
+            &[
+                p(1, 10, "sluice-operator", 700),
+                p(2, 120, "sluice-echo", 25),
+                p(4, 130, "bridge", 12),
+                p(5, 131, "host-local", 3),
+                p(6, 132, "bridge", 5),
+            ],
+        );
         let s = a.seconds(100.0);
         assert_eq!(s["operator"], 2.0);
         assert_eq!(s["agents"], 0.7);
         assert_eq!(s["apps"], 0.25);
+        assert_eq!(s["other"], 0.2);
+        // Second 0: the first two intervals (the first sample spends nothing); second 1:
+        // the third.
+        let series = a.series(100.0);
+        assert_eq!(series.len(), 2);
+        assert_eq!(series[0].t, 0);
+        assert_eq!(series[0].cores["operator"], 1.5);
+        assert_eq!(series[0].cores["agents"], 0.7);
+        assert_eq!(series[1].t, 1);
+        assert_eq!(series[1].cores["operator"], 0.5);
+        assert!(!series[1].cores.contains_key("agents"));
+        // The series adds up to the totals.
+        for role in ["operator", "agents", "apps", "other"] {
+            let sum: f64 = series.iter().filter_map(|x| x.cores.get(role)).sum();
+            assert!((sum - s[role]).abs() < 1e-9, "{role}: {sum} vs {}", s[role]);
+        }
+        assert_eq!(a.top_other(100.0, 1), vec![("bridge".to_string(), 0.17)]);
+    }
+
+    #[test]
+    fn a_window_sums_the_seconds_it_covers() {
+        let second = |t: u64, op: f64| CpuSecond {
+            t,
+            cores: BTreeMap::from([("operator".to_string(), op)]),
+        };
+        let series = [
+            second(0, 0.1),
+            second(1, 0.2),
+            second(2, 0.4),
+            second(3, 0.8),
+        ];
+        assert_eq!(seconds_between(&series, 1.2, 2.5)["operator"], 0.6);
+        assert_eq!(seconds_between(&series, 0.0, 10.0)["operator"], 1.5);
+        assert!(seconds_between(&series, 5.0, 6.0).is_empty());
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
     }
 
     #[test]

@@ -35,9 +35,18 @@ pub struct RunResult {
     #[serde(default)]
     pub tail: crate::tail::TailBreakdown,
     /// CPU seconds spent from the release's start until the propagation delay after its
-    /// end, by role (operator, agents, apps, node, control_plane, load_and_proxy, other).
+    /// end, by role (operator, agents, apps, node, control_plane, load_and_proxy, other),
+    /// summed from `cpu_series` (whole seconds: the window is rounded out to them).
     #[serde(default)]
     pub cpu_s: BTreeMap<String, f64>,
+    /// Cores busy by role, second by second, over the whole run (t: seconds since the
+    /// load started, as in `series`).
+    #[serde(default)]
+    pub cpu_series: Vec<crate::cpu::CpuSecond>,
+    /// The busiest processes the roles do not name, by process name, CPU seconds over
+    /// the run.
+    #[serde(default)]
+    pub cpu_top_other: Vec<(String, f64)>,
     pub storm: Storm,
     pub connections_opened: u64,
     pub closed_by_server: u64,

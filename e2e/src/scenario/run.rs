@@ -144,8 +144,9 @@ async fn run_in_namespace(
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let load_task = tokio::spawn(load::run_load(cfg, Some(stop_rx)));
-    tokio::time::sleep(spec.steady).await;
+    // From the start, so that the release's CPU can be read beside the steady window's.
     let cpu = crate::cpu::CpuMeter::start();
+    tokio::time::sleep(spec.steady).await;
     let release_start = origin.elapsed();
     let released = async {
         strategy.release(&ctx).await?;
@@ -161,7 +162,7 @@ async fn run_in_namespace(
     if released.is_ok() {
         tokio::time::sleep(spec.delay).await;
     }
-    let cpu_s = cpu.stop().await;
+    let cpu = cpu.stop().await;
     if released.is_ok() {
         tokio::time::sleep(spec.tail).await;
     }
@@ -203,7 +204,13 @@ async fn run_in_namespace(
             &new_pods,
             (rs_ms, re_ms + spec.delay.as_secs_f64() * 1000.0),
         ),
-        cpu_s,
+        cpu_s: crate::cpu::seconds_between(
+            &cpu.series,
+            rs_ms / 1000.0,
+            re_ms / 1000.0 + spec.delay.as_secs_f64(),
+        ),
+        cpu_series: cpu.series,
+        cpu_top_other: cpu.top_other,
         storm,
         connections_opened: report.connections_opened,
         closed_by_server: report.closed_by_server,

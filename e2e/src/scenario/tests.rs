@@ -140,6 +140,8 @@ fn svg_renders_every_run() {
         p99_release_ms: 2.0,
         tail: crate::tail::TailBreakdown::default(),
         cpu_s: BTreeMap::from([("operator".to_string(), 1.5)]),
+        cpu_series: Vec::new(),
+        cpu_top_other: Vec::new(),
         storm: Storm::default(),
         connections_opened: 2,
         closed_by_server: 1,
