@@ -51,24 +51,20 @@ pub fn parse_stat(text: &str) -> Option<ProcSample> {
     })
 }
 
-/// One process as the account knows it.
-#[derive(Clone, Debug)]
-struct Seen {
-    role: &'static str,
-    comm: String,
-    first: u64,
-    last: u64,
-}
-
-/// CPU ticks spent since the first sample, per process, by role, and when.
+/// CPU ticks spent since the first sample, by role, by name and when. A process's ticks of
+/// an interval go to the name it has at the interval's end: a container's process is
+/// `runc:[2:INIT]` until it execs the container's program, and its work is the
+/// program's.
 #[derive(Clone, Debug, Default)]
 pub struct CpuAccount {
-    /// (pid, start) → what was seen of it.
-    seen: BTreeMap<(u32, u64), Seen>,
+    /// (pid, start) → ticks at last sight.
+    last: BTreeMap<(u32, u64), u64>,
     first_sample: bool,
     /// Whole seconds since the first sample → role → ticks spent in that second (the ticks
     /// of an interval go to the second the interval ends in).
     by_second: BTreeMap<u64, BTreeMap<&'static str, u64>>,
+    /// Ticks by process name, for the processes no role names.
+    other_by_comm: BTreeMap<String, u64>,
 }
 
 /// CPU by role in one second of the window: how many cores each role kept busy.
@@ -94,16 +90,15 @@ impl CpuAccount {
         let second = self.by_second.entry(at.as_secs()).or_default();
         for p in sample {
             let base = if first { p.cpu_ticks } else { 0 };
-            let e = self.seen.entry((p.pid, p.start_ticks)).or_insert(Seen {
-                role: role(&p.comm),
-                comm: p.comm.clone(),
-                first: base,
-                last: base,
-            });
-            let spent = p.cpu_ticks.saturating_sub(e.last);
-            e.last = e.last.max(p.cpu_ticks);
+            let last = self.last.entry((p.pid, p.start_ticks)).or_insert(base);
+            let spent = p.cpu_ticks.saturating_sub(*last);
+            *last = (*last).max(p.cpu_ticks);
             if spent > 0 {
-                *second.entry(e.role).or_default() += spent;
+                let role = role(&p.comm);
+                *second.entry(role).or_default() += spent;
+                if role == "other" {
+                    *self.other_by_comm.entry(p.comm.clone()).or_default() += spent;
+                }
             }
         }
         self.first_sample = false;
@@ -129,17 +124,14 @@ impl CpuAccount {
     /// The processes of role `other` that spent the most, by name (so that what "other"
     /// is can be read off a report): at most `n`, seconds each.
     pub fn top_other(&self, ticks_per_second: f64, n: usize) -> Vec<(String, f64)> {
-        let mut by_comm: BTreeMap<&str, u64> = BTreeMap::new();
-        for s in self.seen.values().filter(|s| s.role == "other") {
-            *by_comm.entry(&s.comm).or_default() += s.last.saturating_sub(s.first);
-        }
-        let mut top: Vec<(String, f64)> = by_comm
-            .into_iter()
-            .filter(|(_, t)| *t > 0)
+        let mut top: Vec<(String, f64)> = self
+            .other_by_comm
+            .iter()
+            .filter(|(_, t)| **t > 0)
             .map(|(c, t)| {
                 (
                     c.to_string(),
-                    (t as f64 / ticks_per_second * 100.0).round() / 100.0,
+                    (*t as f64 / ticks_per_second * 100.0).round() / 100.0,
                 )
             })
             .collect();
@@ -151,9 +143,10 @@ impl CpuAccount {
     /// Seconds of CPU by role.
     pub fn seconds(&self, ticks_per_second: f64) -> BTreeMap<String, f64> {
         let mut out: BTreeMap<String, f64> = BTreeMap::new();
-        for s in self.seen.values() {
-            *out.entry(s.role.to_string()).or_default() +=
-                s.last.saturating_sub(s.first) as f64 / ticks_per_second;
+        for roles in self.by_second.values() {
+            for (role, ticks) in roles {
+                *out.entry(role.to_string()).or_default() += *ticks as f64 / ticks_per_second;
+            }
         }
         for v in out.values_mut() {
             *v = (*v * 100.0).round() / 100.0;
@@ -324,6 +317,24 @@ mod tests {
             assert!((sum - s[role]).abs() < 1e-9, "{role}: {sum} vs {}", s[role]);
         }
         assert_eq!(a.top_other(100.0, 1), vec![("bridge".to_string(), 0.17)]);
+    }
+
+    #[test]
+    fn a_process_that_execs_counts_under_its_new_name() {
+        let mut a = CpuAccount::new();
+        a.observe(ms(0), &[]);
+        // A container's process, caught before it execs the agent...
+        a.observe(ms(250), &[p(7, 50, "runc:[2:INIT]", 2)]);
+        // ...then the agent, with the same pid and start time.
+        a.observe(ms(500), &[p(7, 50, "sluice-agent", 40)]);
+        a.observe(ms(750), &[p(7, 50, "sluice-agent", 90)]);
+        let s = a.seconds(100.0);
+        assert_eq!(s["agents"], 0.88);
+        assert_eq!(s["other"], 0.02);
+        assert_eq!(
+            a.top_other(100.0, 5),
+            vec![("runc:[2:INIT]".to_string(), 0.02)]
+        );
     }
 
     #[test]

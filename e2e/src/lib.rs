@@ -2,6 +2,7 @@
 //! modules (see `e2e/cluster/`), KWOK nodes, real nodes (kubelet, containerd), a service proxy and a load
 //! generator. Integration tests use [`TestCluster`](cluster::TestCluster).
 
+pub mod api_requests;
 pub mod cluster;
 pub mod cpu;
 pub mod load;

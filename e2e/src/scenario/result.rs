@@ -43,6 +43,11 @@ pub struct RunResult {
     /// load started, as in `series`).
     #[serde(default)]
     pub cpu_series: Vec<crate::cpu::CpuSecond>,
+    /// Requests the API server served from the release's start until the propagation delay
+    /// after its end, by "VERB resource" (its own `apiserver_request_total`; every client,
+    /// the runner's polling included).
+    #[serde(default)]
+    pub api_requests: BTreeMap<String, u64>,
     /// The busiest processes the roles do not name, by process name, CPU seconds over
     /// the run.
     #[serde(default)]

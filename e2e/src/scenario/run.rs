@@ -147,6 +147,7 @@ async fn run_in_namespace(
     // From the start, so that the release's CPU can be read beside the steady window's.
     let cpu = crate::cpu::CpuMeter::start();
     tokio::time::sleep(spec.steady).await;
+    let api_before = crate::api_requests::read(client).await;
     let release_start = origin.elapsed();
     let released = async {
         strategy.release(&ctx).await?;
@@ -163,6 +164,8 @@ async fn run_in_namespace(
         tokio::time::sleep(spec.delay).await;
     }
     let cpu = cpu.stop().await;
+    let api_requests =
+        crate::api_requests::delta(&api_before, &crate::api_requests::read(client).await);
     if released.is_ok() {
         tokio::time::sleep(spec.tail).await;
     }
@@ -210,6 +213,7 @@ async fn run_in_namespace(
             re_ms / 1000.0 + spec.delay.as_secs_f64(),
         ),
         cpu_series: cpu.series,
+        api_requests,
         cpu_top_other: cpu.top_other,
         storm,
         connections_opened: report.connections_opened,

@@ -142,6 +142,7 @@ fn svg_renders_every_run() {
         cpu_s: BTreeMap::from([("operator".to_string(), 1.5)]),
         cpu_series: Vec::new(),
         cpu_top_other: Vec::new(),
+        api_requests: BTreeMap::new(),
         storm: Storm::default(),
         connections_opened: 2,
         closed_by_server: 1,

@@ -46,6 +46,9 @@ use status::{record_metrics, report_panic, write_status};
 #[cfg(test)]
 mod tests;
 
+/// Changes to a Release's objects closer together than this make one reconcile.
+const RECONCILE_DEBOUNCE: Duration = Duration::from_millis(200);
+
 /// Run the Release controller until the returned future is dropped.
 pub async fn run(client: Client, metrics: ReleaseMetrics, config: Config) {
     let reporter = Reporter {
@@ -113,6 +116,10 @@ pub async fn run(client: Client, metrics: ReleaseMetrics, config: Config) {
                     .collect::<Vec<_>>()
             },
         )
+        // A pod start or a drain moves a dozen objects within a few hundred ms, and every
+        // change would trigger a full round (reads, scrapes of every agent, writes):
+        // coalesce a burst into one round. Short against the 500 ms busy requeue.
+        .with_config(kube::runtime::controller::Config::default().debounce(RECONCILE_DEBOUNCE))
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(err) = res {
@@ -158,7 +165,11 @@ async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Err
     if execute(ctx, &g, &plan).await? == Executed::Finalized {
         return Ok(Requeue::await_change());
     }
-    write_status(ctx, &g.ns, &g.name, &plan).await?;
+    // An unchanged status is not written: even a no-op apply costs the API server a full
+    // decode, merge and compare, and a busy Release is reconciled every 500 ms.
+    if g.release.status.as_ref() != Some(&plan.status) {
+        write_status(ctx, &g.ns, &g.name, &plan).await?;
+    }
     record_metrics(ctx, &g.ns, &g.name, &g.observed, &plan);
     Ok(Requeue::requeue(plan.requeue_after))
 }
