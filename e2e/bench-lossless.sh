@@ -10,7 +10,10 @@
 # Environment: SCENARIO (default all: B1, B2 and Sluice; also baselines, b1, b2, sluice,
 # sluice-observe, sluice-rollback-5xx, sluice-rollback-slow, sluice-kill9), DELAYS (0,5,20), RATE (2000), CONNECTIONS (200),
 # REPLICAS (6), SLUICE_E2E_KUBECONFIG (default target/e2e/kubeconfig; when unset the
-# ground is brought up with `make cluster-up`, which is idempotent).
+# ground is brought up with `make cluster-up`, which is idempotent). For Sluice's Release:
+# SLUICE_E2E_MAX_SURGE (100%), SLUICE_E2E_MAX_CONCURRENT (drains at once, 6),
+# SLUICE_E2E_AGENT_CPU (the agent's CPU request, default the operator's 10m).
+# SLUICE_E2E_RECORDS_DIR writes every request of each run there (docs/testing.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

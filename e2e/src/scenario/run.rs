@@ -48,6 +48,18 @@ pub async fn run_one(
         let _ = namespaces
             .delete(&namespace, &DeleteParams::default())
             .await;
+        // The next run must not share the node with this one's teardown: B2's pods alone
+        // take their 15 s preStop to go, and the namespace controller's sweep costs the
+        // control plane CPU; measured beside the next run's steady window and release,
+        // they were the next strategy's tail.
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while !matches!(namespaces.get_opt(&namespace).await, Ok(None)) {
+            if Instant::now() > deadline {
+                tracing::warn!(%namespace, "the run's namespace is still terminating after 180 s");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
     result
 }
@@ -171,6 +183,16 @@ async fn run_in_namespace(
     }
     let _ = stop_tx.send(true);
     let report: LoadReport = load_task.await.context("load task")??;
+    // Every request of the run, for a closer look at where its latency went.
+    if let Some(dir) = std::env::var_os("SLUICE_E2E_RECORDS_DIR") {
+        let path = std::path::Path::new(&dir).join(format!("{ns}.jsonl"));
+        let mut out = String::new();
+        for r in &report.request_log {
+            out.push_str(&serde_json::to_string(r)?);
+            out.push('\n');
+        }
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+    }
     released?;
     let new_pods = pod_names(client, ns).await?;
     drop(proxy);

@@ -117,6 +117,10 @@ impl Sluice {
         // The lossless runs keep a looser limit, so that CPU noise on a shared machine
         // never aborts an identical v2.
         let max_latency_ratio = if self.bad.is_some() { 1.5 } else { 2.0 };
+        let mut agent = serde_json::json!({"mode": mode, "port": "http"});
+        if let Ok(cpu) = std::env::var("SLUICE_E2E_AGENT_CPU") {
+            agent["resources"] = serde_json::json!({"requests": {"cpu": cpu, "memory": "32Mi"}, "limits": {"memory": "128Mi"}});
+        }
         serde_json::json!({
             "apiVersion": "sluice.dev/v1alpha1",
             "kind": "Release",
@@ -124,7 +128,7 @@ impl Sluice {
             "spec": {
                 "workloadRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
                 "replicas": replicas,
-                "maxSurge": "100%",
+                "maxSurge": std::env::var("SLUICE_E2E_MAX_SURGE").unwrap_or_else(|_| "100%".into()),
                 "steps": steps,
                 "gates": {
                     "health": {"maxRestarts": 1},
@@ -142,9 +146,9 @@ impl Sluice {
                     "propagationTimeout": "60s",
                     "closeRate": self.close_rate,
                     "drainTimeout": drain_timeout,
-                    "maxConcurrent": self.max_concurrent,
+                    "maxConcurrent": std::env::var("SLUICE_E2E_MAX_CONCURRENT").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(self.max_concurrent),
                 },
-                "agent": {"mode": mode, "port": "http"},
+                "agent": agent,
             },
         })
     }
