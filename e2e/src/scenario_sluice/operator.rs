@@ -11,19 +11,33 @@ pub struct OperatorProcess {
     pub log: PathBuf,
     kubeconfig: PathBuf,
     namespace: String,
+    lease_duration: Option<&'static str>,
 }
 
 impl OperatorProcess {
+    /// With the operator's default Lease (15 s), as users run it.
     pub fn start(kubeconfig: &std::path::Path, namespace: &str) -> anyhow::Result<Self> {
+        Self::start_with_lease(kubeconfig, namespace, None)
+    }
+
+    /// With a Lease of `lease_duration` (e.g. "3s"): a process started after a SIGKILL
+    /// takes over once the dead one's Lease expires. A short Lease is renewed often (every
+    /// 2/15 of it), which costs the API server writes a benchmark would count.
+    pub fn start_with_lease(
+        kubeconfig: &std::path::Path,
+        namespace: &str,
+        lease_duration: Option<&'static str>,
+    ) -> anyhow::Result<Self> {
         let logs = crate::cluster::state_dir().join("logs");
         std::fs::create_dir_all(&logs)?;
         let log = logs.join(format!("operator-{namespace}.log"));
-        let child = spawn_operator(kubeconfig, namespace, &log)?;
+        let child = spawn_operator(kubeconfig, namespace, &log, lease_duration)?;
         Ok(OperatorProcess {
             child,
             log,
             kubeconfig: kubeconfig.to_path_buf(),
             namespace: namespace.to_string(),
+            lease_duration,
         })
     }
 
@@ -31,7 +45,12 @@ impl OperatorProcess {
     pub fn kill9_and_restart(&mut self) -> anyhow::Result<()> {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn_operator(&self.kubeconfig, &self.namespace, &self.log)?;
+        self.child = spawn_operator(
+            &self.kubeconfig,
+            &self.namespace,
+            &self.log,
+            self.lease_duration,
+        )?;
         Ok(())
     }
 
@@ -61,6 +80,7 @@ fn spawn_operator(
     kubeconfig: &std::path::Path,
     namespace: &str,
     log: &std::path::Path,
+    lease_duration: Option<&str>,
 ) -> anyhow::Result<Child> {
     // SLUICE_E2E_OPERATOR_BIN runs another build (e.g. an older one, to check that a test
     // fails without a fix).
@@ -72,15 +92,12 @@ fn spawn_operator(
         .append(true)
         .open(log)?;
     let port = crate::cluster::free_port()?;
-    Command::new(&bin)
-        .args([
-            "run",
-            "--lease-duration",
-            "3s",
-            "--lease-namespace",
-            namespace,
-        ])
-        .arg("--admin-addr")
+    let mut cmd = Command::new(&bin);
+    cmd.args(["run", "--lease-namespace", namespace]);
+    if let Some(d) = lease_duration {
+        cmd.args(["--lease-duration", d]);
+    }
+    cmd.arg("--admin-addr")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--kubeconfig")
         .arg(kubeconfig)

@@ -219,7 +219,12 @@ impl Strategy for Sluice {
             apply_crds(&ctx.client).await?;
             self.stop_operator();
             *self.operator.lock().expect("operator lock") =
-                Some(OperatorProcess::start(&kubeconfig(), &ctx.namespace)?);
+                Some(OperatorProcess::start_with_lease(
+                    &kubeconfig(),
+                    &ctx.namespace,
+                    // A restart after SIGKILL waits for the dead process's Lease to expire.
+                    (self.kills > 0).then_some("3s"),
+                )?);
             let replicas = self.run.lock().expect("run lock").0;
             self.create_release(ctx, replicas).await
         })
