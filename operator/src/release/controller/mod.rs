@@ -46,9 +46,6 @@ use status::{record_metrics, report_panic, write_status};
 #[cfg(test)]
 mod tests;
 
-/// Changes to a Release's objects closer together than this make one reconcile.
-const RECONCILE_DEBOUNCE: Duration = Duration::from_millis(200);
-
 /// Run the Release controller until the returned future is dropped.
 pub async fn run(client: Client, metrics: ReleaseMetrics, config: Config) {
     let reporter = Reporter {
@@ -116,10 +113,6 @@ pub async fn run(client: Client, metrics: ReleaseMetrics, config: Config) {
                     .collect::<Vec<_>>()
             },
         )
-        // A pod start or a drain moves a dozen objects within a few hundred ms, and every
-        // change would trigger a full round (reads, scrapes of every agent, writes):
-        // coalesce a burst into one round. Short against the 500 ms busy requeue.
-        .with_config(kube::runtime::controller::Config::default().debounce(RECONCILE_DEBOUNCE))
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(err) = res {
