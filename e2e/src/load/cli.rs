@@ -102,14 +102,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     };
     let report = run_load(cfg, None).await?;
     if let Some(path) = &args.records {
-        let mut f = io::BufWriter::new(std::fs::File::create(path)?);
-        for r in &report.request_log {
-            writeln!(f, "{}", serde_json::json!({"request": r}))?;
-        }
-        for c in &report.conn_log {
-            writeln!(f, "{}", serde_json::json!({"connection": c}))?;
-        }
-        f.flush()?;
+        report.write_records(path)?;
     }
     match &args.out {
         Some(p) => std::fs::write(p, serde_json::to_string_pretty(&report)?)?,

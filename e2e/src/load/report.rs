@@ -126,6 +126,20 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
+    /// Every request and then every connection as JSON lines (`{"request": …}`,
+    /// `{"connection": …}`).
+    pub fn write_records(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for r in &self.request_log {
+            writeln!(f, "{}", serde_json::json!({"request": r}))?;
+        }
+        for c in &self.conn_log {
+            writeln!(f, "{}", serde_json::json!({"connection": c}))?;
+        }
+        f.flush()
+    }
+
     pub(super) fn build(
         cfg: &LoadConfig,
         origin_unix_ms: u64,

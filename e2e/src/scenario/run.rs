@@ -183,15 +183,12 @@ async fn run_in_namespace(
     }
     let _ = stop_tx.send(true);
     let report: LoadReport = load_task.await.context("load task")??;
-    // Every request of the run, for a closer look at where its latency went.
+    // Every request and connection of the run, for a closer look at where its latency went.
     if let Some(dir) = std::env::var_os("SLUICE_E2E_RECORDS_DIR") {
         let path = std::path::Path::new(&dir).join(format!("{ns}.jsonl"));
-        let mut out = String::new();
-        for r in &report.request_log {
-            out.push_str(&serde_json::to_string(r)?);
-            out.push('\n');
-        }
-        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+        report
+            .write_records(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     released?;
     let new_pods = pod_names(client, ns).await?;

@@ -43,6 +43,9 @@ pub struct Sluice {
     /// `spec.drain` and the rest of the Release's spec, as YAML overrides.
     pub close_rate: u32,
     pub max_concurrent: u32,
+    pub max_surge: String,
+    /// The agent's CPU request; None: the operator's default.
+    pub agent_cpu: Option<String>,
     operator: Mutex<Option<OperatorProcess>>,
     /// Kills actually done in the last run.
     pub kills_done: Mutex<u32>,
@@ -58,7 +61,13 @@ impl Sluice {
             bad: None,
             kills: 0,
             close_rate: 10,
-            max_concurrent: 6,
+            // The bench's knobs (e2e/bench-lossless.sh), read once here.
+            max_concurrent: std::env::var("SLUICE_E2E_MAX_CONCURRENT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(6),
+            max_surge: std::env::var("SLUICE_E2E_MAX_SURGE").unwrap_or_else(|_| "100%".into()),
+            agent_cpu: std::env::var("SLUICE_E2E_AGENT_CPU").ok(),
             operator: Mutex::new(None),
             kills_done: Mutex::new(0),
             run: Mutex::new((1, None)),
@@ -118,7 +127,7 @@ impl Sluice {
         // never aborts an identical v2.
         let max_latency_ratio = if self.bad.is_some() { 1.5 } else { 2.0 };
         let mut agent = serde_json::json!({"mode": mode, "port": "http"});
-        if let Ok(cpu) = std::env::var("SLUICE_E2E_AGENT_CPU") {
+        if let Some(cpu) = &self.agent_cpu {
             agent["resources"] = serde_json::json!({"requests": {"cpu": cpu, "memory": "32Mi"}, "limits": {"memory": "128Mi"}});
         }
         serde_json::json!({
@@ -128,7 +137,7 @@ impl Sluice {
             "spec": {
                 "workloadRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
                 "replicas": replicas,
-                "maxSurge": std::env::var("SLUICE_E2E_MAX_SURGE").unwrap_or_else(|_| "100%".into()),
+                "maxSurge": self.max_surge,
                 "steps": steps,
                 "gates": {
                     "health": {"maxRestarts": 1},
@@ -146,7 +155,7 @@ impl Sluice {
                     "propagationTimeout": "60s",
                     "closeRate": self.close_rate,
                     "drainTimeout": drain_timeout,
-                    "maxConcurrent": std::env::var("SLUICE_E2E_MAX_CONCURRENT").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(self.max_concurrent),
+                    "maxConcurrent": self.max_concurrent,
                 },
                 "agent": agent,
             },

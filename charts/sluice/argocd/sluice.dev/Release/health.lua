@@ -92,22 +92,22 @@ if phase == "Aborted" then
   return hs
 end
 
-if phase == "Paused" then
-  hs.status = "Suspended"
-  hs.message = first(message, "paused")
+-- Paused and Progressing say which step the release is at.
+local function at_step(health, default)
+  hs.status = health
+  hs.message = first(message, default)
   if status.stepDisplay ~= nil then
     hs.message = "step " .. status.stepDisplay .. ": " .. hs.message
   end
   return hs
 end
 
+if phase == "Paused" then
+  return at_step("Suspended", "paused")
+end
+
 if phase == "Progressing" then
-  hs.status = "Progressing"
-  hs.message = first(message, "progressing")
-  if status.stepDisplay ~= nil then
-    hs.message = "step " .. status.stepDisplay .. ": " .. hs.message
-  end
-  return hs
+  return at_step("Progressing", "progressing")
 end
 
 if phase == "Completed" then
