@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tracing::{debug, info};
+use tracing::{debug, error, info};
 
 use crate::admin::{Admin, Readiness};
 use crate::config::{LimitArgs, ObserveArgs, Protocol, ProxyArgs};
@@ -253,7 +253,14 @@ pub async fn start_observe(args: ObserveArgs) -> Result<RunningAgent, AgentError
 /// The binary's life after start: the first SIGTERM (or SIGINT) starts the drain (if
 /// `/drain` has not already), a second one or the drain deadline ends it; returns once
 /// the connections are gone (or a short grace after a forced end).
-pub async fn run_until_terminated(agent: RunningAgent) -> Result<(), AgentError> {
+///
+/// A termination signal that finds the agent still serving (no `/drain` before it: the
+/// preStop hook was refused or missing) is logged as an error and left as the container's
+/// termination message, which the operator reports.
+pub async fn run_until_terminated(
+    agent: RunningAgent,
+    termination_log: &std::path::Path,
+) -> Result<(), AgentError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
@@ -261,7 +268,19 @@ pub async fn run_until_terminated(agent: RunningAgent) -> Result<(), AgentError>
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    info!(phase = agent.drainer.phase().as_str(), "termination signal");
+    let phase = agent.drainer.phase();
+    info!(phase = phase.as_str(), "termination signal");
+    if phase == Phase::Serving {
+        error!(
+            active = agent.active(),
+            "termination signal before any drain (the preStop /drain was refused or did not run): \
+             connections close now, without waiting for load balancers to stop sending"
+        );
+        leave_termination_message(
+            termination_log,
+            sluice_contract::UNDRAINED_TERMINATION_MESSAGE,
+        );
+    }
     agent.drainer.set_terminating();
     agent.drainer.begin();
     tokio::select! {
@@ -279,4 +298,18 @@ pub async fn run_until_terminated(agent: RunningAgent) -> Result<(), AgentError>
     info!(report = %serde_json::to_string(&report).unwrap_or_default(), "exiting");
     agent.abort();
     Ok(())
+}
+
+/// Writes `message` to the kubelet's termination-message file, if it exists (never creates
+/// one: outside a pod there is none).
+fn leave_termination_message(path: &std::path::Path, message: &str) {
+    use std::io::Write as _;
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(message.as_bytes()));
+    if let Err(e) = written {
+        tracing::debug!(path = %path.display(), error = %e, "no termination message left");
+    }
 }

@@ -52,6 +52,10 @@ pub struct Cli {
     /// workers, 0 single-threaded). Default: the cores, at most 2.
     #[arg(long, global = true, env = "SLUICE_AGENT_WORKERS")]
     pub workers: Option<usize>,
+    /// Where to leave the termination message the operator reads when the pod was stopped
+    /// before any drain (written only if the file exists, as the kubelet provides it).
+    #[arg(long, global = true, default_value = sluice_contract::TERMINATION_MESSAGE_PATH)]
+    pub termination_log: std::path::PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

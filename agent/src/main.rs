@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
             Command::Proxy(args) => sluice_agent::start_proxy(args).await?,
             Command::Observe(args) => sluice_agent::start_observe(args).await?,
         };
-        sluice_agent::run_until_terminated(agent).await?;
+        sluice_agent::run_until_terminated(agent, &cli.termination_log).await?;
         anyhow::Ok(())
     })?;
     Ok(())

@@ -22,3 +22,12 @@ pub const DEFAULT_ADMIN_PORT: u16 = 9901;
 /// 15001 (Istio's outbound capture port): no port Istio (15000–15090) or Linkerd
 /// (4140–4191) reserves in the pod.
 pub const DEFAULT_PROXY_PORT: u16 = 15101;
+
+/// Where the kubelet reads a container's termination message (the container spec's
+/// default `terminationMessagePath`); it shows in the pod's status once the container ends.
+pub const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
+/// The agent's termination message when the pod was stopped before any drain ran: the
+/// preStop `/drain` was refused, missing, or the pod was deleted with a zero grace period.
+/// Connections then closed without waiting for load balancers to stop sending. The
+/// operator reports pods that end with it.
+pub const UNDRAINED_TERMINATION_MESSAGE: &str = "sluice-agent: terminated before any drain; connections closed without waiting for load balancers";

@@ -17,7 +17,8 @@ pub mod metrics;
 
 pub use admin::{
     DEFAULT_ADMIN_PORT, DEFAULT_PROXY_PORT, DRAIN_PATH, DRAIN_TOKEN_ENV, DRAIN_TOKEN_HEADER,
-    HEALTHZ_PATH, METRICS_PATH, READY_PATH,
+    HEALTHZ_PATH, METRICS_PATH, READY_PATH, TERMINATION_MESSAGE_PATH,
+    UNDRAINED_TERMINATION_MESSAGE,
 };
 pub use args::{AgentArgs, AgentCommand, DrainFlags, Protocol, ProxyLimits};
 pub use duration::{format_duration, parse_duration};

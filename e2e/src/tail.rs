@@ -141,6 +141,7 @@ mod tests {
             outcome: Outcome::Ok,
             pod: pod.map(str::to_string),
             conn,
+            detail: None,
         }
     }
 

@@ -235,6 +235,91 @@ async fn the_kubelets_prestop_drains_the_agent_with_the_token_not_by_address() -
     Ok(())
 }
 
+/// A pod whose agent gets SIGTERM before any drain (here: the preStop hook carries a wrong
+/// token, so the agent refuses it) is loud at both ends: the agent logs an error and leaves
+/// its undrained termination message, and the operator, which sees that message in the
+/// pod's last status, publishes a `PodLeftUndrained` Warning for the pod. A pod that
+/// drained gets none.
+#[tokio::test]
+async fn a_pod_that_ends_undrained_is_reported_by_the_operator() -> anyhow::Result<()> {
+    use k8s_openapi::api::events::v1::Event;
+    use kube::api::ListParams;
+    use sluice_e2e::scenario_sluice::{OperatorProcess, apply_crds};
+    let (cluster, ns) = ground("undrained").await?;
+    apply_crds(&cluster.client).await?;
+    let mut operator = OperatorProcess::start(&cluster.kubeconfig, &ns.name)?;
+    let api: Api<Pod> = Api::namespaced(cluster.client.clone(), &ns.name);
+    // Labelled as a Release's pods are, so that the operator's pod watch covers them.
+    let labelled = |mut pod: serde_json::Value| {
+        pod["metadata"]["labels"] =
+            json!({"sluice.dev/release": "echo", "sluice.dev/revision": "r1"});
+        pod
+    };
+    create_pod(
+        &cluster.client,
+        &ns.name,
+        labelled(agent_pod("drained", "s3cret", "s3cret")),
+    )
+    .await?;
+    create_pod(
+        &cluster.client,
+        &ns.name,
+        labelled(agent_pod("refused", "s3cret", "guess")),
+    )
+    .await?;
+    running(&api, "drained").await?;
+    running(&api, "refused").await?;
+    api.delete("drained", &DeleteParams::default()).await?;
+    api.delete("refused", &DeleteParams::default()).await?;
+    let log = log_until_gone(
+        &cluster,
+        &api,
+        &ns.name,
+        "refused",
+        "termination signal before any drain",
+    )
+    .await?;
+    assert!(log.contains("ERROR"), "{log}");
+    let events: Api<Event> = Api::namespaced(cluster.client.clone(), &ns.name);
+    let warned = |pod: &'static str| {
+        let events = events.clone();
+        async move {
+            events
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("PodLeftUndrained")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod)
+                })
+        }
+    };
+    let ev = wait_for(
+        Duration::from_secs(60),
+        "a PodLeftUndrained event for the pod whose drain was refused",
+        || warned("refused"),
+    )
+    .await?;
+    assert_eq!(ev.type_.as_deref(), Some("Warning"));
+    wait_pod_gone(
+        &cluster.client,
+        &ns.name,
+        "drained",
+        Duration::from_secs(60),
+    )
+    .await?;
+    // The drained pod's last status carried no undrained message: no warning for it
+    // (checked once it is gone; its drain took the quiet period longer than the refusal).
+    assert!(
+        warned("drained").await.is_none(),
+        "a drained pod was reported"
+    );
+    operator.stop();
+    Ok(())
+}
+
 /// Programs we did not write run on the node from the machine's own installation: the
 /// `sluice/host` image is an empty root whose /usr is the host's, mounted read-only.
 #[tokio::test]

@@ -13,3 +13,4 @@ pub mod leader;
 pub mod panic_guard;
 pub mod release;
 pub mod telemetry;
+pub mod undrained;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice_operator::{admin, crds, inference, leader, release, telemetry};
+use sluice_operator::{admin, crds, inference, leader, release, telemetry, undrained};
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -113,6 +113,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = client(args.kubeconfig.as_deref()).await?;
     let mut registry = prometheus_client::registry::Registry::with_prefix("sluice");
     let release_metrics = release::register(&mut registry);
+    let undrained_metrics = undrained::register(&mut registry);
     let watch_namespace = args.watch_namespace.clone().filter(|ns| !ns.is_empty());
     let release_config = release::controller::Config {
         watch_namespace: watch_namespace.clone(),
@@ -120,6 +121,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ..release::controller::Config::new(args.agent_image, args.allowed_agent_images)
     };
     let agent_images = release_config.agent_images.clone();
+    let undrained = undrained::run(
+        client.clone(),
+        watch_namespace.clone(),
+        args.identity.clone(),
+        undrained_metrics,
+    );
     let inference = inference::run(
         client.clone(),
         &mut registry,
@@ -177,6 +184,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = release::run(client.clone(), release_metrics, release_config) => "Release",
             _ = inference => "InferenceSet",
+            _ = undrained => "undrained-pod reporter",
         }
     });
 

@@ -19,6 +19,19 @@ use super::records::{
 use super::report::LoadReport;
 
 /// Classifies a hyper error: the phase decides, an underlying timeout wins.
+/// What went wrong, for the record: the stage (`ready`: the connection was found closed
+/// before the request was written; `send`: writing it or waiting for the head; `body`)
+/// and hyper's error with its sources.
+fn hyper_detail(stage: &str, err: &hyper::Error) -> String {
+    let mut text = format!("{stage}: {err}");
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
 fn classify_hyper(phase: Phase, err: &hyper::Error) -> Outcome {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
     while let Some(s) = source {
@@ -140,8 +153,11 @@ impl Shared {
     }
 }
 
+/// One request's outcome, the pod that answered, and what went wrong (for failures).
+type Exchanged = (Outcome, Option<String>, Option<String>);
+
 /// Sends one request on `sender`; returns the outcome and the answering pod.
-async fn exchange(sender: &mut Sender, path: &str, host: &str) -> (Outcome, Option<String>) {
+async fn exchange(sender: &mut Sender, path: &str, host: &str) -> Exchanged {
     let req = Request::get(path)
         .header("host", host)
         .body(Empty::<Bytes>::new())
@@ -149,7 +165,11 @@ async fn exchange(sender: &mut Sender, path: &str, host: &str) -> (Outcome, Opti
     let resp = match sender {
         Sender::H1(s) => {
             if let Err(e) = s.ready().await {
-                return (classify_hyper(Phase::Head, &e), None);
+                return (
+                    classify_hyper(Phase::Head, &e),
+                    None,
+                    Some(hyper_detail("ready", &e)),
+                );
             }
             s.send_request(req).await
         }
@@ -164,7 +184,13 @@ async fn exchange(sender: &mut Sender, path: &str, host: &str) -> (Outcome, Opti
     };
     let resp = match resp {
         Ok(r) => r,
-        Err(e) => return (classify_hyper(Phase::Head, &e), None),
+        Err(e) => {
+            return (
+                classify_hyper(Phase::Head, &e),
+                None,
+                Some(hyper_detail("send", &e)),
+            );
+        }
     };
     let pod = resp
         .headers()
@@ -173,8 +199,12 @@ async fn exchange(sender: &mut Sender, path: &str, host: &str) -> (Outcome, Opti
         .map(str::to_string);
     let status = resp.status().as_u16();
     match resp.into_body().collect().await {
-        Ok(_) => (classify_status(status), pod),
-        Err(e) => (classify_hyper(Phase::Body, &e), pod),
+        Ok(_) => (classify_status(status), pod, None),
+        Err(e) => (
+            classify_hyper(Phase::Body, &e),
+            pod,
+            Some(hyper_detail("body", &e)),
+        ),
     }
 }
 
@@ -212,7 +242,15 @@ async fn worker(
                 Ok(c) => *guard = Some(c),
                 Err(outcome) => {
                     drop(guard);
-                    record(&shared, &ticket, start, outcome, None, 0);
+                    record(
+                        &shared,
+                        &ticket,
+                        start,
+                        outcome,
+                        None,
+                        0,
+                        Some("connect".into()),
+                    );
                     continue;
                 }
             }
@@ -234,7 +272,8 @@ async fn worker(
         } else {
             tokio::time::timeout(budget, exchange(&mut conn.sender, &shared.cfg.path, &host)).await
         };
-        let (outcome, pod) = result.unwrap_or((Outcome::Timeout, None));
+        let (outcome, pod, detail) =
+            result.unwrap_or((Outcome::Timeout, None, Some("timeout".into())));
         // The connection may have been replaced meanwhile (HTTP/2); only touch our own.
         if let Some(c) = guard.as_mut().filter(|c| c.id == conn_id) {
             if c.pod.is_none() {
@@ -256,7 +295,7 @@ async fn worker(
             }
         }
         drop(guard);
-        record(&shared, &ticket, start, outcome, pod, conn_id);
+        record(&shared, &ticket, start, outcome, pod, conn_id, detail);
     }
     // The last worker of a slot closes its connection (HTTP/2 streams share it).
     if let Some(c) = Arc::into_inner(slot).and_then(tokio::sync::Mutex::into_inner) {
@@ -276,6 +315,7 @@ fn record(
     outcome: Outcome,
     pod: Option<String>,
     conn: u64,
+    detail: Option<String>,
 ) {
     let rec = RequestRecord {
         scheduled_ms: shared.ms(ticket.scheduled),
@@ -284,6 +324,7 @@ fn record(
         outcome,
         pod,
         conn,
+        detail,
     };
     shared.requests.lock().expect("poisoned").push(rec);
 }
@@ -373,7 +414,15 @@ pub async fn run_load(
     {
         let mut left = rx.lock().await;
         while let Ok(t) = left.try_recv() {
-            record(&shared, &t, Instant::now(), Outcome::Timeout, None, 0);
+            record(
+                &shared,
+                &t,
+                Instant::now(),
+                Outcome::Timeout,
+                None,
+                0,
+                Some("never started".into()),
+            );
         }
     }
     let end_ms = shared.ms(Instant::now());

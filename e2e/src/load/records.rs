@@ -93,6 +93,9 @@ pub struct RequestRecord {
     pub pod: Option<String>,
     /// The connection that carried it (0 when none could be opened).
     pub conn: u64,
+    /// For a failure: at which stage and with which error (see the load client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl RequestRecord {

@@ -62,6 +62,7 @@ fn req(sched: f64, end: f64, outcome: Outcome, pod: &str) -> RequestRecord {
         outcome,
         pod: Some(pod.into()),
         conn: 1,
+        detail: None,
     }
 }
 

@@ -115,6 +115,7 @@ fn p99_only_counts_the_window() {
             outcome: Outcome::Ok,
             pod: None,
             conn: 1,
+            detail: None,
         })
         .collect();
     assert!((p99_between(&reqs, 0.0, 1000.0) - 1.0).abs() < 1e-6);
