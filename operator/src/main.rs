@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice_operator::{admin, crds, inference, leader, release, telemetry};
+use sluice_operator::{admin, crds, inference, leader, pod, release, telemetry};
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -73,7 +73,7 @@ struct RunArgs {
     )]
     topology_levels: Vec<String>,
     /// The agent image injected into the pods of a Release that names none.
-    #[arg(long, env = "SLUICE_AGENT_IMAGE", default_value = release::crd::DEFAULT_AGENT_IMAGE)]
+    #[arg(long, env = "SLUICE_AGENT_IMAGE", default_value = pod::settings::DEFAULT_AGENT_IMAGE)]
     agent_image: String,
     /// Agent images a Release may name in `spec.agent.image`, besides --agent-image
     /// (comma-separated; an entry ending in `*` allows every image starting with the

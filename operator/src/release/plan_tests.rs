@@ -6,9 +6,12 @@
 use std::collections::BTreeMap;
 
 use super::crd::{DrainRecord, Phase, ReleaseSpec, ReleaseStatus};
-use super::gates::{PodSignals, RevisionWindow};
+use super::gates::RevisionWindow;
 use super::plan::*;
-use super::settings::{AgentImagePolicy, Settings};
+use super::settings::Settings;
+use crate::pod::settings::AgentImagePolicy;
+use crate::pod::signals::PodSignals;
+use crate::pod::time::{parse_rfc3339, rfc3339};
 
 type SignalFn = Box<dyn Fn(&PodView, f64) -> Option<PodSignals>>;
 

@@ -29,13 +29,13 @@ use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use serde_json::json;
 
-use crate::drain::History;
 use crate::inference::crd::*;
 use crate::inference::error::Error;
 use crate::inference::metrics::InferenceMetrics;
 use crate::inference::plan::{self, Observed, PodView, Settings};
-use crate::release::crd::DRAIN_STARTED_ANNOTATION;
-use crate::release::settings::AgentImagePolicy;
+use crate::pod::drain::History;
+use crate::pod::keys::DRAIN_STARTED_ANNOTATION;
+use crate::pod::settings::AgentImagePolicy;
 pub use build::{agent_settings, build_pod, gang_request, level, revision};
 pub use context::Context;
 use context::now;
@@ -79,7 +79,7 @@ async fn reconcile(set: Arc<InferenceSet>, ctx: Arc<Context>) -> Result<Requeue,
                     && p.annotations().contains_key(DRAIN_STARTED_ANNOTATION)
             })
             .collect();
-        let scraped = crate::drain::scrape_all(&draining, agent.admin_port).await;
+        let scraped = crate::pod::drain::scrape_all(&draining, agent.admin_port).await;
         let keep = drain.quiet_period.as_secs_f64() + 10.0;
         let prefix = format!("{ns}/{name}/");
         // A contained panic may have poisoned it; the history is still usable.

@@ -28,7 +28,7 @@ mod weights;
 
 pub use model::{
     Action, Claim, DRAIN_REFUSED, DeploymentView, MAX_DRAIN_RECORDS, Observed, Plan, PodView,
-    ReplicaSetView, parse_rfc3339, rfc3339,
+    ReplicaSetView,
 };
 pub(crate) use status::set_condition;
 
