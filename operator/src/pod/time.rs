@@ -28,4 +28,10 @@ mod tests {
         assert_eq!(parse_rfc3339(&rfc3339(1234.567)), Some(1234.567));
         assert_eq!(parse_rfc3339("not a time"), None);
     }
+
+    #[test]
+    fn rfc3339_round_trips() {
+        let t = 1_700_000_000.5;
+        assert_eq!(parse_rfc3339(&rfc3339(t)), Some(t));
+    }
 }

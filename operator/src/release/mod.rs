@@ -24,6 +24,3 @@ pub mod settings;
 pub use controller::run;
 pub use crd::{Release, ReleaseSpec, ReleaseStatus};
 pub use metrics::{ReleaseMetrics, register};
-
-#[cfg(test)]
-mod plan_tests;

@@ -173,3 +173,6 @@ pub fn plan(o: &Observed, now: f64) -> Plan {
     revision_status(&mut c, o, &wants);
     finish(c, o)
 }
+
+#[cfg(test)]
+mod tests;
