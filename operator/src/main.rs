@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice_operator::{admin, crds, inference, leader, release, telemetry, undrained};
+use sluice_operator::{admin, crds, inference, leader, pod, release, telemetry};
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -73,7 +73,7 @@ struct RunArgs {
     )]
     topology_levels: Vec<String>,
     /// The agent image injected into the pods of a Release that names none.
-    #[arg(long, env = "SLUICE_AGENT_IMAGE", default_value = release::crd::DEFAULT_AGENT_IMAGE)]
+    #[arg(long, env = "SLUICE_AGENT_IMAGE", default_value = pod::settings::DEFAULT_AGENT_IMAGE)]
     agent_image: String,
     /// Agent images a Release may name in `spec.agent.image`, besides --agent-image
     /// (comma-separated; an entry ending in `*` allows every image starting with the
@@ -113,7 +113,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = client(args.kubeconfig.as_deref()).await?;
     let mut registry = prometheus_client::registry::Registry::with_prefix("sluice");
     let release_metrics = release::register(&mut registry);
-    let undrained_metrics = undrained::register(&mut registry);
+    let undrained_metrics = pod::undrained::register(&mut registry);
     let watch_namespace = args.watch_namespace.clone().filter(|ns| !ns.is_empty());
     let release_config = release::controller::Config {
         watch_namespace: watch_namespace.clone(),
@@ -121,7 +121,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ..release::controller::Config::new(args.agent_image, args.allowed_agent_images)
     };
     let agent_images = release_config.agent_images.clone();
-    let undrained = undrained::run(
+    let undrained = pod::undrained::run(
         client.clone(),
         watch_namespace.clone(),
         args.identity.clone(),

@@ -113,14 +113,8 @@ fn exported() -> BTreeSet<String> {
         state: "Completed".into(),
         ..Default::default()
     });
-    release
-        .aborts
-        .get_or_create(&vec![("reason", "GateFailed".into())])
-        .inc();
-    release
-        .reconcile_errors
-        .get_or_create(&vec![("kind", "api".into())])
-        .inc();
+    release.aborted("GateFailed");
+    release.reconcile.error("api");
     inference.set_progress("ns", "s", 1, 2, 1);
     inference.replica_lost("ns", "s");
     inference.reconcile_error(&sluice_operator::inference::Error::Template("x".into()));

@@ -8,16 +8,15 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use crate::release::crd::{AgentSpec, DurationString};
+use crate::pod::agent_spec::AgentSpec;
+use crate::pod::condition::Condition;
+use crate::pod::duration::DurationString;
 
-/// Label on every pod: the InferenceSet that owns it.
-pub const SET_LABEL: &str = "sluice.dev/inferenceset";
+pub use crate::pod::keys::SET_LABEL;
 /// Label: the replica slot (`0..replicas`) a gang fills.
 pub const SLOT_LABEL: &str = "sluice.dev/replica";
 /// Label: the gang (one replica instance); all pods of a gang share it.
 pub const GANG_LABEL: &str = "sluice.dev/gang";
-/// Label: revision of the InferenceSet's pod template (and GPU request).
-pub const REVISION_LABEL: &str = "sluice.dev/revision";
 /// Pod annotation: number of pods in the gang (the binder waits for all of them).
 pub const GANG_SIZE_ANNOTATION: &str = "sluice.dev/gang-size";
 /// Pod annotation: index of the pod inside its gang.
@@ -381,7 +380,7 @@ pub struct InferenceSetStatus {
     pub replica_status: Vec<ReplicaStatus>,
     /// Ready, Progressing, Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conditions: Vec<crate::release::crd::ReleaseCondition>,
+    pub conditions: Vec<Condition>,
 }
 
 /// One replica instance (gang).

@@ -16,7 +16,7 @@ pub enum Error {
 }
 
 impl Error {
-    /// Short label for `sluice_inference_reconcile_errors{error=...}`.
+    /// Short label for `sluice_inference_reconcile_errors{kind=...}`.
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(kube::Error::Api(_)) => "api",

@@ -7,7 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-type Labels = Vec<(&'static str, String)>;
+use crate::telemetry::{ObjectLabels, ReasonLabels, ReconcileMetrics};
 
 /// Handles to every metric; cheap to clone.
 #[derive(Clone)]
@@ -31,15 +31,16 @@ pub struct InferenceMetrics {
     /// Complete gangs waiting for a placement at the last binder round.
     pub gangs_pending: Gauge,
     /// Placement failures by reason.
-    pub placement_failures: Family<Labels, Counter>,
+    pub placement_failures: Family<ReasonLabels, Counter>,
     /// Replicas on the update revision / desired, per set.
-    pub rollout_progress: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub rollout_progress: Family<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Replicas in service, per set.
-    pub serving_replicas: Family<Labels, Gauge>,
+    pub serving_replicas: Family<ObjectLabels, Gauge>,
     /// Replicas lost (node loss, exited pod) and placed again, per set.
-    pub replicas_lost: Family<Labels, Counter>,
-    pub reconcile_duration: Histogram,
-    pub reconcile_errors: Family<Labels, Counter>,
+    pub replicas_lost: Family<ObjectLabels, Counter>,
+    /// `reconcile_runs_total`, `reconcile_duration_seconds`, `reconcile_errors_total{kind}`
+    /// (the errors count failed binder rounds too).
+    pub reconcile: ReconcileMetrics,
 }
 
 impl Default for InferenceMetrics {
@@ -58,15 +59,14 @@ impl Default for InferenceMetrics {
             rollout_progress: Family::default(),
             serving_replicas: Family::default(),
             replicas_lost: Family::default(),
-            reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
-            reconcile_errors: Family::default(),
+            reconcile: ReconcileMetrics::default(),
         }
     }
 }
 
 /// Register the metrics under `<prefix>_inference_` and return their handles.
 pub fn register(registry: &mut Registry) -> InferenceMetrics {
-    let m = InferenceMetrics::default();
+    let mut m = InferenceMetrics::default();
     let r = registry.sub_registry_with_prefix("inference");
     r.register(
         "placement_seconds",
@@ -121,34 +121,26 @@ pub fn register(registry: &mut Registry) -> InferenceMetrics {
         "Replicas lost and placed again",
         m.replicas_lost.clone(),
     );
-    r.register(
-        "reconcile_duration_seconds",
-        "Time per reconcile",
-        m.reconcile_duration.clone(),
-    );
-    r.register(
-        "reconcile_errors",
-        "Failed reconciles and binder rounds by error kind",
-        m.reconcile_errors.clone(),
-    );
+    m.reconcile =
+        ReconcileMetrics::register(r, "Failed reconciles and binder rounds by error kind");
     m
 }
 
 impl InferenceMetrics {
     pub fn reconcile_error(&self, e: &super::error::Error) {
-        self.reconcile_errors
-            .get_or_create(&vec![("error", e.metric_label().to_string())])
-            .inc();
+        self.reconcile.error(e.metric_label());
     }
 
     pub fn placement_failed(&self, e: &sluice_placement::PlaceError) {
         self.placement_failures
-            .get_or_create(&vec![("reason", place_error_label(e).to_string())])
+            .get_or_create(&ReasonLabels {
+                reason: place_error_label(e).to_string(),
+            })
             .inc();
     }
 
     pub fn set_progress(&self, ns: &str, name: &str, updated: i32, desired: i32, serving: i32) {
-        let l = vec![("namespace", ns.to_string()), ("name", name.to_string())];
+        let l = ObjectLabels::new(ns, name);
         let ratio = if desired > 0 {
             f64::from(updated) / f64::from(desired)
         } else {
@@ -162,15 +154,12 @@ impl InferenceMetrics {
 
     pub fn replica_lost(&self, ns: &str, name: &str) {
         self.replicas_lost
-            .get_or_create(&vec![
-                ("namespace", ns.to_string()),
-                ("name", name.to_string()),
-            ])
+            .get_or_create(&ObjectLabels::new(ns, name))
             .inc();
     }
 
     pub fn forget(&self, ns: &str, name: &str) {
-        let l = vec![("namespace", ns.to_string()), ("name", name.to_string())];
+        let l = ObjectLabels::new(ns, name);
         self.rollout_progress.remove(&l);
         self.serving_replicas.remove(&l);
     }

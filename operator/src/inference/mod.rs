@@ -24,7 +24,7 @@ mod plan_tests;
 
 use std::sync::Arc;
 
-use crate::release::settings::AgentImagePolicy;
+use crate::pod::settings::{AgentImagePolicy, DEFAULT_AGENT_IMAGE};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::Api;
 use kube::runtime::watcher;
@@ -63,7 +63,7 @@ impl Config {
             topology: TopologyConfig::default(),
             binder: true,
             controller: true,
-            agent_images: AgentImagePolicy::only(crate::release::crd::DEFAULT_AGENT_IMAGE),
+            agent_images: AgentImagePolicy::only(DEFAULT_AGENT_IMAGE),
             watch_namespace: None,
             identity: None,
         }

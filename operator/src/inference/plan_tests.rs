@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use super::crd::*;
 use super::plan::*;
+use crate::pod::duration::DurationString;
 
 fn spec(replicas: i32, pods: i32, max_unavailable: i32, max_surge: i32) -> InferenceSetSpec {
     serde_json::from_value(serde_json::json!({
@@ -396,12 +397,12 @@ fn condition_transition_time_is_kept_while_unchanged() {
     set_condition(&mut st, "Ready", true, "A", "m2", 2, 200.0);
     assert_eq!(
         st.conditions[0].last_transition_time,
-        crate::release::plan::rfc3339(100.0)
+        crate::pod::time::rfc3339(100.0)
     );
     set_condition(&mut st, "Ready", false, "B", "m", 2, 300.0);
     assert_eq!(
         st.conditions[0].last_transition_time,
-        crate::release::plan::rfc3339(300.0)
+        crate::pod::time::rfc3339(300.0)
     );
 }
 
@@ -632,7 +633,7 @@ fn draining(p: PodView, started: f64, quiet_for: Option<f64>) -> PodView {
     let mut p = serving(p, "n");
     p.serving = Some(false);
     p.drain_started = Some(started);
-    p.signals = quiet_for.map(|q| crate::drain::PodSignals {
+    p.signals = quiet_for.map(|q| crate::pod::signals::PodSignals {
         quiet_seconds: Some(q),
         ..Default::default()
     });

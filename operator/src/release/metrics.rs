@@ -7,30 +7,57 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use prometheus_client::encoding::EncodeLabelSet;
+
 use super::crd::Phase;
 use super::gates::{Evaluation, Verdict};
+use crate::telemetry::{ObjectLabels, ReasonLabels, ReconcileMetrics};
 
-type Labels = Vec<(&'static str, String)>;
+/// A Release's phase series: one per phase, 1 for the current one.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub namespace: String,
+    pub name: String,
+    pub phase: String,
+}
 
-/// Handles to every metric; cheap to clone.
+/// A gate evaluation's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GateLabels {
+    pub gate: String,
+}
+
+/// A gate evaluation's series by result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GateResultLabels {
+    pub gate: String,
+    pub result: String,
+}
+
+/// Finished drains by outcome (the drain record's state).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
 #[derive(Clone)]
 pub struct ReleaseMetrics {
     /// 1 for the Release's current phase, 0 for the others.
-    pub phase: Family<Labels, Gauge>,
+    pub phase: Family<PhaseLabels, Gauge>,
     /// Current step index.
-    pub step: Family<Labels, Gauge>,
-    pub gate_evaluations: Family<Labels, Counter>,
-    pub gate_failures: Family<Labels, Counter>,
-    pub aborts: Family<Labels, Counter>,
+    pub step: Family<ObjectLabels, Gauge>,
+    pub gate_evaluations: Family<GateResultLabels, Counter>,
+    pub gate_failures: Family<GateLabels, Counter>,
+    pub aborts: Family<ReasonLabels, Counter>,
     pub drain_duration: Histogram,
     pub drain_quiet: Histogram,
     pub drain_connections_closed: Counter,
-    pub drains: Family<Labels, Counter>,
+    pub drains: Family<OutcomeLabels, Counter>,
     /// Released pods whose agent refused the kubelet's preStop `/drain` (counted when
     /// seen, once per pod; `drains_total{outcome="Refused"}` counts them when gone).
     pub drains_refused: Counter,
-    pub reconcile_duration: Histogram,
-    pub reconcile_errors: Family<Labels, Counter>,
+    /// `reconcile_runs_total`, `reconcile_duration_seconds`, `reconcile_errors_total{kind}`.
+    pub reconcile: ReconcileMetrics,
 }
 
 impl Default for ReleaseMetrics {
@@ -46,15 +73,14 @@ impl Default for ReleaseMetrics {
             drain_connections_closed: Counter::default(),
             drains: Family::default(),
             drains_refused: Counter::default(),
-            reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
-            reconcile_errors: Family::default(),
+            reconcile: ReconcileMetrics::default(),
         }
     }
 }
 
 /// Register the Release metrics under `<prefix>_release_` and return their handles.
 pub fn register(registry: &mut Registry) -> ReleaseMetrics {
-    let m = ReleaseMetrics::default();
+    let mut m = ReleaseMetrics::default();
     let r = registry.sub_registry_with_prefix("release");
     r.register(
         "phase",
@@ -94,50 +120,44 @@ pub fn register(registry: &mut Registry) -> ReleaseMetrics {
         "Released pods whose agent refused the kubelet's preStop /drain (wrong or missing drain token): no paced close",
         m.drains_refused.clone(),
     );
-    r.register(
-        "reconcile_duration_seconds",
-        "Time per reconcile",
-        m.reconcile_duration.clone(),
-    );
-    r.register(
-        "reconcile_errors",
-        "Failed reconciles by error kind",
-        m.reconcile_errors.clone(),
-    );
+    m.reconcile = ReconcileMetrics::register(r, "Failed reconciles by error kind");
     m
 }
 
+fn phase_labels(ns: &str, name: &str, p: Phase) -> PhaseLabels {
+    PhaseLabels {
+        namespace: ns.to_string(),
+        name: name.to_string(),
+        phase: p.as_str().to_string(),
+    }
+}
+
 impl ReleaseMetrics {
+    /// A Release was aborted for `reason`.
+    pub fn aborted(&self, reason: &str) {
+        self.aborts
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
     pub fn set_phase(&self, ns: &str, name: &str, phase: Phase, step: Option<i32>) {
         for p in Phase::ALL {
             self.phase
-                .get_or_create(&vec![
-                    ("namespace", ns.to_string()),
-                    ("name", name.to_string()),
-                    ("phase", p.as_str().to_string()),
-                ])
+                .get_or_create(&phase_labels(ns, name, p))
                 .set(i64::from(p == phase));
         }
         self.step
-            .get_or_create(&vec![
-                ("namespace", ns.to_string()),
-                ("name", name.to_string()),
-            ])
+            .get_or_create(&ObjectLabels::new(ns, name))
             .set(step.unwrap_or(-1) as i64);
     }
 
     pub fn forget(&self, ns: &str, name: &str) {
         for p in Phase::ALL {
-            self.phase.remove(&vec![
-                ("namespace", ns.to_string()),
-                ("name", name.to_string()),
-                ("phase", p.as_str().to_string()),
-            ]);
+            self.phase.remove(&phase_labels(ns, name, p));
         }
-        self.step.remove(&vec![
-            ("namespace", ns.to_string()),
-            ("name", name.to_string()),
-        ]);
+        self.step.remove(&ObjectLabels::new(ns, name));
     }
 
     pub fn evaluation(&self, e: &Evaluation) {
@@ -147,14 +167,16 @@ impl ReleaseMetrics {
             Verdict::Inconclusive(_) => "inconclusive",
         };
         self.gate_evaluations
-            .get_or_create(&vec![
-                ("gate", e.gate.to_string()),
-                ("result", result.into()),
-            ])
+            .get_or_create(&GateResultLabels {
+                gate: e.gate.to_string(),
+                result: result.into(),
+            })
             .inc();
         if matches!(e.verdict, Verdict::Failed(_)) {
             self.gate_failures
-                .get_or_create(&vec![("gate", e.gate.to_string())])
+                .get_or_create(&GateLabels {
+                    gate: e.gate.to_string(),
+                })
                 .inc();
         }
     }
@@ -170,7 +192,9 @@ impl ReleaseMetrics {
             self.drain_connections_closed.inc_by(c.max(0) as u64);
         }
         self.drains
-            .get_or_create(&vec![("outcome", r.state.clone())])
+            .get_or_create(&OutcomeLabels {
+                outcome: r.state.clone(),
+            })
             .inc();
     }
 }
@@ -184,9 +208,7 @@ mod tests {
         let mut registry = Registry::with_prefix("sluice");
         let m = register(&mut registry);
         m.set_phase("default", "echo", Phase::Progressing, Some(1));
-        m.reconcile_errors
-            .get_or_create(&vec![("kind", "kube".into())])
-            .inc();
+        m.reconcile.error("kube");
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
         assert!(out.contains(

@@ -2,12 +2,13 @@
 //!
 //! Shape (see DESIGN.md): gather observed state (I/O, [`controller`]) → the pure
 //! [`plan`] → an idempotent executor (I/O, [`controller`]) → status. Everything a
-//! restart needs lives in the Release's status and in the pods' annotations.
+//! restart needs lives in the Release's status and in the pods' annotations. What the
+//! operator puts into pods and the drain decision are the pod protocol's
+//! ([`crate::pod`]), shared with InferenceSets.
 //!
 //! - [`crd`]: the `Release` resource and its admission rules;
 //! - [`settings`]: the spec validated, with defaults;
-//! - [`inject`]: what the operator adds to pod templates;
-//! - [`gates`]: agent metrics parsing and gate evaluation;
+//! - [`gates`]: gate evaluation over the agents' samples;
 //! - [`plan`]: the pure planner;
 //! - [`samples`]: the agent samples kept in memory, per Release and pod;
 //! - [`controller`]: gather, execute, status (I/O); [`metrics`]: its Prometheus metrics.
@@ -15,7 +16,6 @@
 pub mod controller;
 pub mod crd;
 pub mod gates;
-pub mod inject;
 pub mod metrics;
 pub mod plan;
 pub mod samples;
@@ -24,6 +24,3 @@ pub mod settings;
 pub use controller::run;
 pub use crd::{Release, ReleaseSpec, ReleaseStatus};
 pub use metrics::{ReleaseMetrics, register};
-
-#[cfg(test)]
-mod plan_tests;

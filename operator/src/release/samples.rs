@@ -4,8 +4,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use super::gates::{AgentSample, RevisionWindow, pod_signals};
+use super::gates::RevisionWindow;
 use super::plan::PodView;
+use crate::pod::signals::{AgentSample, pod_signals};
 
 /// Which Release a piece of in-memory state belongs to. The UID tells a Release apart
 /// from a later one of the same name.

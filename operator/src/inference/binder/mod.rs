@@ -37,6 +37,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use sluice_placement::{Placer, TopologyConfig, WorkloadProfile};
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use crate::inference::affinity;
 use crate::inference::error::Error;
@@ -119,7 +120,11 @@ impl Binder {
             }
             // Let a burst of events settle into one round.
             tokio::time::sleep(Duration::from_millis(5)).await;
-            if let Err(e) = self.round().await {
+            if let Err(e) = self
+                .round()
+                .instrument(tracing::info_span!("binder_round"))
+                .await
+            {
                 tracing::warn!(error = %e, "binder round failed");
                 self.metrics.reconcile_error(&e);
             }

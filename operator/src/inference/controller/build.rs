@@ -2,7 +2,6 @@
 //! agent settings and the pods.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
     Container, EnvVar, EnvVarSource, ObjectFieldSelector, Pod, PodReadinessGate,
@@ -15,9 +14,14 @@ use sluice_placement::{GangRequest, TopologyLevel};
 
 use crate::inference::crd::*;
 use crate::inference::error::Error;
-use crate::release::crd::{SERVING_CONDITION, parse_duration};
-use crate::release::inject::{inject, new_drain_token};
-use crate::release::settings::{AgentImagePolicy, AgentSettings, DrainSettings};
+use crate::pod::duration::{DurationString, parse_duration};
+use crate::pod::inject::{inject, new_drain_token};
+use crate::pod::keys::{REVISION_LABEL, SERVING_CONDITION};
+use crate::pod::revision::revision_hash;
+use crate::pod::settings::{
+    AgentImagePolicy, AgentSettings, DEFAULT_CLOSE_RATE, DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_PROPAGATION_TIMEOUT, DEFAULT_REPLICA_QUIET_PERIOD, DrainSettings, default_duration,
+};
 
 /// A topology level as written in the spec.
 pub fn level(s: &str) -> TopologyLevel {
@@ -65,42 +69,29 @@ pub fn revision(spec: &InferenceSetSpec) -> String {
             "drainTimeout": spec.drain.drain_timeout,
         });
     }
-    let bytes = serde_json::to_vec(&v).unwrap_or_default();
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in bytes {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    (0..10)
-        .map(|_| {
-            let c = ALPHABET[(h % ALPHABET.len() as u64) as usize] as char;
-            h /= ALPHABET.len() as u64;
-            c
-        })
-        .collect()
+    revision_hash(&v)
 }
 
-/// The agent and drain settings to inject, when the set asks for the agent (the same
-/// defaults as a Release's).
+/// The agent and drain settings to inject, when the set asks for the agent (the pod
+/// protocol's defaults; a replica's quiet period defaults longer).
 pub fn agent_settings(
     spec: &InferenceSetSpec,
     default_image: &str,
 ) -> Option<(AgentSettings, DrainSettings)> {
     let a = spec.agent.as_ref()?;
     let d = &spec.drain;
-    let dur = |v: &Option<DurationString>, default: u64| {
+    let dur = |v: &Option<DurationString>, default: &str| {
         v.as_ref()
             .and_then(|d| parse_duration(&d.0).ok())
-            .unwrap_or(Duration::from_secs(default))
+            .unwrap_or_else(|| default_duration(default))
     };
     Some((
         AgentSettings::resolve(a, default_image),
         DrainSettings {
-            quiet_period: dur(&d.quiet_period, 5),
-            propagation_timeout: dur(&d.propagation_timeout, 60),
-            close_rate: d.close_rate.unwrap_or(100),
-            drain_timeout: dur(&d.drain_timeout, 90),
+            quiet_period: dur(&d.quiet_period, DEFAULT_REPLICA_QUIET_PERIOD),
+            propagation_timeout: dur(&d.propagation_timeout, DEFAULT_PROPAGATION_TIMEOUT),
+            close_rate: d.close_rate.unwrap_or(DEFAULT_CLOSE_RATE),
+            drain_timeout: dur(&d.drain_timeout, DEFAULT_DRAIN_TIMEOUT),
             max_concurrent: 1,
         },
     ))
@@ -108,7 +99,7 @@ pub fn agent_settings(
 
 /// One pod of gang `gang` (pure). With `spec.agent`, the template gets the agent sidecar,
 /// readiness gate and preStop `/drain` exactly as a Release's pods do
-/// ([`crate::release::inject`]); the warm-up probe is set before, so that injection
+/// ([`crate::pod::inject`]); the warm-up probe is set before, so that injection
 /// rewrites a probe that names the port the agent takes over.
 pub fn build_pod(
     set: &InferenceSet,

@@ -6,9 +6,9 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
 
-use crate::drain::History;
 use crate::inference::metrics::InferenceMetrics;
-use crate::release::settings::AgentImagePolicy;
+use crate::pod::drain::History;
+use crate::pod::settings::AgentImagePolicy;
 
 /// Shared by every reconcile.
 pub struct Context {

@@ -16,8 +16,8 @@ use super::context::{Context, now};
 use crate::inference::crd::*;
 use crate::inference::error::Error;
 use crate::inference::plan::Action;
-use crate::release::crd::{DRAIN_STARTED_ANNOTATION, SERVING_CONDITION};
-use crate::release::plan::rfc3339;
+use crate::pod::keys::{DRAIN_STARTED_ANNOTATION, SERVING_CONDITION};
+use crate::pod::time::rfc3339;
 
 pub(super) async fn execute(
     set: &InferenceSet,

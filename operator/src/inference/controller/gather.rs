@@ -7,8 +7,8 @@ use kube::runtime::reflector::Store;
 
 use crate::inference::crd::*;
 use crate::inference::plan::{self, PodView};
-use crate::release::crd::{DRAIN_STARTED_ANNOTATION, SERVING_CONDITION};
-use crate::release::plan::parse_rfc3339;
+use crate::pod::keys::{DRAIN_STARTED_ANNOTATION, REVISION_LABEL, SERVING_CONDITION};
+use crate::pod::time::parse_rfc3339;
 
 /// A pod as the planner sees it (pure).
 pub fn pod_view(

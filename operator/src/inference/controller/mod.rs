@@ -28,14 +28,16 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use serde_json::json;
+use tracing::Instrument;
 
-use crate::drain::History;
 use crate::inference::crd::*;
 use crate::inference::error::Error;
 use crate::inference::metrics::InferenceMetrics;
 use crate::inference::plan::{self, Observed, PodView, Settings};
-use crate::release::crd::DRAIN_STARTED_ANNOTATION;
-use crate::release::settings::AgentImagePolicy;
+use crate::pod::drain::History;
+use crate::pod::keys::DRAIN_STARTED_ANNOTATION;
+use crate::pod::settings::AgentImagePolicy;
+use crate::telemetry::reconcile_span;
 pub use build::{agent_settings, build_pod, gang_request, level, revision};
 pub use context::Context;
 use context::now;
@@ -45,11 +47,25 @@ use gather::node_readiness;
 pub use gather::pod_view;
 
 async fn reconcile(set: Arc<InferenceSet>, ctx: Arc<Context>) -> Result<Requeue, Error> {
-    let started = Instant::now();
+    let span = reconcile_span(
+        "InferenceSet",
+        &set.namespace().unwrap_or_default(),
+        &set.name_any(),
+    );
+    async {
+        let started = Instant::now();
+        let res = reconcile_inner(&set, &ctx).await;
+        ctx.metrics.reconcile.finished(started);
+        res
+    }
+    .instrument(span)
+    .await
+}
+
+/// One round: gather (caches and agents) → plan (pure) → execute → status and metrics.
+async fn reconcile_inner(set: &InferenceSet, ctx: &Context) -> Result<Requeue, Error> {
     let ns = set.namespace().unwrap_or_default();
     let name = set.name_any();
-    let span = tracing::info_span!("reconcile", inferenceset = %format!("{ns}/{name}"));
-    let _g = span.enter();
     if set.metadata.deletion_timestamp.is_some() {
         ctx.metrics.forget(&ns, &name);
         return Ok(Requeue::await_change());
@@ -79,7 +95,7 @@ async fn reconcile(set: Arc<InferenceSet>, ctx: Arc<Context>) -> Result<Requeue,
                     && p.annotations().contains_key(DRAIN_STARTED_ANNOTATION)
             })
             .collect();
-        let scraped = crate::drain::scrape_all(&draining, agent.admin_port).await;
+        let scraped = crate::pod::drain::scrape_all(&draining, agent.admin_port).await;
         let keep = drain.quiet_period.as_secs_f64() + 10.0;
         let prefix = format!("{ns}/{name}/");
         // A contained panic may have poisoned it; the history is still usable.
@@ -118,7 +134,7 @@ async fn reconcile(set: Arc<InferenceSet>, ctx: Arc<Context>) -> Result<Requeue,
             requeue = requeue.min(Duration::from_secs_f64((since + grace - t).max(1.0)));
         }
     }
-    execute(&set, &ctx, &p.actions).await?;
+    execute(set, ctx, &p.actions).await?;
     if set.status.as_ref() != Some(&p.status) {
         let api: Api<InferenceSet> = Api::namespaced(ctx.client.clone(), &ns);
         api.patch_status(
@@ -135,13 +151,16 @@ async fn reconcile(set: Arc<InferenceSet>, ctx: Arc<Context>) -> Result<Requeue,
         set.spec.replicas,
         p.status.serving_replicas,
     );
-    ctx.metrics
-        .reconcile_duration
-        .observe(started.elapsed().as_secs_f64());
     Ok(Requeue::requeue(requeue))
 }
 
-fn error_policy(_set: Arc<InferenceSet>, err: &Error, ctx: Arc<Context>) -> Requeue {
+fn error_policy(set: Arc<InferenceSet>, err: &Error, ctx: Arc<Context>) -> Requeue {
+    let _span = reconcile_span(
+        "InferenceSet",
+        &set.namespace().unwrap_or_default(),
+        &set.name_any(),
+    )
+    .entered();
     tracing::warn!(error = %err, "reconcile failed");
     ctx.metrics.reconcile_error(err);
     Requeue::requeue(Duration::from_secs(5))

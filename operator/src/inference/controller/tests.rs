@@ -1,5 +1,5 @@
 use super::*;
-use crate::release::inject::{AGENT_CONTAINER, restricted_violations};
+use crate::pod::inject::{AGENT_CONTAINER, restricted_violations};
 
 /// An InferenceSet's pods get the agent through the same injection as a Release's,
 /// `restricted`-compliant too.

@@ -7,7 +7,7 @@
 //! pods, one revision). A slot normally has one gang; during a rollout it may have an old
 //! and a new one. Gang states, in order: `Pending` (waiting for the binder) → `Starting`
 //! (bound, model loading) → `Warm` (warm-up gate passed) → `Serving` (readiness gate
-//! `sluice.dev/serving` True) → `Draining` (unserved until quiet: [`crate::drain`]) → deleted.
+//! `sluice.dev/serving` True) → `Draining` (unserved until quiet: [`crate::pod::drain`]) → deleted.
 //! A gang that loses a pod or a node is `Lost`: all its pods go and the slot is placed
 //! again, whole.
 //!
@@ -354,10 +354,10 @@ fn leave(c: &mut Ctx, g: &Gang, now: f64, why: &str) {
 }
 
 /// A draining gang: every live pod must be quiet (the shared drain protocol,
-/// [`crate::drain`]); then all its pods are deleted together and their agents close the
+/// [`crate::pod::drain`]); then all its pods are deleted together and their agents close the
 /// remaining connections paced in the preStop hook.
 fn drain_step(c: &mut Ctx, s: &Settings, g: &Gang, now: f64) {
-    use crate::drain::{DrainStep, QuietSignal};
+    use crate::pod::drain::{DrainStep, QuietSignal};
     let started = g.drain_started.unwrap_or(now);
     let elapsed = now - started;
     let mut timed_out = false;
@@ -368,7 +368,7 @@ fn drain_step(c: &mut Ctx, s: &Settings, g: &Gang, now: f64) {
             QuietSignal::NoAgent
         };
         let never_served = !p.containers_ready;
-        match crate::drain::drain_step(
+        match crate::pod::drain::drain_step(
             elapsed,
             never_served,
             signal,

@@ -38,7 +38,7 @@ pub struct PodView {
     /// Its node is gone, or NotReady past the grace period.
     pub node_lost: bool,
     /// The agent's signals while the pod drains (`None`: not scraped yet or no agent).
-    pub signals: Option<crate::drain::PodSignals>,
+    pub signals: Option<crate::pod::signals::PodSignals>,
 }
 
 /// Everything the planner looks at.

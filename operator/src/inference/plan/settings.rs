@@ -1,6 +1,7 @@
 //! The spec, validated, with defaults applied.
 
-use crate::inference::crd::{DurationString, InferenceSetSpec};
+use crate::inference::crd::InferenceSetSpec;
+use crate::pod::duration::DurationString;
 
 /// The spec, validated, with defaults applied.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,8 +1,8 @@
 //! The InferenceSet's status from a planning round: replicas, counts and conditions.
 
 use crate::inference::crd::{InferenceSetStatus, ReplicaStatus};
-use crate::release::crd::ReleaseCondition;
-use crate::release::plan::rfc3339;
+use crate::pod::condition::Condition;
+use crate::pod::time::rfc3339;
 
 use super::model::{Ctx, Gang, GangState, Observed, PodView};
 use super::settings::Settings;
@@ -157,7 +157,7 @@ pub fn set_condition(
     now: f64,
 ) {
     let v = if value { "True" } else { "False" };
-    let cond = ReleaseCondition {
+    let cond = Condition {
         type_: type_.into(),
         status: v.into(),
         reason: reason.into(),
@@ -172,7 +172,7 @@ pub fn set_condition(
             } else {
                 cond.last_transition_time.clone()
             };
-            *c = ReleaseCondition {
+            *c = Condition {
                 last_transition_time: t,
                 ..cond
             };

@@ -5,9 +5,9 @@ use std::sync::Mutex;
 use kube::Client;
 use kube::runtime::events::Recorder;
 
+use crate::pod::settings::AgentImagePolicy;
 use crate::release::metrics::ReleaseMetrics;
 use crate::release::samples::SampleStore;
-use crate::release::settings::AgentImagePolicy;
 
 /// Errors of one reconcile; each has a metric label.
 #[derive(Debug, thiserror::Error)]

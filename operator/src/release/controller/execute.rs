@@ -10,13 +10,14 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
+use crate::pod::inject::{inject, new_drain_token};
+use crate::pod::keys::{DRAIN_STARTED_ANNOTATION, REVISION_LABEL, SERVING_CONDITION};
+use crate::pod::time::rfc3339;
 use crate::release::crd::{
-    CLAIM_ANNOTATION, DELETION_COST_ANNOTATION, DRAIN_RELEASED_ANNOTATION,
-    DRAIN_STARTED_ANNOTATION, FINALIZER, RELEASE_LABEL, REPLICAS_ANNOTATION, REVISION_LABEL,
-    Release, SERVING_CONDITION,
+    CLAIM_ANNOTATION, DELETION_COST_ANNOTATION, DRAIN_RELEASED_ANNOTATION, FINALIZER,
+    RELEASE_LABEL, REPLICAS_ANNOTATION, Release,
 };
-use crate::release::inject::{inject, new_drain_token};
-use crate::release::plan::{Action, Plan, rfc3339};
+use crate::release::plan::{Action, Plan};
 use crate::release::settings::Settings;
 
 use super::context::{Context, Error, lock_samples, now_secs};

@@ -5,16 +5,16 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, ObjectMeta};
 
-use crate::drain::scrape_all;
+use crate::pod::drain::scrape_all;
+use crate::pod::inject::{inject, revision_of};
+use crate::pod::keys::{DRAIN_STARTED_ANNOTATION, REVISION_LABEL, SERVING_CONDITION};
+use crate::pod::settings::DEFAULT_ADMIN_PORT;
+use crate::pod::time::parse_rfc3339;
 use crate::release::crd::{
-    ABORT_ANNOTATION, CLAIM_ANNOTATION, DEFAULT_ADMIN_PORT, DRAIN_RELEASED_ANNOTATION,
-    DRAIN_STARTED_ANNOTATION, FINALIZER, PROMOTE_ANNOTATION, RELEASE_LABEL, REPLICAS_ANNOTATION,
-    REVISION_LABEL, Release, SERVING_CONDITION,
+    ABORT_ANNOTATION, CLAIM_ANNOTATION, DRAIN_RELEASED_ANNOTATION, FINALIZER, PROMOTE_ANNOTATION,
+    RELEASE_LABEL, REPLICAS_ANNOTATION, Release,
 };
-use crate::release::inject::{inject, revision_of};
-use crate::release::plan::{
-    Claim, DeploymentView, Observed, PodView, ReplicaSetView, parse_rfc3339,
-};
+use crate::release::plan::{Claim, DeploymentView, Observed, PodView, ReplicaSetView};
 use crate::release::samples::{ReleaseKey, SampleWindows};
 use crate::release::settings::Settings;
 

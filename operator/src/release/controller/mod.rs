@@ -29,11 +29,13 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
+use tracing::Instrument;
 
 use crate::release::crd::{RELEASE_LABEL, Release};
 use crate::release::metrics::ReleaseMetrics;
 use crate::release::plan::plan;
 use crate::release::samples::SampleStore;
+use crate::telemetry::reconcile_span;
 
 pub use context::{Config, Context, Error};
 pub use execute::{add_finalizer_patch, build_replica_set, remove_finalizer_patch};
@@ -123,11 +125,14 @@ pub async fn run(client: Client, metrics: ReleaseMetrics, config: Config) {
 }
 
 fn error_policy(release: Arc<Release>, err: &Error, ctx: Arc<Context>) -> Requeue {
-    tracing::warn!(release = %release.name_any(), error = %err, "reconcile failed");
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&vec![("kind", err.metric_label().to_string())])
-        .inc();
+    let _span = reconcile_span(
+        "Release",
+        &release.namespace().unwrap_or_default(),
+        &release.name_any(),
+    )
+    .entered();
+    tracing::warn!(error = %err, "reconcile failed");
+    ctx.metrics.reconcile.error(err.metric_label());
     Requeue::requeue(Duration::from_secs(if err.metric_label() == "conflict" {
         1
     } else {
@@ -135,18 +140,24 @@ fn error_policy(release: Arc<Release>, err: &Error, ctx: Arc<Context>) -> Requeu
     }))
 }
 
-#[tracing::instrument(skip_all, fields(release = %release.name_any(), ns = release.namespace().unwrap_or_default()))]
 async fn reconcile(release: Arc<Release>, ctx: Arc<Context>) -> Result<Requeue, Error> {
-    let started = Instant::now();
-    let res = contain_panic(reconcile_inner(&release, &ctx)).await;
-    if let Err(Error::Panic(msg)) = &res {
-        tracing::error!(panic = %msg, "release reconcile panicked");
-        report_panic(&release, &ctx, msg).await;
+    let span = reconcile_span(
+        "Release",
+        &release.namespace().unwrap_or_default(),
+        &release.name_any(),
+    );
+    async {
+        let started = Instant::now();
+        let res = contain_panic(reconcile_inner(&release, &ctx)).await;
+        if let Err(Error::Panic(msg)) = &res {
+            tracing::error!(panic = %msg, "release reconcile panicked");
+            report_panic(&release, &ctx, msg).await;
+        }
+        ctx.metrics.reconcile.finished(started);
+        res
     }
-    ctx.metrics
-        .reconcile_duration
-        .observe(started.elapsed().as_secs_f64());
-    res
+    .instrument(span)
+    .await
 }
 
 /// One round: gather → plan (pure) → execute → status and metrics.

@@ -56,10 +56,7 @@ pub(super) fn record_metrics(
     if let Some(a) = &plan.status.abort
         && o_abort_changed(observed, a)
     {
-        ctx.metrics
-            .aborts
-            .get_or_create(&vec![("reason", a.reason.clone())])
-            .inc();
+        ctx.metrics.aborted(&a.reason);
     }
 }
 

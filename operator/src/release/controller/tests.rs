@@ -4,8 +4,9 @@ use serde_json::json;
 
 use super::gather::pods_of_replica_sets;
 use super::*;
+use crate::pod::keys::REVISION_LABEL;
 use crate::release::crd::ReleaseSpec;
-use crate::release::crd::{FINALIZER, REVISION_LABEL, ReleaseStatus};
+use crate::release::crd::{FINALIZER, ReleaseStatus};
 use crate::release::plan::ReplicaSetView;
 use crate::release::settings::Settings;
 

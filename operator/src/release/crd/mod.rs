@@ -5,34 +5,25 @@
 //! and the Rust types cannot drift apart. Every rule carries a message that says what to
 //! fix, because "failed rule: self >= 1" helps nobody at 3 a.m.
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
-use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-mod duration;
 mod status;
 
-pub use duration::{
-    DURATION_PATTERN, DurationString, MAX_DURATION, format_duration, parse_duration,
-};
-pub use status::{
-    AbortInfo, DrainRecord, GateResult, Phase, ReleaseCondition, ReleaseStatus, RevisionStatus,
-};
+pub use status::{AbortInfo, DrainRecord, GateResult, Phase, ReleaseStatus, RevisionStatus};
 
-use duration::{duration_at_most, duration_order_rule, duration_positive_at_most, interval_rule};
+use crate::pod::agent_spec::AgentSpec;
+use crate::pod::duration::{
+    DurationString, duration_at_most, duration_order_rule, duration_positive_at_most, interval_rule,
+};
+use crate::pod::settings::{
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_PROPAGATION_TIMEOUT, DEFAULT_QUIET_PERIOD,
+};
 
 /// API group of every Sluice resource.
 pub const GROUP: &str = "sluice.dev";
-/// Readiness-gate condition type the operator owns on every pod it runs.
-pub const SERVING_CONDITION: &str = "sluice.dev/serving";
-/// Label on pods and ReplicaSets: the Release that owns them.
-pub const RELEASE_LABEL: &str = "sluice.dev/release";
-/// Label on pods and ReplicaSets: the pod-template revision (hash of the user's template).
-pub const REVISION_LABEL: &str = "sluice.dev/revision";
-/// Pod annotation: when the operator took the pod out of service (RFC 3339).
-pub const DRAIN_STARTED_ANNOTATION: &str = "sluice.dev/drain-started";
+pub use crate::pod::keys::RELEASE_LABEL;
 /// Pod annotation: when the operator let the pod be deleted after it went quiet (RFC 3339).
 pub const DRAIN_RELEASED_ANNOTATION: &str = "sluice.dev/drain-released";
 /// Pod annotation honoured by the ReplicaSet controller when it picks pods to delete.
@@ -52,23 +43,9 @@ pub const CLAIM_ANNOTATION: &str = "sluice.dev/claimed-by";
 pub const FINALIZER: &str = "sluice.dev/handback";
 /// Field manager for server-side apply of status.
 pub const FIELD_MANAGER: &str = "sluice-release";
-/// Default `spec.drain.quietPeriod`.
-pub const DEFAULT_QUIET_PERIOD: &str = "2s";
-/// Default `spec.drain.propagationTimeout`.
-pub const DEFAULT_PROPAGATION_TIMEOUT: &str = "60s";
-/// Default `spec.drain.drainTimeout`.
-pub const DEFAULT_DRAIN_TIMEOUT: &str = "90s";
-/// Default `spec.agent.proxyPort` (the contract's; see there why 15101).
-pub const DEFAULT_PROXY_PORT: i32 = sluice_contract::DEFAULT_PROXY_PORT as i32;
-/// Default `spec.agent.adminPort`: the agent's own default admin port.
-pub const DEFAULT_ADMIN_PORT: i32 = sluice_contract::DEFAULT_ADMIN_PORT as i32;
 /// Most replicas a Release runs (a cluster holds at most 150 000 pods); keeps every
 /// count far from `i32` overflow.
 pub const MAX_REPLICAS: i32 = 100_000;
-
-/// The agent image used when `spec.agent.image` is unset and the operator was not given
-/// one (`SLUICE_AGENT_IMAGE`).
-pub const DEFAULT_AGENT_IMAGE: &str = "ghcr.io/sluice-dev/sluice-agent:0.1.0";
 
 /// A lossless, gated rolling release of a Deployment.
 ///
@@ -376,120 +353,6 @@ pub struct DrainPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 1000").message("drain.maxConcurrent must be between 1 and 1000"))]
     pub max_concurrent: Option<i32>,
-}
-
-/// How the agent sits in the pod.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
-pub enum AgentMode {
-    /// In the data path: the agent takes the application port's name and proxies to it.
-    #[default]
-    #[serde(rename = "proxy")]
-    Proxy,
-    /// Beside the data path: the agent only watches the application's connections.
-    #[serde(rename = "observe")]
-    Observe,
-}
-
-/// Protocol the agent proxies.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
-pub enum AgentProtocol {
-    #[default]
-    #[serde(rename = "http")]
-    Http,
-    #[serde(rename = "tcp")]
-    Tcp,
-}
-
-/// The agent injected as a native sidecar.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[serde(rename_all = "camelCase")]
-#[x_kube(
-    validation = Rule::new("(has(self.mode) && self.mode == 'observe') || (has(self.adminPort) ? self.adminPort : 9901) != (has(self.proxyPort) ? self.proxyPort : 15101)")
-        .message("agent.adminPort and agent.proxyPort must differ (defaults 9901 and 15101): change one of them"),
-    validation = Rule::new("!has(self.port) || type(self.port) != int || self.port != (has(self.adminPort) ? self.adminPort : 9901)")
-        .message("agent.port is the application's port and must differ from agent.adminPort (default 9901): change agent.adminPort"),
-    validation = Rule::new("(has(self.mode) && self.mode == 'observe') || !has(self.port) || type(self.port) != int || self.port != (has(self.proxyPort) ? self.proxyPort : 15101)")
-        .message("agent.port is the application's port and must differ from agent.proxyPort (default 15101): change agent.proxyPort")
-)]
-pub struct AgentSpec {
-    /// `proxy` (default) or `observe`.
-    #[serde(default)]
-    pub mode: AgentMode,
-    /// `http` (default) or `tcp`; proxy mode only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol: Option<AgentProtocol>,
-    /// Agent image. Default: the operator's `SLUICE_AGENT_IMAGE`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("size(self) > 0 && size(self) <= 512").message("agent.image must be an image reference of 1 to 512 characters; leave it out to use the operator's default"))]
-    pub image: Option<String>,
-    /// The application container. Default: the container that declares `port`, else
-    /// the first container.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container: Option<String>,
-    /// The application port the agent fronts (proxy) or watches (observe), by name or
-    /// number. Default: the application container's first port.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(
-        validation = Rule::new("type(self) == int ? self >= 1 && self <= 65535 : size(self) <= 15 && self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
-            .message("agent.port must be a port number between 1 and 65535 or a port name (at most 15 lowercase letters, digits and '-')")
-    )]
-    pub port: Option<IntOrString>,
-    /// Port the agent listens on in proxy mode. Default 15101 (a port neither Istio
-    /// nor Linkerd uses).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("agent.proxyPort must be a port number between 1 and 65535"))]
-    pub proxy_port: Option<i32>,
-    /// Agent admin port (`/ready`, `/drain`, `/metrics`). Default 9901.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 65535").message("agent.adminPort must be a port number between 1 and 65535"))]
-    pub admin_port: Option<i32>,
-    /// Resources of the agent container. Default: requests 10m CPU, 32Mi memory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resources: Option<ResourceRequirements>,
-    /// Limits of the proxy (proxy mode): what one client, or a crowd of them, may hold
-    /// and how long a peer may stall. Each unset field keeps the agent's default.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub limits: Option<AgentLimits>,
-}
-
-/// The proxy's limits a Release may set (docs/agent.md: each default and what a client
-/// over it sees). `0s` turns off the timeouts that can be off.
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct AgentLimits {
-    /// Client connections open at once; one more is accepted and closed at once, the
-    /// others are untouched. Default 4096.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 1000000").message("agent.limits.maxConnections must be between 1 and 1000000"))]
-    pub max_connections: Option<i32>,
-    /// Concurrent HTTP/2 streams per client connection; one more is refused with
-    /// REFUSED_STREAM (safe to retry). Default 100.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("self >= 1 && self <= 10000").message("agent.limits.http2MaxConcurrentStreams must be between 1 and 10000"))]
-    pub http2_max_concurrent_streams: Option<i32>,
-    /// A client that sends no complete request head for this long is closed. Default `30s`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = duration_positive_at_most("agent.limits.headerReadTimeout", "10m"))]
-    pub header_read_timeout: Option<DurationString>,
-    /// A request or response body that moves no byte for this long closes the client
-    /// connection; streaming APIs (SSE, long polls, gRPC streams) need more, or `0s`
-    /// (off). Default `60s`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = duration_at_most("agent.limits.bodyTimeout", "24h"))]
-    pub body_timeout: Option<DurationString>,
-    /// Longest wait for the application's response head, then 504. Default `0s` (none).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = duration_at_most("agent.limits.upstreamTimeout", "24h"))]
-    pub upstream_timeout: Option<DurationString>,
-    /// An HTTP/2 connection with no stream open for this long gets GOAWAY. Default `5m`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = duration_positive_at_most("agent.limits.http2IdleTimeout", "24h"))]
-    pub http2_idle_timeout: Option<DurationString>,
-    /// TCP keep-alive idle time on client and application sockets; `0s` turns it off.
-    /// Default `60s`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = duration_at_most("agent.limits.tcpKeepalive", "2h"))]
-    pub tcp_keepalive: Option<DurationString>,
 }
 
 #[cfg(test)]

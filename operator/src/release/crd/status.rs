@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::pod::condition::Condition;
+
 /// Phase of a release.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
 pub enum Phase {
@@ -98,7 +100,7 @@ pub struct ReleaseStatus {
     pub abort_token: Option<String>,
     /// kstatus-compatible conditions: Ready, Progressing, Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conditions: Vec<ReleaseCondition>,
+    pub conditions: Vec<Condition>,
 }
 
 /// Pods of one revision.
@@ -178,21 +180,4 @@ pub struct DrainRecord {
     /// Seconds from unserve until the pod was gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_seconds: Option<f64>,
-}
-
-/// A kstatus-compatible condition.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ReleaseCondition {
-    #[serde(rename = "type")]
-    pub type_: String,
-    /// `True`, `False` or `Unknown`.
-    pub status: String,
-    pub reason: String,
-    #[serde(default)]
-    pub message: String,
-    /// RFC 3339.
-    pub last_transition_time: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
 }

@@ -1,4 +1,6 @@
 use super::*;
+use crate::pod::duration::{DURATION_PATTERN, parse_duration};
+use crate::pod::settings::{DEFAULT_ADMIN_PORT, DEFAULT_PROXY_PORT};
 use kube::CustomResourceExt;
 
 fn crd_json() -> serde_json::Value {

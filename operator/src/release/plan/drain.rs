@@ -3,12 +3,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::drain::{DrainStep, QuietSignal, drain_step};
+use crate::pod::drain::{DrainStep, QuietSignal, drain_step};
+use crate::pod::time::{parse_rfc3339, rfc3339};
 use crate::release::crd::DrainRecord;
 
 use super::model::{
     Action, Ctx, DRAIN_REFUSED, DeploymentView, MAX_DRAIN_RECORDS, Observed, PodView,
-    parse_rfc3339, rfc3339,
 };
 use super::weights::counts;
 

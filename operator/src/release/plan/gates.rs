@@ -10,9 +10,10 @@ use crate::release::gates::{
 };
 use crate::release::settings::StepKind;
 
-use super::model::{Ctx, Observed, PodView, parse_rfc3339, rfc3339};
+use super::model::{Ctx, Observed, PodView};
 use super::takeover::abort;
 use super::weights::step_at;
+use crate::pod::time::{parse_rfc3339, rfc3339};
 
 pub(super) fn evaluate_gates(c: &mut Ctx, o: &Observed) {
     let canary = c.status.canary_revision.clone().unwrap_or_default();

@@ -28,7 +28,7 @@ mod weights;
 
 pub use model::{
     Action, Claim, DRAIN_REFUSED, DeploymentView, MAX_DRAIN_RECORDS, Observed, Plan, PodView,
-    ReplicaSetView, parse_rfc3339, rfc3339,
+    ReplicaSetView,
 };
 pub(crate) use status::set_condition;
 
@@ -173,3 +173,6 @@ pub fn plan(o: &Observed, now: f64) -> Plan {
     revision_status(&mut c, o, &wants);
     finish(c, o)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,11 +1,12 @@
-//! The planner's input ([`Observed`]) and output ([`Plan`], [`Action`]), times as RFC 3339,
-//! and the state one planning round works on.
+//! The planner's input ([`Observed`]) and output ([`Plan`], [`Action`]), and the state one
+//! planning round works on.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::pod::signals::PodSignals;
 use crate::release::crd::{DrainRecord, ReleaseStatus};
-use crate::release::gates::{Evaluation, PodSignals, RevisionWindow};
+use crate::release::gates::{Evaluation, RevisionWindow};
 use crate::release::settings::Settings;
 
 /// Most drain records kept in status.
@@ -151,20 +152,6 @@ pub struct Plan {
     /// Drains whose `/drain` the agent refused, newly seen in this round (for metrics).
     pub refused_drains: Vec<DrainRecord>,
     pub requeue_after: Duration,
-}
-
-/// Seconds since the epoch → RFC 3339.
-pub fn rfc3339(t: f64) -> String {
-    k8s_openapi::jiff::Timestamp::from_millisecond((t * 1000.0) as i64)
-        .map(|ts| ts.to_string())
-        .unwrap_or_default()
-}
-
-/// RFC 3339 → seconds since the epoch.
-pub fn parse_rfc3339(s: &str) -> Option<f64> {
-    s.parse::<k8s_openapi::jiff::Timestamp>()
-        .ok()
-        .map(|t| t.as_millisecond() as f64 / 1000.0)
 }
 
 pub(super) struct Ctx<'a> {

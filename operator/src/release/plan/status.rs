@@ -4,9 +4,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::release::crd::{Phase, ReleaseCondition, ReleaseStatus, RevisionStatus};
+use crate::pod::condition::Condition;
+use crate::pod::time::rfc3339;
+use crate::release::crd::{Phase, ReleaseStatus, RevisionStatus};
 
-use super::model::{Action, Ctx, Observed, Plan, rfc3339};
+use super::model::{Action, Ctx, Observed, Plan};
 use super::weights::{counts, step_count};
 
 /// Bring a status read back into the bounds its schema sets (`currentStep` ≥ 0,
@@ -203,7 +205,7 @@ pub(crate) fn set_condition(
         .map(|c| c.last_transition_time.clone())
         .unwrap_or_else(|| rfc3339(now));
     st.conditions.retain(|c| c.type_ != type_);
-    st.conditions.push(ReleaseCondition {
+    st.conditions.push(Condition {
         type_: type_.into(),
         status: status.into(),
         reason: reason.into(),

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use crate::release::crd::Phase;
 use crate::release::settings::StepKind;
 
-use super::model::{Action, Ctx, DeploymentView, Observed, parse_rfc3339, rfc3339};
+use super::model::{Action, Ctx, DeploymentView, Observed};
 use super::weights::{counts, step_at, step_count};
+use crate::pod::time::{parse_rfc3339, rfc3339};
 
 /// Move through the steps once the current one is done.
 pub(super) fn advance_steps(c: &mut Ctx, o: &Observed, n: i32, wants: &BTreeMap<String, i32>) {

@@ -7,8 +7,9 @@ use crate::release::crd::{AbortInfo, Phase};
 use crate::release::settings::StepKind;
 
 use super::drain::move_pods;
-use super::model::{Action, Claim, Ctx, DeploymentView, Observed, rfc3339};
+use super::model::{Action, Claim, Ctx, DeploymentView, Observed};
 use super::weights::{counts, step_at, step_count};
+use crate::pod::time::rfc3339;
 
 /// Which revision is stable and which is the canary, and what the user asked for.
 pub(super) fn decide_revisions(c: &mut Ctx, o: &Observed, dep: &DeploymentView) {

@@ -2,22 +2,21 @@
 //! catch most mistakes; this is the second line for objects stored before a rule existed
 //! or written with validation off, and the one place where defaults live.
 //!
-//! The agent and drain settings, what the operator puts into pods, are in `agent.rs`.
+//! The agent and drain settings, what the operator puts into pods, are the pod protocol's
+//! ([`crate::pod::settings`]), shared with InferenceSets.
 
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::release::crd::{
-    AgentMode, DEFAULT_DRAIN_TIMEOUT, DEFAULT_PROPAGATION_TIMEOUT, DEFAULT_QUIET_PERIOD,
-    DurationString, MAX_REPLICAS, ReleaseSpec, format_duration, parse_duration,
+use crate::pod::agent_spec::AgentMode;
+use crate::pod::duration::{DurationString, format_duration, parse_duration};
+use crate::pod::settings::{
+    AgentImagePolicy, AgentSettings, DEFAULT_CLOSE_RATE, DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_PROPAGATION_TIMEOUT, DEFAULT_QUIET_PERIOD, DrainSettings, default_duration,
+    resolve_limits,
 };
-
-mod agent;
-
-pub use agent::{AgentImagePolicy, AgentSettings, DrainSettings};
-
-use agent::{default_duration, resolve_limits};
+use crate::release::crd::{MAX_REPLICAS, ReleaseSpec};
 
 /// One step, resolved.
 #[derive(Clone, Debug, PartialEq)]
@@ -260,7 +259,7 @@ impl Settings {
                 &d.propagation_timeout,
                 default_duration(DEFAULT_PROPAGATION_TIMEOUT),
             ),
-            close_rate: d.close_rate.unwrap_or(100),
+            close_rate: d.close_rate.unwrap_or(DEFAULT_CLOSE_RATE),
             drain_timeout: dur(
                 &mut errs,
                 "drain.drainTimeout",

@@ -1,6 +1,7 @@
 use sluice_contract::ProxyLimits;
 
 use super::*;
+use crate::pod::agent_spec::*;
 use crate::release::crd::*;
 
 fn spec(yaml: &str) -> ReleaseSpec {

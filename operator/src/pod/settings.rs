@@ -1,5 +1,5 @@
 //! What the operator puts into pods, resolved: the agent (image policy, ports, proxy
-//! limits) and the drain.
+//! limits) and the drain, with the defaults both resources use.
 
 use std::time::Duration;
 
@@ -7,12 +7,29 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use sluice_contract::ProxyLimits;
 
-use crate::release::crd::{
-    AgentLimits, AgentMode, AgentProtocol, DEFAULT_ADMIN_PORT, DEFAULT_PROXY_PORT, DurationString,
-    parse_duration,
-};
+use super::agent_spec::{AgentLimits, AgentMode, AgentProtocol, AgentSpec};
+use super::duration::{DurationString, parse_duration};
 
-/// Which agent images Releases may run in their pods: the operator's flag
+/// Default `drain.quietPeriod` of a Release.
+pub const DEFAULT_QUIET_PERIOD: &str = "2s";
+/// Default `drain.quietPeriod` of an InferenceSet (documented in its CRD); the other
+/// drain defaults are the same for both resources.
+pub const DEFAULT_REPLICA_QUIET_PERIOD: &str = "5s";
+/// Default `drain.propagationTimeout`.
+pub const DEFAULT_PROPAGATION_TIMEOUT: &str = "60s";
+/// Default `drain.drainTimeout`.
+pub const DEFAULT_DRAIN_TIMEOUT: &str = "90s";
+/// Default `drain.closeRate` (connections per second).
+pub const DEFAULT_CLOSE_RATE: i32 = 100;
+/// Default `spec.agent.proxyPort` (the contract's; see there why 15101).
+pub const DEFAULT_PROXY_PORT: i32 = sluice_contract::DEFAULT_PROXY_PORT as i32;
+/// Default `spec.agent.adminPort`: the agent's own default admin port.
+pub const DEFAULT_ADMIN_PORT: i32 = sluice_contract::DEFAULT_ADMIN_PORT as i32;
+/// The agent image used when `spec.agent.image` is unset and the operator was not given
+/// one (`SLUICE_AGENT_IMAGE`).
+pub const DEFAULT_AGENT_IMAGE: &str = "ghcr.io/sluice-dev/sluice-agent:0.1.0";
+
+/// Which agent images Releases and InferenceSets may run in their pods: the operator's flag
 /// `--allowed-agent-images`. Whoever may write a Release must not thereby be able to run
 /// any image they like next to the application.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,9 +42,9 @@ pub struct AgentImagePolicy {
 }
 
 impl Default for AgentImagePolicy {
-    /// Only [`DEFAULT_AGENT_IMAGE`](crate::release::crd::DEFAULT_AGENT_IMAGE).
+    /// Only [`DEFAULT_AGENT_IMAGE`].
     fn default() -> Self {
-        Self::only(crate::release::crd::DEFAULT_AGENT_IMAGE)
+        Self::only(DEFAULT_AGENT_IMAGE)
     }
 }
 
@@ -61,7 +78,7 @@ impl AgentImagePolicy {
     }
 }
 
-pub(super) fn default_duration(s: &str) -> Duration {
+pub(crate) fn default_duration(s: &str) -> Duration {
     parse_duration(s).expect("the built-in defaults parse")
 }
 
@@ -90,7 +107,7 @@ pub struct AgentSettings {
 
 impl AgentSettings {
     /// The spec's agent section with defaults filled in; `default_image` when it names none.
-    pub fn resolve(a: &crate::release::crd::AgentSpec, default_image: &str) -> Self {
+    pub fn resolve(a: &AgentSpec, default_image: &str) -> Self {
         Self {
             mode: a.mode,
             protocol: a.protocol.unwrap_or_default(),
@@ -111,7 +128,7 @@ impl AgentSettings {
 
 /// The spec's `agent.limits`, bounds checked as admission does (for objects that bypassed
 /// it); errors name the field.
-pub(super) fn resolve_limits(errs: &mut Vec<String>, l: &AgentLimits) -> ProxyLimits {
+pub(crate) fn resolve_limits(errs: &mut Vec<String>, l: &AgentLimits) -> ProxyLimits {
     let count = |errs: &mut Vec<String>, field: &str, v: Option<i32>, max: i32| {
         v.and_then(|n| match u32::try_from(n) {
             Ok(c) if (1..=max).contains(&n) => Some(c),

@@ -1,5 +1,6 @@
 //! Pod-template injection (pure): what the operator adds to the user's pod template before
-//! it becomes a ReplicaSet the Release owns. The user's Deployment is never changed.
+//! it runs: a Release's ReplicaSets and an InferenceSet's pods. The user's Deployment or set
+//! is never changed.
 //!
 //! Added:
 //! - the agent as a native sidecar (an init container with `restartPolicy: Always`), with
@@ -31,7 +32,9 @@ use sluice_contract::{
     AgentArgs, AgentCommand, DRAIN_PATH, DrainFlags, HEALTHZ_PATH, Protocol, READY_PATH,
 };
 
-use super::crd::{AgentMode, AgentProtocol, SERVING_CONDITION};
+use super::agent_spec::{AgentMode, AgentProtocol};
+use super::keys::SERVING_CONDITION;
+use super::revision::revision_hash;
 use super::settings::{AgentSettings, DrainSettings};
 
 /// Name of the injected sidecar.
@@ -429,22 +432,9 @@ fn rewrite_named_port(c: &mut Container, name: &str, number: i32) {
     }
 }
 
-/// A short, stable name for a pod template: FNV-1a over its JSON, in the alphabet
-/// Kubernetes uses for pod-template hashes (no vowels, no look-alikes).
+/// The revision of a pod template (see [`revision_hash`]).
 pub fn revision_of(template: &PodTemplateSpec) -> String {
-    let bytes = serde_json::to_vec(template).unwrap_or_default();
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let mut out = String::with_capacity(10);
-    for _ in 0..10 {
-        out.push(ALPHABET[(h % ALPHABET.len() as u64) as usize] as char);
-        h /= ALPHABET.len() as u64;
-    }
-    out
+    revision_hash(template)
 }
 
 #[cfg(test)]

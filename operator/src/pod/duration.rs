@@ -39,7 +39,7 @@ pub const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h))+$";
 // message rather than an evaluation error.
 
 /// `field` may be zero, at most `max`.
-pub(super) fn duration_at_most(field: &str, max: &str) -> Rule {
+pub(crate) fn duration_at_most(field: &str, max: &str) -> Rule {
     Rule::new(format!(
         "!self.matches('{DURATION_PATTERN}') || duration(self) <= duration('{max}')"
     ))
@@ -47,7 +47,7 @@ pub(super) fn duration_at_most(field: &str, max: &str) -> Rule {
 }
 
 /// `field` must be above zero and at most `max`.
-pub(super) fn duration_positive_at_most(field: &str, max: &str) -> Rule {
+pub(crate) fn duration_positive_at_most(field: &str, max: &str) -> Rule {
     Rule::new(format!(
         "!self.matches('{DURATION_PATTERN}') || (duration(self) > duration('0s') && duration(self) <= duration('{max}'))"
     ))
@@ -57,7 +57,7 @@ pub(super) fn duration_positive_at_most(field: &str, max: &str) -> Rule {
 }
 
 /// A gate interval: between 1s and 10m.
-pub(super) fn interval_rule(field: &str) -> Rule {
+pub(crate) fn interval_rule(field: &str) -> Rule {
     Rule::new(format!(
         "!self.matches('{DURATION_PATTERN}') || (duration(self) >= duration('1s') && duration(self) <= duration('10m'))"
     ))
@@ -68,7 +68,7 @@ pub(super) fn interval_rule(field: &str) -> Rule {
 
 /// `a <op> b` between two optional duration fields of the same object, each with its
 /// default when unset.
-pub(super) fn duration_order_rule(
+pub(crate) fn duration_order_rule(
     a: &str,
     a_default: &str,
     op: &str,

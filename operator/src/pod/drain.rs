@@ -14,8 +14,7 @@
 //! This module holds the pure decision ([`drain_step`]) and the I/O both controllers need
 //! for it: scraping agents ([`scrape`], [`scrape_all`]) and a per-pod sample history
 //! ([`History`]). Parsing the agent's metrics is part of the operator↔agent contract
-//! ([`sluice_contract::metrics`]); the signals derived from it live in
-//! [`crate::release::gates`].
+//! ([`sluice_contract::metrics`]); the signals derived from it live in [`super::signals`].
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -23,7 +22,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use sluice_contract::METRICS_PATH;
 
-pub use crate::release::gates::{AgentSample, PodSignals, parse_agent_metrics, pod_signals};
+use super::signals::{AgentSample, PodSignals, parse_agent_metrics, pod_signals};
 
 /// Where one draining pod stands.
 #[derive(Clone, Copy, Debug, PartialEq)]

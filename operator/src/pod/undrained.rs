@@ -21,9 +21,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use sluice_contract::UNDRAINED_TERMINATION_MESSAGE;
 
-use crate::inference::crd::SET_LABEL;
-use crate::release::crd::{RELEASE_LABEL, REVISION_LABEL};
-use crate::release::inject::AGENT_CONTAINER;
+use super::inject::AGENT_CONTAINER;
+use super::keys::{RELEASE_LABEL, REVISION_LABEL, SET_LABEL};
 
 /// Which controller's pod it was.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -1,3 +1,4 @@
+// The agent settings come from a Release spec: the way most pods get them.
 use super::*;
 use crate::release::crd::ReleaseSpec;
 use crate::release::settings::Settings;
