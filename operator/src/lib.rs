@@ -6,6 +6,7 @@
 //! [`leader`] election, the [`admin`] HTTP server (health and metrics), [`telemetry`].
 
 pub mod admin;
+pub mod analysis;
 pub mod crds;
 pub mod drain;
 pub mod inference;
