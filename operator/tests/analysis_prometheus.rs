@@ -499,16 +499,21 @@ async fn webhooks_retry_time_out_and_notify() {
             0,
         ),
     ];
-    let mut change = payload("Succeeded");
-    change
-        .metadata
-        .insert("eventMessage".into(), "Release web promoted".into());
+    let change = HookPayload::phase_change(
+        "web",
+        "shop",
+        "Succeeded",
+        "Release web promoted",
+        chrono::Utc::now(),
+    );
     assert_eq!(client.notify(&events, &change), 1);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(b) = bodies.lock().await.first() {
             assert_eq!(b["phase"], "Succeeded");
             assert_eq!(b["metadata"]["eventMessage"], "Release web promoted");
+            assert_eq!(b["metadata"]["eventType"], "Normal");
+            assert_eq!(b["metadata"]["cmd"], "smoke-test");
             break;
         }
         assert!(Instant::now() < deadline, "the event never arrived");

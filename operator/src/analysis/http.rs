@@ -18,6 +18,8 @@ pub const MAX_BODY: usize = 4 << 20;
 pub enum HttpError {
     #[error("`{0}` is not a plain http:// URL (https is not supported yet)")]
     BadUrl(String),
+    #[error("cannot build the request: {0}")]
+    Request(String),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     #[error("request failed: {0}")]
@@ -72,7 +74,7 @@ impl HttpClient {
         };
         let req = req
             .body(Full::new(payload))
-            .map_err(|e| HttpError::BadUrl(format!("{url}: {e}")))?;
+            .map_err(|e| HttpError::Request(format!("{url}: {e}")))?;
         let exchange = async {
             let resp = self
                 .inner

@@ -37,7 +37,7 @@ impl From<HttpError> for PromError {
         match e {
             HttpError::BadUrl(u) => PromError::BadAddress(u),
             HttpError::Timeout(t) => PromError::Timeout(t),
-            HttpError::Transport(s) => PromError::Transport(s),
+            HttpError::Transport(s) | HttpError::Request(s) => PromError::Transport(s),
             HttpError::Body(s) => PromError::Decode(s),
         }
     }

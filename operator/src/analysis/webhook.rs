@@ -130,6 +130,39 @@ pub struct HookPayload {
     pub metadata: BTreeMap<String, String>,
 }
 
+impl HookPayload {
+    /// The payload of an `event` notification, in Flagger's shape: `eventMessage`,
+    /// `eventType` (`Warning` for the phases `Failed` and `Aborted`, else `Normal`) and
+    /// `timestamp` (Unix milliseconds) in the metadata.
+    pub fn phase_change(
+        name: &str,
+        namespace: &str,
+        phase: &str,
+        message: &str,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Self {
+        let kind = if matches!(phase, "Failed" | "Aborted") {
+            "Warning"
+        } else {
+            "Normal"
+        };
+        let metadata = [
+            ("eventMessage", message.to_string()),
+            ("eventType", kind.to_string()),
+            ("timestamp", at.timestamp_millis().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Self {
+            name: name.into(),
+            namespace: namespace.into(),
+            phase: phase.into(),
+            metadata,
+        }
+    }
+}
+
 /// One attempt's result.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Attempt {
@@ -456,6 +489,17 @@ mod tests {
             json!({"name": "web", "namespace": "shop", "phase": "Progressing",
                    "metadata": {"eventType": "Normal", "team": "shop"}})
         );
+    }
+
+    #[test]
+    fn phase_changes_carry_flagger_event_metadata() {
+        let at = chrono::DateTime::from_timestamp_millis(1_735_689_600_000).expect("time");
+        let p = HookPayload::phase_change("web", "shop", "Aborted", "gate health failed", at);
+        assert_eq!(p.metadata["eventType"], "Warning");
+        assert_eq!(p.metadata["eventMessage"], "gate health failed");
+        assert_eq!(p.metadata["timestamp"], "1735689600000");
+        let ok = HookPayload::phase_change("web", "shop", "Succeeded", "done", at);
+        assert_eq!(ok.metadata["eventType"], "Normal");
     }
 
     #[test]
