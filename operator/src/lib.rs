@@ -7,6 +7,7 @@
 //! the [`pod`] protocol (agent injection, drain) both controllers speak.
 
 pub mod admin;
+pub mod analysis;
 pub mod crds;
 pub mod inference;
 pub mod leader;
