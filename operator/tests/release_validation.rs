@@ -255,6 +255,41 @@ async fn invalid_releases_are_rejected_with_a_fix() {
             "  workloadRef: {name: echo}\n  agent: {limits: {headerReadTimeout: 0s}}",
             "agent.limits.headerReadTimeout must be longer than 0s",
         ),
+        (
+            "an-metric-no-range",
+            "  workloadRef: {name: echo}\n  analysis: {templates: [{kind: MetricTemplate, name: errors}]}",
+            "thresholdRange and interval are required for a MetricTemplate",
+        ),
+        (
+            "an-argo-range",
+            "  workloadRef: {name: echo}\n  analysis: {templates: [{kind: AnalysisTemplate, name: rate, interval: 1m}]}",
+            "not allowed for an AnalysisTemplate",
+        ),
+        (
+            "an-dup-template",
+            "  workloadRef: {name: echo}\n  analysis: {templates: [{kind: AnalysisTemplate, name: rate}, {kind: AnalysisTemplate, name: rate}]}",
+            "must not name the same template twice",
+        ),
+        (
+            "an-hook-url",
+            "  workloadRef: {name: echo}\n  analysis: {webhooks: [{name: a, type: rollout, url: 'ftp://x'}]}",
+            "webhooks[].url must be an http:// URL",
+        ),
+        (
+            "an-hook-dup",
+            "  workloadRef: {name: echo}\n  analysis: {webhooks: [{name: a, type: rollout, url: 'http://x'}, {name: a, type: event, url: 'http://y'}]}",
+            "analysis.webhooks names must be unique",
+        ),
+        (
+            "an-hook-timeout",
+            "  workloadRef: {name: echo}\n  analysis: {webhooks: [{name: a, type: rollout, url: 'http://x', timeout: 10m}]}",
+            "webhooks[].timeout must be longer than 0s and at most 5m",
+        ),
+        (
+            "an-range-order",
+            "  workloadRef: {name: echo}\n  analysis: {templates: [{kind: MetricTemplate, name: e, interval: 1m, thresholdRange: {min: 2, max: 1}}]}",
+            "thresholdRange.min must not be above thresholdRange.max",
+        ),
     ];
     let mut failures = Vec::new();
     for (name, spec, want) in cases {

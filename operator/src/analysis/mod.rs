@@ -1,6 +1,6 @@
 //! Metric analysis and webhooks for canary releases: a self-contained library the Release
 //! controller calls once per reconcile. See `docs/release.md`, "Metric analysis and
-//! webhooks (library)".
+//! webhooks".
 //!
 //! - [`model`]: a [`MetricCheck`] (PromQL template, interval, count, conditions, limits).
 //! - [`expr`]: the condition language (a subset of Argo Rollouts' `expr`).

@@ -40,6 +40,19 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+/// Analysis measurements by phase (`Successful`, `Failed`, `Inconclusive`, `Error`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MeasurementLabels {
+    pub phase: String,
+}
+
+/// Webhook calls by type and decision (`Proceed`, `Halt`, `RollBack`, `Sent`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    pub r#type: String,
+    pub decision: String,
+}
+
 #[derive(Clone)]
 pub struct ReleaseMetrics {
     /// 1 for the Release's current phase, 0 for the others.
@@ -56,6 +69,8 @@ pub struct ReleaseMetrics {
     /// Released pods whose agent refused the kubelet's preStop `/drain` (counted when
     /// seen, once per pod; `drains_total{outcome="Refused"}` counts them when gone).
     pub drains_refused: Counter,
+    pub analysis_measurements: Family<MeasurementLabels, Counter>,
+    pub webhook_calls: Family<WebhookLabels, Counter>,
     /// `reconcile_runs_total`, `reconcile_duration_seconds`, `reconcile_errors_total{kind}`.
     pub reconcile: ReconcileMetrics,
 }
@@ -73,6 +88,8 @@ impl Default for ReleaseMetrics {
             drain_connections_closed: Counter::default(),
             drains: Family::default(),
             drains_refused: Counter::default(),
+            analysis_measurements: Family::default(),
+            webhook_calls: Family::default(),
             reconcile: ReconcileMetrics::default(),
         }
     }
@@ -119,6 +136,16 @@ pub fn register(registry: &mut Registry) -> ReleaseMetrics {
         "drains_refused",
         "Released pods whose agent refused the kubelet's preStop /drain (wrong or missing drain token): no paced close",
         m.drains_refused.clone(),
+    );
+    r.register(
+        "analysis_measurements",
+        "Metric analysis measurements by phase",
+        m.analysis_measurements.clone(),
+    );
+    r.register(
+        "webhook_calls",
+        "Webhook calls by type and decision",
+        m.webhook_calls.clone(),
     );
     m.reconcile = ReconcileMetrics::register(r, "Failed reconciles by error kind");
     m
@@ -181,6 +208,25 @@ impl ReleaseMetrics {
         }
     }
 
+    pub fn measured(&self, phase: &str, n: u32) {
+        if n > 0 {
+            self.analysis_measurements
+                .get_or_create(&MeasurementLabels {
+                    phase: phase.into(),
+                })
+                .inc_by(u64::from(n));
+        }
+    }
+
+    pub fn webhook_called(&self, type_: &str, decision: &str) {
+        self.webhook_calls
+            .get_or_create(&WebhookLabels {
+                r#type: type_.into(),
+                decision: decision.into(),
+            })
+            .inc();
+    }
+
     pub fn drain_finished(&self, r: &super::crd::DrainRecord) {
         if let Some(d) = r.duration_seconds {
             self.drain_duration.observe(d);
@@ -218,11 +264,19 @@ mod tests {
         assert!(out.contains("sluice_release_reconcile_errors_total{kind=\"kube\"} 1"));
         assert!(out.contains("sluice_release_drain_duration_seconds_bucket"));
         m.drains_refused.inc();
+        m.measured("Failed", 2);
+        m.webhook_called("rollout", "Halt");
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
         assert!(
             out.contains("sluice_release_drains_refused_total 1"),
             "{out}"
+        );
+        assert!(out.contains("sluice_release_analysis_measurements_total{phase=\"Failed\"} 2"));
+        assert!(
+            out.contains(
+                "sluice_release_webhook_calls_total{type=\"rollout\",decision=\"Halt\"} 1"
+            )
         );
     }
 }

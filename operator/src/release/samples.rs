@@ -172,6 +172,7 @@ mod tests {
             replica_sets: Vec::new(),
             pods: vec![pod("bad-s1", "bs"), pod("bad-c1", "bc")],
             windows,
+            analysis: Default::default(),
         };
         let plan = plan(&observed, 1020.0);
         plan.status

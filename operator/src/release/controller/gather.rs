@@ -140,7 +140,7 @@ pub(super) async fn gather(cached: &Release, ctx: &Context) -> Result<Option<Gat
     );
 
     let annotations = release.annotations();
-    let observed = Observed {
+    let mut observed = Observed {
         generation: release.metadata.generation.unwrap_or(0),
         deleting,
         has_finalizer: release.finalizers().iter().any(|f| f == FINALIZER),
@@ -152,7 +152,9 @@ pub(super) async fn gather(cached: &Release, ctx: &Context) -> Result<Option<Gat
         replica_sets,
         pods: views,
         windows,
+        analysis: Default::default(),
     };
+    observed.analysis = super::analysis::observe(ctx, &release, &mut observed, now).await;
     Ok(Some(Gathered {
         ns,
         name,

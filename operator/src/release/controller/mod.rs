@@ -12,6 +12,7 @@
 //! `status.rs` (status, metrics, and the status a panicked round leaves); `context.rs`
 //! holds the errors, the shared context and the configuration.
 
+mod analysis;
 mod context;
 mod execute;
 mod gather;
@@ -175,5 +176,6 @@ async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Err
         write_status(ctx, &g.ns, &g.name, &plan).await?;
     }
     record_metrics(ctx, &g.ns, &g.name, &g.observed, &plan);
+    analysis::after_plan(ctx, &g.release, &g.observed, &plan);
     Ok(Requeue::requeue(plan.requeue_after))
 }

@@ -9,8 +9,14 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+mod analysis;
 mod status;
 
+pub use analysis::{
+    AnalysisArg, AnalysisSpec, AnalysisTemplateRef, MAX_ANALYSIS_TEMPLATES, MAX_WEBHOOKS,
+    ReleaseAnalysisStatus, TemplateKind, ThresholdRangeSpec, WebhookResult, WebhookSpec,
+    WebhookType,
+};
 pub use status::{AbortInfo, DrainRecord, GateResult, Phase, ReleaseStatus, RevisionStatus};
 
 use crate::pod::agent_spec::AgentSpec;
@@ -152,6 +158,11 @@ pub struct ReleaseSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = duration_positive_at_most("progressDeadline", "24h"))]
     pub progress_deadline: Option<DurationString>,
+
+    /// Metric analysis (Argo Rollouts / Flagger templates against Prometheus) and
+    /// webhooks that judge each step. Without it, steps advance on the gates alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<AnalysisSpec>,
 
     /// Hold the release where it is: no step advances and no new drain starts (drains
     /// already under way finish). Independent of status, so GitOps can set it.

@@ -98,6 +98,9 @@ pub struct ReleaseStatus {
     /// Last `sluice.dev/abort` annotation value acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub abort_token: Option<String>,
+    /// The analysis and webhooks of the current stage (`spec.analysis`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<super::ReleaseAnalysisStatus>,
     /// kstatus-compatible conditions: Ready, Progressing, Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -103,6 +103,23 @@ fn the_bounds_and_cross_field_rules_are_in_the_schema() {
         assert!(has(&spec["agent"], &format!(": {port})")), "{port}");
     }
     assert!(has(&spec["replicas"], "100000"));
+    let analysis = &spec["analysis"]["properties"];
+    assert_eq!(analysis["templates"]["maxItems"], 16);
+    assert_eq!(analysis["webhooks"]["maxItems"], 16);
+    assert!(has(&analysis["templates"], "required for a MetricTemplate"));
+    assert!(has(&analysis["templates"], "the same template twice"));
+    assert!(has(&analysis["webhooks"], "names must be unique"));
+    assert!(has(&analysis["webhooks"], "http://"));
+    assert_eq!(
+        analysis["webhooks"]["items"]["properties"]["type"]["enum"],
+        serde_json::json!([
+            "pre-rollout",
+            "rollout",
+            "post-rollout",
+            "rollback",
+            "event"
+        ])
+    );
     let status = &root["status"]["properties"];
     assert_eq!(status["currentStep"]["minimum"], 0.0);
     assert_eq!(status["canaryWeight"]["maximum"], 100.0);

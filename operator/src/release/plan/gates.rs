@@ -137,7 +137,8 @@ pub(super) fn check_deadline(c: &mut Ctx) {
         step_at(c.s, cur),
         Some(StepKind::Pause(_) | StepKind::Gate(_))
     );
-    if waiting_step || c.s.paused {
+    // A step held by its analysis has its pods in place: the deadline is for getting there.
+    if waiting_step || c.s.paused || super::analysis::step_under_analysis(c) {
         return;
     }
     let Some(started) = c.status.step_started_at.as_deref().and_then(parse_rfc3339) else {

@@ -18,6 +18,7 @@
 //! gates and deadline), `steps.rs` (advancing steps, settling), `status.rs` (failure,
 //! conditions, per-revision status, the closing [`Plan`]).
 
+mod analysis;
 mod drain;
 mod gates;
 mod model;
@@ -26,9 +27,10 @@ mod steps;
 mod takeover;
 mod weights;
 
+pub use analysis::HALT_RETRY;
 pub use model::{
-    Action, Claim, DRAIN_REFUSED, DeploymentView, MAX_DRAIN_RECORDS, Observed, Plan, PodView,
-    ReplicaSetView,
+    Action, AnalysisObserved, Claim, DRAIN_REFUSED, DeploymentView, MAX_DRAIN_RECORDS, Observed,
+    Plan, PodView, ReplicaSetView,
 };
 pub(crate) use status::set_condition;
 
@@ -75,6 +77,9 @@ pub fn plan(o: &Observed, now: f64) -> Plan {
         finished: Vec::new(),
         refused: Vec::new(),
         busy: false,
+        hold: None,
+        requeue_hint: None,
+        analysis_wait: false,
     };
     // Status is input too (anyone with status rights can write it): a step outside
     // `0..=steps` would index out of the steps.

@@ -91,6 +91,18 @@ pub struct Observed {
     pub pods: Vec<PodView>,
     /// Request figures per revision over the comparison window.
     pub windows: BTreeMap<String, RevisionWindow>,
+    /// What the controller found for `spec.analysis` (the verdicts and webhook answers
+    /// themselves are in `status.analysis`).
+    pub analysis: AnalysisObserved,
+}
+
+/// The controller's findings for `spec.analysis` besides `status.analysis`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AnalysisObserved {
+    /// The templates could not be read or imported: why. The release holds.
+    pub invalid: Option<String>,
+    /// When the run of the current step wants its next measurement.
+    pub requeue_after: Option<Duration>,
 }
 
 /// What to do. The executor runs the actions in order; each is idempotent.
@@ -163,6 +175,20 @@ pub(super) struct Ctx<'a> {
     pub(super) finished: Vec<DrainRecord>,
     pub(super) refused: Vec<DrainRecord>,
     pub(super) busy: bool,
+    /// Held by the analysis or a webhook: the phase, message and condition reason.
+    pub(super) hold: Option<Hold>,
+    /// Come back no later than this (the analysis' next measurement, a halted webhook).
+    pub(super) requeue_hint: Option<Duration>,
+    /// The step waits only for its analysis' next measurement.
+    pub(super) analysis_wait: bool,
+}
+
+/// Why the release holds, as `finish` reports it.
+pub(super) struct Hold {
+    pub(super) reason: &'static str,
+    pub(super) message: String,
+    pub(super) paused: bool,
+    pub(super) degraded: bool,
 }
 
 impl Ctx<'_> {

@@ -136,7 +136,16 @@ pub(super) fn finish(mut c: Ctx, o: &Observed) -> Plan {
         }
         _ => format!("{steps}/{steps}"),
     });
-    let phase = c.status.phase.unwrap_or_default();
+    let mut phase = c.status.phase.unwrap_or_default();
+    let hold = c.hold.take().filter(|_| phase != Phase::Failed);
+    if let Some(h) = &hold {
+        phase = if h.paused {
+            Phase::Paused
+        } else {
+            Phase::Progressing
+        };
+        c.status.message = Some(h.message.clone());
+    }
     c.status.phase = Some(phase);
     let msg = c.status.message.clone().unwrap_or_default();
     let st = &mut c.status;
@@ -147,14 +156,15 @@ pub(super) fn finish(mut c: Ctx, o: &Observed) -> Plan {
             set_condition(st, "Degraded", false, "Completed", &msg, g, now);
         }
         Phase::Progressing | Phase::Paused => {
-            let reason = if phase == Phase::Paused {
-                "Paused"
-            } else {
-                "Progressing"
+            let reason = match &hold {
+                Some(h) => h.reason,
+                None if phase == Phase::Paused => "Paused",
+                None => "Progressing",
             };
+            let degraded = hold.as_ref().is_some_and(|h| h.degraded);
             set_condition(st, "Ready", false, reason, &msg, g, now);
             set_condition(st, "Progressing", true, reason, &msg, g, now);
-            set_condition(st, "Degraded", false, reason, &msg, g, now);
+            set_condition(st, "Degraded", degraded, reason, &msg, g, now);
         }
         Phase::Aborted => {
             let reason = st
@@ -172,11 +182,14 @@ pub(super) fn finish(mut c: Ctx, o: &Observed) -> Plan {
             set_condition(st, "Degraded", true, "Failed", &msg, g, now);
         }
     }
-    let requeue_after = if c.busy {
+    let mut requeue_after = if c.busy {
         Duration::from_millis(500)
     } else {
         Duration::from_secs(30)
     };
+    if let Some(hint) = c.requeue_hint {
+        requeue_after = requeue_after.min(hint.max(Duration::from_millis(500)));
+    }
     Plan {
         actions: c.actions,
         status: c.status,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use crate::release::crd::Phase;
 use crate::release::settings::StepKind;
 
+use super::analysis::{Judgement, judge_step};
 use super::model::{Action, Ctx, DeploymentView, Observed};
 use super::weights::{counts, step_at, step_count};
 use crate::pod::time::{parse_rfc3339, rfc3339};
@@ -31,6 +32,7 @@ pub(super) fn advance_steps(c: &mut Ctx, o: &Observed, n: i32, wants: &BTreeMap<
         .and_then(parse_rfc3339)
         .unwrap_or(c.now);
     let elapsed = c.now - started;
+    let was_busy = c.busy;
     c.busy = true;
 
     if cur >= steps {
@@ -105,6 +107,22 @@ pub(super) fn advance_steps(c: &mut Ctx, o: &Observed, n: i32, wants: &BTreeMap<
     if paused {
         phase = Phase::Paused;
         msg = Some("paused (spec.paused)".into());
+    }
+    if next {
+        match judge_step(c, o, &canary, cur) {
+            Judgement::Advance => {}
+            Judgement::Hold => {
+                next = false;
+                // Waiting on a measurement or a webhook: no need for the busy pace.
+                if !was_busy && (c.analysis_wait || c.hold.is_some()) {
+                    c.busy = false;
+                }
+            }
+            Judgement::Aborted => {
+                c.status.phase = Some(Phase::Aborted);
+                return;
+            }
+        }
     }
     if next {
         c.status.current_step = Some(cur + 1);

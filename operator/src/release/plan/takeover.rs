@@ -41,7 +41,9 @@ pub(super) fn decide_revisions(c: &mut Ctx, o: &Observed, dep: &DeploymentView) 
         c.status.step_started_at = None;
     } else if c.status.aborted_revision.as_deref() == Some(r.as_str()) {
         // Stays aborted until the template changes or a promote retries it.
-    } else if c.status.canary_revision.as_deref() != Some(r.as_str()) {
+    } else if c.status.canary_revision.as_deref() != Some(r.as_str())
+        && !super::analysis::pre_rollout_holds(c, o, &r)
+    {
         if let Some(old) = c.status.canary_revision.take() {
             c.event(
                 false,
@@ -92,7 +94,8 @@ pub(super) fn decide_revisions(c: &mut Ctx, o: &Observed, dep: &DeploymentView) 
             } else if matches!(
                 step_at(c.s, cur),
                 Some(StepKind::Pause(_) | StepKind::Gate(_))
-            ) {
+            ) || super::analysis::step_under_analysis(c)
+            {
                 c.status.current_step = Some(cur.saturating_add(1));
                 c.status.step_started_at = Some(rfc3339(c.now));
                 c.event(false, "Promoted", format!("step {} promoted", cur + 1));

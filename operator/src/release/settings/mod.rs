@@ -68,6 +68,9 @@ pub struct Settings {
     pub max_surge: IntOrString,
     pub progress_deadline: Duration,
     pub paused: bool,
+    /// `spec.analysis` as written (admission checks it; the controller imports the
+    /// templates it names every round).
+    pub analysis: Option<crate::release::crd::AnalysisSpec>,
 }
 
 fn dur(
@@ -137,6 +140,7 @@ impl Settings {
         lenient.steps.clear();
         lenient.gates = Default::default();
         lenient.agent.image = None;
+        lenient.analysis = None;
         Self::from_spec_with(&lenient, images).or_else(|_| {
             let mut minimal = serde_json::json!({"workloadRef": spec.workload_ref});
             if let Some(r) = spec.replicas.filter(|r| (1..=100_000).contains(r)) {
@@ -374,6 +378,7 @@ impl Settings {
             max_surge,
             progress_deadline,
             paused: spec.paused,
+            analysis: spec.analysis.clone(),
         })
     }
 }

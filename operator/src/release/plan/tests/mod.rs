@@ -4,7 +4,7 @@
 //! after every round.
 //!
 //! This file holds the simulator; the tests are by topic: `steps.rs`, `gates.rs`,
-//! `drain.rs`, `lifecycle.rs`.
+//! `drain.rs`, `lifecycle.rs`, `analysis.rs`.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +15,7 @@ use crate::release::crd::{DrainRecord, Phase, ReleaseSpec, ReleaseStatus};
 use crate::release::gates::RevisionWindow;
 use crate::release::plan::*;
 use crate::release::settings::Settings;
+use analysis::FakeAnalysis;
 
 type SignalFn = Box<dyn Fn(&PodView, f64) -> Option<PodSignals>>;
 
@@ -46,6 +47,8 @@ struct Sim {
     unsafe_deletes: Vec<String>,
     min_serving_seen: i32,
     last_plan: Option<Plan>,
+    /// The controller's part for `spec.analysis` (see `analysis.rs`).
+    analysis: FakeAnalysis,
 }
 
 fn quiet_signals(_: &PodView, _: f64) -> Option<PodSignals> {
@@ -92,6 +95,7 @@ impl Sim {
             unsafe_deletes: Vec::new(),
             min_serving_seen: i32::MAX,
             last_plan: None,
+            analysis: FakeAnalysis::default(),
         }
     }
 
@@ -109,13 +113,17 @@ impl Sim {
                 &AgentImagePolicy::only("agent:test"),
                 self.deleting,
             ),
-            status: self.status.clone(),
+            status: self.analysis.fill(&self.spec, &self.status),
             promote: self.promote.clone(),
             abort: self.abort.clone(),
             deployment: self.dep.clone(),
             replica_sets: self.rss.clone(),
             pods,
             windows: self.windows.clone(),
+            analysis: AnalysisObserved {
+                invalid: self.analysis.invalid.clone(),
+                requeue_after: Some(std::time::Duration::from_secs(10)),
+            },
         }
     }
 
@@ -333,6 +341,7 @@ steps:
   - gate: {duration: 5s}
 "#;
 
+mod analysis;
 mod drain;
 mod gates;
 mod lifecycle;
