@@ -9,6 +9,8 @@ use crate::pod::settings::AgentImagePolicy;
 use crate::release::metrics::ReleaseMetrics;
 use crate::release::samples::SampleStore;
 
+use super::stores::Stores;
+
 /// Errors of one reconcile; each has a metric label.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -48,6 +50,8 @@ pub struct Context {
     /// The agent image injected by default and the ones Releases may name.
     pub agent_images: AgentImagePolicy,
     pub(super) samples: Mutex<SampleStore>,
+    /// The ReplicaSets and pods a round reads, from the watches.
+    pub(super) stores: Stores,
 }
 
 /// How the Release controller runs: the operator's flags.

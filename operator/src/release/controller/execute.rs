@@ -22,6 +22,7 @@ use crate::release::settings::Settings;
 
 use super::context::{Context, Error, lock_samples, now_secs};
 use super::gather::Gathered;
+use super::stores::Kind;
 
 /// How the execute stage ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -42,6 +43,13 @@ pub(super) async fn execute(ctx: &Context, g: &Gathered, plan: &Plan) -> Result<
     let rss: Api<ReplicaSet> = Api::namespaced(client.clone(), ns);
     let pods: Api<Pod> = Api::namespaced(client, ns);
     let reference = release.object_ref(&());
+    // Each ReplicaSet and pod write is remembered until the caches show it (`stores.rs`);
+    // `None`: the object was gone, nothing to wait for.
+    let wrote = |kind: Kind, version: Option<String>| {
+        if let Some(v) = version {
+            ctx.stores.wrote(ns, name, kind, Some(&v));
+        }
+    };
     for action in &plan.actions {
         tracing::debug!(?action, "executing");
         match action {
@@ -55,6 +63,7 @@ pub(super) async fn execute(ctx: &Context, g: &Gathered, plan: &Plan) -> Result<
                 }
                 ctx.metrics.forget(ns, name);
                 lock_samples(ctx).forget(key);
+                ctx.stores.forget(ns, name);
                 // The object may be gone now: no status to write.
                 return Ok(Executed::Finalized);
             }
@@ -121,33 +130,43 @@ pub(super) async fn execute(ctx: &Context, g: &Gathered, plan: &Plan) -> Result<
                     .map_err(|_| Error::MissingField("valid spec"))?;
                 let rs = build_replica_set(release, dep, settings, revision, *replicas)?;
                 match rss.create(&PostParams::default(), &rs).await {
-                    Ok(_) => {}
+                    Ok(created) => wrote(Kind::ReplicaSet, created.resource_version()),
+                    // Created already (a round before, or by a Release of the same name
+                    // before): never a second one.
                     Err(kube::Error::Api(e)) if e.code == 409 => {}
                     Err(e) => return Err(e.into()),
                 }
             }
             Action::ScaleReplicaSet { name: rs, replicas } => {
-                merge(&rss, rs, json!({"spec": {"replicas": replicas}})).await?;
+                let v = merge(&rss, rs, json!({"spec": {"replicas": replicas}})).await?;
+                wrote(Kind::ReplicaSet, v);
             }
             Action::DeleteReplicaSet { name: rs } => {
                 match rss.delete(rs, &Default::default()).await {
-                    Ok(_) => {}
+                    Ok(res) => match res.left() {
+                        Some(going) => wrote(Kind::ReplicaSet, going.resource_version()),
+                        // Deleted at once: the answer has no version to wait for.
+                        None => ctx.stores.wrote(ns, name, Kind::ReplicaSet, None),
+                    },
                     Err(kube::Error::Api(e)) if e.code == 404 => {}
                     Err(e) => return Err(e.into()),
                 }
             }
-            Action::SetServing { pod, serving } => set_serving(&pods, pod, *serving).await?,
+            Action::SetServing { pod, serving } => {
+                wrote(Kind::Pod, set_serving(&pods, pod, *serving).await?);
+            }
             Action::StartDrain { pod } => {
-                merge(
+                let v = merge(
                     &pods,
                     pod,
                     json!({"metadata": {"annotations": {DRAIN_STARTED_ANNOTATION: rfc3339(now)}}}),
                 )
                 .await?;
-                set_serving(&pods, pod, false).await?;
+                wrote(Kind::Pod, v);
+                wrote(Kind::Pod, set_serving(&pods, pod, false).await?);
             }
             Action::ReleasePod { pod } => {
-                merge(
+                let v = merge(
                     &pods,
                     pod,
                     json!({"metadata": {"annotations": {
@@ -156,6 +175,7 @@ pub(super) async fn execute(ctx: &Context, g: &Gathered, plan: &Plan) -> Result<
                     }}}),
                 )
                 .await?;
+                wrote(Kind::Pod, v);
             }
             Action::Event {
                 warning,
@@ -199,23 +219,28 @@ async fn patch_release_json(
     Ok(())
 }
 
-async fn merge<K>(api: &Api<K>, name: &str, body: serde_json::Value) -> Result<(), Error>
+/// A merge patch; the patched object's `resourceVersion`, `None` when it is gone.
+async fn merge<K>(
+    api: &Api<K>,
+    name: &str,
+    body: serde_json::Value,
+) -> Result<Option<String>, Error>
 where
-    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     match api
         .patch(name, &PatchParams::default(), &Patch::Merge(&body))
         .await
     {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Ok(o) => Ok(o.resource_version()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
 
 /// Set the readiness-gate condition. Strategic merge keys conditions by type, so the
-/// kubelet's conditions are left alone.
-async fn set_serving(pods: &Api<Pod>, pod: &str, serving: bool) -> Result<(), Error> {
+/// kubelet's conditions are left alone. The pod's `resourceVersion`, `None` when it is gone.
+async fn set_serving(pods: &Api<Pod>, pod: &str, serving: bool) -> Result<Option<String>, Error> {
     let body = json!({"status": {"conditions": [{
         "type": SERVING_CONDITION,
         "status": if serving { "True" } else { "False" },
@@ -227,8 +252,8 @@ async fn set_serving(pods: &Api<Pod>, pod: &str, serving: bool) -> Result<(), Er
         .patch_status(pod, &PatchParams::default(), &Patch::Strategic(&body))
         .await
     {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Ok(p) => Ok(p.resource_version()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(None),
         Err(e) => Err(e.into()),
     }
 }

@@ -1,4 +1,7 @@
-//! Gather: the observed state of one Release, read from the API and the agents.
+//! Gather: the observed state of one Release, read from the API, the watch caches and the
+//! agents.
+
+use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
@@ -32,7 +35,8 @@ pub(super) struct Gathered {
     pub(super) now: f64,
 }
 
-/// Read the Release, its Deployment, ReplicaSets and pods, and scrape the agents.
+/// Read the Release and its Deployment, select its ReplicaSets and pods from the caches,
+/// and scrape the agents.
 /// `None`: the Release is gone (its samples are forgotten).
 pub(super) async fn gather(cached: &Release, ctx: &Context) -> Result<Option<Gathered>, Error> {
     let ns = cached
@@ -48,13 +52,12 @@ pub(super) async fn gather(cached: &Release, ctx: &Context) -> Result<Option<Gat
         .await?
     else {
         lock_samples(ctx).forget_named(&ns, &name);
+        ctx.stores.forget(&ns, &name);
         return Ok(None);
     };
     let uid = release.uid().ok_or(Error::MissingField("metadata.uid"))?;
     let client = ctx.client.clone();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let rss: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
 
     let deleting = release.metadata.deletion_timestamp.is_some();
     // An invalid spec must not strand the Deployment at 0 on deletion: the hand-back runs
@@ -81,29 +84,29 @@ pub(super) async fn gather(cached: &Release, ctx: &Context) -> Result<Option<Gat
     let dep_view = deployment
         .as_ref()
         .map(|d| deployment_view(d, &settings, claim));
-    let selector = format!("{RELEASE_LABEL}={name}");
-    let owned = |m: &ObjectMeta| {
-        m.owner_references
-            .iter()
-            .flatten()
-            .any(|o| o.uid == uid && o.controller == Some(true))
+    // The watch caches, unless they may not show this Release's own last writes yet
+    // (`stores.rs`): then a consistent read through the API, as before the caches.
+    let (rs_items, pod_items) = if ctx.stores.caught_up(&ns, &name) {
+        let ours = |m: &ObjectMeta| labelled_for(m, &ns, &name);
+        (
+            ctx.stores.replica_sets.state_filter(|r| ours(&r.metadata)),
+            ctx.stores.pods.state_filter(|p| ours(&p.metadata)),
+        )
+    } else {
+        tracing::debug!("the caches lag this Release's last writes: listing");
+        let lp = ListParams::default().labels(&format!("{RELEASE_LABEL}={name}"));
+        let rs_list = Api::<ReplicaSet>::namespaced(client.clone(), &ns)
+            .list(&lp)
+            .await?;
+        let pod_list = Api::<Pod>::namespaced(client.clone(), &ns)
+            .list(&lp)
+            .await?;
+        (
+            rs_list.items.into_iter().map(Arc::new).collect(),
+            pod_list.items.into_iter().map(Arc::new).collect(),
+        )
     };
-    let rs_list = rss.list(&ListParams::default().labels(&selector)).await?;
-    let replica_sets: Vec<ReplicaSetView> = rs_list
-        .items
-        .iter()
-        .filter(|r| owned(&r.metadata))
-        .filter_map(|r| {
-            Some(ReplicaSetView {
-                name: r.name_any(),
-                uid: r.uid()?,
-                revision: r.labels().get(REVISION_LABEL)?.clone(),
-                replicas: r.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
-            })
-        })
-        .collect();
-    let pod_list = pods.list(&ListParams::default().labels(&selector)).await?;
-    let our_pods = pods_of_replica_sets(&pod_list.items, &replica_sets);
+    let (replica_sets, our_pods) = select(&rs_items, &pod_items, &ns, &name, &uid);
 
     let now = now_secs();
     let admin_port = settings
@@ -195,14 +198,59 @@ fn deployment_view(
     }
 }
 
+/// The Release `ns/name` (UID `uid`)'s ReplicaSets and pods among `rss` and `pods`,
+/// selected as the LIST by its label in its namespace was: labelled for it, ReplicaSets it
+/// controls (by UID) with a revision label, and the pods those control.
+pub(super) fn select<'a>(
+    rss: &[Arc<ReplicaSet>],
+    pods: &'a [Arc<Pod>],
+    ns: &str,
+    name: &str,
+    uid: &str,
+) -> (Vec<ReplicaSetView>, Vec<&'a Pod>) {
+    let replica_sets: Vec<ReplicaSetView> = rss
+        .iter()
+        .filter(|r| labelled_for(&r.metadata, ns, name))
+        .filter(|r| {
+            r.owner_references()
+                .iter()
+                .any(|o| o.uid == uid && o.controller == Some(true))
+        })
+        .filter_map(|r| {
+            Some(ReplicaSetView {
+                name: r.name_any(),
+                uid: r.uid()?,
+                revision: r.labels().get(REVISION_LABEL)?.clone(),
+                replicas: r.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+            })
+        })
+        .collect();
+    let labelled = pods
+        .iter()
+        .map(|p| &**p)
+        .filter(|p| labelled_for(&p.metadata, ns, name));
+    let ours = pods_of_replica_sets(labelled, &replica_sets);
+    (replica_sets, ours)
+}
+
+/// In namespace `ns` and labelled for the Release `name`: what `-l sluice.dev/release=name`
+/// in `ns` lists.
+pub(super) fn labelled_for(m: &ObjectMeta, ns: &str, name: &str) -> bool {
+    m.namespace.as_deref() == Some(ns)
+        && m.labels
+            .as_ref()
+            .and_then(|l| l.get(RELEASE_LABEL))
+            .is_some_and(|v| v == name)
+}
+
 /// The pods whose controlling owner is one of `replica_sets`, by UID: a name says nothing
 /// about which ReplicaSet it was (an earlier Release of the same name had a ReplicaSet of
 /// the same name, whose pods may still be going).
 pub(super) fn pods_of_replica_sets<'a>(
-    pods: &'a [Pod],
+    pods: impl IntoIterator<Item = &'a Pod>,
     replica_sets: &[ReplicaSetView],
 ) -> Vec<&'a Pod> {
-    pods.iter()
+    pods.into_iter()
         .filter(|p| {
             p.owner_references().iter().any(|o| {
                 o.kind == "ReplicaSet"

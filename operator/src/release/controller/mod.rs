@@ -10,13 +10,15 @@
 //! Release, its Deployment, ReplicaSets and pods, the agents' samples → `Observed`), the
 //! pure planner (`super::plan`), `execute.rs` (the plan's actions, each idempotent),
 //! `status.rs` (status, metrics, and the status a panicked round leaves); `context.rs`
-//! holds the errors, the shared context and the configuration.
+//! holds the errors, the shared context and the configuration; `stores.rs` the watch
+//! caches that ReplicaSets and pods are read from (no LIST per round).
 
 mod analysis;
 mod context;
 mod execute;
 mod gather;
 mod status;
+mod stores;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,9 +47,13 @@ pub use status::{contain_panic, panic_status};
 use execute::{Executed, execute};
 use gather::gather;
 use status::{record_metrics, report_panic, write_status};
+use stores::Stores;
 
 #[cfg(test)]
 mod tests;
+
+/// How soon a round comes back while the caches are still listing.
+const CACHE_SYNC_RETRY: Duration = Duration::from_millis(200);
 
 /// Run the Release controller until the returned future is dropped.
 pub async fn run(client: Client, metrics: ReleaseMetrics, config: Config) {
@@ -55,13 +61,6 @@ pub async fn run(client: Client, metrics: ReleaseMetrics, config: Config) {
         controller: "sluice-release".into(),
         instance: config.identity.clone(),
     };
-    let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
-        client: client.clone(),
-        metrics,
-        agent_images: config.agent_images,
-        samples: Mutex::new(SampleStore::default()),
-    });
     let scope = config.watch_namespace.clone();
     fn api<K>(client: &Client, scope: &Option<String>) -> Api<K>
     where
@@ -77,28 +76,34 @@ pub async fn run(client: Client, metrics: ReleaseMetrics, config: Config) {
     let rs: Api<ReplicaSet> = api(&client, &scope);
     let pods: Api<Pod> = api(&client, &scope);
     let deployments: Api<Deployment> = api(&client, &scope);
+    // One watch per kind: it fills the cache reconciles read and triggers the Controller.
+    let (stores, rs_changes, pod_changes) = Stores::new(rs, pods);
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        metrics,
+        agent_images: config.agent_images,
+        samples: Mutex::new(SampleStore::default()),
+        stores,
+    });
     let controller = Controller::new(releases, watcher::Config::default());
     let store = controller.store();
     controller
-        .owns(rs, watcher::Config::default().labels(RELEASE_LABEL))
-        .watches(
-            pods,
-            watcher::Config::default().labels(RELEASE_LABEL),
-            |pod: Pod| {
-                let ns = pod.namespace();
-                pod.labels()
-                    .get(RELEASE_LABEL)
-                    .map(|name| {
-                        let r = ObjectRef::new(name);
-                        match ns {
-                            Some(ns) => r.within(&ns),
-                            None => r,
-                        }
-                    })
-                    .into_iter()
-                    .collect::<Vec<_>>()
-            },
-        )
+        .owns_stream(rs_changes)
+        .watches_stream(pod_changes, |pod: Pod| {
+            let ns = pod.namespace();
+            pod.labels()
+                .get(RELEASE_LABEL)
+                .map(|name| {
+                    let r = ObjectRef::new(name);
+                    match ns {
+                        Some(ns) => r.within(&ns),
+                        None => r,
+                    }
+                })
+                .into_iter()
+                .collect::<Vec<_>>()
+        })
         .watches(
             deployments,
             watcher::Config::default(),
@@ -163,6 +168,13 @@ async fn reconcile(release: Arc<Release>, ctx: Arc<Context>) -> Result<Requeue, 
 
 /// One round: gather → plan (pure) → execute → status and metrics.
 async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Error> {
+    // Until both caches hold their first listing they read as "no ReplicaSets, no pods";
+    // planning from that would recreate ReplicaSets and lose drains. Their watches run
+    // inside the Controller, so the round waits by coming back shortly.
+    if !ctx.stores.ready() {
+        tracing::debug!("ReplicaSet and pod caches not synced yet");
+        return Ok(Requeue::requeue(CACHE_SYNC_RETRY));
+    }
     let Some(g) = gather(cached, ctx).await? else {
         return Ok(Requeue::await_change());
     };

@@ -1,8 +1,8 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::Patch;
+use kube::api::{ObjectMeta, Patch};
 use serde_json::json;
 
-use super::gather::pods_of_replica_sets;
+use super::gather::{pods_of_replica_sets, select};
 use super::*;
 use crate::pod::keys::REVISION_LABEL;
 use crate::release::crd::ReleaseSpec;
@@ -82,6 +82,184 @@ fn pods_belong_to_a_replica_set_by_uid_not_by_name() {
         .map(|p| p.name_any())
         .collect();
     assert_eq!(names, ["echo-abc-1"]);
+}
+
+fn meta(
+    ns: &str,
+    name: &str,
+    uid: &str,
+    labels: &[(&str, &str)],
+    owner: Option<(&str, &str)>,
+) -> ObjectMeta {
+    ObjectMeta {
+        namespace: Some(ns.into()),
+        name: Some(name.into()),
+        uid: Some(uid.into()),
+        labels: (!labels.is_empty()).then(|| {
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        }),
+        owner_references: owner.map(|(kind, uid)| {
+            vec![OwnerReference {
+                api_version: "v1".into(),
+                kind: kind.into(),
+                name: "owner".into(),
+                uid: uid.into(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]
+        }),
+        ..Default::default()
+    }
+}
+
+fn rs(m: ObjectMeta) -> Arc<ReplicaSet> {
+    Arc::new(ReplicaSet {
+        metadata: m,
+        ..Default::default()
+    })
+}
+
+fn pod(m: ObjectMeta) -> Arc<Pod> {
+    Arc::new(Pod {
+        metadata: m,
+        ..Default::default()
+    })
+}
+
+/// The caches hold every labelled object in scope; a Release gets exactly what a LIST by
+/// its label in its namespace gave it: not another Release's, not another namespace's,
+/// nothing unlabelled, and (as before) only ReplicaSets it controls and their pods.
+#[test]
+fn a_release_selects_its_own_objects_from_the_caches() {
+    fn echo(rev: &str) -> [(&str, &str); 2] {
+        [(RELEASE_LABEL, "echo"), (REVISION_LABEL, rev)]
+    }
+    let rss = [
+        rs(meta(
+            "a",
+            "echo-v1",
+            "rs-1",
+            &echo("v1"),
+            Some(("Release", "u-echo")),
+        )),
+        rs(meta(
+            "a",
+            "echo-v2",
+            "rs-2",
+            &echo("v2"),
+            Some(("Release", "u-echo")),
+        )),
+        // An earlier Release of the same name (another UID) left it behind.
+        rs(meta(
+            "a",
+            "echo-v0",
+            "rs-0",
+            &echo("v0"),
+            Some(("Release", "u-gone")),
+        )),
+        // Another Release in the same namespace.
+        rs(meta(
+            "a",
+            "web-v1",
+            "rs-web",
+            &[(RELEASE_LABEL, "web"), (REVISION_LABEL, "v1")],
+            Some(("Release", "u-web")),
+        )),
+        // The same name in another namespace.
+        rs(meta(
+            "b",
+            "echo-v1",
+            "rs-b",
+            &echo("v1"),
+            Some(("Release", "u-echo")),
+        )),
+        // Owned, but unlabelled or without a revision: a LIST by label never had it, or
+        // it was skipped.
+        rs(meta(
+            "a",
+            "echo-bare",
+            "rs-bare",
+            &[],
+            Some(("Release", "u-echo")),
+        )),
+        rs(meta(
+            "a",
+            "echo-norev",
+            "rs-norev",
+            &[(RELEASE_LABEL, "echo")],
+            Some(("Release", "u-echo")),
+        )),
+        rs(meta("a", "echo-orphan", "rs-orphan", &echo("v3"), None)),
+    ];
+    let release = [(RELEASE_LABEL, "echo")];
+    let pods = [
+        pod(meta(
+            "a",
+            "echo-v1-x",
+            "p1",
+            &release,
+            Some(("ReplicaSet", "rs-1")),
+        )),
+        pod(meta(
+            "a",
+            "echo-v2-x",
+            "p2",
+            &release,
+            Some(("ReplicaSet", "rs-2")),
+        )),
+        pod(meta(
+            "a",
+            "echo-v0-x",
+            "p0",
+            &release,
+            Some(("ReplicaSet", "rs-0")),
+        )),
+        pod(meta(
+            "a",
+            "web-v1-x",
+            "pw",
+            &[(RELEASE_LABEL, "web")],
+            Some(("ReplicaSet", "rs-web")),
+        )),
+        pod(meta(
+            "b",
+            "echo-v1-x",
+            "pb",
+            &release,
+            Some(("ReplicaSet", "rs-1")),
+        )),
+        pod(meta("a", "bare", "pn", &[], Some(("ReplicaSet", "rs-1")))),
+        pod(meta(
+            "a",
+            "mislabelled",
+            "pm",
+            &[(RELEASE_LABEL, "web")],
+            Some(("ReplicaSet", "rs-1")),
+        )),
+        pod(meta("a", "unowned", "pu", &release, None)),
+    ];
+    let (sets, ours) = select(&rss, &pods, "a", "echo", "u-echo");
+    let names: Vec<(&str, &str)> = sets
+        .iter()
+        .map(|r| (r.name.as_str(), r.revision.as_str()))
+        .collect();
+    assert_eq!(names, [("echo-v1", "v1"), ("echo-v2", "v2")]);
+    let pod_names: Vec<String> = ours.iter().map(|p| p.name_any()).collect();
+    assert_eq!(pod_names, ["echo-v1-x", "echo-v2-x"]);
+
+    let (sets, ours) = select(&rss, &pods, "a", "web", "u-web");
+    assert_eq!(sets.len(), 1);
+    assert_eq!(sets[0].name, "web-v1");
+    let pod_names: Vec<String> = ours.iter().map(|p| p.name_any()).collect();
+    assert_eq!(pod_names, ["web-v1-x"]);
+
+    // A Release with nothing yet, and empty caches.
+    assert!(select(&rss, &pods, "a", "new", "u-new").0.is_empty());
+    let (sets, ours) = select(&[], &[], "a", "echo", "u-echo");
+    assert!(sets.is_empty() && ours.is_empty());
 }
 
 /// A panic in one reconcile comes back as that reconcile's error, with its own

@@ -1,0 +1,286 @@
+//! The watch caches a reconcile reads ReplicaSets and pods from, and how a round knows
+//! whether they already show this Release's own last writes.
+//!
+//! One reflector per kind, over the objects labelled [`RELEASE_LABEL`] in the watched
+//! scope; the same streams trigger the Controller, so each kind is watched once.
+//!
+//! A cache lags the API by at least one watch event. Right after a round patched a pod
+//! (drain started, released, serving) or created/scaled a ReplicaSet, the next round could
+//! see the old object and act again: start the same drain twice (a second record, the
+//! drain clock reset), release a pod twice. So every write's returned `resourceVersion` is
+//! remembered per Release ([`Stores::wrote`]), each cache keeps the highest
+//! `resourceVersion` it has applied (watch events arrive in that order), and a round whose
+//! Release wrote something its cache has not applied yet reads through the API instead
+//! ([`Stores::caught_up`]), exactly as every round did before the caches.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+
+use crate::release::crd::RELEASE_LABEL;
+
+/// The two caches, their progress, and the writes not yet seen in them.
+pub(super) struct Stores {
+    pub(super) replica_sets: Store<ReplicaSet>,
+    pub(super) pods: Store<Pod>,
+    rs_seen: Arc<AtomicU64>,
+    pods_seen: Arc<AtomicU64>,
+    /// Per Release (namespace, name): the highest `resourceVersion` it wrote per kind.
+    written: Mutex<HashMap<(String, String), Written>>,
+}
+
+/// What a Release's rounds wrote that the caches may not show yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Written {
+    replica_sets: u64,
+    pods: u64,
+    /// A write whose resulting version is unknown (a delete that answered with a
+    /// `Status`, a non-numeric `resourceVersion`): the next round reads through the API.
+    unknown: bool,
+}
+
+/// Which cache a write lands in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    ReplicaSet,
+    Pod,
+}
+
+/// The watch streams that fill the caches; the Controller polls them as its triggers
+/// (nothing else does), so the caches fill only while the Controller runs.
+pub(super) type Trigger<K> =
+    std::pin::Pin<Box<dyn Stream<Item = Result<K, watcher::Error>> + Send>>;
+
+impl Stores {
+    /// The caches over `rss` and `pods` (their scope: the watched namespace or all), and
+    /// the trigger streams that fill them.
+    pub(super) fn new(
+        rss: Api<ReplicaSet>,
+        pods: Api<Pod>,
+    ) -> (Self, Trigger<ReplicaSet>, Trigger<Pod>) {
+        // The same selection the Controller's own watches had: anything a Release labelled.
+        let cfg = || watcher::Config::default().labels(RELEASE_LABEL);
+        let (rs_store, rs_stream, rs_seen) = reflect(rss, cfg());
+        let (pod_store, pod_stream, pods_seen) = reflect(pods, cfg());
+        let stores = Stores {
+            replica_sets: rs_store,
+            pods: pod_store,
+            rs_seen,
+            pods_seen,
+            written: Mutex::new(HashMap::new()),
+        };
+        (stores, rs_stream, pod_stream)
+    }
+
+    /// Both caches hold a complete first listing. Before that a round must not plan from
+    /// them (an empty cache reads as "no ReplicaSets, no pods").
+    pub(super) fn ready(&self) -> bool {
+        let ready =
+            |f: Option<Result<(), reflector::store::WriterDropped>>| matches!(f, Some(Ok(())));
+        ready(self.replica_sets.wait_until_ready().now_or_never())
+            && ready(self.pods.wait_until_ready().now_or_never())
+    }
+
+    /// Remember a write of the Release `ns/name`; `version`: the written object's
+    /// `resourceVersion` as the API answered, `None` when unknown.
+    pub(super) fn wrote(&self, ns: &str, name: &str, kind: Kind, version: Option<&str>) {
+        let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+        let w = written
+            .entry((ns.to_string(), name.to_string()))
+            .or_default();
+        w.record(kind, version);
+    }
+
+    /// Whether the caches show every write the Release `ns/name` made; a Release whose
+    /// writes they all show is forgotten. `false` at most once for an unknown version.
+    pub(super) fn caught_up(&self, ns: &str, name: &str) -> bool {
+        let key = (ns.to_string(), name.to_string());
+        let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(w) = written.get(&key) else {
+            return true;
+        };
+        let seen = (
+            self.rs_seen.load(Ordering::Acquire),
+            self.pods_seen.load(Ordering::Acquire),
+        );
+        let shown = w.shown_by(seen);
+        if shown || w.unknown {
+            // An unknown version cannot be waited for: this one round reads the API.
+            written.remove(&key);
+        }
+        shown
+    }
+
+    /// Drop what the Release `ns/name` wrote (it is gone or finalized).
+    pub(super) fn forget(&self, ns: &str, name: &str) {
+        self.written
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(ns.to_string(), name.to_string()));
+    }
+}
+
+impl Written {
+    fn record(&mut self, kind: Kind, version: Option<&str>) {
+        match version.and_then(|v| v.parse::<u64>().ok()) {
+            Some(v) => {
+                let slot = match kind {
+                    Kind::ReplicaSet => &mut self.replica_sets,
+                    Kind::Pod => &mut self.pods,
+                };
+                *slot = (*slot).max(v);
+            }
+            None => self.unknown = true,
+        }
+    }
+
+    /// Whether caches that applied up to `(replica_sets, pods)` show these writes.
+    fn shown_by(&self, (rs_seen, pods_seen): (u64, u64)) -> bool {
+        !self.unknown && self.replica_sets <= rs_seen && self.pods <= pods_seen
+    }
+}
+
+/// A reflector over `api`, its trigger stream, and the highest `resourceVersion` it has
+/// applied. The API documents `resourceVersion` as opaque; the kube-apiserver's are etcd
+/// revisions (one increasing counter) and a watch delivers events in their order, so
+/// "applied up to v" means every write of version `<= v` to a watched object is in the
+/// cache (or superseded there). A version that is not a number counts as unknown: the
+/// round after it reads through the API, so a wrong guess costs a LIST, never a stale read.
+fn reflect<K>(api: Api<K>, cfg: watcher::Config) -> (Store<K>, Trigger<K>, Arc<AtomicU64>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let seen = Arc::new(AtomicU64::new(0));
+    let mut progress = Progress::new(seen.clone());
+    // No backoff of its own: the Controller backs off its triggers, as it did for the
+    // watches it started itself. The progress is taken after the reflector applied the
+    // event, so a round never trusts a version its cache does not hold yet.
+    let stream = reflector::reflector(writer, watcher(api, cfg))
+        .inspect_ok(move |ev| progress.apply(ev))
+        .touched_objects()
+        .boxed();
+    (store, stream, seen)
+}
+
+/// Tracks a cache's highest applied `resourceVersion`. A relist's objects replace the
+/// cache only at `InitDone`, so their versions count from then.
+struct Progress {
+    seen: Arc<AtomicU64>,
+    listing: u64,
+}
+
+impl Progress {
+    fn new(seen: Arc<AtomicU64>) -> Self {
+        Self { seen, listing: 0 }
+    }
+
+    fn apply<K: kube::Resource>(&mut self, ev: &watcher::Event<K>) {
+        let version = |o: &K| {
+            o.meta()
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        match ev {
+            watcher::Event::Init => self.listing = 0,
+            watcher::Event::InitApply(o) => {
+                self.listing = self.listing.max(version(o).unwrap_or(0));
+            }
+            watcher::Event::InitDone => {
+                self.seen.fetch_max(self.listing, Ordering::AcqRel);
+            }
+            watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
+                if let Some(v) = version(o) {
+                    self.seen.fetch_max(v, Ordering::AcqRel);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod_at(version: &str) -> Pod {
+        let mut p = Pod::default();
+        p.metadata.resource_version = Some(version.into());
+        p
+    }
+
+    #[test]
+    fn progress_counts_a_relist_only_once_it_is_complete() {
+        let seen = Arc::new(AtomicU64::new(0));
+        let mut p = Progress::new(seen.clone());
+        p.apply(&watcher::Event::<Pod>::Init);
+        p.apply(&watcher::Event::InitApply(pod_at("40")));
+        p.apply(&watcher::Event::InitApply(pod_at("7")));
+        assert_eq!(seen.load(Ordering::Acquire), 0);
+        p.apply(&watcher::Event::<Pod>::InitDone);
+        assert_eq!(seen.load(Ordering::Acquire), 40);
+        p.apply(&watcher::Event::Apply(pod_at("41")));
+        p.apply(&watcher::Event::Delete(pod_at("45")));
+        assert_eq!(seen.load(Ordering::Acquire), 45);
+        // A relist whose objects are all older (the newest was deleted) never goes back.
+        p.apply(&watcher::Event::<Pod>::Init);
+        p.apply(&watcher::Event::InitApply(pod_at("30")));
+        p.apply(&watcher::Event::<Pod>::InitDone);
+        assert_eq!(seen.load(Ordering::Acquire), 45);
+    }
+
+    /// Per Release: a write not yet applied makes its rounds read the API until the cache
+    /// applied it; another Release's rounds read the caches meanwhile.
+    #[test]
+    fn a_release_reads_the_api_until_the_caches_show_its_writes() {
+        let stores = Stores {
+            replica_sets: reflector::store().0,
+            pods: reflector::store().0,
+            rs_seen: Arc::new(AtomicU64::new(0)),
+            pods_seen: Arc::new(AtomicU64::new(0)),
+            written: Mutex::new(HashMap::new()),
+        };
+        assert!(stores.caught_up("a", "echo"));
+        stores.wrote("a", "echo", Kind::Pod, Some("12"));
+        assert!(!stores.caught_up("a", "echo"));
+        assert!(!stores.caught_up("a", "echo"), "until shown, every round");
+        assert!(stores.caught_up("a", "web"));
+        assert!(stores.caught_up("b", "echo"));
+        stores.pods_seen.store(12, Ordering::Release);
+        assert!(stores.caught_up("a", "echo"));
+        // A delete answered without a version: exactly the next round reads the API.
+        stores.wrote("a", "echo", Kind::ReplicaSet, None);
+        assert!(!stores.caught_up("a", "echo"));
+        assert!(stores.caught_up("a", "echo"));
+        stores.wrote("a", "echo", Kind::ReplicaSet, Some("99"));
+        stores.forget("a", "echo");
+        assert!(stores.caught_up("a", "echo"));
+    }
+
+    #[test]
+    fn writes_are_shown_once_each_cache_applied_their_version() {
+        let mut w = Written::default();
+        assert!(w.shown_by((0, 0)));
+        w.record(Kind::ReplicaSet, Some("100"));
+        w.record(Kind::Pod, Some("105"));
+        w.record(Kind::Pod, Some("103"));
+        assert!(!w.shown_by((100, 104)));
+        assert!(!w.shown_by((99, 200)));
+        assert!(w.shown_by((100, 105)));
+        w.record(Kind::Pod, None);
+        assert!(!w.shown_by((u64::MAX, u64::MAX)));
+    }
+}
