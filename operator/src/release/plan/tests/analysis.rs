@@ -1,70 +1,8 @@
-//! `spec.analysis`: steps held by metric verdicts and webhooks. [`FakeAnalysis`] plays the
-//! controller's part, writing verdicts and webhook answers into `status.analysis`.
-
-use std::collections::BTreeMap;
-
-use chrono::{TimeZone, Utc};
+//! `spec.analysis`: steps held by metric verdicts and webhooks, with
+//! [`super::fake_analysis::FakeAnalysis`] in the controller's place.
 
 use super::*;
-use crate::analysis::{AnalysisStatus, Verdict};
-use crate::release::crd::{WebhookResult, WebhookType};
-
-/// What the simulated controller measures and hears.
-pub(super) struct FakeAnalysis {
-    /// The verdict of every step's run.
-    pub(super) verdict: Verdict,
-    /// Webhook name → decision (`Proceed`, `Halt`, `RollBack`); unnamed hooks proceed.
-    pub(super) hooks: BTreeMap<String, &'static str>,
-    pub(super) invalid: Option<String>,
-}
-
-impl Default for FakeAnalysis {
-    fn default() -> Self {
-        Self {
-            verdict: Verdict::Successful,
-            hooks: BTreeMap::new(),
-            invalid: None,
-        }
-    }
-}
-
-impl FakeAnalysis {
-    /// The status the planner reads: the stage it named, with a run and the answers.
-    pub(super) fn fill(&self, spec: &ReleaseSpec, status: &ReleaseStatus) -> ReleaseStatus {
-        let mut st = status.clone();
-        let (Some(a), Some(stage)) = (&spec.analysis, st.analysis.as_mut()) else {
-            return st;
-        };
-        if stage.step.is_some() && !a.templates.is_empty() {
-            let at = Utc.timestamp_opt(1_700_000_000, 0).single().unwrap();
-            stage.run = Some(AnalysisStatus {
-                verdict: self.verdict,
-                started_at: at,
-                terminated: false,
-                message: Some(format!("verdict {:?}", self.verdict)),
-                metrics: vec![],
-            });
-        }
-        let types: &[WebhookType] = if stage.step.is_some() {
-            &[WebhookType::Rollout, WebhookType::Rollback]
-        } else {
-            &[WebhookType::PreRollout]
-        };
-        stage.webhooks = a
-            .webhooks
-            .iter()
-            .filter(|w| types.contains(&w.type_))
-            .map(|w| WebhookResult {
-                name: w.name.clone(),
-                type_: w.type_.as_str().into(),
-                decision: self.hooks.get(&w.name).copied().unwrap_or("Proceed").into(),
-                message: format!("webhook {}: HTTP 500", w.name),
-                at: rfc3339(1_700_000_000.0),
-            })
-            .collect();
-        st
-    }
-}
+use crate::analysis::Verdict;
 
 const ANALYSED: &str = r#"
 workloadRef: {name: echo}

@@ -15,7 +15,7 @@ use crate::release::crd::{DrainRecord, Phase, ReleaseSpec, ReleaseStatus};
 use crate::release::gates::RevisionWindow;
 use crate::release::plan::*;
 use crate::release::settings::Settings;
-use analysis::FakeAnalysis;
+use fake_analysis::FakeAnalysis;
 
 type SignalFn = Box<dyn Fn(&PodView, f64) -> Option<PodSignals>>;
 
@@ -343,6 +343,7 @@ steps:
 
 mod analysis;
 mod drain;
+mod fake_analysis;
 mod gates;
 mod lifecycle;
 mod steps;
