@@ -14,15 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use ground_common::{NODE, create_pod, ground, is_ready, pod_ip, wait_for};
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use ground_common::{NODE, create_pod, ground, is_ready, pod_ip, sluice_app, wait_for};
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, LogParams, PostParams};
+use kube::api::{Api, ListParams, LogParams};
 use serde_json::json;
 use sluice_e2e::cluster::kube_proxy::MinSyncPeriod;
-use sluice_e2e::scenario::{APP, RunContext, RunSpec, Strategy, echo_deployment, echo_service};
-use sluice_e2e::scenario_sluice::Sluice;
+use sluice_e2e::scenario::{APP, Strategy};
 
 const MIN_SYNC: Duration = Duration::from_secs(10);
 /// How long the client pod sends: the release must end well inside it.
@@ -56,28 +54,8 @@ async fn release_is_lossless_behind_a_lagging_kube_proxy() -> anyhow::Result<()>
     let (cluster, ns) = ground("kplag").await?;
     let client = cluster.client.clone();
     let _min_sync = MinSyncPeriod::set(MIN_SYNC)?;
-    let spec = RunSpec {
-        replicas: 3,
-        ..Default::default()
-    };
-    let ctx = RunContext {
-        client: client.clone(),
-        namespace: ns.name.clone(),
-        name: APP.to_string(),
-        new_image: "sluice/echo:v2".into(),
-        new_pod_capacity: spec.new_pod_capacity,
-    };
-    let strategy = Sluice::proxy();
-    let svc = Api::<Service>::namespaced(client.clone(), &ns.name)
-        .create(&PostParams::default(), &echo_service(APP))
-        .await?;
+    let (ctx, strategy, svc) = sluice_app(&client, &ns.name, 3).await?;
     let cluster_ip = svc.spec.and_then(|s| s.cluster_ip).context("clusterIP")?;
-    let mut deployment = echo_deployment(APP, &spec, "sluice/echo:v1");
-    strategy.shape(&mut deployment);
-    strategy.prepare(&ctx).await?;
-    Api::<Deployment>::namespaced(client.clone(), &ns.name)
-        .create(&PostParams::default(), &deployment)
-        .await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let old: Vec<(String, String)> = wait_for(
         Duration::from_secs(120),
@@ -172,11 +150,7 @@ async fn release_is_lossless_behind_a_lagging_kube_proxy() -> anyhow::Result<()>
 
     strategy.release(&ctx).await?;
     let released = strategy
-        .wait_released(
-            &ctx,
-            spec.replicas,
-            Instant::now() + Duration::from_secs(120),
-        )
+        .wait_released(&ctx, 3, Instant::now() + Duration::from_secs(120))
         .await;
     let release_s = load_started.elapsed().as_secs_f64() - 5.0;
     let _ = stop_tx.send(true);

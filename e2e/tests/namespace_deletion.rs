@@ -11,15 +11,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use ground_common::{require_node, wait_for};
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Service};
-use kube::api::{Api, DeleteParams, PostParams};
+use ground_common::{require_node, sluice_app, wait_for};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams};
 use sluice_e2e::load::{LoadConfig, Outcome, run_load};
-use sluice_e2e::scenario::{
-    APP, RunContext, RunSpec, SERVICE_PORT, Strategy, echo_deployment, echo_service,
-};
-use sluice_e2e::scenario_sluice::{Sluice, release_state};
+use sluice_e2e::scenario::{APP, SERVICE_PORT};
+use sluice_e2e::scenario_sluice::release_state;
 use sluice_e2e::svc_proxy::{ProxyConfig, ServiceProxy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -28,18 +25,6 @@ async fn deleting_the_namespace_cuts_no_request() -> anyhow::Result<()> {
     require_node(&cluster.client).await?;
     let client = cluster.client.clone();
     let ns = cluster.namespace("nsdel").await?;
-    let spec = RunSpec {
-        replicas: 3,
-        ..Default::default()
-    };
-    let ctx = RunContext {
-        client: client.clone(),
-        namespace: ns.name.clone(),
-        name: APP.to_string(),
-        new_image: "sluice/echo:v2".into(),
-        new_pod_capacity: spec.new_pod_capacity,
-    };
-    let strategy = Sluice::proxy();
     let proxy = ServiceProxy::start(
         client.clone(),
         ProxyConfig {
@@ -50,15 +35,7 @@ async fn deleting_the_namespace_cuts_no_request() -> anyhow::Result<()> {
         },
     )
     .await?;
-    Api::<Service>::namespaced(client.clone(), &ns.name)
-        .create(&PostParams::default(), &echo_service(APP))
-        .await?;
-    let mut deployment = echo_deployment(APP, &spec, "sluice/echo:v1");
-    strategy.shape(&mut deployment);
-    strategy.prepare(&ctx).await?;
-    Api::<Deployment>::namespaced(client.clone(), &ns.name)
-        .create(&PostParams::default(), &deployment)
-        .await?;
+    let (_ctx, strategy, _svc) = sluice_app(&client, &ns.name, 3).await?;
     let target = proxy
         .wait_for_address(
             &format!("{}/{APP}:{SERVICE_PORT}", ns.name),

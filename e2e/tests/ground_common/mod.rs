@@ -199,3 +199,42 @@ where
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// The echo app run by Sluice in `ns`: its Service, the operator (a host process) and the
+/// Release, and the Deployment shaped for it, `replicas` pods of v1 (not waited for).
+/// Returns the context a [`sluice_e2e::scenario::Strategy`] needs, the strategy (it owns
+/// the operator process) and the Service as created.
+pub async fn sluice_app(
+    client: &Client,
+    ns: &str,
+    replicas: i32,
+) -> anyhow::Result<(
+    sluice_e2e::scenario::RunContext,
+    sluice_e2e::scenario_sluice::Sluice,
+    k8s_openapi::api::core::v1::Service,
+)> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use sluice_e2e::scenario::{APP, RunContext, RunSpec, Strategy, echo_deployment, echo_service};
+    let spec = RunSpec {
+        replicas,
+        ..Default::default()
+    };
+    let ctx = RunContext {
+        client: client.clone(),
+        namespace: ns.to_string(),
+        name: APP.to_string(),
+        new_image: "sluice/echo:v2".into(),
+        new_pod_capacity: spec.new_pod_capacity,
+    };
+    let strategy = sluice_e2e::scenario_sluice::Sluice::proxy();
+    let svc = Api::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &echo_service(APP))
+        .await?;
+    let mut deployment = echo_deployment(APP, &spec, "sluice/echo:v1");
+    strategy.shape(&mut deployment);
+    strategy.prepare(&ctx).await?;
+    Api::<Deployment>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &deployment)
+        .await?;
+    Ok((ctx, strategy, svc))
+}
