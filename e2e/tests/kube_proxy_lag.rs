@@ -14,11 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use ground_common::{NODE, create_pod, ground, is_ready, pod_ip, sluice_app, wait_for};
+use ground_common::{
+    ground, is_ready, load_pod_report, pod_ip, sluice_app, start_load_pod, wait_for,
+};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams, LogParams};
-use serde_json::json;
+use kube::api::{Api, ListParams};
 use sluice_e2e::cluster::kube_proxy::MinSyncPeriod;
 use sluice_e2e::scenario::{APP, Strategy};
 
@@ -78,24 +79,7 @@ async fn release_is_lossless_behind_a_lagging_kube_proxy() -> anyhow::Result<()>
     .await?;
 
     let url = format!("http://{cluster_ip}:80/");
-    let secs = LOAD.as_secs().to_string();
-    create_pod(
-        &client,
-        &ns.name,
-        json!({
-            "metadata": {"name": "client"},
-            "spec": {
-                "nodeName": NODE,
-                "restartPolicy": "Never",
-                "containers": [{
-                    "name": "load",
-                    "image": "sluice/e2e:dev",
-                    "args": ["load", "--url", url, "-c", "30", "-r", "150", "-d", format!("{secs}s")],
-                }],
-            }
-        }),
-    )
-    .await?;
+    start_load_pod(&client, &ns.name, &url, 30, 150, LOAD.as_secs()).await?;
     wait_for(Duration::from_secs(60), "the client pod to run", || {
         let pods = pods.clone();
         async move {
@@ -161,28 +145,8 @@ async fn release_is_lossless_behind_a_lagging_kube_proxy() -> anyhow::Result<()>
         "the release ended {release_s:.1} s in, too late for the {LOAD:?} of load to show what followed it"
     );
 
-    let phase = wait_for(
-        LOAD + Duration::from_secs(30),
-        "the client pod to finish",
-        || {
-            let pods = pods.clone();
-            async move {
-                let p = pods.get_opt("client").await.ok()??;
-                let phase = p.status?.phase?;
-                matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase)
-            }
-        },
-    )
-    .await?;
-    let out = pods.logs("client", &LogParams::default()).await?;
-    let json_start = out
-        .find('{')
-        .context("no JSON summary in the client's log")?;
-    let report: serde_json::Value = serde_json::Deserializer::from_str(&out[json_start..])
-        .into_iter()
-        .next()
-        .context("no JSON summary")?
-        .with_context(|| format!("summary: {out}"))?;
+    let (phase, report, out) =
+        load_pod_report(&client, &ns.name, LOAD + Duration::from_secs(30)).await?;
 
     let lags: Vec<String> = {
         let (unready, unrouted) = (unready_at.lock().unwrap(), unrouted_at.lock().unwrap());

@@ -430,44 +430,12 @@ async fn pods_reach_a_service_through_kube_proxy() -> anyhow::Result<()> {
     )
     .await?;
     let url = format!("http://{cluster_ip}:80/");
-    create_pod(
-        &cluster.client,
-        &ns.name,
-        json!({
-            "metadata": {"name": "client"},
-            "spec": {
-                "nodeName": NODE,
-                "restartPolicy": "Never",
-                "containers": [{
-                    "name": "load",
-                    "image": "sluice/e2e:dev",
-                    // 32 connections: kube-proxy picks a backend at random per connection,
-                    // so both pods get some (all on one: 2^-31).
-                    "args": ["load", "--url", url, "-c", "32", "-r", "100", "-d", "3s"],
-                }],
-            }
-        }),
-    )
-    .await?;
-    let phase = wait_for(Duration::from_secs(60), "the client pod to finish", || {
-        let api = api.clone();
-        async move {
-            let p = api.get_opt("client").await.ok()??;
-            let phase = p.status?.phase?;
-            matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase)
-        }
-    })
-    .await?;
-    let out = kubectl(&cluster, &["logs", "-n", &ns.name, "client"])?;
+    // 32 connections: kube-proxy picks a backend at random per connection, so both pods
+    // get some (all on one: 2^-31).
+    start_load_pod(&cluster.client, &ns.name, &url, 32, 100, 3).await?;
+    let (phase, report, out) =
+        load_pod_report(&cluster.client, &ns.name, Duration::from_secs(60)).await?;
     assert_eq!(phase, "Succeeded", "{out}");
-    let json_start = out.find('{').context("no JSON summary")?;
-    // The JSON summary (one line on stdout) and a one-line recap (stderr) share the log,
-    // in either order.
-    let report: serde_json::Value = serde_json::Deserializer::from_str(&out[json_start..])
-        .into_iter()
-        .next()
-        .context("no JSON summary")?
-        .with_context(|| format!("summary: {out}"))?;
     assert_eq!(report["failed"], 0, "{report}");
     assert!(report["requests"].as_u64().unwrap_or(0) >= 250, "{report}");
     let by_pod = report["by_pod"].as_object().context("by_pod")?;

@@ -238,3 +238,64 @@ pub async fn sluice_app(
         .await?;
     Ok((ctx, strategy, svc))
 }
+
+/// Starts the pod `client` on the real node: our load generator (in its image) sending
+/// `rate` requests/s on `connections` keep-alive connections to `url` for `secs` seconds.
+pub async fn start_load_pod(
+    client: &Client,
+    ns: &str,
+    url: &str,
+    connections: u32,
+    rate: u32,
+    secs: u64,
+) -> anyhow::Result<Pod> {
+    create_pod(
+        client,
+        ns,
+        serde_json::json!({
+            "metadata": {"name": "client"},
+            "spec": {
+                "nodeName": NODE,
+                "restartPolicy": "Never",
+                "containers": [{
+                    "name": "load",
+                    "image": "sluice/e2e:dev",
+                    "args": ["load", "--url", url, "-c", connections.to_string(),
+                             "-r", rate.to_string(), "-d", format!("{secs}s")],
+                }],
+            }
+        }),
+    )
+    .await
+}
+
+/// Waits for the pod `client` (see [`start_load_pod`]) to finish; its phase, its load
+/// summary (the JSON line of its log) and the whole log.
+pub async fn load_pod_report(
+    client: &Client,
+    ns: &str,
+    timeout: Duration,
+) -> anyhow::Result<(String, serde_json::Value, String)> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let phase = wait_for(timeout, "the client pod to finish", || {
+        let api = api.clone();
+        async move {
+            let p = api.get_opt("client").await.ok()??;
+            let phase = p.status?.phase?;
+            matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase)
+        }
+    })
+    .await?;
+    let log = api.logs("client", &kube::api::LogParams::default()).await?;
+    let json_start = log
+        .find('{')
+        .context("no JSON summary in the client's log")?;
+    // The JSON summary (one line on stdout) and a one-line recap (stderr) share the log,
+    // in either order.
+    let report: serde_json::Value = serde_json::Deserializer::from_str(&log[json_start..])
+        .into_iter()
+        .next()
+        .context("no JSON summary")?
+        .with_context(|| format!("summary: {log}"))?;
+    Ok((phase, report, log))
+}
