@@ -249,21 +249,25 @@ pub struct TemplateContext {
 
 impl TemplateContext {
     /// The context of a Release: besides the Flagger names, the args `namespace`,
-    /// `service`, `target`, `canary-hash` and `stable-hash` (pod-template-hash values).
+    /// `service`, `target`, `canary-revision` and `stable-revision` (the values of the
+    /// `sluice.dev/revision` label on each side's pods), the same values also as
+    /// `canary-hash` and `stable-hash`, the names Argo Rollouts' templates use.
     pub fn for_release(
         name: &str,
         namespace: &str,
         target: &str,
         service: &str,
-        canary_hash: &str,
-        stable_hash: &str,
+        canary_revision: &str,
+        stable_revision: &str,
     ) -> Self {
         let args = [
             ("namespace", namespace),
             ("service", service),
             ("target", target),
-            ("canary-hash", canary_hash),
-            ("stable-hash", stable_hash),
+            ("canary-revision", canary_revision),
+            ("stable-revision", stable_revision),
+            ("canary-hash", canary_revision),
+            ("stable-hash", stable_revision),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -482,7 +486,7 @@ mod tests {
     #[test]
     fn templates_fill_argo_and_flagger_placeholders() {
         let mut c = check(conds(None, None));
-        c.query = "sum(rate(x{ns=\"{{ namespace }}\",pod=~\"{{target}}-{{args.canary-hash}}-.*\",\
+        c.query = "sum(rate(x{ns=\"{{ namespace }}\",pod=~\"{{target}}-{{args.canary-revision}}-.*\",\
                    svc=\"{{ args.service-name }}\",r=\"{{ variables.route }}\"}[{{ interval }}]))"
             .into();
         c.interval = Some(Duration::from_secs(60));

@@ -29,8 +29,9 @@ pub struct AnalysisSpec {
     )]
     pub templates: Vec<AnalysisTemplateRef>,
     /// Values for the templates' `{{args.NAME}}`; they override the templates' defaults
-    /// and the args the Release supplies (`namespace`, `service`, `target`, `canary-hash`,
-    /// `stable-hash`).
+    /// and the args the Release supplies (`namespace`, `service`, `target`, `canary-revision`,
+    /// `stable-revision`: the `sluice.dev/revision` label of each side's pods; also as
+    /// `canary-hash` and `stable-hash`, the names Argo Rollouts' templates use).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     #[x_kube(
