@@ -1,12 +1,13 @@
 //! Sluice's local test ground as a library: a real control plane built from pinned Go
 //! modules (see `e2e/cluster/`), KWOK nodes, real nodes (kubelet, containerd), a service proxy and a load
-//! generator. Integration tests use [`TestCluster`](cluster::TestCluster).
+//! generator, and a Prometheus that scrapes the agents. Integration tests use [`TestCluster`](cluster::TestCluster).
 
 pub mod api_requests;
 pub mod cluster;
 pub mod cpu;
 pub mod load;
 pub mod node;
+pub mod prometheus;
 pub mod scenario;
 pub mod scenario_sluice;
 pub mod svc_proxy;

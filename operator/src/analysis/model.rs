@@ -486,9 +486,10 @@ mod tests {
     #[test]
     fn templates_fill_argo_and_flagger_placeholders() {
         let mut c = check(conds(None, None));
-        c.query = "sum(rate(x{ns=\"{{ namespace }}\",pod=~\"{{target}}-{{args.canary-revision}}-.*\",\
+        c.query =
+            "sum(rate(x{ns=\"{{ namespace }}\",pod=~\"{{target}}-{{args.canary-revision}}-.*\",\
                    svc=\"{{ args.service-name }}\",r=\"{{ variables.route }}\"}[{{ interval }}]))"
-            .into();
+                .into();
         c.interval = Some(Duration::from_secs(60));
         c.defaults
             .insert("args.service-name".into(), "default-svc".into());
