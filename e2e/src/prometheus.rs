@@ -1,13 +1,18 @@
 //! A Prometheus for the test ground: Debian's `prometheus` run as a host process on
-//! loopback, scraping the agents of one namespace's pods through Kubernetes service
-//! discovery (the ground's kubeconfig), as a platform team's Prometheus would. Stopped (and
-//! its data removed) when dropped.
+//! loopback, scraping the agents of one namespace's pods, as a platform team's Prometheus
+//! would. Debian builds it without Kubernetes service discovery, so the targets come from a
+//! file (`file_sd_configs`) that a task here keeps in step with the namespace's pods (the
+//! labels a pod scrape config would give: `namespace`, `pod`, `revision`). Stopped (and its
+//! data removed) when dropped.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use kube::{Client, ResourceExt};
 
 /// Where Debian's package installs it (`.ci/run` installs the package).
 pub const PROMETHEUS_BIN: &str = "/usr/bin/prometheus";
@@ -15,55 +20,61 @@ pub const PROMETHEUS_BIN: &str = "/usr/bin/prometheus";
 /// A running Prometheus; killed when dropped.
 pub struct Prometheus {
     child: Child,
+    discovery: Option<tokio::task::JoinHandle<()>>,
     pub addr: SocketAddr,
     dir: PathBuf,
 }
 
-/// The scrape config: every pod of `namespace` with a `sluice.dev/revision` label (the
-/// pods Sluice runs), scraped on the agent's admin port every second, with the labels
-/// `namespace`, `pod` and `revision` (the pod's `sluice.dev/revision`).
-pub fn agents_config(kubeconfig: &Path, namespace: &str, admin_port: u16) -> String {
+/// The scrape config: the agents listed in `targets` (a `file_sd` JSON file), scraped
+/// every second.
+pub fn agents_config(targets: &Path) -> String {
     format!(
         r#"global:
   scrape_interval: 1s
   evaluation_interval: 1s
 scrape_configs:
   - job_name: sluice-agents
-    kubernetes_sd_configs:
-      - role: pod
-        kubeconfig_file: "{kc}"
-        namespaces:
-          names: ["{namespace}"]
-    relabel_configs:
-      - source_labels: [__meta_kubernetes_pod_label_sluice_dev_revision]
-        regex: ".+"
-        action: keep
-      - source_labels: [__meta_kubernetes_pod_ip]
-        target_label: __address__
-        replacement: "${{1}}:{admin_port}"
-      - source_labels: [__meta_kubernetes_namespace]
-        target_label: namespace
-      - source_labels: [__meta_kubernetes_pod_name]
-        target_label: pod
-      - source_labels: [__meta_kubernetes_pod_label_sluice_dev_revision]
-        target_label: revision
+    file_sd_configs:
+      - files: ["{}"]
+        refresh_interval: 1s
 "#,
-        kc = kubeconfig.display(),
+        targets.display()
     )
+}
+
+/// The `file_sd` targets of `pods`: each Sluice pod (one with a `sluice.dev/revision`
+/// label and an IP) on the agent's admin port, labelled as a pod scrape config would.
+pub fn agent_targets(pods: &[Pod], admin_port: u16) -> serde_json::Value {
+    let groups: Vec<serde_json::Value> = pods
+        .iter()
+        .filter_map(|p| {
+            let revision = p.labels().get("sluice.dev/revision")?;
+            let ip = p.status.as_ref()?.pod_ip.as_ref()?;
+            Some(serde_json::json!({
+                "targets": [format!("{ip}:{admin_port}")],
+                "labels": {
+                    "namespace": p.namespace().unwrap_or_default(),
+                    "pod": p.name_any(),
+                    "revision": revision,
+                },
+            }))
+        })
+        .collect();
+    serde_json::Value::Array(groups)
 }
 
 impl Prometheus {
     /// Starts Prometheus with `config` on a free loopback port and waits until it is ready.
     pub async fn start(config: &str) -> anyhow::Result<Self> {
+        Self::start_in(new_dir()?, config).await
+    }
+
+    /// [`Prometheus::start`] with its files (config, data, log) in `dir`, removed on drop.
+    async fn start_in(dir: PathBuf, config: &str) -> anyhow::Result<Self> {
         anyhow::ensure!(
             Path::new(PROMETHEUS_BIN).exists(),
             "{PROMETHEUS_BIN} is missing: install Debian's `prometheus` package (.ci/run does)"
         );
-        let dir = crate::cluster::state_dir().join(format!(
-            "prometheus-{}",
-            std::process::id() as u64 * 1000 + rand::random_range(0..1000u64)
-        ));
-        std::fs::create_dir_all(&dir)?;
         let config_path = dir.join("prometheus.yml");
         std::fs::write(&config_path, config)?;
         let port = crate::cluster::free_port()?;
@@ -82,7 +93,12 @@ impl Prometheus {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {PROMETHEUS_BIN}"))?;
-        let p = Prometheus { child, addr, dir };
+        let p = Prometheus {
+            child,
+            discovery: None,
+            addr,
+            dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if p.get("/-/ready").await.is_ok() {
@@ -95,6 +111,36 @@ impl Prometheus {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Starts Prometheus scraping the agents of `namespace`'s Sluice pods on `admin_port`;
+    /// the target list follows the pods every 500 ms.
+    pub async fn for_agents(
+        client: Client,
+        namespace: &str,
+        admin_port: u16,
+    ) -> anyhow::Result<Self> {
+        let dir = new_dir()?;
+        let targets = dir.join("agents.json");
+        std::fs::write(&targets, "[]")?;
+        let mut p = Prometheus::start_in(dir, &agents_config(&targets)).await?;
+        let pods: Api<Pod> = Api::namespaced(client, namespace);
+        p.discovery = Some(tokio::spawn(async move {
+            loop {
+                if let Ok(list) = pods
+                    .list(&ListParams::default().labels("sluice.dev/revision"))
+                    .await
+                {
+                    let text = agent_targets(&list.items, admin_port).to_string();
+                    let tmp = targets.with_extension("json.tmp");
+                    if std::fs::write(&tmp, text).is_ok() {
+                        let _ = std::fs::rename(&tmp, &targets);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }));
+        Ok(p)
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -113,6 +159,17 @@ impl Prometheus {
         let v: serde_json::Value = serde_json::from_str(&text)?;
         Ok(v["data"]["result"].clone())
     }
+}
+
+/// A fresh directory for one Prometheus under the ground's state directory.
+fn new_dir() -> anyhow::Result<PathBuf> {
+    let dir = crate::cluster::state_dir().join(format!(
+        "prometheus-{}-{}",
+        std::process::id(),
+        rand::random_range(0..1_000_000u32)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 /// `application/x-www-form-urlencoded` value encoding.
@@ -162,6 +219,9 @@ async fn request(
 
 impl Drop for Prometheus {
     fn drop(&mut self) {
+        if let Some(d) = self.discovery.take() {
+            d.abort();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -182,10 +242,32 @@ mod tests {
     }
 
     #[test]
-    fn the_config_keeps_only_sluice_pods_of_the_namespace() {
-        let c = agents_config(Path::new("/k/kubeconfig"), "ns1", 9901);
-        assert!(c.contains("names: [\"ns1\"]"), "{c}");
-        assert!(c.contains("replacement: \"${1}:9901\""), "{c}");
-        assert!(c.contains("kubeconfig_file: \"/k/kubeconfig\""), "{c}");
+    fn targets_are_sluice_pods_with_an_ip_labelled_like_a_pod_scrape() {
+        let pod = |name: &str, rev: Option<&str>, ip: Option<&str>| -> Pod {
+            let mut labels = serde_json::Map::new();
+            if let Some(r) = rev {
+                labels.insert("sluice.dev/revision".into(), r.into());
+            }
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "namespace": "ns1", "labels": labels},
+                "status": {"podIP": ip},
+            }))
+            .unwrap()
+        };
+        let t = agent_targets(
+            &[
+                pod("a", Some("r1"), Some("10.0.0.1")),
+                pod("b", None, Some("10.0.0.2")),
+                pod("c", Some("r2"), None),
+            ],
+            9901,
+        );
+        assert_eq!(
+            t,
+            serde_json::json!([{"targets": ["10.0.0.1:9901"],
+                                "labels": {"namespace": "ns1", "pod": "a", "revision": "r1"}}])
+        );
+        let c = agents_config(Path::new("/t/agents.json"));
+        assert!(c.contains("files: [\"/t/agents.json\"]"), "{c}");
     }
 }

@@ -1,7 +1,6 @@
 //! A canary judged by the user's own Prometheus: the Release's comparison gate is off and
 //! `spec.analysis` names an Argo Rollouts `AnalysisTemplate` whose PromQL reads the canary's
-//! error ratio from a real Prometheus (Debian's, a host process) that scrapes the agents
-//! through Kubernetes service discovery. v3 answers 30% of its requests with 500: the
+//! error ratio from a real Prometheus (Debian's, a host process) that scrapes the agents. v3 answers 30% of its requests with 500: the
 //! analysis must fail the step, the Release must roll back through the drain path, and
 //! nothing but the bad canary's own 500s may fail.
 //!
@@ -19,7 +18,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::json;
 use sluice_e2e::load::Outcome;
-use sluice_e2e::prometheus::{Prometheus, agents_config};
+use sluice_e2e::prometheus::Prometheus;
 use sluice_e2e::scenario::{self, RunContext, RunSpec, Strategy};
 use sluice_e2e::scenario_sluice::{BadVersion, Sluice, release_state, releases};
 
@@ -82,8 +81,7 @@ impl Strategy for Analysed {
     fn prepare<'a>(&'a self, ctx: &'a RunContext) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             ensure_analysis_template_crd(&ctx.client).await?;
-            let kubeconfig = sluice_e2e::cluster::kubeconfig_path();
-            let prom = Prometheus::start(&agents_config(&kubeconfig, &ctx.namespace, 9901)).await?;
+            let prom = Prometheus::for_agents(ctx.client.clone(), &ctx.namespace, 9901).await?;
             let ar = ApiResource {
                 group: "argoproj.io".into(),
                 version: "v1alpha1".into(),
