@@ -201,3 +201,171 @@ async fn a_canary_failed_by_a_promql_analysis_is_rolled_back() -> anyhow::Result
     );
     Ok(())
 }
+
+/// A webhook receiver on loopback (the operator runs on the host): answers every POST with
+/// the status it is set to, and counts the calls.
+struct Hook {
+    addr: std::net::SocketAddr,
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Hook {
+    async fn start(status: u16) -> anyhow::Result<Self> {
+        use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let status = std::sync::Arc::new(AtomicU16::new(status));
+        let calls = std::sync::Arc::new(AtomicU64::new(0));
+        let (s, c) = (status.clone(), calls.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (s, c) = (s.clone(), c.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req| {
+                        c.fetch_add(1, Ordering::Relaxed);
+                        let code = s.load(Ordering::Relaxed);
+                        async move {
+                            hyper::Response::builder()
+                                .status(code)
+                                .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(Hook {
+            addr,
+            status,
+            calls,
+            task,
+        })
+    }
+}
+
+impl Drop for Hook {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A good v2 released in two steps behind a rollout webhook that first says no.
+struct HookGated {
+    sluice: Sluice,
+    hook: Hook,
+}
+
+impl Strategy for HookGated {
+    fn name(&self) -> String {
+        "Sluice-webhook".into()
+    }
+    fn description(&self) -> String {
+        "steps gated by a rollout webhook".into()
+    }
+    fn shape(&self, d: &mut Deployment) {
+        self.sluice.shape(d)
+    }
+    fn prepare<'a>(&'a self, ctx: &'a RunContext) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            self.sluice.prepare(ctx).await?;
+            // The webhook alone gates the steps (a cold canary's latency must not).
+            let patch = json!({"spec": {
+                "gates": {"comparison": null},
+                "steps": [{"setWeight": 34}, {"setWeight": 67}],
+                "analysis": {"webhooks": [{
+                    "name": "load-test", "type": "rollout",
+                    "url": format!("http://{}/", self.hook.addr), "timeout": "2s",
+                }]},
+            }});
+            releases(&ctx.client, &ctx.namespace)
+                .patch(&ctx.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            Ok(())
+        })
+    }
+    fn release<'a>(&'a self, ctx: &'a RunContext) -> BoxFuture<'a, anyhow::Result<()>> {
+        use std::sync::atomic::Ordering;
+        Box::pin(async move {
+            self.sluice.release(ctx).await?;
+            let events: Api<k8s_openapi::api::events::v1::Event> =
+                Api::namespaced(ctx.client.clone(), &ctx.namespace);
+            wait_for(Duration::from_secs(90), "a WebhookHalted event", || {
+                let events = events.clone();
+                async move {
+                    let list = events.list(&Default::default()).await.ok()?;
+                    list.items
+                        .iter()
+                        .any(|e| e.reason.as_deref() == Some("WebhookHalted"))
+                        .then_some(())
+                }
+            })
+            .await?;
+            let held = release_state(&ctx.client, &ctx.namespace, &ctx.name).await?;
+            let calls = self.hook.calls.load(Ordering::Relaxed);
+            // The hook is asked again every 10 s; the step must not move meanwhile.
+            tokio::time::sleep(Duration::from_secs(12)).await;
+            let still = release_state(&ctx.client, &ctx.namespace, &ctx.name).await?;
+            anyhow::ensure!(
+                still.status["currentStep"] == held.status["currentStep"]
+                    && still.phase.as_deref() == Some("Progressing"),
+                "the step moved while the webhook said no: {} → {} ({:?})",
+                held.status["currentStep"],
+                still.status["currentStep"],
+                still.message
+            );
+            let asked = self.hook.calls.load(Ordering::Relaxed);
+            anyhow::ensure!(
+                asked > calls,
+                "the webhook was not asked again ({asked} calls)"
+            );
+            eprintln!(
+                "held at step {} for 12 s by the webhook ({asked} calls): {:?}",
+                still.status["currentStep"], still.message
+            );
+            self.hook.status.store(200, Ordering::Relaxed);
+            Ok(())
+        })
+    }
+    fn wait_released<'a>(
+        &'a self,
+        ctx: &'a RunContext,
+        replicas: i32,
+        deadline: Instant,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        self.sluice.wait_released(ctx, replicas, deadline)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_webhook_that_says_no_holds_the_step() -> anyhow::Result<()> {
+    let cluster = sluice_e2e::cluster::TestCluster::get().await?;
+    require_node(&cluster.client).await?;
+    let spec = RunSpec {
+        replicas: 3,
+        connections: 45,
+        rate: 150.0,
+        delay: Duration::from_secs(1),
+        steady: Duration::from_secs(4),
+        tail: Duration::from_secs(2),
+        max_release: Duration::from_secs(180),
+        ..Default::default()
+    };
+    let strategy = HookGated {
+        sluice: Sluice::proxy(),
+        hook: Hook::start(500).await?,
+    };
+    let r = scenario::run_one(&cluster.client, &strategy, &spec)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    eprintln!(
+        "webhook-gated release: {} requests, {} failed {:?}, release {:.1} s",
+        r.requests, r.failed, r.by_outcome, r.release_s
+    );
+    assert_eq!(r.failed, 0, "requests failed: {:?}", r.by_outcome);
+    assert_eq!(r.new_pods.len(), 3);
+    Ok(())
+}

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::analysis::Verdict;
+use crate::pod::time::parse_rfc3339;
 use crate::release::crd::{ReleaseAnalysisStatus, WebhookType};
 
 use super::model::{Ctx, Hold, Observed};
@@ -45,6 +46,23 @@ fn first_unsettled(
             None => Some((w.name.clone(), None, String::new())),
         }
     })
+}
+
+/// How long until the halted hook `name` is asked again: [`HALT_RETRY`] after its last
+/// answer, not after this round (other rounds in between must not push the question out).
+fn retry_in(c: &Ctx, st: &ReleaseAnalysisStatus, name: &str) -> Duration {
+    let asked = st
+        .webhooks
+        .iter()
+        .find(|r| r.name == name)
+        .and_then(|r| parse_rfc3339(&r.at));
+    match asked {
+        Some(t) => {
+            let left = HALT_RETRY.as_secs_f64() - (c.now - t);
+            Duration::from_secs_f64(left.clamp(0.0, HALT_RETRY.as_secs_f64()))
+        }
+        None => HALT_RETRY,
+    }
 }
 
 fn hold(c: &mut Ctx, reason: &'static str, message: String, paused: bool, degraded: bool) {
@@ -104,8 +122,8 @@ pub(super) fn pre_rollout_holds(c: &mut Ctx, o: &Observed, r: &str) -> bool {
             ));
             true
         }
-        Some((_, Some(_), msg)) => {
-            c.requeue_hint = Some(HALT_RETRY);
+        Some((name, Some(_), msg)) => {
+            c.requeue_hint = Some(retry_in(c, &st, &name));
             hold(
                 c,
                 "WebhookHalted",
@@ -181,8 +199,8 @@ pub(super) fn judge_step(c: &mut Ctx, o: &Observed, canary: &str, cur: i32) -> J
         return Judgement::Hold;
     }
     match first_unsettled(c, &st, WebhookType::Rollout) {
-        Some((_, Some(_), msg)) => {
-            c.requeue_hint = Some(HALT_RETRY);
+        Some((name, Some(_), msg)) => {
+            c.requeue_hint = Some(retry_in(c, &st, &name));
             hold(
                 c,
                 "WebhookHalted",

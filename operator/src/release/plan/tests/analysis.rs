@@ -1,6 +1,8 @@
 //! `spec.analysis`: steps held by metric verdicts and webhooks, with
 //! [`super::fake_analysis::FakeAnalysis`] in the controller's place.
 
+use std::time::Duration;
+
 use super::*;
 use crate::analysis::Verdict;
 
@@ -98,6 +100,19 @@ fn an_inconclusive_analysis_pauses_until_promoted() {
     sim.analysis.verdict = Verdict::Successful;
     sim.promote = Some("1".into());
     sim.run_until(100, |s| s.status.current_step == Some(1));
+}
+
+#[test]
+fn a_halted_hook_is_asked_again_ten_seconds_after_its_answer_not_after_the_round() {
+    let mut sim = analysed(Verdict::Successful);
+    sim.analysis.hooks.insert("load-test".into(), "Halt");
+    sim.analysis.answered_ago = 4.0;
+    for _ in 0..40 {
+        sim.round();
+    }
+    assert_eq!(reason(&sim, "Ready"), "WebhookHalted");
+    let plan = sim.last_plan.clone().unwrap();
+    assert_eq!(plan.requeue_after, HALT_RETRY - Duration::from_secs(4));
 }
 
 #[test]

@@ -16,6 +16,8 @@ pub(crate) struct FakeAnalysis {
     /// Webhook name → decision (`Proceed`, `Halt`, `RollBack`); unnamed hooks proceed.
     pub(crate) hooks: BTreeMap<String, &'static str>,
     pub(crate) invalid: Option<String>,
+    /// How long before the round the hooks answered (seconds).
+    pub(crate) answered_ago: f64,
 }
 
 impl Default for FakeAnalysis {
@@ -24,13 +26,20 @@ impl Default for FakeAnalysis {
             verdict: Verdict::Successful,
             hooks: BTreeMap::new(),
             invalid: None,
+            answered_ago: 0.0,
         }
     }
 }
 
 impl FakeAnalysis {
-    /// The status the planner reads: the stage it named, with a run and the answers.
-    pub(crate) fn fill(&self, spec: &ReleaseSpec, status: &ReleaseStatus) -> ReleaseStatus {
+    /// The status the planner reads: the stage it named, with a run and the answers (the
+    /// hooks asked at `now`, every round).
+    pub(crate) fn fill(
+        &self,
+        spec: &ReleaseSpec,
+        status: &ReleaseStatus,
+        now: f64,
+    ) -> ReleaseStatus {
         let mut st = status.clone();
         let (Some(a), Some(stage)) = (&spec.analysis, st.analysis.as_mut()) else {
             return st;
@@ -59,7 +68,7 @@ impl FakeAnalysis {
                 type_: w.type_.as_str().into(),
                 decision: self.hooks.get(&w.name).copied().unwrap_or("Proceed").into(),
                 message: format!("webhook {}: HTTP 500", w.name),
-                at: rfc3339(1_700_000_000.0),
+                at: rfc3339(now - self.answered_ago),
             })
             .collect();
         st

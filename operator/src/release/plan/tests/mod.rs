@@ -113,7 +113,7 @@ impl Sim {
                 &AgentImagePolicy::only("agent:test"),
                 self.deleting,
             ),
-            status: self.analysis.fill(&self.spec, &self.status),
+            status: self.analysis.fill(&self.spec, &self.status, self.now),
             promote: self.promote.clone(),
             abort: self.abort.clone(),
             deployment: self.dep.clone(),
