@@ -96,7 +96,6 @@ async fn release_is_lossless_behind_a_lagging_kube_proxy() -> anyhow::Result<()>
     // stopped naming it.
     let unready_at: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
     let unrouted_at: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let watcher = {
         let (pods, old, unready_at, unrouted_at) = (
             pods.clone(),
@@ -106,7 +105,8 @@ async fn release_is_lossless_behind_a_lagging_kube_proxy() -> anyhow::Result<()>
         );
         tokio::spawn(async move {
             let deadline = Instant::now() + LOAD;
-            while !*stop_rx.borrow() && Instant::now() < deadline {
+            // Until kube-proxy routes to none of the old pods (or the load ends).
+            while Instant::now() < deadline {
                 let now = Instant::now();
                 let list = app_pods(&pods).await.unwrap_or_default();
                 let table = nft_table();
@@ -136,12 +136,12 @@ async fn release_is_lossless_behind_a_lagging_kube_proxy() -> anyhow::Result<()>
     let released = strategy
         .wait_released(&ctx, 3, Instant::now() + Duration::from_secs(120))
         .await;
-    let release_s = load_started.elapsed().as_secs_f64() - 5.0;
-    let _ = stop_tx.send(true);
+    let released_at = load_started.elapsed();
+    let release_s = released_at.as_secs_f64() - 5.0;
     let _ = watcher.await;
     released.context("the release did not complete")?;
     anyhow::ensure!(
-        load_started.elapsed() + Duration::from_secs(3) < LOAD,
+        released_at + Duration::from_secs(3) < LOAD,
         "the release ended {release_s:.1} s in, too late for the {LOAD:?} of load to show what followed it"
     );
 
