@@ -54,7 +54,7 @@ trap cleanup EXIT
 if [ "${OPERATOR:-cluster}" = cluster ]; then
   step "CRDs and the Helm chart: the operator runs in the cluster (a pod on local-0), watching $ns"
   helm upgrade --install sluice charts/sluice -n sluice-system --create-namespace \
-    --set "image.tag=dev,agent.image=sluice/agent:dev,watchNamespace=$ns,replicas=1,leaderElection.leaseDuration=5s" \
+    --set "image.tag=dev,agent.image=sluice/agent:dev,watchNamespace=$ns,replicas=1,leaderElection.leaseDuration=5s,leaderElection.renewDeadline=3s,leaderElection.retryPeriod=1s" \
     --set-string 'nodeSelector.kubernetes\.io/hostname=local-0' >/dev/null
   kubectl -n sluice-system rollout status deployment/sluice-operator --timeout=90s
 else
