@@ -290,6 +290,26 @@ async fn invalid_releases_are_rejected_with_a_fix() {
             "  workloadRef: {name: echo}\n  analysis: {templates: [{kind: MetricTemplate, name: e, interval: 1m, thresholdRange: {min: 2, max: 1}}]}",
             "thresholdRange.min must not be above thresholdRange.max",
         ),
+        (
+            "tr-no-route",
+            "  workloadRef: {name: echo}\n  trafficRouting: {service: web, gatewayAPI: {}}",
+            "trafficRouting.gatewayAPI names no route",
+        ),
+        (
+            "tr-service",
+            "  workloadRef: {name: echo}\n  trafficRouting: {service: Web_1, gatewayAPI: {httpRoutes: [{name: web}]}}",
+            "trafficRouting.service must be a Service name",
+        ),
+        (
+            "tr-dup-route",
+            "  workloadRef: {name: echo}\n  trafficRouting: {service: web, gatewayAPI: {httpRoutes: [{name: web}, {name: web}]}}",
+            "httpRoutes must not name a route twice",
+        ),
+        (
+            "tr-tolerance",
+            "  workloadRef: {name: echo}\n  trafficRouting: {service: web, gatewayAPI: {grpcRoutes: [{name: g}]}, verify: {tolerance: 0}}",
+            "trafficRouting.verify.tolerance must be between 0 and 100",
+        ),
     ];
     let mut failures = Vec::new();
     for (name, spec, want) in cases {

@@ -9,6 +9,7 @@
 //! - [`crd`]: the `Release` resource and its admission rules;
 //! - [`settings`]: the spec validated, with defaults;
 //! - [`gates`]: gate evaluation over the agents' samples;
+//! - [`gateway_api`]: reading and patching the weights of Gateway API routes;
 //! - [`plan`]: the pure planner;
 //! - [`samples`]: the agent samples kept in memory, per Release and pod;
 //! - [`controller`]: gather, execute, status (I/O); [`metrics`]: its Prometheus metrics.
@@ -16,6 +17,7 @@
 pub mod controller;
 pub mod crd;
 pub mod gates;
+pub mod gateway_api;
 pub mod metrics;
 pub mod plan;
 pub mod samples;

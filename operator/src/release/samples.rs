@@ -24,12 +24,24 @@ pub struct SampleWindows {
     pub rate: f64,
     /// `gates.comparison.interval`.
     pub comparison: f64,
+    /// `trafficRouting.verify.window`.
+    pub split: f64,
+}
+
+/// What one round of samples gives the planner.
+pub struct Observation {
+    pub pods: Vec<PodView>,
+    /// Request figures per revision over the comparison window (pods neither draining
+    /// nor deleting).
+    pub windows: BTreeMap<String, RevisionWindow>,
+    /// Requests per revision over the split window, every pod still scraped.
+    pub split: BTreeMap<String, f64>,
 }
 
 impl SampleWindows {
     /// Samples older than this are dropped (two are always kept).
     fn keep(&self) -> f64 {
-        self.rate.max(self.comparison) + 10.0
+        self.rate.max(self.comparison).max(self.split) + 10.0
     }
 }
 
@@ -42,21 +54,21 @@ pub struct SampleStore {
 
 impl SampleStore {
     /// Record one round of scrapes of one Release's pods (`None`: the scrape failed) and
-    /// return the pods with their signals and the per-revision request windows (pods
-    /// neither draining nor deleting). Samples of this Release's pods that are gone are
-    /// dropped.
+    /// return the pods with their signals and the per-revision request windows.
+    /// Samples of this Release's pods that are gone are dropped.
     pub fn observe(
         &mut self,
         release: &ReleaseKey,
         pods: Vec<(PodView, Option<AgentSample>)>,
         windows: SampleWindows,
         now: f64,
-    ) -> (Vec<PodView>, BTreeMap<String, RevisionWindow>) {
+    ) -> Observation {
         let mine = self.by_release.entry(release.clone()).or_default();
         mine.retain(|pod, _| pods.iter().any(|(p, _)| &p.name == pod));
         let keep = windows.keep();
         let mut views = Vec::with_capacity(pods.len());
         let mut revisions: BTreeMap<String, RevisionWindow> = BTreeMap::new();
+        let mut split: BTreeMap<String, RevisionWindow> = BTreeMap::new();
         for (mut view, sample) in pods {
             let hist = mine.entry(view.name.clone()).or_default();
             if let Some(s) = sample {
@@ -75,9 +87,17 @@ impl SampleStore {
                     .or_default()
                     .add_pod(hist, windows.comparison);
             }
+            split
+                .entry(view.revision.clone())
+                .or_default()
+                .add_pod(hist, windows.split);
             views.push(view);
         }
-        (views, revisions)
+        Observation {
+            pods: views,
+            windows: revisions,
+            split: split.into_iter().map(|(r, w)| (r, w.requests)).collect(),
+        }
     }
 
     /// Drop a Release's samples (its finalizer is gone).
@@ -173,6 +193,7 @@ mod tests {
             pods: vec![pod("bad-s1", "bs"), pod("bad-c1", "bc")],
             windows,
             analysis: Default::default(),
+            routing: None,
         };
         let plan = plan(&observed, 1020.0);
         plan.status
@@ -185,6 +206,7 @@ mod tests {
     const WINDOWS: SampleWindows = SampleWindows {
         rate: 5.0,
         comparison: 10.0,
+        split: 10.0,
     };
 
     /// Two Releases in one namespace, reconciled in turn: each keeps its own samples, and
@@ -207,7 +229,7 @@ mod tests {
                 WINDOWS,
                 t,
             );
-            let (_, w) = store.observe(
+            let w = store.observe(
                 &bad,
                 vec![
                     (pod("bad-s1", "bs"), Some(sample(t, 100.0, 0.0))),
@@ -216,7 +238,7 @@ mod tests {
                 WINDOWS,
                 t,
             );
-            bad_windows = w;
+            bad_windows = w.windows;
         }
         // The bad canary's comparison gate judges the bad canary's own errors.
         let gate = comparison_gate(bad_windows.clone());
@@ -231,15 +253,17 @@ mod tests {
         assert!((canary.errors - 300.0).abs() < 1e-6, "{canary:?}");
         assert_eq!(stable.errors, 0.0);
         // The good one's gate passes on its own figures.
-        let (_, good_windows) = store.observe(
-            &good,
-            vec![
-                (pod("good-s1", "gs"), Some(sample(1020.0, 100.0, 0.0))),
-                (pod("good-c1", "gc"), Some(sample(1020.0, 100.0, 0.0))),
-            ],
-            WINDOWS,
-            1020.0,
-        );
+        let good_windows = store
+            .observe(
+                &good,
+                vec![
+                    (pod("good-s1", "gs"), Some(sample(1020.0, 100.0, 0.0))),
+                    (pod("good-c1", "gc"), Some(sample(1020.0, 100.0, 0.0))),
+                ],
+                WINDOWS,
+                1020.0,
+            )
+            .windows;
         assert_eq!(good_windows["gc"].requests, 1000.0);
         assert_eq!(good_windows["gc"].errors, 0.0);
     }

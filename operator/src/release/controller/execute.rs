@@ -177,6 +177,16 @@ pub(super) async fn execute(ctx: &Context, g: &Gathered, plan: &Plan) -> Result<
                 .await?;
                 wrote(Kind::Pod, v);
             }
+            Action::ApplyRoutingServices { stable, canary } => {
+                if let Some(r) = routing_settings(observed) {
+                    super::routing::apply_services(ctx, ns, name, r, stable, canary).await?;
+                }
+            }
+            Action::SetRouteWeight { canary } => {
+                if let Some(r) = routing_settings(observed) {
+                    super::routing::set_weight(ctx, ns, r, *canary).await?;
+                }
+            }
             Action::Event {
                 warning,
                 reason,
@@ -357,4 +367,10 @@ pub fn build_replica_set(
         }),
         status: None,
     })
+}
+
+fn routing_settings(
+    observed: &crate::release::plan::Observed,
+) -> Option<&crate::release::settings::RoutingSettings> {
+    observed.settings.as_ref().ok()?.routing.as_ref()
 }

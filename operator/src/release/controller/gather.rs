@@ -19,7 +19,7 @@ use crate::release::crd::{
 };
 use crate::release::plan::{Claim, DeploymentView, Observed, PodView, ReplicaSetView};
 use crate::release::samples::{ReleaseKey, SampleWindows};
-use crate::release::settings::Settings;
+use crate::release::settings::{DEFAULT_SPLIT_WINDOW, Settings};
 
 use super::context::{Context, Error, lock_samples, now_secs};
 
@@ -114,7 +114,8 @@ pub(super) async fn gather(cached: &Release, ctx: &Context) -> Result<Option<Gat
         .map(|s| s.agent.admin_port)
         .unwrap_or(DEFAULT_ADMIN_PORT);
     let scraped = scrape_all(&our_pods, admin_port).await;
-    let (rate_window, cmp_window) = match &settings {
+    let split_default = DEFAULT_SPLIT_WINDOW.as_secs_f64();
+    let (rate_window, cmp_window, split_window) = match &settings {
         Ok(s) => (
             s.connection_rate
                 .as_ref()
@@ -124,23 +125,33 @@ pub(super) async fn gather(cached: &Release, ctx: &Context) -> Result<Option<Gat
                 .as_ref()
                 .map(|c| c.interval.as_secs_f64())
                 .unwrap_or(10.0),
+            s.routing
+                .as_ref()
+                .and_then(|r| r.verify.as_ref())
+                .map(|v| v.window.as_secs_f64())
+                .unwrap_or(split_default),
         ),
-        Err(_) => (5.0, 10.0),
+        Err(_) => (5.0, 10.0, split_default),
     };
     let key = ReleaseKey {
         namespace: ns.clone(),
         name: name.clone(),
         uid: uid.clone(),
     };
-    let (views, windows) = lock_samples(ctx).observe(
+    let seen = lock_samples(ctx).observe(
         &key,
         our_pods.iter().map(|p| pod_view(p)).zip(scraped).collect(),
         SampleWindows {
             rate: rate_window,
             comparison: cmp_window,
+            split: split_window,
         },
         now,
     );
+    let routing = match settings.as_ref().ok().and_then(|s| s.routing.as_ref()) {
+        Some(r) => Some(super::routing::observe(ctx, &ns, r, &seen.pods, seen.split).await?),
+        None => None,
+    };
 
     let annotations = release.annotations();
     let mut observed = Observed {
@@ -153,9 +164,10 @@ pub(super) async fn gather(cached: &Release, ctx: &Context) -> Result<Option<Gat
         abort: annotations.get(ABORT_ANNOTATION).cloned(),
         deployment: dep_view,
         replica_sets,
-        pods: views,
-        windows,
+        pods: seen.pods,
+        windows: seen.windows,
         analysis: Default::default(),
+        routing,
     };
     observed.analysis = super::analysis::observe(ctx, &release, &mut observed, now).await;
     Ok(Some(Gathered {

@@ -17,6 +17,7 @@ mod analysis;
 mod context;
 mod execute;
 mod gather;
+mod routing;
 mod status;
 mod stores;
 

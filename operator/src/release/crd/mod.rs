@@ -10,12 +10,17 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 mod analysis;
+mod routing;
 mod status;
 
 pub use analysis::{
     AnalysisArg, AnalysisSpec, AnalysisTemplateRef, MAX_ANALYSIS_TEMPLATES, MAX_WEBHOOKS,
     ReleaseAnalysisStatus, TemplateKind, ThresholdRangeSpec, WebhookResult, WebhookSpec,
     WebhookType,
+};
+pub use routing::{
+    GatewayApiRouting, MAX_ROUTES, RouteRef, SplitVerification, TrafficRouting,
+    TrafficRoutingStatus,
 };
 pub use status::{AbortInfo, DrainRecord, GateResult, Phase, ReleaseStatus, RevisionStatus};
 
@@ -163,6 +168,10 @@ pub struct ReleaseSpec {
     /// webhooks that judge each step. Without it, steps advance on the gates alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub analysis: Option<AnalysisSpec>,
+
+    /// Move traffic by the weights of Gateway API routes rather than by replica ratio.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_routing: Option<TrafficRouting>,
 
     /// Hold the release where it is: no step advances and no new drain starts (drains
     /// already under way finish). Independent of status, so GitOps can set it.

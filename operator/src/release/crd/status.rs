@@ -101,6 +101,9 @@ pub struct ReleaseStatus {
     /// The analysis and webhooks of the current stage (`spec.analysis`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub analysis: Option<super::ReleaseAnalysisStatus>,
+    /// The routes' weights and the measured split (`spec.trafficRouting`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_routing: Option<super::TrafficRoutingStatus>,
     /// kstatus-compatible conditions: Ready, Progressing, Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

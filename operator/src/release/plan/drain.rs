@@ -228,6 +228,7 @@ pub(super) fn move_pods(
         if excess <= 0 {
             continue;
         }
+        let mut serving_of_rev = k.serving;
         c.busy = true;
         let mut candidates: Vec<&PodView> = o
             .pods
@@ -269,7 +270,16 @@ pub(super) fn move_pods(
                     waiting = Some(msg.clone());
                     break;
                 }
+                if let Some(floor) = super::routing::serving_floor(c, o, n, rev, serving_of_rev)
+                    && serving_of_rev - 1 < floor
+                {
+                    waiting = Some(format!(
+                        "the routes still send revision {rev} traffic for {floor} pod(s): waiting for the weight to move before draining"
+                    ));
+                    break;
+                }
                 serving_total -= 1;
+                serving_of_rev -= 1;
                 slots -= 1;
             }
             c.actions.push(Action::StartDrain {

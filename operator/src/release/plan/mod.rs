@@ -9,7 +9,8 @@
 //!
 //! Traffic moves by replica ratio: the Service selects both revisions' pods and the
 //! operator decides which pods are in its endpoints through the `sluice.dev/serving`
-//! readiness gate.
+//! readiness gate. With `spec.trafficRouting`, Gateway API routes split it by weight
+//! between a stable and a canary Service (`routing.rs`), and the replica counts follow.
 //!
 //! `plan()` is one round in order; each part in its own file: `model.rs` (what is observed,
 //! the actions, the plan, the round's state), `weights.rs` (step arithmetic, pods per
@@ -22,6 +23,7 @@ mod analysis;
 mod drain;
 mod gates;
 mod model;
+mod routing;
 mod status;
 mod steps;
 mod takeover;
@@ -30,7 +32,7 @@ mod weights;
 pub use analysis::HALT_RETRY;
 pub use model::{
     Action, AnalysisObserved, Claim, DRAIN_REFUSED, DeploymentView, MAX_DRAIN_RECORDS, Observed,
-    Plan, PodView, ReplicaSetView,
+    Plan, PodView, ReplicaSetView, RoutingObserved,
 };
 pub(crate) use status::set_condition;
 
@@ -147,6 +149,7 @@ pub fn plan(o: &Observed, now: f64) -> Plan {
     record_drains(&mut c, o);
 
     if o.deleting {
+        routing::steer(&mut c, o, n);
         hand_back(&mut c, o, dep, n);
         return finish(c, o);
     }
@@ -160,6 +163,7 @@ pub fn plan(o: &Observed, now: f64) -> Plan {
     if c.status.canary_revision.is_some() {
         check_deadline(&mut c);
     }
+    routing::steer(&mut c, o, n);
 
     let wants = wants(&c, o, n);
     if let Some(err) = &dep.inject_error

@@ -94,6 +94,28 @@ pub struct Observed {
     /// What the controller found for `spec.analysis` (the verdicts and webhook answers
     /// themselves are in `status.analysis`).
     pub analysis: AnalysisObserved,
+    /// The routes and Services of `spec.trafficRouting`; `None` without it.
+    pub routing: Option<RoutingObserved>,
+}
+
+/// What the controller read of the routes, the two Services and their endpoints.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingObserved {
+    /// The canary's share (percent) every steered rule of every route carries; `Err`:
+    /// why the routes cannot be steered (missing, rules that disagree, …).
+    pub canary_weight: Result<i32, String>,
+    /// The revision each Service selects: `Some(None)` selects every pod of the user's
+    /// Service (the state a deleted Release leaves); `None`: the Service does not exist.
+    pub stable_selects: Option<Option<String>>,
+    pub canary_selects: Option<Option<String>>,
+    /// Ready endpoints of each Service (the data plane's view of the pods).
+    pub stable_ready: i32,
+    pub canary_ready: i32,
+    /// Requests the agents served per revision over the verification window, draining
+    /// pods included.
+    pub split: BTreeMap<String, f64>,
+    /// The user's Service is missing or selects nothing: why.
+    pub service_problem: Option<String>,
 }
 
 /// The controller's findings for `spec.analysis` besides `status.analysis`.
@@ -144,6 +166,16 @@ pub enum Action {
     /// cost, so that the following scale-down of its ReplicaSet deletes exactly it.
     ReleasePod {
         pod: String,
+    },
+    /// Server-side apply the stable and canary Services, each selecting the revision given
+    /// (`None`: every pod the user's Service selects).
+    ApplyRoutingServices {
+        stable: Option<String>,
+        canary: Option<String>,
+    },
+    /// Give the canary this share (percent) in every steered route rule.
+    SetRouteWeight {
+        canary: i32,
     },
     Event {
         warning: bool,

@@ -69,7 +69,14 @@ pub(super) fn advance_steps(c: &mut Ctx, o: &Observed, n: i32, wants: &BTreeMap<
     let mut msg = None;
     match step {
         StepKind::SetWeight(w) => {
-            if converged && !paused {
+            let routed = if converged {
+                super::routing::step_reached(c, o, *w)
+            } else {
+                Ok(())
+            };
+            if let Err(why) = routed {
+                msg = Some(format!("setting weight {w}%: {why}"));
+            } else if converged && !paused {
                 next = true;
             } else {
                 msg = Some(format!(

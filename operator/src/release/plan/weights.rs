@@ -54,7 +54,14 @@ pub(super) fn wants(c: &Ctx, o: &Observed, n: i32) -> BTreeMap<String, i32> {
             let w = step_weight(c.s, c.status.current_step);
             let cw = pods_for(n, w);
             wants.insert(canary.clone(), cw);
-            wants.insert(stable, n - cw);
+            // Routes split by weight, not by pods: each side keeps the pods its own share
+            // needs (together at most one above `n`, within any surge).
+            let sw = if c.s.routing.is_some() {
+                pods_for(n, 100 - w)
+            } else {
+                n - cw
+            };
+            wants.insert(stable, sw);
         }
         None => {
             wants.insert(stable, n);

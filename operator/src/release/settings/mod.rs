@@ -71,6 +71,127 @@ pub struct Settings {
     /// `spec.analysis` as written (admission checks it; the controller imports the
     /// templates it names every round).
     pub analysis: Option<crate::release::crd::AnalysisSpec>,
+    /// `spec.trafficRouting`, resolved.
+    pub routing: Option<RoutingSettings>,
+}
+
+/// A route the Release steers.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RouteName {
+    pub kind: RouteKind,
+    pub name: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RouteKind {
+    Http,
+    Grpc,
+}
+
+impl RouteKind {
+    pub fn kind(self) -> &'static str {
+        match self {
+            RouteKind::Http => "HTTPRoute",
+            RouteKind::Grpc => "GRPCRoute",
+        }
+    }
+    pub fn plural(self) -> &'static str {
+        match self {
+            RouteKind::Http => "httproutes",
+            RouteKind::Grpc => "grpcroutes",
+        }
+    }
+}
+
+/// `spec.trafficRouting` with defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingSettings {
+    /// The user's Service, whose ports and selector the two Services copy.
+    pub service: String,
+    pub routes: Vec<RouteName>,
+    pub verify: Option<VerifySettings>,
+}
+
+impl RoutingSettings {
+    pub fn stable_service(&self) -> String {
+        format!("{}-stable", self.service)
+    }
+    pub fn canary_service(&self) -> String {
+        format!("{}-canary", self.service)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct VerifySettings {
+    /// Percentage points.
+    pub tolerance: f64,
+    pub min_requests: i64,
+    pub window: Duration,
+}
+
+/// Default `trafficRouting.verify.window`.
+pub const DEFAULT_SPLIT_WINDOW: Duration = Duration::from_secs(10);
+
+fn routing_settings(
+    errs: &mut Vec<String>,
+    spec: &Option<crate::release::crd::TrafficRouting>,
+) -> Option<RoutingSettings> {
+    let r = spec.as_ref()?;
+    let routes: Vec<RouteName> = r
+        .gateway_api
+        .http_routes
+        .iter()
+        .map(|x| (RouteKind::Http, x))
+        .chain(
+            r.gateway_api
+                .grpc_routes
+                .iter()
+                .map(|x| (RouteKind::Grpc, x)),
+        )
+        .map(|(kind, x)| RouteName {
+            kind,
+            name: x.name.clone(),
+        })
+        .collect();
+    if routes.is_empty() {
+        errs.push(
+            "trafficRouting.gatewayAPI: name at least one of httpRoutes or grpcRoutes".into(),
+        );
+    }
+    if routes.len() > crate::release::crd::MAX_ROUTES {
+        errs.push(format!(
+            "trafficRouting.gatewayAPI: at most {} routes",
+            crate::release::crd::MAX_ROUTES
+        ));
+    }
+    if r.service.is_empty() || r.service.len() > 55 {
+        errs.push("trafficRouting.service: a Service name of 1 to 55 characters".into());
+    }
+    let verify = r.verify.as_ref().map(|v| {
+        let tolerance = v.tolerance.unwrap_or(2.0);
+        if !(tolerance > 0.0 && tolerance <= 100.0) {
+            errs.push("trafficRouting.verify.tolerance: between 0 and 100".into());
+        }
+        let min_requests = v.min_requests.unwrap_or(200);
+        if !(1..=1_000_000_000).contains(&min_requests) {
+            errs.push("trafficRouting.verify.minRequests: between 1 and 1000000000".into());
+        }
+        VerifySettings {
+            tolerance,
+            min_requests,
+            window: dur(
+                errs,
+                "trafficRouting.verify.window",
+                &v.window,
+                DEFAULT_SPLIT_WINDOW,
+            ),
+        }
+    });
+    Some(RoutingSettings {
+        service: r.service.clone(),
+        routes,
+        verify,
+    })
 }
 
 fn dur(
@@ -362,6 +483,7 @@ impl Settings {
             }
             _ => {}
         }
+        let routing = routing_settings(&mut errs, &spec.traffic_routing);
         if !errs.is_empty() {
             return Err(errs);
         }
@@ -379,6 +501,7 @@ impl Settings {
             progress_deadline,
             paused: spec.paused,
             analysis: spec.analysis.clone(),
+            routing,
         })
     }
 }

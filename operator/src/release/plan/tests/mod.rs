@@ -16,6 +16,7 @@ use crate::release::gates::RevisionWindow;
 use crate::release::plan::*;
 use crate::release::settings::Settings;
 use fake_analysis::FakeAnalysis;
+use fake_router::FakeRouter;
 
 type SignalFn = Box<dyn Fn(&PodView, f64) -> Option<PodSignals>>;
 
@@ -49,6 +50,8 @@ struct Sim {
     last_plan: Option<Plan>,
     /// The controller's part for `spec.analysis` (see `analysis.rs`).
     analysis: FakeAnalysis,
+    /// The Gateway API data plane, for `spec.trafficRouting`.
+    router: Option<FakeRouter>,
 }
 
 fn quiet_signals(_: &PodView, _: f64) -> Option<PodSignals> {
@@ -96,6 +99,7 @@ impl Sim {
             min_serving_seen: i32::MAX,
             last_plan: None,
             analysis: FakeAnalysis::default(),
+            router: None,
         }
     }
 
@@ -124,6 +128,7 @@ impl Sim {
                 invalid: self.analysis.invalid.clone(),
                 requeue_after: Some(std::time::Duration::from_secs(10)),
             },
+            routing: self.router.as_ref().map(|r| r.observe(self)),
         }
     }
 
@@ -202,10 +207,19 @@ impl Sim {
                     reason,
                     note,
                 } => self.events.push((*warning, reason.clone(), note.clone())),
+                Action::ApplyRoutingServices { .. } | Action::SetRouteWeight { .. } => self
+                    .router
+                    .as_mut()
+                    .expect("routing actions without traffic routing")
+                    .apply(a),
             }
         }
         self.status = plan.status.clone();
         self.tick();
+        if let Some(mut r) = self.router.take() {
+            r.check(self);
+            self.router = Some(r);
+        }
         self.last_plan = Some(plan.clone());
         plan
     }
@@ -344,6 +358,8 @@ steps:
 mod analysis;
 mod drain;
 mod fake_analysis;
+mod fake_router;
 mod gates;
 mod lifecycle;
+mod routing;
 mod steps;
