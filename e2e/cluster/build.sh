@@ -4,6 +4,8 @@
 #   ${SLUICE_CACHE:-~/.cache/sluice}/bin/<component>-<version>/<binary>
 # A cached binary is reused; a fresh machine builds everything by itself (cold: ~20-40 min
 # on 2 cores, most of it kube-apiserver). Prints the bin directory of each component.
+# Without arguments it builds the ground's own components; others are built on demand by
+# name (`build.sh traefik`: the Gateway API implementation the e2e tests deploy).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${SLUICE_CACHE:-$HOME/.cache/sluice}
@@ -12,6 +14,7 @@ K8S_VERSION=v1.34.4
 ETCD_VERSION=v3.6.16
 KWOK_VERSION=v0.7.0
 HELM_VERSION=v3.19.5
+TRAEFIK_VERSION=v3.6.12
 
 die() { echo "build.sh: $*" >&2; exit 1; }
 # Go is needed only when something must be built; cached binaries run without it.
@@ -26,15 +29,15 @@ need_go() {
 export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
 build_date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 
-# build <component> <version> <module dir> <package> <binary> [ldflags]
+# build <component> <version> <module dir> <package> <binary> [ldflags] [build tags]
 build() {
-  local comp=$1 ver=$2 dir=$3 pkg=$4 bin=$5 ldflags=${6:-}
+  local comp=$1 ver=$2 dir=$3 pkg=$4 bin=$5 ldflags=${6:-} tags=${7-selinux,notest}
   local out="$cache/bin/$comp-$ver"
   if [ -x "$out/$bin" ]; then return 0; fi
   need_go "$bin $ver"
   echo "build.sh: building $bin $ver (cached afterwards in $out)" >&2
   mkdir -p "$out.tmp"
-  (cd "$here/$dir" && go build -trimpath -tags selinux,notest -ldflags "-s -w $ldflags" -o "$out.tmp/$bin" "$pkg") \
+  (cd "$here/$dir" && go build -trimpath -tags "$tags" -ldflags "-s -w $ldflags" -o "$out.tmp/$bin" "$pkg") \
     || die "building $bin failed (see the Go output above)"
   rm -rf "$out" && mv "$out.tmp" "$out"
 }
@@ -59,12 +62,17 @@ for c in $want; do
             "-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" ;;
     helm) build helm "$HELM_VERSION" helm helm.sh/helm/v3/cmd/helm helm \
             "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" ;;
+    # Traefik's release ldflags (its Makefile); its web UI is not built, the module's
+    # webui/static holds a placeholder that go:embed takes.
+    traefik) build traefik "$TRAEFIK_VERSION" traefik github.com/traefik/traefik/v3/cmd/traefik traefik \
+            "-X github.com/traefik/traefik/v3/pkg/version.Version=$TRAEFIK_VERSION -X github.com/traefik/traefik/v3/pkg/version.BuildDate=$build_date" "" ;;
     *) die "unknown component '$c'" ;;
   esac
 done
 for c in $want; do
   case $c in
-    etcd) v=$ETCD_VERSION ;; kwok) v=$KWOK_VERSION ;; helm) v=$HELM_VERSION ;; *) v=$K8S_VERSION ;;
+    etcd) v=$ETCD_VERSION ;; kwok) v=$KWOK_VERSION ;; helm) v=$HELM_VERSION ;;
+    traefik) v=$TRAEFIK_VERSION ;; *) v=$K8S_VERSION ;;
   esac
   echo "$c=$cache/bin/$c-$v"
 done
