@@ -10,12 +10,14 @@
 //! - [`state`]: what `up` started;
 //! - [`procs`]: the daemons, started and stopped by PID; [`pki`]: the throwaway PKI;
 //! - [`client`], [`net`]: the API server, ports and routes;
+//! - [`gateway_api`]: the Gateway API CRDs `up` installs;
 //! - [`kube_proxy`]: kube-proxy's `minSyncPeriod` changed on the running ground;
 //! - [`cli`]: `sluice-e2e cluster`;
 //! - [`TestCluster`]: the ground for integration tests.
 
 mod cli;
 mod client;
+pub mod gateway_api;
 mod ground;
 pub mod kube_proxy;
 pub(crate) mod net;

@@ -51,6 +51,8 @@ pub async fn up(args: &UpArgs) -> anyhow::Result<bool> {
     if let Some(state) = ClusterState::load()? {
         let dead = state.dead_daemons();
         if dead.is_empty() && healthy(&kubeconfig_path()).await {
+            // A ground started by an older build gets what this one installs.
+            install_gateway_api(&client_for(&kubeconfig_path()).await?).await?;
             return Ok(false);
         }
         let why = if dead.is_empty() {
@@ -305,6 +307,8 @@ async fn start_all(
     })
     .await?;
 
+    install_gateway_api(&client).await?;
+
     // Give the last daemons a moment to fail on bad flags, then check they all run.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for d in &state.daemons {
@@ -316,6 +320,21 @@ async fn start_all(
                 d.log_tail(20)
             );
         }
+    }
+    Ok(())
+}
+
+/// The Gateway API CRDs (see [`super::gateway_api`]); a no-op when they are current.
+async fn install_gateway_api(client: &kube::Client) -> anyhow::Result<()> {
+    let applied = super::gateway_api::install(client)
+        .await
+        .context("installing the Gateway API CRDs")?;
+    if applied > 0 {
+        eprintln!(
+            "cluster up: applied {applied} Gateway API CRDs ({} {})",
+            super::gateway_api::GATEWAY_API_VERSION,
+            super::gateway_api::GATEWAY_API_CHANNEL
+        );
     }
     Ok(())
 }
