@@ -1,10 +1,12 @@
 //! Sluice's local test ground as a library: a real control plane built from pinned Go
 //! modules (see `e2e/cluster/`), KWOK nodes, real nodes (kubelet, containerd), a service proxy and a load
-//! generator, and a Prometheus that scrapes the agents. Integration tests use [`TestCluster`](cluster::TestCluster).
+//! generator, a Prometheus that scrapes the agents, and Traefik as a Gateway API implementation
+//! ([`gateway`]). Integration tests use [`TestCluster`](cluster::TestCluster).
 
 pub mod api_requests;
 pub mod cluster;
 pub mod cpu;
+pub mod gateway;
 pub mod load;
 pub mod node;
 pub mod prometheus;
