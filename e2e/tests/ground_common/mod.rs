@@ -287,15 +287,30 @@ pub async fn load_pod_report(
     })
     .await?;
     let log = api.logs("client", &kube::api::LogParams::default()).await?;
-    let json_start = log
-        .find('{')
-        .context("no JSON summary in the client's log")?;
-    // The JSON summary (one line on stdout) and a one-line recap (stderr) share the log,
-    // in either order.
-    let report: serde_json::Value = serde_json::Deserializer::from_str(&log[json_start..])
-        .into_iter()
-        .next()
-        .context("no JSON summary")?
-        .with_context(|| format!("summary: {log}"))?;
+    let report =
+        summary_of(&log).with_context(|| format!("no JSON summary in the client's log: {log}"))?;
     Ok((phase, report, log))
+}
+
+/// The load CLI's JSON summary in a pod's log. The container runtime splits lines longer
+/// than its limit (32 KiB here) into several, and the one-line recap on stderr may land
+/// between the pieces: join the lines from the first `{` on, leaving out the recap, until
+/// they parse.
+pub fn summary_of(log: &str) -> Option<serde_json::Value> {
+    let is_recap = |l: &str| {
+        l.split_once(" requests, ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let mut lines = log.lines().skip_while(|l| !l.starts_with('{'));
+    let mut text = String::new();
+    for l in lines.by_ref() {
+        if is_recap(l) {
+            continue;
+        }
+        text.push_str(l);
+        if let Ok(v) = serde_json::from_str(&text) {
+            return Some(v);
+        }
+    }
+    None
 }

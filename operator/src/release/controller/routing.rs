@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::pod::keys::REVISION_LABEL;
 use crate::release::crd::{FIELD_MANAGER, RELEASE_LABEL};
-use crate::release::gateway_api::{canary_percent, weight_patch};
+use crate::release::gateway_api::{canary_percent, rules_of, weight_patch};
 use crate::release::plan::{PodView, RoutingObserved};
 use crate::release::settings::{RouteName, RoutingSettings};
 
@@ -106,6 +106,7 @@ pub(super) async fn observe(
 
     let mut canary_weight: Result<i32, String> = Ok(0);
     let mut first: Option<(String, i32)> = None;
+    let mut canary_ref_missing = false;
     for route in &r.routes {
         let kind = route.kind.kind();
         let found = match route_api(ctx, ns, route).get_opt(&route.name).await {
@@ -122,6 +123,9 @@ pub(super) async fn observe(
             break;
         };
         let value = serde_json::to_value(&obj)?;
+        canary_ref_missing |= rules_of(&value, &r.stable_service(), &r.canary_service())
+            .iter()
+            .any(|rule| rule.canary.is_none());
         match canary_percent(&value, kind, &r.stable_service(), &r.canary_service()) {
             Err(e) => {
                 canary_weight = Err(e);
@@ -145,6 +149,7 @@ pub(super) async fn observe(
     }
     Ok(RoutingObserved {
         canary_weight,
+        canary_ref_missing,
         stable_selects,
         canary_selects,
         stable_ready,

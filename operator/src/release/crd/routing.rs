@@ -20,6 +20,7 @@ pub const MAX_ROUTES: usize = 16;
 pub struct TrafficRouting {
     /// The Service in front of the Deployment's pods, in the Release's namespace: its
     /// ports and selector are copied into the stable and canary Services.
+    #[schemars(length(min = 1, max = 55))]
     #[x_kube(
         validation = Rule::new("size(self) <= 55 && self.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
             .message("trafficRouting.service must be a Service name of at most 55 characters (the operator adds -stable and -canary)")
@@ -65,6 +66,7 @@ pub struct GatewayApiRouting {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteRef {
+    #[schemars(length(min = 1, max = 253))]
     #[x_kube(
         validation = Rule::new("size(self) <= 253 && self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')")
             .message("route names are DNS subdomains: lowercase letters, digits, '-' and '.'")

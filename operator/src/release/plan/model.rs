@@ -104,6 +104,8 @@ pub struct RoutingObserved {
     /// The canary's share (percent) every steered rule of every route carries; `Err`:
     /// why the routes cannot be steered (missing, rules that disagree, …).
     pub canary_weight: Result<i32, String>,
+    /// A steered rule has no backendRef to the canary Service yet.
+    pub canary_ref_missing: bool,
     /// The revision each Service selects: `Some(None)` selects every pod of the user's
     /// Service (the state a deleted Release leaves); `None`: the Service does not exist.
     pub stable_selects: Option<Option<String>>,

@@ -6,8 +6,9 @@
 //! replicas, stable never a larger one than its own. Pods leave only while the weight the
 //! routes carry leaves them enough (see [`serving_floor`]), and a Service changes the
 //! revision it selects only while the routes send it nothing, so no weighted backend is
-//! ever left without endpoints. An abort walks the weight back down as stable pods come
-//! up: the traffic returns gradually, through the same drain path.
+//! ever left without endpoints. An abort halves the canary's weight every
+//! [`ROLLBACK_DWELL`], no faster than stable pods come up: the traffic returns gradually,
+//! through the same drain path.
 
 use crate::pod::time::{parse_rfc3339, rfc3339};
 use crate::release::crd::TrafficRoutingStatus;
@@ -40,6 +41,9 @@ fn target_weight(c: &Ctx, o: &Observed) -> i32 {
         step_weight(c.s, Some(cur))
     }
 }
+
+/// How long each weight holds while traffic goes back to stable.
+pub const ROLLBACK_DWELL: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn share(ready: i32, n: i32) -> i32 {
     if n <= 0 {
@@ -115,8 +119,25 @@ pub(super) fn steer(c: &mut Ctx, o: &Observed, n: i32) {
     } else if t < w {
         if o.deleting {
             t
+        } else if r.stable_selects != r.canary_selects {
+            // Traffic going back to another revision: half the canary's share at a time,
+            // every ROLLBACK_DWELL, so the stable pods take it over gradually.
+            let since = st
+                .weight_set_at
+                .as_deref()
+                .and_then(parse_rfc3339)
+                .map_or(f64::INFINITY, |at| c.now - at);
+            let next = if since < ROLLBACK_DWELL.as_secs_f64() {
+                w
+            } else if w < 4 {
+                t
+            } else {
+                (w / 2).max(t)
+            };
+            next.max(100 - share(r.stable_ready, n)).min(w)
         } else {
-            t.max(100 - share(r.stable_ready, n)).min(w)
+            // Both Services select the same pods (a completed release): no traffic moves.
+            t
         }
     } else {
         w
@@ -131,7 +152,11 @@ pub(super) fn steer(c: &mut Ctx, o: &Observed, n: i32) {
         );
         st.weight_set_at = Some(rfc3339(c.now));
         c.busy = true;
-    } else if desired != t {
+    } else if r.canary_ref_missing {
+        // Same weights; the patch adds the canary's backendRef (at `w`).
+        c.actions.push(super::Action::SetRouteWeight { canary: w });
+    }
+    if desired != t {
         c.busy = true;
     }
     c.status.traffic_routing = Some(st);

@@ -63,6 +63,7 @@ impl FakeRouter {
                 Some(why) => Err(why.clone()),
                 None => Ok(self.weight),
             },
+            canary_ref_missing: self.weights.is_empty(),
             stable_selects: self.stable.clone(),
             canary_selects: self.canary.clone(),
             stable_ready: self.ready(sim, &self.stable),

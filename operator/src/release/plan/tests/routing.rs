@@ -34,6 +34,8 @@ fn router(sim: &Sim) -> &FakeRouter {
 fn takeover_makes_both_services_select_stable_with_the_canary_at_zero() {
     let sim = routed(ROUTED, 4);
     let r = router(&sim);
+    // The canary's backendRef was added, at 0%.
+    assert_eq!(r.weights, vec![0]);
     assert_eq!(r.stable, Some(Some("v1".into())));
     assert_eq!(r.canary, Some(Some("v1".into())));
     assert_eq!(r.weight, 0);
@@ -109,8 +111,8 @@ fn an_abort_returns_the_traffic_gradually() {
     eprintln!("weights after the abort: {down:?}");
     assert!(down.windows(2).all(|p| p[0] > p[1]), "{down:?}");
     assert_eq!(down.last(), Some(&0));
-    // 50 → 0 in more than one move: stable pods come up first, the weight follows them.
-    assert!(down.len() >= 2, "{down:?}");
+    // Halved at most every ROLLBACK_DWELL, never faster than stable pods came up.
+    assert_eq!(down, [25, 12, 6, 3, 0], "{down:?}");
     sim.assert_lossless(4);
 }
 
@@ -211,4 +213,34 @@ fn a_deleted_release_leaves_the_services_selecting_every_pod() {
     assert_eq!(r.stable, Some(None));
     assert_eq!(r.canary, Some(None));
     assert_eq!(r.weight, 0);
+}
+
+#[test]
+fn a_takeover_completes_before_the_route_exists() {
+    let mut sim = Sim::new(ROUTED, 4);
+    let mut r = FakeRouter::new();
+    r.broken = Some("HTTPRoute \"web\" not found".into());
+    sim.router = Some(r);
+    sim.run_until(100, |s| s.phase() == Phase::Completed || s.serving() == 4);
+    assert_eq!(sim.serving(), 4, "{:#?}", sim.status);
+}
+
+#[test]
+fn an_abort_with_every_stable_pod_up_still_halves_the_weight_step_by_step() {
+    // Surge for all four stable pods at once: stable could take everything back in one
+    // move, and still the canary's share halves every ROLLBACK_DWELL.
+    let spec = format!("{ROUTED}maxSurge: 100%\n");
+    let mut sim = routed(&spec, 4);
+    sim.new_template("v2");
+    sim.run_until(300, |s| {
+        s.router.as_ref().unwrap().weight == 50 && s.status.current_step == Some(5)
+    });
+    let before = router(&sim).weights.len();
+    sim.abort = Some("stop".into());
+    sim.run_until(200, |s| s.phase() == Phase::Aborted && s.pods_of("v2") == 0);
+    let r = router(&sim).clone();
+    let down = &r.weights[before..];
+    assert_eq!(down, [25, 12, 6, 3, 0], "{down:?}");
+    assert!(r.empty_backends.is_empty(), "{:?}", r.empty_backends);
+    sim.assert_lossless(4);
 }
