@@ -310,6 +310,16 @@ async fn invalid_releases_are_rejected_with_a_fix() {
             "  workloadRef: {name: echo}\n  trafficRouting: {service: web, gatewayAPI: {grpcRoutes: [{name: g}]}, verify: {tolerance: 0}}",
             "trafficRouting.verify.tolerance must be between 0 and 100",
         ),
+        (
+            "tr-header-no-routing",
+            "  workloadRef: {name: echo}\n  steps: [{setHeaderRoute: {match: [{name: x-canary, value: 'yes'}]}}]",
+            "setHeaderRoute steps need spec.trafficRouting",
+        ),
+        (
+            "tr-header-and-weight",
+            "  workloadRef: {name: echo}\n  trafficRouting: {service: web, gatewayAPI: {httpRoutes: [{name: web}]}}\n  steps: [{setWeight: 5, setHeaderRoute: {match: []}}]",
+            "each step sets exactly one of setWeight, pause, gate or setHeaderRoute",
+        ),
     ];
     let mut failures = Vec::new();
     for (name, spec, want) in cases {

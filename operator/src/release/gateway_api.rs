@@ -9,6 +9,8 @@
 
 use serde_json::{Value, json};
 
+use crate::release::crd::{HeaderMatch, HeaderMatchType};
+
 /// One rule's backendRefs to the two Services, by index.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RuleRefs {
@@ -135,6 +137,155 @@ pub fn weight_patch(route: &Value, stable: &str, canary: &str, percent: i32) -> 
                 ops.push(json!({"op": "add", "path": format!("{refs}/-"), "value": backend}));
             }
         }
+    }
+    ops
+}
+
+/// Name prefix of the rules the operator adds for a header route (`<prefix><i>`, one per
+/// steered rule `i`).
+pub const HEADER_RULE_PREFIX: &str = "sluice-canary-";
+
+fn is_header_rule(rule: &Value) -> bool {
+    rule.get("name")
+        .and_then(Value::as_str)
+        .is_some_and(|n| n.starts_with(HEADER_RULE_PREFIX))
+}
+
+/// Whether `route` carries rules the operator added for a header route.
+pub fn has_header_rules(route: &Value) -> bool {
+    route
+        .pointer("/spec/rules")
+        .and_then(Value::as_array)
+        .is_some_and(|rules| rules.iter().any(is_header_rule))
+}
+
+/// The rules that send requests carrying `headers` to `canary`: one per rule steered
+/// between `stable` and `canary`, with that rule's matches (each with the headers added),
+/// filters and timeouts, and the canary's backendRef alone.
+fn header_rules(route: &Value, stable: &str, canary: &str, headers: &[HeaderMatch]) -> Vec<Value> {
+    if headers.is_empty() {
+        return Vec::new();
+    }
+    let ours: Vec<Value> = headers
+        .iter()
+        .map(|h| {
+            let mut m = json!({"name": h.name, "value": h.value});
+            if h.match_type == Some(HeaderMatchType::RegularExpression) {
+                m["type"] = "RegularExpression".into();
+            }
+            m
+        })
+        .collect();
+    let rules = route.pointer("/spec/rules").and_then(Value::as_array);
+    rules_of(route, stable, canary)
+        .into_iter()
+        .filter_map(|r| {
+            let rule = rules?.get(r.rule)?;
+            let matches: Vec<Value> = match rule.get("matches").and_then(Value::as_array) {
+                Some(ms) if !ms.is_empty() => ms.clone(),
+                _ => vec![json!({})],
+            };
+            let matches: Vec<Value> = matches
+                .into_iter()
+                .map(|mut m| {
+                    let mut hs = m
+                        .get("headers")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default();
+                    hs.extend(ours.iter().cloned());
+                    m["headers"] = Value::Array(hs);
+                    m
+                })
+                .collect();
+            let mut backend = rule.get("backendRefs")?.get(r.stable)?.clone();
+            backend["name"] = canary.into();
+            if let Some(b) = backend.as_object_mut() {
+                b.remove("weight");
+            }
+            let mut new = json!({
+                "name": format!("{HEADER_RULE_PREFIX}{}", r.rule),
+                "matches": matches,
+                "backendRefs": [backend],
+            });
+            for field in ["filters", "timeouts"] {
+                if let Some(v) = rule.get(field) {
+                    new[field] = v.clone();
+                }
+            }
+            Some(new)
+        })
+        .collect()
+}
+
+/// The header matches `route`'s header rules carry (empty: none); `None` when they are
+/// not exactly what the operator would write for them (edited, or a steered rule
+/// changed since): a patch then rewrites them.
+pub fn header_route_of(route: &Value, stable: &str, canary: &str) -> Option<Vec<HeaderMatch>> {
+    let rules = route.pointer("/spec/rules").and_then(Value::as_array)?;
+    let Some(ours) = rules.iter().find(|r| is_header_rule(r)) else {
+        return Some(Vec::new());
+    };
+    let i: usize = ours["name"]
+        .as_str()?
+        .strip_prefix(HEADER_RULE_PREFIX)?
+        .parse()
+        .ok()?;
+    let theirs = rules
+        .get(i)?
+        .pointer("/matches/0/headers")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    let headers: Vec<HeaderMatch> = ours
+        .pointer("/matches/0/headers")?
+        .as_array()?
+        .get(theirs..)?
+        .iter()
+        .map(|h| {
+            Some(HeaderMatch {
+                name: h.get("name")?.as_str()?.to_string(),
+                value: h.get("value")?.as_str()?.to_string(),
+                match_type: (h.get("type").and_then(Value::as_str) == Some("RegularExpression"))
+                    .then_some(HeaderMatchType::RegularExpression),
+            })
+        })
+        .collect::<Option<_>>()?;
+    header_patch(route, stable, canary, &headers)
+        .is_empty()
+        .then_some(headers)
+}
+
+/// The JSON patch that makes `route`'s header rules the ones for `headers` (none when
+/// empty); empty when they are already.
+pub fn header_patch(
+    route: &Value,
+    stable: &str,
+    canary: &str,
+    headers: &[HeaderMatch],
+) -> Vec<Value> {
+    let want = header_rules(route, stable, canary, headers);
+    let rules = route
+        .pointer("/spec/rules")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let have: Vec<(usize, &Value)> = rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| is_header_rule(r))
+        .collect();
+    if have.iter().map(|(_, r)| *r).eq(want.iter()) {
+        return Vec::new();
+    }
+    let mut ops = Vec::new();
+    for (i, r) in have.iter().rev() {
+        ops.push(
+            json!({"op": "test", "path": format!("/spec/rules/{i}/name"), "value": r["name"]}),
+        );
+        ops.push(json!({"op": "remove", "path": format!("/spec/rules/{i}")}));
+    }
+    for r in want {
+        ops.push(json!({"op": "add", "path": "/spec/rules/-", "value": r}));
     }
     ops
 }
@@ -288,6 +439,101 @@ mod tests {
         assert_eq!(
             canary_percent(&patched, "HTTPRoute", &stable, &canary),
             Ok(1)
+        );
+    }
+
+    fn exact(name: &str, value: &str) -> HeaderMatch {
+        HeaderMatch {
+            name: name.into(),
+            value: value.into(),
+            match_type: None,
+        }
+    }
+
+    #[test]
+    fn a_header_route_adds_one_canary_rule_per_steered_rule_and_removes_it_again() {
+        let r = route(json!([
+            {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}, "headers": [{"name": "x-tenant", "value": "a"}]}],
+             "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "x-gw", "value": "1"}]}}],
+             "backendRefs": [{"name": "web-stable", "port": 80, "weight": 90}, {"name": "web-canary", "port": 80, "weight": 10}]},
+            {"backendRefs": [{"name": "unrelated"}]},
+        ]));
+        let headers = [exact("x-canary", "yes")];
+        let ops = header_patch(&r, "web-stable", "web-canary", &headers);
+        let mut patched = r.clone();
+        apply(&mut patched, ops).unwrap();
+        let added = &patched["spec"]["rules"][2];
+        assert_eq!(added["name"], "sluice-canary-0");
+        assert_eq!(
+            added["matches"][0]["headers"],
+            json!([{"name": "x-tenant", "value": "a"}, {"name": "x-canary", "value": "yes"}])
+        );
+        assert_eq!(
+            added["matches"][0]["path"],
+            r["spec"]["rules"][0]["matches"][0]["path"]
+        );
+        assert_eq!(added["filters"], r["spec"]["rules"][0]["filters"]);
+        assert_eq!(
+            added["backendRefs"],
+            json!([{"name": "web-canary", "port": 80}])
+        );
+        assert_eq!(
+            header_route_of(&patched, "web-stable", "web-canary"),
+            Some(headers.to_vec())
+        );
+        assert_eq!(
+            header_route_of(&r, "web-stable", "web-canary"),
+            Some(vec![])
+        );
+        // In place: nothing to do; the weights still read the same.
+        assert!(header_patch(&patched, "web-stable", "web-canary", &headers).is_empty());
+        assert!(has_header_rules(&patched));
+        assert_eq!(
+            canary_percent(&patched, "HTTPRoute", "web-stable", "web-canary"),
+            Ok(10)
+        );
+        // Other headers replace them; none removes them, leaving the route as it was.
+        let cookie = [HeaderMatch {
+            name: "cookie".into(),
+            value: "(^|; )canary=always(;|$)".into(),
+            match_type: Some(HeaderMatchType::RegularExpression),
+        }];
+        let mut again = patched.clone();
+        apply(
+            &mut again,
+            header_patch(&patched, "web-stable", "web-canary", &cookie),
+        )
+        .unwrap();
+        assert_eq!(again["spec"]["rules"].as_array().unwrap().len(), 3);
+        assert_eq!(
+            again["spec"]["rules"][2]["matches"][0]["headers"][1]["type"],
+            "RegularExpression"
+        );
+        assert_eq!(
+            header_route_of(&again, "web-stable", "web-canary"),
+            Some(cookie.to_vec())
+        );
+        // Edited by hand: not ours any more as written, so it is rewritten.
+        let mut edited = again.clone();
+        edited["spec"]["rules"][2]["backendRefs"][0]["name"] = "web-stable".into();
+        assert_eq!(header_route_of(&edited, "web-stable", "web-canary"), None);
+        let remove = header_patch(&again, "web-stable", "web-canary", &[]);
+        apply(&mut again, remove).unwrap();
+        assert_eq!(again, r);
+    }
+
+    #[test]
+    fn a_rule_without_matches_gets_a_header_only_match() {
+        let r = route(json!([{"backendRefs": [{"name": "web-stable"}]}]));
+        let mut patched = r.clone();
+        apply(
+            &mut patched,
+            header_patch(&r, "web-stable", "web-canary", &[exact("x-canary", "1")]),
+        )
+        .unwrap();
+        assert_eq!(
+            patched["spec"]["rules"][1]["matches"],
+            json!([{"headers": [{"name": "x-canary", "value": "1"}]}])
         );
     }
 }

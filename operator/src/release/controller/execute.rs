@@ -187,6 +187,11 @@ pub(super) async fn execute(ctx: &Context, g: &Gathered, plan: &Plan) -> Result<
                     super::routing::set_weight(ctx, ns, r, *canary).await?;
                 }
             }
+            Action::SetHeaderRoute { headers } => {
+                if let Some(r) = routing_settings(observed) {
+                    super::routing::set_header_route(ctx, ns, r, headers).await?;
+                }
+            }
             Action::Event {
                 warning,
                 reason,

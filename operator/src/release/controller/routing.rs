@@ -10,8 +10,11 @@ use kube::core::GroupVersionKind;
 use serde_json::Value;
 
 use crate::pod::keys::REVISION_LABEL;
+use crate::release::crd::HeaderMatch;
 use crate::release::crd::{FIELD_MANAGER, RELEASE_LABEL};
-use crate::release::gateway_api::{canary_percent, rules_of, weight_patch};
+use crate::release::gateway_api::{
+    canary_percent, header_patch, header_route_of, rules_of, weight_patch,
+};
 use crate::release::plan::{PodView, RoutingObserved};
 use crate::release::settings::{RouteName, RoutingSettings};
 
@@ -107,6 +110,8 @@ pub(super) async fn observe(
     let mut canary_weight: Result<i32, String> = Ok(0);
     let mut first: Option<(String, i32)> = None;
     let mut canary_ref_missing = false;
+    let mut header_route: Option<Vec<HeaderMatch>> = None;
+    let mut seen_route = false;
     for route in &r.routes {
         let kind = route.kind.kind();
         let found = match route_api(ctx, ns, route).get_opt(&route.name).await {
@@ -123,6 +128,13 @@ pub(super) async fn observe(
             break;
         };
         let value = serde_json::to_value(&obj)?;
+        let headers = header_route_of(&value, &r.stable_service(), &r.canary_service());
+        header_route = match (header_route, headers) {
+            (None, h) if !seen_route => h,
+            (Some(a), Some(b)) if a == b => Some(a),
+            _ => None,
+        };
+        seen_route = true;
         canary_ref_missing |= rules_of(&value, &r.stable_service(), &r.canary_service())
             .iter()
             .any(|rule| rule.canary.is_none());
@@ -150,6 +162,7 @@ pub(super) async fn observe(
     Ok(RoutingObserved {
         canary_weight,
         canary_ref_missing,
+        header_route,
         stable_selects,
         canary_selects,
         stable_ready,
@@ -234,13 +247,40 @@ pub(super) async fn set_weight(
     r: &RoutingSettings,
     percent: i32,
 ) -> Result<(), Error> {
+    let (stable, canary) = (r.stable_service(), r.canary_service());
+    patch_routes(ctx, ns, r, |route| {
+        weight_patch(route, &stable, &canary, percent)
+    })
+    .await
+}
+
+/// Make every route send requests with `headers` to the canary (none: remove).
+pub(super) async fn set_header_route(
+    ctx: &Context,
+    ns: &str,
+    r: &RoutingSettings,
+    headers: &[HeaderMatch],
+) -> Result<(), Error> {
+    let (stable, canary) = (r.stable_service(), r.canary_service());
+    patch_routes(ctx, ns, r, |route| {
+        header_patch(route, &stable, &canary, headers)
+    })
+    .await
+}
+
+/// Read each route and apply the JSON patch `ops` makes of it (none when empty).
+async fn patch_routes(
+    ctx: &Context,
+    ns: &str,
+    r: &RoutingSettings,
+    ops: impl Fn(&Value) -> Vec<Value>,
+) -> Result<(), Error> {
     for route in &r.routes {
         let api = route_api(ctx, ns, route);
         let Some(obj) = api.get_opt(&route.name).await? else {
             continue;
         };
-        let value = serde_json::to_value(&obj)?;
-        let ops = weight_patch(&value, &r.stable_service(), &r.canary_service(), percent);
+        let ops = ops(&serde_json::to_value(&obj)?);
         if ops.is_empty() {
             continue;
         }

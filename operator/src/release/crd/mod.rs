@@ -19,8 +19,8 @@ pub use analysis::{
     WebhookType,
 };
 pub use routing::{
-    GatewayApiRouting, MAX_ROUTES, RouteRef, SplitVerification, TrafficRouting,
-    TrafficRoutingStatus,
+    GatewayApiRouting, HeaderMatch, HeaderMatchType, HeaderRouteStep, MAX_ROUTES, RouteRef,
+    SplitVerification, TrafficRouting, TrafficRoutingStatus, is_header_name,
 };
 pub use status::{AbortInfo, DrainRecord, GateResult, Phase, ReleaseStatus, RevisionStatus};
 
@@ -98,6 +98,9 @@ pub const MAX_REPLICAS: i32 = 100_000;
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("size(self.metadata.name) <= 52").message(
         "metadata.name must be at most 52 characters: it is used in ReplicaSet names and label values"
+    ),
+    validation = Rule::new("!has(self.spec.steps) || !self.spec.steps.exists(s, has(s.setHeaderRoute)) || has(self.spec.trafficRouting)").message(
+        "setHeaderRoute steps need spec.trafficRouting: header matches are written into the Gateway API routes"
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -210,8 +213,8 @@ fn default_deployment() -> String {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("[has(self.setWeight), has(self.pause), has(self.gate)].exists_one(x, x)")
-        .message("each step sets exactly one of setWeight, pause or gate")
+    validation = Rule::new("[has(self.setWeight), has(self.pause), has(self.gate), has(self.setHeaderRoute)].exists_one(x, x)")
+        .message("each step sets exactly one of setWeight, pause, gate or setHeaderRoute")
 )]
 pub struct Step {
     /// Percent of the replicas that run the new revision (rounded up to whole pods).
@@ -224,6 +227,11 @@ pub struct Step {
     /// Hold for a duration while every gate stays green.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<GateStep>,
+    /// From this step on, requests whose headers match go to the canary, whatever the
+    /// weight (needs `trafficRouting`). An empty `match` ends it; so do completion and
+    /// abort.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_header_route: Option<HeaderRouteStep>,
 }
 
 /// `pause: {}` waits for `kubectl sluice promote`; `pause: {duration: 30s}` waits 30 s.

@@ -118,7 +118,59 @@ pub struct TrafficRoutingStatus {
     pub stable_selects: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary_selects: Option<String>,
+    /// The header matches that send requests to the canary, as the routes carry them
+    /// (`name: value`, or `name ~ regex`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub header_route: Vec<String>,
     /// Why the routes cannot be steered now, if they cannot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+}
+
+/// `setHeaderRoute`: the headers a request must carry to reach the canary.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderRouteStep {
+    /// All must match (Gateway API header matches). Empty: no header route from here on.
+    #[serde(default, rename = "match")]
+    #[schemars(length(max = 8))]
+    pub matches: Vec<HeaderMatch>,
+}
+
+/// One header a request must carry. A cookie is a header too: match `cookie` with a
+/// regular expression, for example `(^|; )canary=always(;|$)`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderMatch {
+    /// Header name (case-insensitive; letters, digits and `!#$%&'*+-.^_`|~`).
+    #[schemars(length(min = 1, max = 128))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 4096))]
+    pub value: String,
+    /// `Exact` (default) or `RegularExpression`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub match_type: Option<HeaderMatchType>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum HeaderMatchType {
+    Exact,
+    RegularExpression,
+}
+
+impl std::fmt::Display for HeaderMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.match_type {
+            Some(HeaderMatchType::RegularExpression) => write!(f, "{} ~ {}", self.name, self.value),
+            _ => write!(f, "{}: {}", self.name, self.value),
+        }
+    }
+}
+
+/// An HTTP header name (RFC 9110 token).
+pub fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::pod::signals::PodSignals;
-use crate::release::crd::{DrainRecord, ReleaseStatus};
+use crate::release::crd::{DrainRecord, HeaderMatch, ReleaseStatus};
 use crate::release::gates::{Evaluation, RevisionWindow};
 use crate::release::settings::Settings;
 
@@ -106,6 +106,9 @@ pub struct RoutingObserved {
     pub canary_weight: Result<i32, String>,
     /// A steered rule has no backendRef to the canary Service yet.
     pub canary_ref_missing: bool,
+    /// The header matches the routes' header rules send to the canary (empty: none);
+    /// `None` when the routes disagree or a rule was edited.
+    pub header_route: Option<Vec<HeaderMatch>>,
     /// The revision each Service selects: `Some(None)` selects every pod of the user's
     /// Service (the state a deleted Release leaves); `None`: the Service does not exist.
     pub stable_selects: Option<Option<String>>,
@@ -178,6 +181,10 @@ pub enum Action {
     /// Give the canary this share (percent) in every steered route rule.
     SetRouteWeight {
         canary: i32,
+    },
+    /// Make the routes send requests with these headers to the canary (empty: none).
+    SetHeaderRoute {
+        headers: Vec<HeaderMatch>,
     },
     Event {
         warning: bool,

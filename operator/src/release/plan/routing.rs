@@ -11,10 +11,10 @@
 //! through the same drain path.
 
 use crate::pod::time::{parse_rfc3339, rfc3339};
-use crate::release::crd::TrafficRoutingStatus;
+use crate::release::crd::{HeaderMatch, TrafficRoutingStatus};
 
 use super::model::{Ctx, Hold, Observed, RoutingObserved};
-use super::weights::{pods_for, step_count, step_weight};
+use super::weights::{pods_for, step_count, step_header_route, step_weight};
 
 /// The revisions the Services should select: stable its revision; canary the canary's,
 /// or stable's when there is none. Being deleted: every pod of the user's Service, so
@@ -159,7 +159,49 @@ pub(super) fn steer(c: &mut Ctx, o: &Observed, n: i32) {
     if desired != t {
         c.busy = true;
     }
+    // Header routes: once the canary Service selects the canary and has an endpoint.
+    let headers = active_headers(c, o);
+    let ready = headers.is_empty() || (at_target && r.canary_ready > 0);
+    if ready && r.header_route.as_ref() != Some(&headers) {
+        c.actions.push(super::Action::SetHeaderRoute {
+            headers: headers.clone(),
+        });
+        let what = if headers.is_empty() {
+            "routes: header route removed".to_string()
+        } else {
+            let names: Vec<String> = headers.iter().map(ToString::to_string).collect();
+            format!(
+                "routes: requests with {} go to the canary",
+                names.join(", ")
+            )
+        };
+        c.event(false, "HeaderRouteSet", what);
+        c.busy = true;
+    } else if !ready {
+        c.busy = true;
+    }
+    st.header_route = r
+        .header_route
+        .iter()
+        .flatten()
+        .map(ToString::to_string)
+        .collect();
     c.status.traffic_routing = Some(st);
+}
+
+/// The header route the routes should carry now: the step's, while a canary runs.
+fn active_headers(c: &Ctx, o: &Observed) -> Vec<HeaderMatch> {
+    if o.deleting || c.status.canary_revision.is_none() {
+        return Vec::new();
+    }
+    step_header_route(c.s, c.status.current_step).to_vec()
+}
+
+/// Whether a `setHeaderRoute` step is in place on the routes.
+pub(super) fn header_route_reached(o: &Observed, headers: &[HeaderMatch]) -> bool {
+    o.routing
+        .as_ref()
+        .is_some_and(|r| r.header_route.as_deref() == Some(headers))
 }
 
 fn hold(c: &mut Ctx, message: String) {
@@ -201,7 +243,12 @@ pub(super) fn serving_floor(c: &Ctx, o: &Observed, n: i32, rev: &str, serving: i
     } else {
         0
     } + if selects(&r.canary_selects) { w } else { 0 };
-    Some(pods_for(n, routed.min(100)))
+    let mut floor = pods_for(n, routed.min(100));
+    // A header route on the routes needs the canary's pod too.
+    if selects(&r.canary_selects) && r.header_route.as_ref().is_none_or(|h| !h.is_empty()) {
+        floor = floor.max(1);
+    }
+    Some(floor)
 }
 
 /// Whether a `setWeight` step's traffic is in place: the routes carry the weight and,

@@ -85,6 +85,17 @@ pub(super) fn advance_steps(c: &mut Ctx, o: &Observed, n: i32, wants: &BTreeMap<
                 ));
             }
         }
+        StepKind::HeaderRoute(h) => {
+            if converged && super::routing::header_route_reached(o, h) && !paused {
+                next = true;
+            } else {
+                msg = Some(if h.is_empty() {
+                    "removing the header route".into()
+                } else {
+                    format!("routing requests with header {} to the canary", h[0].name)
+                });
+            }
+        }
         StepKind::Pause(None) => {
             phase = Phase::Paused;
             msg = Some("paused until promoted (kubectl sluice promote)".into());

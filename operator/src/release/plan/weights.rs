@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::release::crd::HeaderMatch;
 use crate::release::settings::{Settings, StepKind};
 
 use super::model::{Ctx, Observed};
@@ -33,6 +34,25 @@ pub(super) fn step_weight(s: &Settings, step: Option<i32>) -> i32 {
         .unwrap_or(0)
 }
 
+/// The header route in force at `step`: the last `setHeaderRoute` up to it (none past
+/// the last step, where the canary takes everything).
+pub(super) fn step_header_route(s: &Settings, step: Option<i32>) -> &[HeaderMatch] {
+    let Some(step) = step.and_then(|x| usize::try_from(x).ok()) else {
+        return &[];
+    };
+    if step >= s.steps.len() {
+        return &[];
+    }
+    s.steps[..=step]
+        .iter()
+        .filter_map(|k| match k {
+            StepKind::HeaderRoute(h) => Some(h.as_slice()),
+            _ => None,
+        })
+        .next_back()
+        .unwrap_or(&[])
+}
+
 pub(super) fn pods_for(n: i32, weight: i32) -> i32 {
     ((n as i64 * weight as i64 + 99) / 100) as i32
 }
@@ -52,7 +72,11 @@ pub(super) fn wants(c: &Ctx, o: &Observed, n: i32) -> BTreeMap<String, i32> {
     match &c.status.canary_revision {
         Some(canary) => {
             let w = step_weight(c.s, c.status.current_step);
-            let cw = pods_for(n, w);
+            let mut cw = pods_for(n, w);
+            // Requests matching a header route need a canary pod whatever the weight.
+            if !step_header_route(c.s, c.status.current_step).is_empty() {
+                cw = cw.max(1);
+            }
             wants.insert(canary.clone(), cw);
             // Routes split by weight, not by pods: each side keeps the pods its own share
             // needs (together at most one above `n`, within any surge).

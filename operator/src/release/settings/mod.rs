@@ -22,6 +22,8 @@ use crate::release::crd::{MAX_REPLICAS, ReleaseSpec};
 #[derive(Clone, Debug, PartialEq)]
 pub enum StepKind {
     SetWeight(i32),
+    /// Requests with these headers go to the canary from here on (empty: no longer).
+    HeaderRoute(Vec<crate::release::crd::HeaderMatch>),
     /// `None`: until promoted.
     Pause(Option<Duration>),
     Gate(Duration),
@@ -290,17 +292,37 @@ impl Settings {
         let mut steps = Vec::new();
         let mut step_durs = Vec::new();
         for (i, s) in spec.steps.iter().enumerate() {
-            let set = [s.set_weight.is_some(), s.pause.is_some(), s.gate.is_some()]
-                .iter()
-                .filter(|x| **x)
-                .count();
+            let set = [
+                s.set_weight.is_some(),
+                s.pause.is_some(),
+                s.gate.is_some(),
+                s.set_header_route.is_some(),
+            ]
+            .iter()
+            .filter(|x| **x)
+            .count();
             if set != 1 {
                 step_durs.push(format!(
-                    "steps[{i}]: set exactly one of setWeight, pause or gate"
+                    "steps[{i}]: set exactly one of setWeight, pause, gate or setHeaderRoute"
                 ));
                 continue;
             }
-            if let Some(w) = s.set_weight {
+            if let Some(h) = &s.set_header_route {
+                if spec.traffic_routing.is_none() {
+                    step_durs.push(format!(
+                        "steps[{i}].setHeaderRoute: needs spec.trafficRouting"
+                    ));
+                }
+                for m in &h.matches {
+                    if !crate::release::crd::is_header_name(&m.name) {
+                        step_durs.push(format!(
+                            "steps[{i}].setHeaderRoute.match: {:?} is not an HTTP header name",
+                            m.name
+                        ));
+                    }
+                }
+                steps.push(StepKind::HeaderRoute(h.matches.clone()));
+            } else if let Some(w) = s.set_weight {
                 steps.push(StepKind::SetWeight(w));
             } else if let Some(p) = &s.pause {
                 let d = p.duration.as_ref().map(|d| {

@@ -269,3 +269,26 @@ fn surge_percentages_round_up() {
     let s = Settings::from_spec(&spec("workloadRef: {name: e}\nmaxSurge: 3"), "i").unwrap();
     assert_eq!(s.surge(10), 3);
 }
+
+#[test]
+fn header_routes_need_routing_and_header_names() {
+    let errs = Settings::from_spec(
+        &spec("workloadRef: {name: e}\nsteps: [{setHeaderRoute: {match: [{name: x-canary, value: '1'}]}}]"),
+        "i",
+    )
+    .unwrap_err();
+    assert!(errs.join("; ").contains("needs spec.trafficRouting"), "{errs:?}");
+    let routed = "workloadRef: {name: e}\ntrafficRouting: {service: web, gatewayAPI: {httpRoutes: [{name: web}]}}\n";
+    let errs = Settings::from_spec(
+        &spec(&format!("{routed}steps: [{{setHeaderRoute: {{match: [{{name: 'x canary', value: '1'}}]}}}}]")),
+        "i",
+    )
+    .unwrap_err();
+    assert!(errs.join("; ").contains("is not an HTTP header name"), "{errs:?}");
+    let ok = Settings::from_spec(
+        &spec(&format!("{routed}steps: [{{setHeaderRoute: {{match: [{{name: cookie, value: 'canary=1', type: RegularExpression}}]}}}}]")),
+        "i",
+    )
+    .unwrap();
+    assert!(matches!(&ok.steps[0], StepKind::HeaderRoute(h) if h.len() == 1));
+}

@@ -24,6 +24,8 @@ pub(super) struct FakeRouter {
     pub(super) skew: f64,
     /// Requests per second through the routes.
     pub(super) rps: f64,
+    /// The header route the routes carry.
+    pub(super) headers: Vec<crate::release::crd::HeaderMatch>,
 }
 
 fn endpoint(p: &PodView, selects: &Option<Option<String>>) -> bool {
@@ -64,6 +66,7 @@ impl FakeRouter {
                 None => Ok(self.weight),
             },
             canary_ref_missing: self.weights.is_empty(),
+            header_route: Some(self.headers.clone()),
             stable_selects: self.stable.clone(),
             canary_selects: self.canary.clone(),
             stable_ready: self.ready(sim, &self.stable),
@@ -79,6 +82,7 @@ impl FakeRouter {
                 self.stable = Some(stable.clone());
                 self.canary = Some(canary.clone());
             }
+            Action::SetHeaderRoute { headers } => self.headers = headers.clone(),
             Action::SetRouteWeight { canary } => {
                 assert!((0..=100).contains(canary), "weight {canary}");
                 self.weight = *canary;
@@ -90,7 +94,10 @@ impl FakeRouter {
 
     /// After the pods moved: a backend the routes weight must have an endpoint.
     pub(super) fn check(&mut self, sim: &Sim) {
-        if self.weight > 0 && self.canary.is_some() && self.ready(sim, &self.canary) == 0 {
+        if (self.weight > 0 || !self.headers.is_empty())
+            && self.canary.is_some()
+            && self.ready(sim, &self.canary) == 0
+        {
             self.empty_backends.push(format!(
                 "canary at {}% with no endpoint at t={}",
                 self.weight, sim.now

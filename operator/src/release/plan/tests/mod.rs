@@ -207,7 +207,9 @@ impl Sim {
                     reason,
                     note,
                 } => self.events.push((*warning, reason.clone(), note.clone())),
-                Action::ApplyRoutingServices { .. } | Action::SetRouteWeight { .. } => self
+                Action::ApplyRoutingServices { .. }
+                | Action::SetRouteWeight { .. }
+                | Action::SetHeaderRoute { .. } => self
                     .router
                     .as_mut()
                     .expect("routing actions without traffic routing")

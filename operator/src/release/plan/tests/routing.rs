@@ -244,3 +244,55 @@ fn an_abort_with_every_stable_pod_up_still_halves_the_weight_step_by_step() {
     assert!(r.empty_backends.is_empty(), "{:?}", r.empty_backends);
     sim.assert_lossless(4);
 }
+
+const HEADERS: &str = r#"
+workloadRef: {name: echo}
+trafficRouting:
+  service: echo
+  gatewayAPI: {httpRoutes: [{name: web}]}
+steps:
+  - setHeaderRoute: {match: [{name: x-canary, value: "yes"}]}
+  - pause: {duration: 3s}
+  - setWeight: 50
+  - pause: {}
+"#;
+
+#[test]
+fn a_header_route_step_sends_matching_requests_to_one_canary_pod_at_weight_zero() {
+    let mut sim = routed(HEADERS, 4);
+    sim.new_template("v2");
+    sim.run_until(60, |s| s.status.current_step == Some(1));
+    let r = router(&sim).clone();
+    assert_eq!(r.headers.len(), 1);
+    assert_eq!(r.headers[0].name, "x-canary");
+    assert_eq!(r.weight, 0);
+    assert_eq!(r.canary, Some(Some("v2".into())));
+    assert_eq!(sim.pods_of("v2"), 1);
+    assert!(sim.has_event("HeaderRouteSet"));
+    // Still there at 50%; gone on completion, and nothing was ever routed to no endpoint.
+    sim.run_until(100, |s| {
+        s.phase() == Phase::Paused && s.status.current_step == Some(3)
+    });
+    assert_eq!(router(&sim).headers.len(), 1);
+    sim.promote = Some("go".into());
+    sim.run_until(300, |s| {
+        s.phase() == Phase::Completed && s.status.stable_revision.as_deref() == Some("v2")
+    });
+    let r = router(&sim).clone();
+    assert!(r.headers.is_empty());
+    assert!(r.empty_backends.is_empty(), "{:?}", r.empty_backends);
+    sim.assert_lossless(4);
+}
+
+#[test]
+fn an_abort_removes_the_header_route_before_the_canary_drains() {
+    let mut sim = routed(HEADERS, 4);
+    sim.new_template("v2");
+    sim.run_until(60, |s| s.status.current_step == Some(1));
+    sim.abort = Some("stop".into());
+    sim.run_until(100, |s| s.phase() == Phase::Aborted && s.pods_of("v2") == 0);
+    let r = router(&sim).clone();
+    assert!(r.headers.is_empty());
+    assert!(r.empty_backends.is_empty(), "{:?}", r.empty_backends);
+    sim.assert_lossless(4);
+}
