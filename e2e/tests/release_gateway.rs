@@ -14,42 +14,19 @@ mod ground_common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use ground_common::routing::{route_weight, routes, unix_ms};
 use ground_common::{ground, load_pod_report, sluice_app, start_load_pod, wait_for};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::Client;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::json;
 use sluice_e2e::gateway::deploy_traefik;
 use sluice_e2e::scenario::APP;
 use sluice_e2e::scenario_sluice::{release_state, releases};
+use sluice_e2e::upstream::{AGENT_ACCEPTED, AGENT_ADMIN_PORT, peak_rate, pod_counters};
 
 const ROUTE: &str = "echo";
-
-fn routes(client: &Client, ns: &str) -> Api<DynamicObject> {
-    let ar = ApiResource {
-        group: "gateway.networking.k8s.io".into(),
-        version: "v1".into(),
-        api_version: "gateway.networking.k8s.io/v1".into(),
-        kind: "HTTPRoute".into(),
-        plural: "httproutes".into(),
-    };
-    Api::namespaced_with(client.clone(), ns, &ar)
-}
-
-/// The canary's weight (percent) on the route's first rule; `None` before the canary's
-/// backendRef is there.
-async fn route_weight(api: &Api<DynamicObject>) -> Option<i32> {
-    let r = api.get(ROUTE).await.ok()?;
-    let refs = r.data.pointer("/spec/rules/0/backendRefs")?.as_array()?;
-    let weight = |name: &str| {
-        refs.iter()
-            .find(|b| b["name"] == name)
-            .map(|b| b["weight"].as_i64().unwrap_or(1))
-    };
-    let (s, c) = (weight("echo-stable")?, weight("echo-canary")?);
-    (s + c > 0).then(|| ((c * 100 + (s + c) / 2) / (s + c)) as i32)
-}
 
 /// One observation of the release, every half second.
 #[derive(Debug, Clone)]
@@ -76,7 +53,7 @@ async fn watch_until(
         let st = release_state(client, ns, APP).await?;
         let s = Sample {
             unix_ms: unix_ms(),
-            weight: route_weight(&api).await,
+            weight: route_weight(&api, ROUTE).await,
             step: st.status["currentStep"].clone(),
             phase: st.phase.clone(),
             measured: st.status["trafficRouting"].clone(),
@@ -95,7 +72,16 @@ async fn watch_until(
                 st.message
             );
         }
-        accepted.push((s.unix_ms, agents_accepted(&pods).await));
+        accepted.push((
+            s.unix_ms,
+            pod_counters(
+                &pods,
+                "sluice.dev/revision",
+                AGENT_ADMIN_PORT,
+                AGENT_ACCEPTED,
+            )
+            .await,
+        ));
         let finished = done(&s, &st);
         samples.push(s);
         if finished {
@@ -109,81 +95,6 @@ async fn watch_until(
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-fn unix_ms() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1000.0)
-        .unwrap_or(0.0)
-}
-
-/// `sluice_agent_connections_accepted_total` of every running echo pod, from its agent's
-/// admin port (the host reaches pod IPs through the node's bridge).
-async fn agents_accepted(pods: &Api<Pod>) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    let Ok(list) = pods
-        .list(&ListParams::default().labels("sluice.dev/revision"))
-        .await
-    else {
-        return out;
-    };
-    let http = reqwest_like_get;
-    for p in list.items {
-        let Some(ip) = p.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
-            continue;
-        };
-        if let Some(text) = http(&format!("{ip}:9901"), "/metrics").await
-            && let Some(v) = text
-                .lines()
-                .find(|l| l.starts_with("sluice_agent_connections_accepted_total "))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        {
-            out.insert(p.name_any(), v);
-        }
-    }
-    out
-}
-
-/// A plain HTTP/1.1 GET with a one-second budget.
-async fn reqwest_like_get(addr: &str, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8_lossy(&buf).to_string();
-        text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
-    };
-    tokio::time::timeout(Duration::from_secs(1), fut)
-        .await
-        .ok()?
-}
-
-/// Peak new upstream connections per second the `revision`'s pods accepted, from the
-/// agents' counters sampled every half second (pods first seen count from their first
-/// sample).
-fn peak_accept_rate(accepted: &[(f64, BTreeMap<String, f64>)], prefix: &str) -> f64 {
-    let mut peak: f64 = 0.0;
-    for (i, (t, now)) in accepted.iter().enumerate() {
-        // The sample about a second earlier.
-        let Some((t0, before)) = accepted[..i].iter().rev().find(|(t0, _)| t - t0 >= 1000.0) else {
-            continue;
-        };
-        let gained: f64 = now
-            .iter()
-            .filter(|(pod, _)| pod.starts_with(prefix))
-            .filter_map(|(pod, v)| before.get(pod).map(|b| (v - b).max(0.0)))
-            .sum();
-        peak = peak.max(gained * 1000.0 / (t - t0));
-    }
-    peak
 }
 
 /// The canary's share of the requests the client got answered while the route carried
@@ -237,7 +148,7 @@ async fn releases_through_traefik_follow_the_weights_and_lose_nothing() -> anyho
     let client = cluster.client.clone();
     let ns = ns.name.clone();
     let traefik = deploy_traefik(&client, &ns).await?;
-    let (_ctx, _operator, _svc) = sluice_app(&client, &ns, 4).await?;
+    let (_ctx, sluice, _svc) = sluice_app(&client, &ns, 4).await?;
     releases(&client, &ns)
         .patch(
             APP,
@@ -277,7 +188,7 @@ async fn releases_through_traefik_follow_the_weights_and_lose_nothing() -> anyho
             let (client, ns) = (client.clone(), ns.clone());
             async move {
                 let st = release_state(&client, &ns, APP).await.ok()?;
-                let w = route_weight(&routes(&client, &ns)).await?;
+                let w = route_weight(&routes(&client, &ns), ROUTE).await?;
                 (st.phase.as_deref() == Some("Completed") && w == 0).then_some(())
             }
         },
@@ -325,7 +236,12 @@ async fn releases_through_traefik_follow_the_weights_and_lose_nothing() -> anyho
         w.dedup();
         w
     };
-    let peak = peak_accept_rate(&accepted, &canary_prefix);
+    let peak = peak_rate(
+        &accepted,
+        |pod| pod.starts_with(&canary_prefix),
+        0.0,
+        f64::INFINITY,
+    );
     let storm = peak / (5.0 * 4.0);
     eprintln!(
         "gateway release: {requests} requests, {failed} failed {}, release {release_s:.1} s, weights {weights:?}, \
@@ -428,6 +344,7 @@ async fn releases_through_traefik_follow_the_weights_and_lose_nothing() -> anyho
         "the traffic came back in one move: {down:?}"
     );
     assert!(down.windows(2).all(|p| p[0] > p[1]), "{down:?}");
+    ground_common::stop_sluice(&client, &ns, &sluice).await?;
     traefik.cleanup(&client).await?;
     Ok(())
 }

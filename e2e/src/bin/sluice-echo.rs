@@ -10,10 +10,15 @@
 //! connections that stayed idle for `--idle-close` are closed by the server. Closing an
 //! idle connection at once instead races with the client's next request on it (the
 //! request meets a closed socket), which is the keep-alive race a graceful server avoids.
+//!
+//! `GET /metrics` answers `sluice_echo_connections_total`: the connections that carried a
+//! request other than `/ready`, `/healthz` and `/metrics` (the kubelet's probes and the
+//! scrapes themselves are left out), so a bench can count the new connections a load
+//! balancer opened to a pod that runs no agent.
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -80,6 +85,13 @@ struct State {
     error_rate: f64,
     warm_at: Instant,
     draining: AtomicBool,
+    /// Connections that carried a request other than a probe or a scrape.
+    connections: AtomicU64,
+}
+
+/// Paths that are not the app's traffic: the kubelet's probes and the scrapes.
+fn is_probe_or_scrape(path: &str) -> bool {
+    matches!(path, "/ready" | "/healthz" | "/metrics")
 }
 
 async fn handle(
@@ -89,6 +101,15 @@ async fn handle(
     let path = req.uri().path();
     let (status, body) = match path {
         "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+        "/metrics" => (
+            StatusCode::OK,
+            format!(
+                "# HELP sluice_echo_connections_total Connections that carried a request other than /ready, /healthz and /metrics.\n\
+                 # TYPE sluice_echo_connections_total counter\n\
+                 sluice_echo_connections_total {}\n",
+                state.connections.load(Ordering::Relaxed)
+            ),
+        ),
         "/ready" => {
             if state.draining.load(Ordering::Relaxed) {
                 (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_string())
@@ -146,6 +167,7 @@ async fn main() -> anyhow::Result<()> {
         error_rate: args.error_rate,
         warm_at: Instant::now() + args.warmup,
         draining: AtomicBool::new(false),
+        connections: AtomicU64::new(0),
     });
     let listener = TcpListener::bind(args.listen).await?;
     eprintln!(
@@ -165,7 +187,13 @@ async fn main() -> anyhow::Result<()> {
                 };
                 let _ = stream.set_nodelay(true);
                 let state = state.clone();
-                let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
+                let counted = AtomicBool::new(false);
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    if !is_probe_or_scrape(req.uri().path()) && !counted.swap(true, Ordering::Relaxed) {
+                        state.connections.fetch_add(1, Ordering::Relaxed);
+                    }
+                    handle(state.clone(), req)
+                });
                 let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move { let _ = conn.await; });

@@ -1,6 +1,8 @@
 //! Helpers shared by the traffic test ground's e2e tests (`ground_*.rs`).
 #![allow(dead_code)]
 
+pub mod routing;
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -237,6 +239,26 @@ pub async fn sluice_app(
         .create(&PostParams::default(), &deployment)
         .await?;
     Ok((ctx, strategy, svc))
+}
+
+/// Stops the operator of [`sluice_app`] and drops the Release's hand-back finalizer: no
+/// operator is left to hand the pods back, and the namespace's deletion must not wait for
+/// one.
+pub async fn stop_sluice(
+    client: &Client,
+    ns: &str,
+    sluice: &sluice_e2e::scenario_sluice::Sluice,
+) -> anyhow::Result<()> {
+    use kube::api::{Patch, PatchParams};
+    sluice.stop_operator();
+    sluice_e2e::scenario_sluice::releases(client, ns)
+        .patch(
+            sluice_e2e::scenario::APP,
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"metadata": {"finalizers": null}})),
+        )
+        .await?;
+    Ok(())
 }
 
 /// Starts the pod `client` on the real node: our load generator (in its image) sending
