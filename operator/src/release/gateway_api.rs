@@ -219,40 +219,61 @@ fn header_rules(route: &Value, stable: &str, canary: &str, headers: &[HeaderMatc
 }
 
 /// The header matches `route`'s header rules carry (empty: none); `None` when they are
-/// not exactly what the operator would write for them (edited, or a steered rule
-/// changed since): a patch then rewrites them.
+/// not the ones the operator writes (edited by hand, or the steered rules changed since).
+/// Read leniently: the apiserver fills in Gateway API defaults (`type: Exact`, a path
+/// match, the backendRef's kind and weight) that the operator did not write.
 pub fn header_route_of(route: &Value, stable: &str, canary: &str) -> Option<Vec<HeaderMatch>> {
     let rules = route.pointer("/spec/rules").and_then(Value::as_array)?;
-    let Some(ours) = rules.iter().find(|r| is_header_rule(r)) else {
+    let ours: Vec<&Value> = rules.iter().filter(|r| is_header_rule(r)).collect();
+    if ours.is_empty() {
         return Some(Vec::new());
-    };
-    let i: usize = ours["name"]
-        .as_str()?
-        .strip_prefix(HEADER_RULE_PREFIX)?
-        .parse()
-        .ok()?;
-    let theirs = rules
-        .get(i)?
-        .pointer("/matches/0/headers")
-        .and_then(Value::as_array)
-        .map_or(0, Vec::len);
-    let headers: Vec<HeaderMatch> = ours
-        .pointer("/matches/0/headers")?
-        .as_array()?
-        .get(theirs..)?
+    }
+    let steered: Vec<usize> = rules_of(route, stable, canary)
         .iter()
-        .map(|h| {
-            Some(HeaderMatch {
-                name: h.get("name")?.as_str()?.to_string(),
-                value: h.get("value")?.as_str()?.to_string(),
-                match_type: (h.get("type").and_then(Value::as_str) == Some("RegularExpression"))
-                    .then_some(HeaderMatchType::RegularExpression),
+        .map(|r| r.rule)
+        .collect();
+    let mut found: Option<Vec<HeaderMatch>> = None;
+    let mut covered = Vec::new();
+    for rule in ours {
+        let i: usize = rule["name"]
+            .as_str()?
+            .strip_prefix(HEADER_RULE_PREFIX)?
+            .parse()
+            .ok()?;
+        let refs = rule.get("backendRefs")?.as_array()?;
+        if refs.len() != 1 || !refers_to(&refs[0], canary) {
+            return None;
+        }
+        let theirs = rules
+            .get(i)?
+            .pointer("/matches/0/headers")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        let headers: Vec<HeaderMatch> = rule
+            .pointer("/matches/0/headers")?
+            .as_array()?
+            .get(theirs..)?
+            .iter()
+            .map(|h| {
+                Some(HeaderMatch {
+                    name: h.get("name")?.as_str()?.to_string(),
+                    value: h.get("value")?.as_str()?.to_string(),
+                    match_type: match h.get("type").and_then(Value::as_str) {
+                        None | Some("Exact") => None,
+                        Some("RegularExpression") => Some(HeaderMatchType::RegularExpression),
+                        Some(_) => return None,
+                    },
+                })
             })
-        })
-        .collect::<Option<_>>()?;
-    header_patch(route, stable, canary, &headers)
-        .is_empty()
-        .then_some(headers)
+            .collect::<Option<_>>()?;
+        match &found {
+            Some(f) if *f != headers => return None,
+            _ => found = Some(headers),
+        }
+        covered.push(i);
+    }
+    covered.sort_unstable();
+    (covered == steered).then(|| found.unwrap_or_default())
 }
 
 /// The JSON patch that makes `route`'s header rules the ones for `headers` (none when
@@ -263,6 +284,9 @@ pub fn header_patch(
     canary: &str,
     headers: &[HeaderMatch],
 ) -> Vec<Value> {
+    if header_route_of(route, stable, canary).as_deref() == Some(headers) {
+        return Vec::new();
+    }
     let want = header_rules(route, stable, canary, headers);
     let rules = route
         .pointer("/spec/rules")
@@ -274,9 +298,6 @@ pub fn header_patch(
         .enumerate()
         .filter(|(_, r)| is_header_rule(r))
         .collect();
-    if have.iter().map(|(_, r)| *r).eq(want.iter()) {
-        return Vec::new();
-    }
     let mut ops = Vec::new();
     for (i, r) in have.iter().rev() {
         ops.push(
@@ -513,6 +534,16 @@ mod tests {
             header_route_of(&again, "web-stable", "web-canary"),
             Some(cookie.to_vec())
         );
+        // The apiserver's defaults do not make them foreign.
+        let mut defaulted = again.clone();
+        defaulted["spec"]["rules"][2]["matches"][0]["headers"][0]["type"] = "Exact".into();
+        defaulted["spec"]["rules"][2]["backendRefs"][0]["kind"] = "Service".into();
+        defaulted["spec"]["rules"][2]["backendRefs"][0]["weight"] = 1.into();
+        assert_eq!(
+            header_route_of(&defaulted, "web-stable", "web-canary"),
+            Some(cookie.to_vec())
+        );
+        assert!(header_patch(&defaulted, "web-stable", "web-canary", &cookie).is_empty());
         // Edited by hand: not ours any more as written, so it is rewritten.
         let mut edited = again.clone();
         edited["spec"]["rules"][2]["backendRefs"][0]["name"] = "web-stable".into();

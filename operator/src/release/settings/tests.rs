@@ -277,14 +277,22 @@ fn header_routes_need_routing_and_header_names() {
         "i",
     )
     .unwrap_err();
-    assert!(errs.join("; ").contains("needs spec.trafficRouting"), "{errs:?}");
+    assert!(
+        errs.join("; ").contains("needs spec.trafficRouting"),
+        "{errs:?}"
+    );
     let routed = "workloadRef: {name: e}\ntrafficRouting: {service: web, gatewayAPI: {httpRoutes: [{name: web}]}}\n";
     let errs = Settings::from_spec(
-        &spec(&format!("{routed}steps: [{{setHeaderRoute: {{match: [{{name: 'x canary', value: '1'}}]}}}}]")),
+        &spec(&format!(
+            "{routed}steps: [{{setHeaderRoute: {{match: [{{name: 'x canary', value: '1'}}]}}}}]"
+        )),
         "i",
     )
     .unwrap_err();
-    assert!(errs.join("; ").contains("is not an HTTP header name"), "{errs:?}");
+    assert!(
+        errs.join("; ").contains("is not an HTTP header name"),
+        "{errs:?}"
+    );
     let ok = Settings::from_spec(
         &spec(&format!("{routed}steps: [{{setHeaderRoute: {{match: [{{name: cookie, value: 'canary=1', type: RegularExpression}}]}}}}]")),
         "i",
