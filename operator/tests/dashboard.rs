@@ -114,6 +114,15 @@ fn exported() -> BTreeSet<String> {
         ..Default::default()
     });
     release.aborted("GateFailed");
+    release.set_routing(
+        "ns",
+        "r",
+        Some(&sluice_operator::release::crd::TrafficRoutingStatus {
+            canary_weight: Some(10),
+            measured_canary_percent: Some(9.8),
+            ..Default::default()
+        }),
+    );
     release.reconcile.error("api");
     inference.set_progress("ns", "s", 1, 2, 1);
     inference.replica_lost("ns", "s");

@@ -71,6 +71,11 @@ pub struct ReleaseMetrics {
     pub drains_refused: Counter,
     pub analysis_measurements: Family<MeasurementLabels, Counter>,
     pub webhook_calls: Family<WebhookLabels, Counter>,
+    /// The canary's weight (percent) on the routes of a Release with traffic routing.
+    pub route_canary_weight: Family<ObjectLabels, Gauge>,
+    /// The canary's share (percent) of the requests its agents measured, for comparison
+    /// with the weight.
+    pub measured_canary_percent: Family<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// `reconcile_runs_total`, `reconcile_duration_seconds`, `reconcile_errors_total{kind}`.
     pub reconcile: ReconcileMetrics,
 }
@@ -90,6 +95,8 @@ impl Default for ReleaseMetrics {
             drains_refused: Counter::default(),
             analysis_measurements: Family::default(),
             webhook_calls: Family::default(),
+            route_canary_weight: Family::default(),
+            measured_canary_percent: Family::default(),
             reconcile: ReconcileMetrics::default(),
         }
     }
@@ -147,6 +154,16 @@ pub fn register(registry: &mut Registry) -> ReleaseMetrics {
         "Webhook calls by type and decision",
         m.webhook_calls.clone(),
     );
+    r.register(
+        "route_canary_weight",
+        "The canary's weight (percent) on the Gateway API routes of a Release with spec.trafficRouting",
+        m.route_canary_weight.clone(),
+    );
+    r.register(
+        "measured_canary_percent",
+        "The canary's share (percent) of the requests the agents served over the verification window",
+        m.measured_canary_percent.clone(),
+    );
     m.reconcile = ReconcileMetrics::register(r, "Failed reconciles by error kind");
     m
 }
@@ -184,7 +201,33 @@ impl ReleaseMetrics {
         for p in Phase::ALL {
             self.phase.remove(&phase_labels(ns, name, p));
         }
-        self.step.remove(&ObjectLabels::new(ns, name));
+        let labels = ObjectLabels::new(ns, name);
+        self.step.remove(&labels);
+        self.route_canary_weight.remove(&labels);
+        self.measured_canary_percent.remove(&labels);
+    }
+
+    /// The weight on the routes and the measured split, from a status written.
+    pub fn set_routing(&self, ns: &str, name: &str, st: Option<&super::crd::TrafficRoutingStatus>) {
+        let labels = ObjectLabels::new(ns, name);
+        match st.and_then(|s| s.canary_weight) {
+            Some(w) => {
+                self.route_canary_weight
+                    .get_or_create(&labels)
+                    .set(i64::from(w));
+            }
+            None => {
+                self.route_canary_weight.remove(&labels);
+            }
+        }
+        match st.and_then(|s| s.measured_canary_percent) {
+            Some(p) => {
+                self.measured_canary_percent.get_or_create(&labels).set(p);
+            }
+            None => {
+                self.measured_canary_percent.remove(&labels);
+            }
+        }
     }
 
     pub fn evaluation(&self, e: &Evaluation) {

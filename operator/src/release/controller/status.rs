@@ -44,6 +44,8 @@ pub(super) fn record_metrics(
     let phase = plan.status.phase.unwrap_or_default();
     ctx.metrics
         .set_phase(ns, name, phase, plan.status.current_step);
+    ctx.metrics
+        .set_routing(ns, name, plan.status.traffic_routing.as_ref());
     for e in &plan.evaluations {
         ctx.metrics.evaluation(e);
     }
