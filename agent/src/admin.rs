@@ -1,4 +1,4 @@
-//! The admin endpoint: `/healthz`, `/ready`, `/drain`, `/metrics`.
+//! The admin endpoint: `/healthz`, `/ready`, `/drain`, `/rebalance`, `/metrics`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,7 +18,9 @@ use crate::controller::Drainer;
 use crate::drain::{Outcome, Phase};
 use crate::metrics::{CONTENT_TYPE, DrainRefusal, Metrics};
 use crate::observe::Observer;
-use sluice_contract::{DRAIN_PATH, HEALTHZ_PATH, METRICS_PATH, READY_PATH};
+use sluice_contract::{
+    DRAIN_PATH, HEALTHZ_PATH, METRICS_PATH, READY_PATH, REBALANCE_CONNECTIONS_PARAM, REBALANCE_PATH,
+};
 
 /// How `/ready` decides that the application can serve.
 pub enum Readiness {
@@ -64,6 +66,16 @@ pub fn drain_authorized(
     } else {
         Err(DrainRefusal::WrongToken)
     }
+}
+
+/// `connections=N` of a `/rebalance` query, 1 to 100 000.
+pub fn rebalance_count(query: Option<&str>) -> Option<usize> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == REBALANCE_CONNECTIONS_PARAM)
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .filter(|n| (1..=100_000).contains(n))
 }
 
 fn text(code: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -148,6 +160,29 @@ impl Admin {
                 );
                 r
             }
+            (&Method::POST, REBALANCE_PATH) => {
+                let presented = req.headers().get(DRAIN_TOKEN_HEADER).map(|v| v.as_bytes());
+                if let Err(why) = drain_authorized(self.drain_token.as_deref(), presented) {
+                    tracing::warn!(%peer, reason = why.as_str(), "refused /rebalance");
+                    return text(
+                        StatusCode::FORBIDDEN,
+                        format!("forbidden: {}\n", why.as_str()),
+                    );
+                }
+                let Some(n) = rebalance_count(req.uri().query()) else {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        format!("give ?{REBALANCE_CONNECTIONS_PARAM}=N, N from 1 to 100000\n"),
+                    );
+                };
+                match self.drainer.rebalance(n) {
+                    Some(asked) => {
+                        info!(%peer, requested = n, asking = asked, "rebalance requested");
+                        text(StatusCode::ACCEPTED, format!("{{\"asking\":{asked}}}\n"))
+                    }
+                    None => text(StatusCode::CONFLICT, "draining: not rebalancing\n"),
+                }
+            }
             (&Method::GET, METRICS_PATH) => {
                 let mut r = text(StatusCode::OK, self.metrics.render());
                 r.headers_mut().insert(
@@ -156,7 +191,16 @@ impl Admin {
                 );
                 r
             }
-            (_, path) if [HEALTHZ_PATH, READY_PATH, DRAIN_PATH, METRICS_PATH].contains(&path) => {
+            (_, path)
+                if [
+                    HEALTHZ_PATH,
+                    READY_PATH,
+                    DRAIN_PATH,
+                    METRICS_PATH,
+                    REBALANCE_PATH,
+                ]
+                .contains(&path) =>
+            {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -219,5 +263,15 @@ mod tests {
             drain_authorized(Some(""), Some(b"")),
             Err(DrainRefusal::NotConfigured)
         );
+    }
+
+    #[test]
+    fn rebalance_takes_a_bounded_connection_count() {
+        assert_eq!(rebalance_count(Some("connections=12")), Some(12));
+        assert_eq!(rebalance_count(Some("x=1&connections=3")), Some(3));
+        assert_eq!(rebalance_count(Some("connections=0")), None);
+        assert_eq!(rebalance_count(Some("connections=100001")), None);
+        assert_eq!(rebalance_count(Some("connections=-1")), None);
+        assert_eq!(rebalance_count(None), None);
     }
 }

@@ -92,6 +92,41 @@ impl Drainer {
         started
     }
 
+    /// While serving, asks up to `n` connections to leave politely (they reconnect, and
+    /// their load balancer picks a pod anew), paced at the close rate. `None` once a
+    /// drain began (it closes everything anyway). Returns at once; a task does the asking.
+    pub fn rebalance(&self, n: usize) -> Option<usize> {
+        if self.phase() != Phase::Serving {
+            return None;
+        }
+        let n = n.min(self.inner.source.observe().active);
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let mut pacer = ClosePacer::new(inner.close_rate, JITTER);
+            let mut rng = rand::rngs::StdRng::from_os_rng();
+            let mut asked = 0;
+            while asked < n && *inner.phase.borrow() == Phase::Serving {
+                let now = Instant::now();
+                let permits = pacer.permits(now, &mut || rng.random::<f64>());
+                if permits > 0 {
+                    let got = inner.source.request_close(permits.min(n - asked));
+                    inner.metrics.rebalance_asked.inc_by(got as u64);
+                    if got == 0 {
+                        break;
+                    }
+                    asked += got;
+                }
+                let next = pacer
+                    .next_at()
+                    .unwrap_or(now + POLL)
+                    .max(now + Duration::from_millis(1));
+                tokio::time::sleep_until(next.into()).await;
+            }
+            info!(asked, "rebalance: connections asked to reconnect");
+        });
+        Some(n)
+    }
+
     /// Ends the drain at once: every connection is closed now.
     pub fn force(&self) {
         let obs = self.inner.source.observe();
@@ -239,5 +274,61 @@ async fn drive(inner: Arc<Inner>) {
             _ = tokio::time::sleep_until(next.into()) => {}
             _ = inner.wake.notified() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conns::{CloseLevel, ConnTracker, ProxyConns};
+
+    fn drainer(close_rate: u32) -> (Drainer, Arc<ConnTracker>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        let tracker = ConnTracker::new(metrics.clone());
+        let source = Arc::new(ProxyConns {
+            tracker: tracker.clone(),
+            accept_while_closing: true,
+        });
+        let cfg = DrainConfig {
+            quiet_period: Duration::from_millis(50),
+            propagation_timeout: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(5),
+        };
+        (
+            Drainer::spawn(cfg, close_rate, source, metrics.clone()),
+            tracker,
+            metrics,
+        )
+    }
+
+    #[tokio::test]
+    async fn rebalance_asks_that_many_connections_to_reconnect_and_no_more() {
+        let (d, tracker, metrics) = drainer(1000);
+        let guards: Vec<_> = (0..10).map(|_| tracker.register()).collect();
+        assert_eq!(d.rebalance(4), Some(4));
+        let asked = || {
+            guards
+                .iter()
+                .filter(|g| g.ctl().level() == CloseLevel::Graceful)
+                .count()
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while asked() < 4 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(asked(), 4);
+        assert!(
+            metrics
+                .render()
+                .contains("sluice_agent_rebalance_asked_total 4")
+        );
+        // The agent keeps serving: still ready, nothing else asked.
+        assert_eq!(d.phase(), Phase::Serving);
+        // Never more than it has.
+        assert_eq!(d.rebalance(100), Some(10));
+        // Once draining, the drain closes everything: no rebalance.
+        d.begin();
+        assert_eq!(d.rebalance(1), None);
     }
 }

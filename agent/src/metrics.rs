@@ -95,6 +95,8 @@ pub struct Metrics {
     pub connections_shed: Counter,
     /// 1 once a drain went unfollowed by a termination signal for `--drain-orphan-after`.
     pub drain_orphaned: Gauge,
+    /// Connections asked to reconnect by `/rebalance`.
+    pub rebalance_asked: Counter,
 }
 
 impl Default for Metrics {
@@ -120,6 +122,7 @@ impl Metrics {
             passive_opens: Counter::default(),
             connections_shed: Counter::default(),
             drain_orphaned: Gauge::default(),
+            rebalance_asked: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -157,6 +160,11 @@ impl Metrics {
             names::UPSTREAM_ERRORS,
             "Failures talking to the upstream, by kind",
             m.upstream_errors.clone(),
+        );
+        r.register(
+            names::REBALANCE_ASKED,
+            "Connections asked to reconnect by /rebalance (replica-ratio steps)",
+            m.rebalance_asked.clone(),
         );
         r.register(
             names::DRAIN_PHASE,

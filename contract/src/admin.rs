@@ -6,6 +6,12 @@ pub const HEALTHZ_PATH: &str = "/healthz";
 pub const READY_PATH: &str = "/ready";
 /// Starts the drain and answers once it is over (the injected preStop hook calls it).
 pub const DRAIN_PATH: &str = "/drain";
+/// `POST /rebalance?connections=N` (with the drain token): while serving, ask up to N
+/// keep-alive connections to reconnect, paced at the close rate, so that the operator can
+/// make a replica-ratio step's request split follow its pods.
+pub const REBALANCE_PATH: &str = "/rebalance";
+/// The query parameter of [`REBALANCE_PATH`].
+pub const REBALANCE_CONNECTIONS_PARAM: &str = "connections";
 /// OpenMetrics text the operator scrapes ([`crate::metrics`]).
 pub const METRICS_PATH: &str = "/metrics";
 

@@ -45,6 +45,10 @@ counter!(
     /// Counter by `kind`: failures talking to the upstream.
     UPSTREAM_ERRORS, UPSTREAM_ERRORS_TOTAL = "sluice_agent_upstream_errors"
 );
+counter!(
+    /// Counter: connections asked to reconnect by `/rebalance`.
+    REBALANCE_ASKED, REBALANCE_ASKED_TOTAL = "sluice_agent_rebalance_asked"
+);
 /// Gauge: the drain's phase, 0 serving, 1 quiescing, 2 closing, 3 drained.
 pub const DRAIN_PHASE: &str = "sluice_agent_drain_phase";
 counter!(

@@ -311,6 +311,16 @@ async fn invalid_releases_are_rejected_with_a_fix() {
             "trafficRouting.verify.tolerance must be between 0 and 100",
         ),
         (
+            "rb-with-routing",
+            "  workloadRef: {name: echo}\n  trafficRouting: {service: web, gatewayAPI: {httpRoutes: [{name: web}]}}\n  rebalance: {}",
+            "rebalance is for releases by replica ratio",
+        ),
+        (
+            "rb-tolerance",
+            "  workloadRef: {name: echo}\n  rebalance: {tolerance: 0}",
+            "rebalance.tolerance must be between 0 and 100",
+        ),
+        (
             "tr-header-no-routing",
             "  workloadRef: {name: echo}\n  steps: [{setHeaderRoute: {match: [{name: x-canary, value: 'yes'}]}}]",
             "setHeaderRoute steps need spec.trafficRouting",

@@ -159,6 +159,51 @@ pub async fn http_get(ip: &str, port: u16, path: &str) -> std::io::Result<String
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Ask the agent at `ip:port` to let `connections` of its keep-alive connections
+/// reconnect (`POST /rebalance`, with the pod's drain token), within two seconds.
+pub async fn ask_rebalance(
+    ip: &str,
+    port: u16,
+    token: &str,
+    connections: i64,
+) -> std::io::Result<()> {
+    use http_body_util::Empty;
+    let addr = if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    };
+    let call = async {
+        let stream = tokio::net::TcpStream::connect(&addr).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        let path = format!(
+            "{}?{}={connections}",
+            sluice_contract::REBALANCE_PATH,
+            sluice_contract::REBALANCE_CONNECTIONS_PARAM
+        );
+        let req = hyper::Request::post(path)
+            .header(hyper::header::HOST, &addr)
+            .header(sluice_contract::DRAIN_TOKEN_HEADER, token)
+            .body(Empty::<bytes::Bytes>::new())
+            .map_err(std::io::Error::other)?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(std::io::Error::other)?;
+        match resp.status() {
+            hyper::StatusCode::ACCEPTED => Ok(()),
+            s => Err(std::io::Error::other(format!("agent answered {s}"))),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(2), call)
+        .await
+        .map_err(|_| std::io::Error::other("timed out"))?
+}
+
 /// Agent samples per pod (`namespace/name`), oldest first. In memory only: losing it
 /// (restart) makes the next drain decisions wait for fresh samples, never act early.
 #[derive(Default)]

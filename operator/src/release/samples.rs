@@ -194,6 +194,7 @@ mod tests {
             windows,
             analysis: Default::default(),
             routing: None,
+            split: Default::default(),
         };
         let plan = plan(&observed, 1020.0);
         plan.status

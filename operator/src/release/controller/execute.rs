@@ -187,6 +187,27 @@ pub(super) async fn execute(ctx: &Context, g: &Gathered, plan: &Plan) -> Result<
                     super::routing::set_weight(ctx, ns, r, *canary).await?;
                 }
             }
+            Action::RebalanceConnections { pod, connections } => {
+                // Best effort: an agent that cannot be asked leaves the split as it is,
+                // and the next round measures again.
+                let view = observed.pods.iter().find(|p| &p.name == pod);
+                let port = observed
+                    .settings
+                    .as_ref()
+                    .map(|s| s.agent.admin_port)
+                    .unwrap_or(crate::pod::settings::DEFAULT_ADMIN_PORT);
+                match view.and_then(|v| Some((v.ip.as_deref()?, v.drain_token.as_deref()?))) {
+                    Some((ip, token)) => {
+                        if let Err(e) =
+                            crate::pod::drain::ask_rebalance(ip, port as u16, token, *connections)
+                                .await
+                        {
+                            tracing::warn!(pod, error = %e, "could not ask the agent to rebalance");
+                        }
+                    }
+                    None => tracing::warn!(pod, "no IP or drain token: not rebalanced"),
+                }
+            }
             Action::SetHeaderRoute { headers } => {
                 if let Some(r) = routing_settings(observed) {
                     super::routing::set_header_route(ctx, ns, r, headers).await?;

@@ -128,8 +128,9 @@ pub(super) async fn gather(cached: &Release, ctx: &Context) -> Result<Option<Gat
             s.routing
                 .as_ref()
                 .and_then(|r| r.verify.as_ref())
-                .map(|v| v.window.as_secs_f64())
-                .unwrap_or(split_default),
+                .map(|v| v.window)
+                .or(s.rebalance.as_ref().map(|r| r.window))
+                .map_or(split_default, |w| w.as_secs_f64()),
         ),
         Err(_) => (5.0, 10.0, split_default),
     };
@@ -149,7 +150,7 @@ pub(super) async fn gather(cached: &Release, ctx: &Context) -> Result<Option<Gat
         now,
     );
     let routing = match settings.as_ref().ok().and_then(|s| s.routing.as_ref()) {
-        Some(r) => Some(super::routing::observe(ctx, &ns, r, &seen.pods, seen.split).await?),
+        Some(r) => Some(super::routing::observe(ctx, &ns, r, &seen.pods).await?),
         None => None,
     };
 
@@ -168,6 +169,7 @@ pub(super) async fn gather(cached: &Release, ctx: &Context) -> Result<Option<Gat
         windows: seen.windows,
         analysis: Default::default(),
         routing,
+        split: seen.split,
     };
     observed.analysis = super::analysis::observe(ctx, &release, &mut observed, now).await;
     Ok(Some(Gathered {
@@ -321,5 +323,19 @@ fn pod_view(p: &Pod) -> PodView {
             .get(DRAIN_RELEASED_ANNOTATION)
             .and_then(|v| parse_rfc3339(v)),
         signals: None,
+        ip: status.pod_ip.clone(),
+        drain_token: drain_token_of(p),
     }
+}
+
+/// The drain token the operator gave the pod's agent (its `SLUICE_DRAIN_TOKEN`).
+fn drain_token_of(p: &Pod) -> Option<String> {
+    let spec = p.spec.as_ref()?;
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .flat_map(|c| c.env.iter().flatten())
+        .find(|e| e.name == crate::pod::inject::DRAIN_TOKEN_ENV)
+        .and_then(|e| e.value.clone())
 }

@@ -79,7 +79,6 @@ pub(super) async fn observe(
     ns: &str,
     r: &RoutingSettings,
     pods: &[PodView],
-    split: BTreeMap<String, f64>,
 ) -> Result<RoutingObserved, Error> {
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
     let user = services.get_opt(&r.service).await?;
@@ -167,7 +166,6 @@ pub(super) async fn observe(
         canary_selects,
         stable_ready,
         canary_ready,
-        split,
         service_problem,
     })
 }

@@ -19,8 +19,9 @@ pub use analysis::{
     WebhookType,
 };
 pub use routing::{
-    GatewayApiRouting, HeaderMatch, HeaderMatchType, HeaderRouteStep, MAX_ROUTES, RouteRef,
-    SplitVerification, TrafficRouting, TrafficRoutingStatus, is_header_name,
+    GatewayApiRouting, HeaderMatch, HeaderMatchType, HeaderRouteStep, MAX_ROUTES, RebalanceSpec,
+    RebalanceStatus, RouteRef, SplitVerification, TrafficRouting, TrafficRoutingStatus,
+    is_header_name,
 };
 pub use status::{AbortInfo, DrainRecord, GateResult, Phase, ReleaseStatus, RevisionStatus};
 
@@ -101,6 +102,9 @@ pub const MAX_REPLICAS: i32 = 100_000;
     ),
     validation = Rule::new("!has(self.spec.steps) || !self.spec.steps.exists(s, has(s.setHeaderRoute)) || has(self.spec.trafficRouting)").message(
         "setHeaderRoute steps need spec.trafficRouting: header matches are written into the Gateway API routes"
+    ),
+    validation = Rule::new("!has(self.spec.rebalance) || !has(self.spec.trafficRouting)").message(
+        "rebalance is for releases by replica ratio: with trafficRouting the routes' weights set the split"
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -175,6 +179,11 @@ pub struct ReleaseSpec {
     /// Move traffic by the weights of Gateway API routes rather than by replica ratio.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_routing: Option<TrafficRouting>,
+
+    /// Without `trafficRouting`: make each step's request split follow its pods by asking
+    /// a paced share of keep-alive clients to reconnect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalance: Option<RebalanceSpec>,
 
     /// Hold the release where it is: no step advances and no new drain starts (drains
     /// already under way finish). Independent of status, so GitOps can set it.

@@ -174,3 +174,49 @@ pub fn is_header_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
+
+/// Without a router, make each `setWeight` step's request split follow its pods: keep-alive
+/// clients stay on the connections they have, so new pods get only new connections. Once
+/// a step's pods serve, the agents (proxy mode) measure the canary's share of requests;
+/// while it is further than `tolerance` from the canary's share of the serving pods, the
+/// side with too much is asked (`/rebalance` on its agents) to let a paced share of its
+/// connections reconnect, and the step waits.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RebalanceSpec {
+    /// Percentage points. Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 100.0").message("rebalance.tolerance must be between 0 and 100 percentage points, for example 5"))]
+    pub tolerance: Option<f64>,
+    /// Measurement window, and the time between two rounds of asking. Default `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = interval_rule("rebalance.window"))]
+    pub window: Option<DurationString>,
+    /// Rounds of asking per step; then the step goes on as it is (a Warning event
+    /// `RebalanceGaveUp`). Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 100").message("rebalance.maxRounds must be between 1 and 100"))]
+    pub max_rounds: Option<i32>,
+}
+
+/// How the current step's request split was brought to its pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebalanceStatus {
+    /// The step this is about.
+    pub step: i32,
+    /// Rounds of asking so far in this step.
+    pub rounds: i32,
+    /// When the agents were last asked (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_at: Option<String>,
+    /// The canary's share of the serving pods (percent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_percent: Option<f64>,
+    /// The canary's share of the requests over the window (percent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_percent: Option<f64>,
+    /// Connections asked to reconnect in this step.
+    #[serde(default)]
+    pub connections_asked: i64,
+}

@@ -104,6 +104,9 @@ pub struct ReleaseStatus {
     /// The routes' weights and the measured split (`spec.trafficRouting`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_routing: Option<super::TrafficRoutingStatus>,
+    /// The current step's rebalancing (`spec.rebalance`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebalance: Option<super::RebalanceStatus>,
     /// kstatus-compatible conditions: Ready, Progressing, Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -23,6 +23,7 @@ mod analysis;
 mod drain;
 mod gates;
 mod model;
+mod rebalance;
 mod routing;
 mod status;
 mod steps;

@@ -72,6 +72,9 @@ pub struct PodView {
     pub drain_released: Option<f64>,
     /// From the agent; `None` when it could not be scraped.
     pub signals: Option<PodSignals>,
+    /// The pod's IP and its agent's drain token, for asking the agent to rebalance.
+    pub ip: Option<String>,
+    pub drain_token: Option<String>,
 }
 
 /// Everything the planner looks at.
@@ -96,6 +99,9 @@ pub struct Observed {
     pub analysis: AnalysisObserved,
     /// The routes and Services of `spec.trafficRouting`; `None` without it.
     pub routing: Option<RoutingObserved>,
+    /// Requests the agents served per revision over the split window (trafficRouting's
+    /// verification, rebalancing), draining pods included.
+    pub split: BTreeMap<String, f64>,
 }
 
 /// What the controller read of the routes, the two Services and their endpoints.
@@ -116,9 +122,6 @@ pub struct RoutingObserved {
     /// Ready endpoints of each Service (the data plane's view of the pods).
     pub stable_ready: i32,
     pub canary_ready: i32,
-    /// Requests the agents served per revision over the verification window, draining
-    /// pods included.
-    pub split: BTreeMap<String, f64>,
     /// The user's Service is missing or selects nothing: why.
     pub service_problem: Option<String>,
 }
@@ -181,6 +184,11 @@ pub enum Action {
     /// Give the canary this share (percent) in every steered route rule.
     SetRouteWeight {
         canary: i32,
+    },
+    /// Ask the pod's agent to let this many of its connections reconnect (`/rebalance`).
+    RebalanceConnections {
+        pod: String,
+        connections: i64,
     },
     /// Make the routes send requests with these headers to the canary (empty: none).
     SetHeaderRoute {

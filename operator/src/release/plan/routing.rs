@@ -13,7 +13,7 @@
 use crate::pod::time::{parse_rfc3339, rfc3339};
 use crate::release::crd::{HeaderMatch, TrafficRoutingStatus};
 
-use super::model::{Ctx, Hold, Observed, RoutingObserved};
+use super::model::{Ctx, Hold, Observed};
 use super::weights::{pods_for, step_count, step_header_route, step_weight};
 
 /// The revisions the Services should select: stable its revision; canary the canary's,
@@ -60,7 +60,7 @@ pub(super) fn steer(c: &mut Ctx, o: &Observed, n: i32) {
     };
     let mut st = c.status.traffic_routing.take().unwrap_or_default();
     st.problem = None;
-    measure(c, r, &mut st);
+    measure(c, o, &mut st);
     if let Some(p) = &r.service_problem {
         st.problem = Some(p.clone());
         c.status.traffic_routing = Some(st);
@@ -214,15 +214,15 @@ fn hold(c: &mut Ctx, message: String) {
 }
 
 /// The canary's share of the requests both sides' agents served over the window.
-fn measure(c: &Ctx, r: &RoutingObserved, st: &mut TrafficRoutingStatus) {
+fn measure(c: &Ctx, o: &Observed, st: &mut TrafficRoutingStatus) {
     let (Some(canary), Some(stable)) = (&c.status.canary_revision, &c.status.stable_revision)
     else {
         st.measured_canary_percent = None;
         st.measured_requests = None;
         return;
     };
-    let cr = r.split.get(canary).copied().unwrap_or(0.0);
-    let sr = r.split.get(stable).copied().unwrap_or(0.0);
+    let cr = o.split.get(canary).copied().unwrap_or(0.0);
+    let sr = o.split.get(stable).copied().unwrap_or(0.0);
     let total = cr + sr;
     st.measured_requests = Some(total.round() as i64);
     st.measured_canary_percent = (total > 0.0).then(|| (cr * 1000.0 / total).round() / 10.0);

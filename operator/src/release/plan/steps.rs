@@ -70,7 +70,9 @@ pub(super) fn advance_steps(c: &mut Ctx, o: &Observed, n: i32, wants: &BTreeMap<
     match step {
         StepKind::SetWeight(w) => {
             let routed = if converged {
-                super::routing::step_reached(c, o, *w)
+                super::routing::step_reached(c, o, *w).and_then(|()| {
+                    super::rebalance::split_follows_pods(c, o, cur, &canary, &stable, kc, ks)
+                })
             } else {
                 Ok(())
             };

@@ -75,6 +75,16 @@ pub struct Settings {
     pub analysis: Option<crate::release::crd::AnalysisSpec>,
     /// `spec.trafficRouting`, resolved.
     pub routing: Option<RoutingSettings>,
+    /// `spec.rebalance`, resolved.
+    pub rebalance: Option<RebalanceSettings>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RebalanceSettings {
+    /// Percentage points.
+    pub tolerance: f64,
+    pub window: Duration,
+    pub max_rounds: i32,
 }
 
 /// A route the Release steers.
@@ -506,6 +516,29 @@ impl Settings {
             _ => {}
         }
         let routing = routing_settings(&mut errs, &spec.traffic_routing);
+        let rebalance = spec.rebalance.as_ref().map(|r| {
+            let tolerance = r.tolerance.unwrap_or(5.0);
+            if !(tolerance > 0.0 && tolerance <= 100.0) {
+                errs.push("rebalance.tolerance: between 0 and 100".into());
+            }
+            let max_rounds = r.max_rounds.unwrap_or(5);
+            if !(1..=100).contains(&max_rounds) {
+                errs.push("rebalance.maxRounds: between 1 and 100".into());
+            }
+            RebalanceSettings {
+                tolerance,
+                window: dur(
+                    &mut errs,
+                    "rebalance.window",
+                    &r.window,
+                    DEFAULT_SPLIT_WINDOW,
+                ),
+                max_rounds,
+            }
+        });
+        if rebalance.is_some() && routing.is_some() {
+            errs.push("rebalance: not with trafficRouting (the routes set the split)".into());
+        }
         if !errs.is_empty() {
             return Err(errs);
         }
@@ -524,6 +557,7 @@ impl Settings {
             paused: spec.paused,
             analysis: spec.analysis.clone(),
             routing,
+            rebalance,
         })
     }
 }

@@ -49,8 +49,8 @@ impl FakeRouter {
         sim.pods.iter().filter(|p| endpoint(p, selects)).count() as i32
     }
 
-    pub(super) fn observe(&self, sim: &Sim) -> RoutingObserved {
-        // The split over the last 10 s: as the weight says (plus any skew).
+    /// Requests per revision over the last 10 s: as the weight says (plus any skew).
+    pub(super) fn split(&self) -> BTreeMap<String, f64> {
         let mut split = BTreeMap::new();
         let share = ((f64::from(self.weight) + self.skew) / 100.0).clamp(0.0, 1.0);
         let total = self.rps * 10.0;
@@ -60,6 +60,10 @@ impl FakeRouter {
         if let Some(Some(s)) = &self.stable {
             *split.entry(s.clone()).or_insert(0.0) += total * (1.0 - share);
         }
+        split
+    }
+
+    pub(super) fn observe(&self, sim: &Sim) -> RoutingObserved {
         RoutingObserved {
             canary_weight: match &self.broken {
                 Some(why) => Err(why.clone()),
@@ -71,7 +75,6 @@ impl FakeRouter {
             canary_selects: self.canary.clone(),
             stable_ready: self.ready(sim, &self.stable),
             canary_ready: self.ready(sim, &self.canary),
-            split,
             service_problem: None,
         }
     }

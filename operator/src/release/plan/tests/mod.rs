@@ -16,6 +16,7 @@ use crate::release::gates::RevisionWindow;
 use crate::release::plan::*;
 use crate::release::settings::Settings;
 use fake_analysis::FakeAnalysis;
+use fake_clients::FakeClients;
 use fake_router::FakeRouter;
 
 type SignalFn = Box<dyn Fn(&PodView, f64) -> Option<PodSignals>>;
@@ -52,6 +53,8 @@ struct Sim {
     analysis: FakeAnalysis,
     /// The Gateway API data plane, for `spec.trafficRouting`.
     router: Option<FakeRouter>,
+    /// Keep-alive clients, for `spec.rebalance`.
+    clients: Option<FakeClients>,
 }
 
 fn quiet_signals(_: &PodView, _: f64) -> Option<PodSignals> {
@@ -100,6 +103,7 @@ impl Sim {
             last_plan: None,
             analysis: FakeAnalysis::default(),
             router: None,
+            clients: None,
         }
     }
 
@@ -107,6 +111,9 @@ impl Sim {
         let mut pods = self.pods.clone();
         for p in &mut pods {
             p.signals = (self.signals)(p, self.now);
+            if let (Some(c), Some(s)) = (&self.clients, p.signals.as_mut()) {
+                s.connections_active = c.active(&p.name);
+            }
         }
         Observed {
             generation: 1,
@@ -129,6 +136,11 @@ impl Sim {
                 requeue_after: Some(std::time::Duration::from_secs(10)),
             },
             routing: self.router.as_ref().map(|r| r.observe(self)),
+            split: match (&self.router, &self.clients) {
+                (Some(r), _) => r.split(),
+                (None, Some(c)) => c.split(self),
+                (None, None) => BTreeMap::new(),
+            },
         }
     }
 
@@ -207,6 +219,11 @@ impl Sim {
                     reason,
                     note,
                 } => self.events.push((*warning, reason.clone(), note.clone())),
+                Action::RebalanceConnections { pod, connections } => {
+                    let mut c = self.clients.take().expect("rebalance without clients");
+                    c.rebalance(self, pod, *connections);
+                    self.clients = Some(c);
+                }
                 Action::ApplyRoutingServices { .. }
                 | Action::SetRouteWeight { .. }
                 | Action::SetHeaderRoute { .. } => self
@@ -221,6 +238,10 @@ impl Sim {
         if let Some(mut r) = self.router.take() {
             r.check(self);
             self.router = Some(r);
+        }
+        if let Some(mut c) = self.clients.take() {
+            c.tick(self);
+            self.clients = Some(c);
         }
         self.last_plan = Some(plan.clone());
         plan
@@ -360,8 +381,10 @@ steps:
 mod analysis;
 mod drain;
 mod fake_analysis;
+mod fake_clients;
 mod fake_router;
 mod gates;
 mod lifecycle;
+mod rebalance;
 mod routing;
 mod steps;

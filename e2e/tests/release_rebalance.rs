@@ -1,0 +1,181 @@
+//! A replica-ratio release whose request split follows its pods: keep-alive clients (a
+//! client pod through the Service's ClusterIP, real kube-proxy) stay on their
+//! connections, so without help the new pods get only new connections. With
+//! `spec.rebalance` the operator asks the stable agents to let a share of their
+//! connections reconnect until the canary serves its pods' share (±5 points), losing
+//! nothing.
+mod ground_common;
+
+use std::time::{Duration, Instant};
+
+use ground_common::{ground, load_pod_report, sluice_app, start_load_pod};
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+use sluice_e2e::scenario::APP;
+use sluice_e2e::scenario_sluice::{release_state, releases};
+
+/// When each step started, from the Release's status (unix ms).
+async fn watch_steps(
+    client: &kube::Client,
+    ns: &str,
+    v1: &str,
+    timeout: Duration,
+) -> anyhow::Result<Vec<(f64, serde_json::Value)>> {
+    let start = Instant::now();
+    let mut steps: Vec<(f64, serde_json::Value)> = Vec::new();
+    loop {
+        let st = release_state(client, ns, APP).await?;
+        let step = st.status["currentStep"].clone();
+        if steps.last().is_none_or(|(_, s)| *s != step) {
+            eprintln!(
+                "t={:.1}s step {step} {:?} rebalance {}",
+                start.elapsed().as_secs_f64(),
+                st.message,
+                st.status["rebalance"]
+            );
+            steps.push((unix_ms(), step));
+        }
+        if st.phase.as_deref() == Some("Completed") && st.stable.as_deref() != Some(v1) {
+            return Ok(steps);
+        }
+        anyhow::ensure!(
+            start.elapsed() < timeout,
+            "the release did not complete in {timeout:?}: {:?}",
+            st.message
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+/// The canary's share of the answers in `[from, to)` (unix ms), from the client's bins.
+fn share(report: &serde_json::Value, prefix: &str, from: f64, to: f64) -> Option<(f64, u64)> {
+    let origin = report["origin_unix_ms"].as_f64()?;
+    let (mut canary, mut total) = (0u64, 0u64);
+    for bin in report["series"].as_array()? {
+        let t = origin + bin["t"].as_f64()? * 1000.0;
+        if t < from || t + 1000.0 > to {
+            continue;
+        }
+        for (pod, n) in bin["by_pod"].as_object()? {
+            let n = n.as_u64().unwrap_or(0);
+            total += n;
+            if pod.starts_with(prefix) {
+                canary += n;
+            }
+        }
+    }
+    (total > 0).then(|| (canary as f64 * 100.0 / total as f64, total))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalancing_makes_a_replica_ratio_split_follow_the_pods() -> anyhow::Result<()> {
+    let (cluster, ns) = ground("rebalance").await?;
+    let client = cluster.client.clone();
+    let ns = ns.name.clone();
+    let (_ctx, _operator, svc) = sluice_app(&client, &ns, 4).await?;
+    releases(&client, &ns)
+        .patch(
+            APP,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {
+                "gates": {"comparison": null},
+                "maxSurge": 1,
+                "rebalance": {"tolerance": 5, "window": "4s"},
+                "steps": [
+                    {"setWeight": 25}, {"pause": {"duration": "15s"}},
+                    {"setWeight": 50}, {"pause": {"duration": "15s"}},
+                ],
+            }})),
+        )
+        .await?;
+    ground_common::wait_for(Duration::from_secs(120), "the takeover", || {
+        let (client, ns) = (client.clone(), ns.clone());
+        async move {
+            let st = release_state(&client, &ns, APP).await.ok()?;
+            (st.phase.as_deref() == Some("Completed")).then_some(())
+        }
+    })
+    .await?;
+    let ip = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.clone())
+        .unwrap_or_default();
+    let port = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .and_then(|p| p.first())
+        .map(|p| p.port)
+        .unwrap_or(80);
+    let load_s = 150;
+    start_load_pod(
+        &client,
+        &ns,
+        &format!("http://{ip}:{port}/"),
+        40,
+        400,
+        load_s,
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let v1 = release_state(&client, &ns, APP)
+        .await?
+        .stable
+        .unwrap_or_default();
+    Api::<Deployment>::namespaced(client.clone(), &ns)
+        .patch(
+            APP,
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [
+                {"name": APP, "image": "sluice/echo:v2"}]}}}})),
+        )
+        .await?;
+    let steps = watch_steps(&client, &ns, &v1, Duration::from_secs(130)).await?;
+    let st = release_state(&client, &ns, APP).await?;
+    let v2 = st.stable.clone().unwrap_or_default();
+    let (phase, report, log) =
+        load_pod_report(&client, &ns, Duration::from_secs(load_s + 60)).await?;
+    let failed = report["failed"].as_u64().unwrap_or(u64::MAX);
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let rounds: Vec<String> = events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("Rebalancing"))
+        .filter_map(|e| e.note)
+        .collect();
+    eprintln!(
+        "rebalance release: {} requests, {failed} failed {}; rounds: {rounds:#?}",
+        report["requests"], report["by_outcome"]
+    );
+    anyhow::ensure!(phase == "Succeeded", "client pod {phase}: {log}");
+    assert_eq!(failed, 0, "requests failed: {}", report["by_outcome"]);
+    assert!(!rounds.is_empty(), "no rebalancing round ran");
+    // The pause after each setWeight step: the split there is what the step left.
+    let prefix = format!("{APP}-{v2}-");
+    for (pause, want) in [(1, 25.0), (3, 50.0)] {
+        let i = steps
+            .iter()
+            .position(|(_, s)| *s == pause)
+            .unwrap_or_else(|| panic!("step {pause} never seen: {steps:?}"));
+        let from = steps[i].0 + 1000.0;
+        let to = steps.get(i + 1).map_or(from + 10_000.0, |(t, _)| *t);
+        let (got, n) = share(&report, &prefix, from, to).expect("client traffic in the pause");
+        eprintln!("  pause after {want}%: the client saw {got:.1}% of {n} requests on v2");
+        assert!(
+            (got - want).abs() <= 7.0,
+            "at {want}% the client saw {got:.1}%"
+        );
+    }
+    Ok(())
+}
