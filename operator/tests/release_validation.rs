@@ -88,12 +88,12 @@ async fn invalid_releases_are_rejected_with_a_fix() {
         (
             "t",
             "  workloadRef: {name: echo}\n  steps: [{setWeight: 50, pause: {}}]",
-            "exactly one of setWeight, pause or gate",
+            "exactly one of setWeight, pause, gate or setHeaderRoute",
         ),
         (
             "e",
             "  workloadRef: {name: echo}\n  steps: [{}]",
-            "exactly one of setWeight, pause or gate",
+            "exactly one of setWeight, pause, gate or setHeaderRoute",
         ),
         (
             "q",
