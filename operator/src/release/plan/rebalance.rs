@@ -54,7 +54,11 @@ pub(super) fn split_follows_pods(
     };
     let settled = since(st.last_at.as_deref()) >= window
         && since(c.status.step_started_at.as_deref()) >= window;
-    let result = if cr + sr < MIN_REQUESTS {
+    // A pod still draining moves its clients when it closes: measure after.
+    let draining = o.pods.iter().any(|p| p.drain_started.is_some());
+    let result = if draining {
+        Err("waiting for the drains to end before measuring the request split".into())
+    } else if cr + sr < MIN_REQUESTS {
         st.measured_percent = None;
         // No traffic to speak of: nothing to follow.
         Ok(())
