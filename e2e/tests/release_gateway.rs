@@ -14,9 +14,8 @@ mod ground_common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ground_common::routing::{route_weight, routes, unix_ms};
+use ground_common::routing::{route_weight, routes, set_image, share_between, unix_ms};
 use ground_common::{ground, load_pod_report, sluice_app, start_load_pod, wait_for};
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
@@ -106,40 +105,13 @@ fn client_split(
     canary_prefix: &str,
     settle_s: f64,
 ) -> Option<(f64, u64)> {
-    let origin = report["origin_unix_ms"].as_f64()?;
     let from = samples.iter().find(|s| s.weight == Some(weight))?.unix_ms + settle_s * 1000.0;
     let to = samples
         .iter()
         .skip_while(|s| s.weight != Some(weight))
         .find(|s| s.weight != Some(weight))?
         .unix_ms;
-    let (mut canary, mut total) = (0u64, 0u64);
-    for bin in report["series"].as_array()? {
-        let t = origin + bin["t"].as_f64()? * 1000.0;
-        if t < from || t + 1000.0 > to {
-            continue;
-        }
-        for (pod, n) in bin["by_pod"].as_object()? {
-            let n = n.as_u64().unwrap_or(0);
-            total += n;
-            if pod.starts_with(canary_prefix) {
-                canary += n;
-            }
-        }
-    }
-    (total > 0).then(|| (canary as f64 * 100.0 / total as f64, total))
-}
-
-async fn set_image(client: &Client, ns: &str, image: &str) -> anyhow::Result<()> {
-    Api::<Deployment>::namespaced(client.clone(), ns)
-        .patch(
-            APP,
-            &PatchParams::default(),
-            &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [
-                {"name": APP, "image": image}]}}}})),
-        )
-        .await?;
-    Ok(())
+    share_between(report, canary_prefix, from, to)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

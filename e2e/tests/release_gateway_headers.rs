@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ground_common::{ground, sluice_app, wait_for};
-use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::json;
 use sluice_e2e::gateway::{deploy_traefik, http_route_resource};
@@ -90,14 +89,7 @@ async fn a_header_route_sends_only_matching_requests_to_the_canary() -> anyhow::
     traefik.wait_serving(&client, "/").await?;
     let addr = traefik.pod_url.trim_start_matches("http://").to_string();
 
-    Api::<Deployment>::namespaced(client.clone(), &ns)
-        .patch(
-            APP,
-            &PatchParams::default(),
-            &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [
-                {"name": APP, "image": "sluice/echo:v2"}]}}}})),
-        )
-        .await?;
+    ground_common::routing::set_image(&client, &ns, "sluice/echo:v2").await?;
     // Held at the pause after the header route step: the route carries the header rule.
     wait_for(Duration::from_secs(120), "the header route step", || {
         let (client, ns) = (client.clone(), ns.clone());

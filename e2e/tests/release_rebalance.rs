@@ -8,8 +8,8 @@ mod ground_common;
 
 use std::time::{Duration, Instant};
 
+use ground_common::routing::{set_image, share_between, unix_ms};
 use ground_common::{ground, load_pod_report, sluice_app, start_load_pod};
-use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use sluice_e2e::scenario::APP;
@@ -46,33 +46,6 @@ async fn watch_steps(
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-fn unix_ms() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64() * 1000.0)
-        .unwrap_or(0.0)
-}
-
-/// The canary's share of the answers in `[from, to)` (unix ms), from the client's bins.
-fn share(report: &serde_json::Value, prefix: &str, from: f64, to: f64) -> Option<(f64, u64)> {
-    let origin = report["origin_unix_ms"].as_f64()?;
-    let (mut canary, mut total) = (0u64, 0u64);
-    for bin in report["series"].as_array()? {
-        let t = origin + bin["t"].as_f64()? * 1000.0;
-        if t < from || t + 1000.0 > to {
-            continue;
-        }
-        for (pod, n) in bin["by_pod"].as_object()? {
-            let n = n.as_u64().unwrap_or(0);
-            total += n;
-            if pod.starts_with(prefix) {
-                canary += n;
-            }
-        }
-    }
-    (total > 0).then(|| (canary as f64 * 100.0 / total as f64, total))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,14 +105,7 @@ async fn rebalancing_makes_a_replica_ratio_split_follow_the_pods() -> anyhow::Re
         .stable
         .unwrap_or_default();
     let released_at = unix_ms();
-    Api::<Deployment>::namespaced(client.clone(), &ns)
-        .patch(
-            APP,
-            &PatchParams::default(),
-            &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [
-                {"name": APP, "image": "sluice/echo:v2"}]}}}})),
-        )
-        .await?;
+    set_image(&client, &ns, "sluice/echo:v2").await?;
     let steps = watch_steps(&client, &ns, &v1, Duration::from_secs(130)).await?;
     let st = release_state(&client, &ns, APP).await?;
     let v2 = st.stable.clone().unwrap_or_default();
@@ -201,7 +167,8 @@ async fn rebalancing_makes_a_replica_ratio_split_follow_the_pods() -> anyhow::Re
             .unwrap_or_else(|| panic!("step {pause} never seen: {steps:?}"));
         let from = steps[i].0 + 1000.0;
         let to = steps.get(i + 1).map_or(from + 10_000.0, |(t, _)| *t);
-        let (got, n) = share(&report, &prefix, from, to).expect("client traffic in the pause");
+        let (got, n) =
+            share_between(&report, &prefix, from, to).expect("client traffic in the pause");
         eprintln!("  pause after {want}%: the client saw {got:.1}% of {n} requests on v2");
         assert!(
             (got - want).abs() <= 7.0,

@@ -122,31 +122,44 @@ fn now_secs() -> f64 {
 /// (a tenant's) that answers more cannot make the operator buffer it.
 pub const MAX_AGENT_BODY: usize = 1 << 20;
 
-/// GET over plain HTTP/1.1 (the agent's admin endpoint on the pod IP), on a connection of
-/// its own; the body as text, or an error for any status but 200 and for a body over
-/// [`MAX_AGENT_BODY`]. Callers bound the time ([`scrape`] does).
-pub async fn http_get(ip: &str, port: u16, path: &str) -> std::io::Result<String> {
-    use http_body_util::{BodyExt, Empty, Limited};
-    let addr = if ip.contains(':') {
+/// `ip:port` as a socket address (IPv6 in brackets).
+fn agent_addr(ip: &str, port: u16) -> String {
+    if ip.contains(':') {
         format!("[{ip}]:{port}")
     } else {
         format!("{ip}:{port}")
-    };
-    let stream = tokio::net::TcpStream::connect(&addr).await?;
+    }
+}
+
+/// One request to an agent's admin endpoint over plain HTTP/1.1, on a connection of its
+/// own; `build` gets the request builder with the Host header set.
+async fn agent_request(
+    addr: &str,
+    build: impl FnOnce(hyper::http::request::Builder) -> hyper::http::request::Builder,
+) -> std::io::Result<hyper::Response<hyper::body::Incoming>> {
+    use http_body_util::Empty;
+    let stream = tokio::net::TcpStream::connect(addr).await?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(std::io::Error::other)?;
     // Ends by itself once the sender is dropped (the response read to its end).
     tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header(hyper::header::HOST, &addr)
+    let req = build(hyper::Request::builder().header(hyper::header::HOST, addr))
         .body(Empty::<bytes::Bytes>::new())
         .map_err(std::io::Error::other)?;
-    let resp = sender
+    sender
         .send_request(req)
         .await
-        .map_err(std::io::Error::other)?;
+        .map_err(std::io::Error::other)
+}
+
+/// GET over plain HTTP/1.1 (the agent's admin endpoint on the pod IP), on a connection of
+/// its own; the body as text, or an error for any status but 200 and for a body over
+/// [`MAX_AGENT_BODY`]. Callers bound the time ([`scrape`] does).
+pub async fn http_get(ip: &str, port: u16, path: &str) -> std::io::Result<String> {
+    use http_body_util::{BodyExt, Limited};
+    let resp = agent_request(&agent_addr(ip, port), |b| b.method("GET").uri(path)).await?;
     let status = resp.status();
     if status != hyper::StatusCode::OK {
         return Err(std::io::Error::other(format!("agent answered {status}")));
@@ -167,41 +180,24 @@ pub async fn ask_rebalance(
     token: &str,
     connections: i64,
 ) -> std::io::Result<()> {
-    use http_body_util::Empty;
-    let addr = if ip.contains(':') {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
-    };
-    let call = async {
-        let stream = tokio::net::TcpStream::connect(&addr).await?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(std::io::Error::other)?;
-        tokio::spawn(conn);
-        let path = format!(
-            "{}?{}={connections}",
-            sluice_contract::REBALANCE_PATH,
-            sluice_contract::REBALANCE_CONNECTIONS_PARAM
-        );
-        let req = hyper::Request::post(path)
-            .header(hyper::header::HOST, &addr)
+    let path = format!(
+        "{}?{}={connections}",
+        sluice_contract::REBALANCE_PATH,
+        sluice_contract::REBALANCE_CONNECTIONS_PARAM
+    );
+    let addr = agent_addr(ip, port);
+    let call = agent_request(&addr, |b| {
+        b.method("POST")
+            .uri(path)
             .header(sluice_contract::DRAIN_TOKEN_HEADER, token)
-            .body(Empty::<bytes::Bytes>::new())
-            .map_err(std::io::Error::other)?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(std::io::Error::other)?;
-        match resp.status() {
-            hyper::StatusCode::ACCEPTED => Ok(()),
-            s => Err(std::io::Error::other(format!("agent answered {s}"))),
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(2), call)
+    });
+    let resp = tokio::time::timeout(Duration::from_secs(2), call)
         .await
-        .map_err(|_| std::io::Error::other("timed out"))?
+        .map_err(|_| std::io::Error::other("timed out"))??;
+    match resp.status() {
+        hyper::StatusCode::ACCEPTED => Ok(()),
+        s => Err(std::io::Error::other(format!("agent answered {s}"))),
+    }
 }
 
 /// Agent samples per pod (`namespace/name`), oldest first. In memory only: losing it
