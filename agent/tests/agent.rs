@@ -469,8 +469,8 @@ async fn bad_input_gets_the_right_answer_and_others_are_unaffected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_drains_on_sigterm_and_exits_zero() {
     let upstream = start_upstream().await;
-    let listen = dead_port().await;
-    let admin = dead_port().await;
+    let listen = free_port().await;
+    let admin = free_port().await;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice-agent"))
         .args([
             "proxy",

@@ -255,10 +255,24 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
     })
 }
 
-/// A port nothing listens on (bound then released).
-pub async fn dead_port() -> SocketAddr {
+/// A loopback port free now (bound then released), for a program started next to bind.
+pub async fn free_port() -> SocketAddr {
     let l = TcpListener::bind(lo0()).await.unwrap();
     let a = l.local_addr().unwrap();
     drop(l);
+    a
+}
+
+/// A port nothing listens on, for the whole run.
+pub async fn dead_port() -> SocketAddr {
+    // A privileged port nothing on a test machine listens on: tests only ever bind
+    // ephemeral ports, so unlike a freed ephemeral port (once taken by another test's
+    // server running beside this one, which answered 404 where "upstream down" expected
+    // 502) it cannot come back to life during the run. Checked, not assumed.
+    let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(a).await.is_err(),
+        "something listens on {a}: the tests need a port where nothing does"
+    );
     a
 }
