@@ -104,18 +104,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.records {
         report.write_records(path)?;
     }
-    match &args.out {
-        Some(p) => std::fs::write(p, serde_json::to_string_pretty(&report)?)?,
-        // Not a terminal (a pipe, a container's log): one line, written at once, so the
-        // recap on stderr cannot land inside it where both streams share one log.
-        None if !io::stdout().is_terminal() => {
-            let mut line = serde_json::to_vec(&report)?;
-            line.push(b'\n');
-            io::stdout().lock().write_all(&line)?;
-        }
-        None => println!("{}", serde_json::to_string_pretty(&report)?),
-    }
-    eprintln!(
+    let recap = format!(
         "{} requests, {} failed {:?}, {:.0} ok/s, p50 {:.1} ms p99 {:.1} ms, {} connections opened",
         report.requests,
         report.failed,
@@ -129,5 +118,25 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         report.latency_ms.p99,
         report.connections_opened
     );
+    match &args.out {
+        Some(p) => {
+            std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
+            eprintln!("{recap}");
+        }
+        // Not a terminal (a pipe, a container's log): the recap, then the summary as one
+        // line, both on stdout. A container runtime splits a line longer than its limit
+        // (32 KiB) into pieces, and a line on stderr written meanwhile landed glued to a
+        // piece; one stream keeps the order.
+        None if !io::stdout().is_terminal() => {
+            let mut out = format!("{recap}\n").into_bytes();
+            out.extend(serde_json::to_vec(&report)?);
+            out.push(b'\n');
+            io::stdout().lock().write_all(&out)?;
+        }
+        None => {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            eprintln!("{recap}");
+        }
+    }
     Ok(())
 }

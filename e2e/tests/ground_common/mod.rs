@@ -315,9 +315,8 @@ pub async fn load_pod_report(
 }
 
 /// The load CLI's JSON summary in a pod's log. The container runtime splits lines longer
-/// than its limit (32 KiB here) into several, and the one-line recap on stderr may land
-/// between the pieces: join the lines from the first `{` on, leaving out the recap, until
-/// they parse.
+/// than its limit (32 KiB here) into several: join the lines from the first `{` on until
+/// they parse (the CLI writes its recap line before it, on the same stream).
 pub fn summary_of(log: &str) -> Option<serde_json::Value> {
     let is_recap = |l: &str| {
         l.split_once(" requests, ")

@@ -219,4 +219,8 @@ pub struct RebalanceStatus {
     /// Connections asked to reconnect in this step.
     #[serde(default)]
     pub connections_asked: i64,
+    /// How long the agents take to ask the last round's connections (paced at
+    /// `drain.closeRate`, with its jitter): measuring starts after that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asking_seconds: Option<f64>,
 }

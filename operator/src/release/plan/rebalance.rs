@@ -16,8 +16,9 @@ use super::weights::Counts;
 
 /// Fewer requests than this over the window say nothing about the split.
 pub const MIN_REQUESTS: f64 = 50.0;
-/// The most of a pod's connections one round asks to reconnect.
-const MAX_SHARE: f64 = 0.9;
+/// The most of a pod's connections one round asks to reconnect: a measurement off by
+/// chance (a new pod's first seconds) must not move everything at once.
+const MAX_SHARE: f64 = 0.5;
 
 /// Whether the step's request split follows its pods; `Err`: what the step waits for
 /// (this round may have asked agents to rebalance).
@@ -52,7 +53,10 @@ pub(super) fn split_follows_pods(
         at.and_then(parse_rfc3339)
             .map_or(f64::INFINITY, |t| c.now - t)
     };
-    let settled = since(st.last_at.as_deref()) >= window
+    // The agents ask at their close rate (and its jitter): the clients of the last round
+    // have all moved only after that; then a whole window of the new split.
+    let asking = st.asking_seconds.unwrap_or(0.0);
+    let settled = since(st.last_at.as_deref()) >= window + asking
         && since(c.status.step_started_at.as_deref()) >= window;
     // A pod still draining moves its clients when it closes: measure after.
     let draining = o.pods.iter().any(|p| p.drain_started.is_some());
@@ -96,6 +100,7 @@ pub(super) fn split_follows_pods(
             let share =
                 ((over_share - over_target) / over_share / land.max(0.01)).clamp(0.0, MAX_SHARE);
             let mut asked = 0i64;
+            let mut most = 0i64;
             for p in &o.pods {
                 let serves = p.serving == Some(true) && p.containers_ready;
                 if p.revision != over || !serves || p.drain_started.is_some() || p.deleting {
@@ -109,11 +114,15 @@ pub(super) fn split_follows_pods(
                         connections: n,
                     });
                     asked += n;
+                    most = most.max(n);
                 }
             }
             st.rounds += 1;
             st.last_at = Some(rfc3339(c.now));
             st.connections_asked += asked;
+            // The agent's pacer stretches gaps by up to half (its jitter).
+            let rate = f64::from(c.s.drain.close_rate.max(1));
+            st.asking_seconds = Some((most as f64 / rate * 1.5 * 10.0).ceil() / 10.0);
             c.event(
                 false,
                 "Rebalancing",
