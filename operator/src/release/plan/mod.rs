@@ -35,7 +35,6 @@ pub use model::{
     Action, AnalysisObserved, Claim, DRAIN_REFUSED, DeploymentView, MAX_DRAIN_RECORDS, Observed,
     Plan, PodView, ReplicaSetView, RoutingObserved,
 };
-pub use routing::ROLLBACK_DWELL;
 pub(crate) use status::set_condition;
 
 use drain::{move_pods, record_drains};
