@@ -1,6 +1,6 @@
-//! The controller's only in-memory state: a short history of agent samples per pod
-//! (pure, no I/O). Losing it (restart) makes the next decisions wait for fresh samples,
-//! never act early.
+//! The controller's only in-memory state: a short history of agent samples per pod, and
+//! when each pod's agent was last asked to let connections reconnect (pure, no I/O).
+//! Losing it (restart) makes the next decisions wait for fresh samples, never act early.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -50,6 +50,8 @@ impl SampleWindows {
 #[derive(Debug, Default)]
 pub struct SampleStore {
     by_release: HashMap<ReleaseKey, HashMap<String, VecDeque<AgentSample>>>,
+    /// When the operator last asked a pod's agent to rebalance (`PodView::asked_at`).
+    asked: HashMap<ReleaseKey, HashMap<String, f64>>,
 }
 
 impl SampleStore {
@@ -65,11 +67,14 @@ impl SampleStore {
     ) -> Observation {
         let mine = self.by_release.entry(release.clone()).or_default();
         mine.retain(|pod, _| pods.iter().any(|(p, _)| &p.name == pod));
+        let asked = self.asked.entry(release.clone()).or_default();
+        asked.retain(|pod, _| pods.iter().any(|(p, _)| &p.name == pod));
         let keep = windows.keep();
         let mut views = Vec::with_capacity(pods.len());
         let mut revisions: BTreeMap<String, RevisionWindow> = BTreeMap::new();
         let mut split: BTreeMap<String, RevisionWindow> = BTreeMap::new();
         for (mut view, sample) in pods {
+            view.asked_at = asked.get(&view.name).copied();
             let hist = mine.entry(view.name.clone()).or_default();
             if let Some(s) = sample {
                 hist.push_back(s);
@@ -100,15 +105,26 @@ impl SampleStore {
         }
     }
 
+    /// Remember that a pod's agent was asked to let connections reconnect.
+    pub fn asked(&mut self, release: &ReleaseKey, pod: &str, now: f64) {
+        self.asked
+            .entry(release.clone())
+            .or_default()
+            .insert(pod.to_string(), now);
+    }
+
     /// Drop a Release's samples (its finalizer is gone).
     pub fn forget(&mut self, release: &ReleaseKey) {
         self.by_release.remove(release);
+        self.asked.remove(release);
     }
 
     /// Drop the samples of every Release of this name (it no longer exists, whatever
     /// its UID was).
     pub fn forget_named(&mut self, namespace: &str, name: &str) {
         self.by_release
+            .retain(|k, _| k.namespace != namespace || k.name != name);
+        self.asked
             .retain(|k, _| k.namespace != namespace || k.name != name);
     }
 

@@ -198,11 +198,17 @@ pub(super) async fn execute(ctx: &Context, g: &Gathered, plan: &Plan) -> Result<
                     .unwrap_or(crate::pod::settings::DEFAULT_ADMIN_PORT);
                 match view.and_then(|v| Some((v.ip.as_deref()?, v.drain_token.as_deref()?))) {
                     Some((ip, token)) => {
-                        if let Err(e) =
-                            crate::pod::drain::ask_rebalance(ip, port as u16, token, *connections)
-                                .await
+                        match crate::pod::drain::ask_rebalance(ip, port as u16, token, *connections)
+                            .await
                         {
-                            tracing::warn!(pod, error = %e, "could not ask the agent to rebalance");
+                            Ok(_) => super::context::lock_samples(ctx).asked(
+                                key,
+                                pod,
+                                super::context::now_secs(),
+                            ),
+                            Err(e) => {
+                                tracing::warn!(pod, error = %e, "could not ask the agent to rebalance")
+                            }
                         }
                     }
                     None => tracing::warn!(pod, "no IP or drain token: not rebalanced"),

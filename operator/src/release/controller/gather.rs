@@ -325,6 +325,7 @@ fn pod_view(p: &Pod) -> PodView {
         signals: None,
         ip: status.pod_ip.clone(),
         drain_token: drain_token_of(p),
+        asked_at: None,
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::pod::agent_spec::AgentMode;
 use crate::pod::drain::{DrainStep, QuietSignal, drain_step};
 use crate::pod::time::{parse_rfc3339, rfc3339};
 use crate::release::crd::DrainRecord;
@@ -49,10 +50,16 @@ pub(super) fn move_pods(
         let step = drain_step(
             elapsed,
             never_served,
-            QuietSignal::from_signals(p.signals.as_ref()),
+            load_balancer_quiet(o, p, started),
             quiet,
             propagation,
         );
+        if matches!(step, DrainStep::Wait(_)) && probe_due(c, p) {
+            c.actions.push(Action::RebalanceConnections {
+                pod: p.name.clone(),
+                connections: 1,
+            });
+        }
         let is_quiet = step == DrainStep::Quiet;
         if is_quiet || step == DrainStep::TimedOut {
             // Nothing to close: never served, or the agent holds no connection.
@@ -502,4 +509,40 @@ pub(super) fn record_drains(c: &mut Ctx, o: &Observed) {
             None => break,
         }
     }
+}
+
+/// How often an unserved pod that is not quiet yet is probed (see [`probe_due`]).
+pub const PROBE_INTERVAL: f64 = 0.5;
+
+/// Whether to probe the load balancer through this unserved pod now: ask its agent to let
+/// one keep-alive connection reconnect. Keep-alive clients open no new connections, so
+/// without probes a load balancer still sending to the pod goes unseen until the paced
+/// close, when it is too late to wait for it. A client told to leave reconnects through
+/// the load balancer; if its view is still older than the unserve, some probes land on
+/// unserved pods again and the quiet period starts over. The agent closes the connection
+/// at an idle moment, like every close of the drain, so a probe costs one reconnect.
+fn probe_due(c: &Ctx, p: &PodView) -> bool {
+    c.s.agent.mode == AgentMode::Proxy
+        && p.ip.is_some()
+        && p.drain_token.is_some()
+        && p.signals
+            .as_ref()
+            .is_some_and(|s| s.connections_active >= 1.0)
+        && p.asked_at.is_none_or(|t| c.now - t >= PROBE_INTERVAL)
+}
+
+/// The pod's quiet signal with the whole Release's evidence: a new connection at any
+/// unserved pod whose drain began no later than this one's proves that the load
+/// balancer's view is older than this pod's unserve too (one load balancer, one view), so
+/// the shortest such quiet time counts. Probes of every draining pod then speak for each.
+fn load_balancer_quiet(o: &Observed, p: &PodView, started: f64) -> QuietSignal {
+    let QuietSignal::QuietFor(own) = QuietSignal::from_signals(p.signals.as_ref()) else {
+        return QuietSignal::from_signals(p.signals.as_ref());
+    };
+    let earlier = o
+        .pods
+        .iter()
+        .filter(|q| q.name != p.name && q.drain_started.is_some_and(|s| s <= started))
+        .filter_map(|q| q.signals.as_ref()?.quiet_seconds);
+    QuietSignal::QuietFor(earlier.fold(own, f64::min))
 }

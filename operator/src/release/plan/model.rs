@@ -75,6 +75,9 @@ pub struct PodView {
     /// The pod's IP and its agent's drain token, for asking the agent to rebalance.
     pub ip: Option<String>,
     pub drain_token: Option<String>,
+    /// When the operator last asked its agent to let connections reconnect (seconds since
+    /// the epoch; in memory, so `None` after a restart).
+    pub asked_at: Option<f64>,
 }
 
 /// Everything the planner looks at.

@@ -392,3 +392,135 @@ fn a_refusal_before_the_release_is_not_blamed_on_the_prestop() {
     assert_eq!(rec.state, "Quiescing");
     assert!(p.refused_drains.is_empty());
 }
+
+/// A load balancer that learns each unserve `lag` seconds late, in front of keep-alive
+/// clients that open no connection unless one is closed: a connection closed while the
+/// load balancer still names the pod comes back to it.
+#[derive(Default)]
+struct LaggingBalancer {
+    lag: f64,
+    /// The newest connection each pod accepted (seconds since the epoch).
+    last_new: BTreeMap<String, f64>,
+}
+
+fn lagging_sim(lag: f64) -> (Sim, std::rc::Rc<std::cell::RefCell<LaggingBalancer>>) {
+    let mut sim = Sim::new(
+        "workloadRef: {name: echo}\nmaxSurge: 100%\ndrain: {quietPeriod: 2s, maxConcurrent: 3}",
+        3,
+    );
+    sim.settle();
+    let lb = std::rc::Rc::new(std::cell::RefCell::new(LaggingBalancer {
+        lag,
+        ..Default::default()
+    }));
+    let seen = lb.clone();
+    sim.signals = Box::new(move |p: &PodView, now| {
+        let mut s = quiet_signals(p, now).unwrap();
+        s.connections_active = 10.0;
+        s.quiet_seconds = Some(
+            seen.borrow()
+                .last_new
+                .get(&p.name)
+                .map_or(1000.0, |t| now - t),
+        );
+        Some(s)
+    });
+    (sim, lb)
+}
+
+#[test]
+fn probes_hold_the_drain_while_a_load_balancer_still_sends_to_the_pod() {
+    let (mut sim, lb) = lagging_sim(8.0);
+    sim.new_template("v2");
+    let mut released: BTreeMap<String, f64> = BTreeMap::new();
+    for _ in 0..120 {
+        let now = sim.now;
+        let started: BTreeMap<String, Option<f64>> = sim
+            .pods
+            .iter()
+            .map(|p| (p.name.clone(), p.drain_started))
+            .collect();
+        let plan = sim.round();
+        for a in &plan.actions {
+            match a {
+                Action::RebalanceConnections { pod, .. } => {
+                    let started = started[pod].expect("probed a pod that serves");
+                    if now < started + lb.borrow().lag {
+                        lb.borrow_mut().last_new.insert(pod.clone(), now);
+                    }
+                }
+                Action::ReleasePod { pod } => {
+                    released.insert(pod.clone(), now);
+                }
+                _ => {}
+            }
+        }
+        if sim.phase() == Phase::Completed {
+            break;
+        }
+    }
+    assert_eq!(sim.phase(), Phase::Completed);
+    assert_eq!(released.len(), 3, "{released:?}");
+    let drains = &sim.status.drains;
+    for (pod, at) in &released {
+        let rec = drains.iter().find(|d| &d.pod == pod).unwrap();
+        let waited = at - crate::pod::time::parse_rfc3339(&rec.started_at).unwrap();
+        // Released only once the probes stopped coming back, and the quiet period after.
+        assert!(waited >= 8.0 + 2.0 - 1.0, "{pod} released after {waited} s");
+        assert!(waited <= 8.0 + 2.0 + 2.0, "{pod} released after {waited} s");
+    }
+    assert!(sim.probes.len() >= 3 * 8, "probes: {:?}", sim.probes);
+    sim.assert_lossless(3);
+}
+
+#[test]
+fn without_a_lag_probes_cost_no_time() {
+    let (mut sim, _lb) = lagging_sim(0.0);
+    sim.new_template("v2");
+    sim.run_until(100, |s| s.phase() == Phase::Completed);
+    for r in sim.status.drains.iter().filter(|d| d.revision == "v1") {
+        let q = r.quiet_seconds.unwrap();
+        assert!((2.0..3.5).contains(&q), "{r:?}");
+    }
+    // One probe per pod per round (rounds are a second apart here) while not quiet.
+    assert!(!sim.probes.is_empty());
+    assert!(sim.probes.len() <= 3 * 3, "probes: {:?}", sim.probes);
+}
+
+#[test]
+fn a_pod_unserved_earlier_that_still_gets_connections_holds_the_later_ones() {
+    let mut sim = Sim::new("workloadRef: {name: echo}\ndrain: {quietPeriod: 2s}", 2);
+    let unserved = |name: &str, started: f64| PodView {
+        name: name.into(),
+        revision: "v1".into(),
+        created: sim.now - 100.0,
+        containers_ready: true,
+        ready_since: Some(sim.now - 90.0),
+        serving: Some(false),
+        drain_started: Some(started),
+        ..Default::default()
+    };
+    // a: unserved 10 s ago, a new connection 0.5 s ago; b: unserved 5 s ago, quiet since.
+    sim.pods.push(unserved("echo-v1-a", sim.now - 10.0));
+    sim.pods.push(unserved("echo-v1-b", sim.now - 5.0));
+    sim.signals = Box::new(|p: &PodView, now| {
+        let mut s = quiet_signals(p, now).unwrap();
+        s.quiet_seconds = Some(if p.name.ends_with('a') { 0.5 } else { 5.0 });
+        Some(s)
+    });
+    let released = |sim: &Sim| -> Vec<String> {
+        plan(&sim.observed(), sim.now)
+            .actions
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::ReleasePod { pod } => Some(pod),
+                _ => None,
+            })
+            .collect()
+    };
+    // The load balancer's view is older than a's unserve, so older than b's too.
+    assert_eq!(released(&sim), Vec::<String>::new());
+    // Unserved the other way round, a's new connection says nothing of b's unserve.
+    sim.pods[0].drain_started = Some(sim.now - 3.0);
+    assert_eq!(released(&sim), vec!["echo-v1-b".to_string()]);
+}

@@ -55,6 +55,8 @@ struct Sim {
     router: Option<FakeRouter>,
     /// Keep-alive clients, for `spec.rebalance`.
     clients: Option<FakeClients>,
+    /// Every pod asked to let a connection reconnect (probes and rebalancing), in order.
+    probes: Vec<String>,
 }
 
 fn quiet_signals(_: &PodView, _: f64) -> Option<PodSignals> {
@@ -104,6 +106,7 @@ impl Sim {
             analysis: FakeAnalysis::default(),
             router: None,
             clients: None,
+            probes: Vec::new(),
         }
     }
 
@@ -220,9 +223,16 @@ impl Sim {
                     note,
                 } => self.events.push((*warning, reason.clone(), note.clone())),
                 Action::RebalanceConnections { pod, connections } => {
-                    let mut c = self.clients.take().expect("rebalance without clients");
-                    c.rebalance(self, pod, *connections);
-                    self.clients = Some(c);
+                    let now = self.now;
+                    if let Some(p) = self.pods.iter_mut().find(|p| &p.name == pod) {
+                        p.asked_at = Some(now);
+                    }
+                    self.probes.push(pod.clone());
+                    // Without simulated clients (most tests) a probe moves nothing.
+                    if let Some(mut c) = self.clients.take() {
+                        c.rebalance(self, pod, *connections);
+                        self.clients = Some(c);
+                    }
                 }
                 Action::ApplyRoutingServices { .. }
                 | Action::SetRouteWeight { .. }
@@ -259,6 +269,8 @@ impl Sim {
                     name: format!("{}-{}", rs.revision, self.next),
                     revision: rs.revision.clone(),
                     created: self.now,
+                    ip: Some(format!("10.0.0.{}", self.next)),
+                    drain_token: Some(format!("token-{}", rs.revision)),
                     ..Default::default()
                 });
                 active.push(self.pods.len() - 1);
