@@ -35,12 +35,15 @@ fn nft_table() -> String {
         .unwrap_or_default()
 }
 
-/// Whether kube-proxy's rules send new connections to `ip` (a pod address as an endpoint
-/// element, not a substring of another address).
+/// Whether kube-proxy's rules send new connections to `ip`: a service chain's load
+/// balancing map names its endpoint chain (`…__<ip>/<port>`). Endpoint chains outlive
+/// their place in the map, so their presence alone says nothing.
 fn routes_to(table: &str, ip: &str) -> bool {
+    let endpoint = format!("__{ip}/");
     table
-        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .any(|tok| tok == ip)
+        .lines()
+        .filter(|l| l.contains("numgen") && l.contains("vmap"))
+        .any(|l| l.contains(&endpoint))
 }
 
 async fn app_pods(api: &Api<Pod>) -> anyhow::Result<Vec<Pod>> {
@@ -147,6 +150,19 @@ async fn release_is_lossless_behind_a_lagging_kube_proxy() -> anyhow::Result<()>
 
     let (phase, report, out) =
         load_pod_report(&client, &ns.name, LOAD + Duration::from_secs(30)).await?;
+    let drains = sluice_e2e::scenario_sluice::release_state(&client, &ns.name, APP)
+        .await?
+        .status["drains"]
+        .clone();
+    eprintln!("drains: {drains}; load origin {}", report["origin_unix_ms"]);
+    for bin in report["series"].as_array().into_iter().flatten() {
+        if bin["errors"].as_object().is_some_and(|e| !e.is_empty()) {
+            eprintln!(
+                "  failures at +{}s: {} new conns {}",
+                bin["t"], bin["errors"], bin["new_conns"]
+            );
+        }
+    }
 
     let lags: Vec<String> = {
         let (unready, unrouted) = (unready_at.lock().unwrap(), unrouted_at.lock().unwrap());
@@ -185,9 +201,14 @@ async fn release_is_lossless_behind_a_lagging_kube_proxy() -> anyhow::Result<()>
 }
 
 #[test]
-fn routes_to_matches_whole_addresses_only() {
-    let table = "elements = { 10.245.0.12 . tcp . 8080 : goto endpoint-x, 10.245.0.130 }";
+fn routes_to_reads_the_load_balancing_maps_only() {
+    let table = "\tchain service-X-ns/echo/tcp/http {
+\t\tnumgen random mod 2 vmap { 0 : goto endpoint-A-ns/echo/tcp/http__10.245.0.12/8080, 1 : goto endpoint-B-ns/echo/tcp/http__10.245.0.130/8080 }
+\t}
+\tchain endpoint-C-ns/echo/tcp/http__10.245.0.13/8080 {
+\t}";
     assert!(routes_to(table, "10.245.0.12"));
     assert!(routes_to(table, "10.245.0.130"));
+    assert!(!routes_to(table, "10.245.0.1"));
     assert!(!routes_to(table, "10.245.0.13"));
 }

@@ -201,11 +201,18 @@ pub(super) async fn execute(ctx: &Context, g: &Gathered, plan: &Plan) -> Result<
                         match crate::pod::drain::ask_rebalance(ip, port as u16, token, *connections)
                             .await
                         {
-                            Ok(_) => super::context::lock_samples(ctx).asked(
-                                key,
-                                pod,
-                                super::context::now_secs(),
-                            ),
+                            Ok(_) => {
+                                tracing::debug!(
+                                    pod,
+                                    connections,
+                                    "asked the agent to let connections reconnect"
+                                );
+                                super::context::lock_samples(ctx).asked(
+                                    key,
+                                    pod,
+                                    super::context::now_secs(),
+                                )
+                            }
                             Err(e) => {
                                 tracing::warn!(pod, error = %e, "could not ask the agent to rebalance")
                             }

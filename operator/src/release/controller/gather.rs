@@ -306,6 +306,7 @@ fn pod_view(p: &Pod) -> PodView {
             .and_then(|c| c.last_transition_time.as_ref())
             .map(time_secs),
         serving: cond(SERVING_CONDITION).map(|c| c.status == "True"),
+        ready: cond("Ready").is_some_and(|c| c.status == "True"),
         restarts: statuses
             .iter()
             .fold(0i32, |sum, s| sum.saturating_add(s.restart_count)),

@@ -54,10 +54,12 @@ pub(super) fn move_pods(
             quiet,
             propagation,
         );
-        if matches!(step, DrainStep::Wait(_)) && probe_due(c, p) {
+        if matches!(step, DrainStep::Wait(_))
+            && let Some(connections) = probe(c, p)
+        {
             c.actions.push(Action::RebalanceConnections {
                 pod: p.name.clone(),
-                connections: 1,
+                connections,
             });
         }
         let is_quiet = step == DrainStep::Quiet;
@@ -220,9 +222,12 @@ pub(super) fn move_pods(
     // 4. Start drains where a revision has more pods than it wants.
     let in_flight = o.pods.iter().filter(|p| p.drain_started.is_some()).count() as i32;
     let mut slots = (d.max_concurrent - in_flight).max(0);
+    // Only pods the EndpointSlices already publish as ready count: a new pod's `Ready`
+    // follows its serving condition once the kubelet writes it, and a load balancer
+    // that syncs in between would otherwise find fewer pods than `replicas`, or none.
     let mut serving_total: i32 = counts
         .values()
-        .map(|k| k.serving)
+        .map(|k| k.in_endpoints)
         .sum::<i32>()
         .saturating_add(extra_serving);
     let throttle = receiving_rate_excess(c, o, wants);
@@ -270,7 +275,10 @@ pub(super) fn move_pods(
                     break;
                 }
                 if serving_total - 1 < n {
-                    waiting = Some("waiting for new pods to serve before draining old ones".into());
+                    waiting = Some(
+                        "waiting for new pods to serve (Ready, in the Service's endpoints) before draining old ones"
+                            .into(),
+                    );
                     break;
                 }
                 if let Some(msg) = &throttle {
@@ -511,38 +519,48 @@ pub(super) fn record_drains(c: &mut Ctx, o: &Observed) {
     }
 }
 
-/// How often an unserved pod that is not quiet yet is probed (see [`probe_due`]).
+/// How often an unserved pod that is not quiet yet is probed (see [`probe`]).
 pub const PROBE_INTERVAL: f64 = 0.5;
+/// The most connections one probe asks for (a round that comes late catches up).
+const MAX_PROBE_CONNECTIONS: i64 = 4;
 
-/// Whether to probe the load balancer through this unserved pod now: ask its agent to let
-/// one keep-alive connection reconnect. Keep-alive clients open no new connections, so
-/// without probes a load balancer still sending to the pod goes unseen until the paced
-/// close, when it is too late to wait for it. A client told to leave reconnects through
-/// the load balancer; if its view is still older than the unserve, some probes land on
-/// unserved pods again and the quiet period starts over. The agent closes the connection
-/// at an idle moment, like every close of the drain, so a probe costs one reconnect.
-fn probe_due(c: &Ctx, p: &PodView) -> bool {
-    c.s.agent.mode == AgentMode::Proxy
-        && p.ip.is_some()
-        && p.drain_token.is_some()
-        && p.signals
-            .as_ref()
-            .is_some_and(|s| s.connections_active >= 1.0)
-        && p.asked_at.is_none_or(|t| c.now - t >= PROBE_INTERVAL)
+/// How many connections to probe the load balancer with through this unserved pod now:
+/// its agent lets them reconnect. Keep-alive clients open no new connections, so without
+/// probes a load balancer still sending to the pod goes unseen until the paced close, when
+/// it is too late to wait for it. A client told to leave reconnects through the load
+/// balancer; while its view is older than the unserve, some probes land on unserved pods
+/// again and the quiet period starts over. The agent closes each at an idle moment, like
+/// every close of the drain: a probe costs one reconnect. One connection per
+/// [`PROBE_INTERVAL`] whatever the rounds' pace.
+fn probe(c: &Ctx, p: &PodView) -> Option<i64> {
+    let active = p.signals.as_ref()?.connections_active;
+    if c.s.agent.mode != AgentMode::Proxy
+        || p.ip.is_none()
+        || p.drain_token.is_none()
+        || active < 1.0
+    {
+        return None;
+    }
+    let due = match p.asked_at {
+        None => 1,
+        Some(t) => ((c.now - t) / PROBE_INTERVAL).floor() as i64,
+    };
+    (due >= 1).then(|| due.min(MAX_PROBE_CONNECTIONS).min(active as i64))
 }
 
-/// The pod's quiet signal with the whole Release's evidence: a new connection at any
-/// unserved pod whose drain began no later than this one's proves that the load
-/// balancer's view is older than this pod's unserve too (one load balancer, one view), so
-/// the shortest such quiet time counts. Probes of every draining pod then speak for each.
+/// The pod's quiet signal with the whole Release's evidence (one load balancer, one view).
+/// A new connection at an unserved pod says the load balancer's view is older than that
+/// pod's unserve: for a pod unserved no later, older than its unserve too; for one
+/// unserved `d` seconds later, it says as much of this pod's unserve `d` seconds earlier
+/// (as if the lag were the same for both). So a drain counts another's new connection
+/// `d` seconds early, and probes of every draining pod speak for each.
 fn load_balancer_quiet(o: &Observed, p: &PodView, started: f64) -> QuietSignal {
     let QuietSignal::QuietFor(own) = QuietSignal::from_signals(p.signals.as_ref()) else {
         return QuietSignal::from_signals(p.signals.as_ref());
     };
-    let earlier = o
-        .pods
-        .iter()
-        .filter(|q| q.name != p.name && q.drain_started.is_some_and(|s| s <= started))
-        .filter_map(|q| q.signals.as_ref()?.quiet_seconds);
-    QuietSignal::QuietFor(earlier.fold(own, f64::min))
+    let others = o.pods.iter().filter(|q| q.name != p.name).filter_map(|q| {
+        let later_by = (q.drain_started? - started).max(0.0);
+        Some(q.signals.as_ref()?.quiet_seconds? + later_by)
+    });
+    QuietSignal::QuietFor(others.fold(own, f64::min))
 }

@@ -66,6 +66,9 @@ pub struct PodView {
     pub ready_since: Option<f64>,
     /// The `sluice.dev/serving` condition: `None` when absent.
     pub serving: Option<bool>,
+    /// The pod's `Ready` condition (its containers and its readiness gates, as the kubelet
+    /// last wrote it): what the EndpointSlice controller publishes. It lags `serving`.
+    pub ready: bool,
     pub restarts: i32,
     pub crash_looping: bool,
     pub drain_started: Option<f64>,

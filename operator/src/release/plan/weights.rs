@@ -102,6 +102,8 @@ pub(super) struct Counts {
     pub(super) draining: i32,
     /// Active, not draining, serving.
     pub(super) serving: i32,
+    /// Serving pods whose `Ready` condition says so too: in the Service's endpoints.
+    pub(super) in_endpoints: i32,
     pub(super) ready: i32,
 }
 
@@ -117,6 +119,9 @@ pub(super) fn counts(o: &Observed) -> BTreeMap<String, Counts> {
             e.draining += 1;
         } else if p.serving == Some(true) && p.containers_ready {
             e.serving += 1;
+            if p.ready {
+                e.in_endpoints += 1;
+            }
         }
         if p.containers_ready {
             e.ready += 1;

@@ -482,13 +482,14 @@ fn without_a_lag_probes_cost_no_time() {
         let q = r.quiet_seconds.unwrap();
         assert!((2.0..3.5).contains(&q), "{r:?}");
     }
-    // One probe per pod per round (rounds are a second apart here) while not quiet.
-    assert!(!sim.probes.is_empty());
-    assert!(sim.probes.len() <= 3 * 3, "probes: {:?}", sim.probes);
+    // Two connections a second per pod while not quiet (rounds are a second apart here).
+    let asked: i64 = sim.probe_connections.iter().sum();
+    assert!(asked > 0);
+    assert!(asked <= 3 * 2 * 3, "probes: {:?}", sim.probes);
 }
 
 #[test]
-fn a_pod_unserved_earlier_that_still_gets_connections_holds_the_later_ones() {
+fn new_connections_at_one_unserved_pod_hold_the_others() {
     let mut sim = Sim::new("workloadRef: {name: echo}\ndrain: {quietPeriod: 2s}", 2);
     let unserved = |name: &str, started: f64| PodView {
         name: name.into(),
@@ -520,7 +521,51 @@ fn a_pod_unserved_earlier_that_still_gets_connections_holds_the_later_ones() {
     };
     // The load balancer's view is older than a's unserve, so older than b's too.
     assert_eq!(released(&sim), Vec::<String>::new());
-    // Unserved the other way round, a's new connection says nothing of b's unserve.
+    // Unserved the other way round, 2 s after b: a's new connection 0.5 s ago counts for
+    // b as one 2.5 s ago, older than b's quiet period.
     sim.pods[0].drain_started = Some(sim.now - 3.0);
     assert_eq!(released(&sim), vec!["echo-v1-b".to_string()]);
+    // 1 s after b: as one 1.5 s ago, which still holds b.
+    sim.pods[0].drain_started = Some(sim.now - 4.0);
+    assert_eq!(released(&sim), Vec::<String>::new());
+}
+
+#[test]
+fn old_pods_drain_only_once_the_new_ones_are_ready_in_the_endpoints() {
+    let mut sim = Sim::new("workloadRef: {name: echo}\nmaxSurge: 100%", 2);
+    sim.settle();
+    sim.new_template("v2");
+    // The kubelet has not turned the new pods' Ready condition yet: they serve by the
+    // operator's condition, but no EndpointSlice names them.
+    sim.run_until(50, |s| {
+        s.pods
+            .iter()
+            .filter(|p| p.revision != "v1" && p.serving == Some(true))
+            .count()
+            == 2
+    });
+    let new: Vec<String> = sim
+        .pods
+        .iter()
+        .filter(|p| p.revision != "v1")
+        .map(|p| p.name.clone())
+        .collect();
+    sim.kubelet_behind = new;
+    sim.drains_started.clear();
+    for _ in 0..5 {
+        sim.round();
+    }
+    assert!(sim.drains_started.is_empty(), "{:?}", sim.drains_started);
+    assert!(
+        sim.status
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("in the Service's endpoints")),
+        "{:?}",
+        sim.status.message
+    );
+    sim.kubelet_behind.clear();
+    sim.run_until(100, |s| s.phase() == Phase::Completed);
+    assert_eq!(sim.drains_started.len(), 2);
+    sim.assert_lossless(2);
 }

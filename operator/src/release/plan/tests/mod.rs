@@ -57,6 +57,9 @@ struct Sim {
     clients: Option<FakeClients>,
     /// Every pod asked to let a connection reconnect (probes and rebalancing), in order.
     probes: Vec<String>,
+    probe_connections: Vec<i64>,
+    /// Pods whose `Ready` condition the kubelet has not written yet.
+    kubelet_behind: Vec<String>,
 }
 
 fn quiet_signals(_: &PodView, _: f64) -> Option<PodSignals> {
@@ -107,12 +110,18 @@ impl Sim {
             router: None,
             clients: None,
             probes: Vec::new(),
+            probe_connections: Vec::new(),
+            kubelet_behind: Vec::new(),
         }
     }
 
     fn observed(&self) -> Observed {
         let mut pods = self.pods.clone();
         for p in &mut pods {
+            // The kubelet: Ready once the containers are and the readiness gate says so.
+            p.ready = p.containers_ready
+                && p.serving == Some(true)
+                && !self.kubelet_behind.contains(&p.name);
             p.signals = (self.signals)(p, self.now);
             if let (Some(c), Some(s)) = (&self.clients, p.signals.as_mut()) {
                 s.connections_active = c.active(&p.name);
@@ -228,6 +237,7 @@ impl Sim {
                         p.asked_at = Some(now);
                     }
                     self.probes.push(pod.clone());
+                    self.probe_connections.push(*connections);
                     // Without simulated clients (most tests) a probe moves nothing.
                     if let Some(mut c) = self.clients.take() {
                         c.rebalance(self, pod, *connections);
