@@ -178,7 +178,8 @@ pub(super) fn settle(
     let k = counts(o);
     let ks = k.get(&stable).copied().unwrap_or_default();
     let others = o.pods.iter().any(|p| p.revision != stable);
-    let serving_n = ks.serving >= n && ks.active == n;
+    // Serving in full means in the Service's endpoints (`Ready`), not only marked serving.
+    let serving_n = ks.in_endpoints >= n && ks.active == n;
     // Takeover: the Deployment goes to zero once stable serves in full.
     if dep.spec_replicas > 0 && serving_n {
         c.actions.push(Action::ScaleDeployment(0));

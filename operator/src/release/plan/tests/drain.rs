@@ -569,3 +569,21 @@ fn old_pods_drain_only_once_the_new_ones_are_ready_in_the_endpoints() {
     assert_eq!(sim.drains_started.len(), 2);
     sim.assert_lossless(2);
 }
+
+#[test]
+fn the_takeover_scales_the_deployment_down_only_once_the_release_pods_are_ready() {
+    let mut sim = Sim::new("workloadRef: {name: echo}", 2);
+    sim.run_until(50, |s| {
+        s.pods.iter().filter(|p| p.serving == Some(true)).count() == 2
+    });
+    assert!(sim.dep.as_ref().unwrap().spec_replicas > 0);
+    sim.kubelet_behind = sim.pods.iter().map(|p| p.name.clone()).collect();
+    for _ in 0..5 {
+        sim.round();
+    }
+    assert_eq!(sim.dep.as_ref().unwrap().spec_replicas, 2);
+    assert_ne!(sim.phase(), Phase::Completed);
+    sim.kubelet_behind.clear();
+    sim.run_until(20, |s| s.phase() == Phase::Completed);
+    assert_eq!(sim.dep.as_ref().unwrap().spec_replicas, 0);
+}
