@@ -42,6 +42,7 @@ fn serving(mut p: PodView, node: &str) -> PodView {
     p.gpu_ids = vec![0, 1, 2, 3];
     p.containers_ready = true;
     p.serving = Some(true);
+    p.ready = true;
     p
 }
 
@@ -314,6 +315,25 @@ fn serving_surge_replica_lets_the_old_one_drain_without_budget() {
 }
 
 #[test]
+fn the_old_replica_drains_only_once_its_successor_is_ready_in_the_endpoints() {
+    let mut pods: Vec<PodView> = (0..2)
+        .map(|i| serving(pod(&format!("llm-{i}-r1-0"), i, "r1", 0, 1), "n"))
+        .collect();
+    let mut successor = serving(pod("llm-0-r2-0", 0, "r2", 0, 1), "m");
+    // Marked serving, but the kubelet has not turned `Ready` yet.
+    successor.ready = false;
+    pods.push(successor);
+    pods[1].drain_started = Some(0.5);
+    let p = plan(&observed(settings(2, 1, 1, 1), "r2", pods.clone()), 1.0);
+    assert!(drains(&p).is_empty(), "{:?}", drains(&p));
+    // No second "entering service" while the kubelet catches up.
+    assert!(!p.actions.iter().any(|a| matches!(a, Action::Serve { .. })));
+    pods[2].ready = true;
+    let p = plan(&observed(settings(2, 1, 1, 1), "r2", pods), 1.0);
+    assert_eq!(drains(&p), vec![vec!["llm-0-r1-0-0".to_string()]]);
+}
+
+#[test]
 fn paused_rollout_starts_nothing_new() {
     let mut s = settings(2, 1, 1, 1);
     s.paused = true;
@@ -487,6 +507,8 @@ impl Sim {
             {
                 p.containers_ready = true;
             }
+            // `Ready` follows the serving gate a step late, as the kubelet writes it.
+            p.ready = p.containers_ready && p.serving == Some(true);
         }
         let o = Observed {
             name: "llm".into(),

@@ -53,6 +53,7 @@ pub fn pod_view(
         finished: phase == "Failed" || phase == "Succeeded",
         containers_ready: cond("ContainersReady").is_some_and(|c| c.status == "True"),
         serving: cond(SERVING_CONDITION).map(|c| c.status == "True"),
+        ready: cond("Ready").is_some_and(|c| c.status == "True"),
         drain_started: ann
             .get(DRAIN_STARTED_ANNOTATION)
             .and_then(|v| parse_rfc3339(v)),

@@ -324,19 +324,21 @@ fn advance(c: &mut Ctx, o: &Observed, s: &Settings, g: &Gang, now: f64) {
             }
         }
         GangState::Warm => {
-            c.event(
-                false,
-                "ReplicaServing",
-                format!("replica {} ({}) is warm: entering service", g.slot, g.id),
-            );
-            c.actions.push(Action::Serve {
-                pods: g
-                    .pods
-                    .iter()
-                    .filter(|p| p.serving != Some(true))
-                    .map(|p| p.name.clone())
-                    .collect(),
-            });
+            let pods: Vec<String> = g
+                .pods
+                .iter()
+                .filter(|p| p.serving != Some(true))
+                .map(|p| p.name.clone())
+                .collect();
+            // Marked serving already: waiting for the kubelet to turn `Ready`.
+            if !pods.is_empty() {
+                c.event(
+                    false,
+                    "ReplicaServing",
+                    format!("replica {} ({}) is warm: entering service", g.slot, g.id),
+                );
+                c.actions.push(Action::Serve { pods });
+            }
         }
         _ => {}
     }

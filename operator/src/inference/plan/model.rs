@@ -29,6 +29,9 @@ pub struct PodView {
     pub containers_ready: bool,
     /// The `sluice.dev/serving` condition.
     pub serving: Option<bool>,
+    /// The pod's `Ready` condition (containers and readiness gates, as the kubelet last
+    /// wrote it): what the EndpointSlices publish. It follows `serving`.
+    pub ready: bool,
     /// `sluice.dev/drain-started`, seconds since the epoch.
     pub drain_started: Option<f64>,
     /// `sluice.dev/warm` present.
@@ -197,7 +200,9 @@ pub fn gangs<'a>(pods: &'a [PodView], s: &Settings) -> Vec<Gang<'a>> {
                 || (s.first_token && !live.iter().all(|p| p.warm))
             {
                 GangState::Starting
-            } else if !live.iter().all(|p| p.serving == Some(true)) {
+            } else if !live.iter().all(|p| p.serving == Some(true) && p.ready) {
+                // Serving only once the Service's endpoints name every pod: a replica
+                // replaced on that word must not leave before its successor is reachable.
                 GangState::Warm
             } else {
                 GangState::Serving
