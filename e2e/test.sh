@@ -30,9 +30,12 @@ stop() {
 }
 trap stop EXIT
 
-# The upstream tools the e2e tests call (kubectl, helm) come from the same cache.
+# The upstream tools the e2e tests call (kubectl, helm) come from the same cache, and
+# Traefik (the Gateway API tests deploy it) is built here, once, before the tests that
+# share it start side by side (a cold build takes minutes).
 eval "$(bash e2e/cluster/build.sh kubectl helm | sed -E 's/^[a-z-]+=(.*)$/PATH="\1:$PATH"/')"
 export PATH
+bash e2e/cluster/build.sh traefik >/dev/null
 
 # Cluster tests find the ground through SLUICE_E2E_KUBECONFIG (a plain `cargo test` starts
 # one itself). Benchmarks are #[ignore]d and run only from `make bench-*`.

@@ -34,12 +34,20 @@ build() {
   local comp=$1 ver=$2 dir=$3 pkg=$4 bin=$5 ldflags=${6:-} tags=${7-selinux,notest}
   local out="$cache/bin/$comp-$ver"
   if [ -x "$out/$bin" ]; then return 0; fi
+  # One build of a component at a time: callers that need it at once (tests running side
+  # by side) wait for the first and take its result.
+  mkdir -p "$cache/bin"
+  local lock
+  exec {lock}>"$out.lock"
+  flock "$lock"
+  if [ -x "$out/$bin" ]; then exec {lock}>&-; return 0; fi
   need_go "$bin $ver"
   echo "build.sh: building $bin $ver (cached afterwards in $out)" >&2
-  mkdir -p "$out.tmp"
-  (cd "$here/$dir" && go build -trimpath -tags "$tags" -ldflags "-s -w $ldflags" -o "$out.tmp/$bin" "$pkg") \
-    || die "building $bin failed (see the Go output above)"
-  rm -rf "$out" && mv "$out.tmp" "$out"
+  local tmp; tmp=$(mktemp -d "$out.tmp.XXXXXX") && chmod 755 "$tmp"
+  (cd "$here/$dir" && go build -trimpath -tags "$tags" -ldflags "-s -w $ldflags" -o "$tmp/$bin" "$pkg") \
+    || { rm -rf "$tmp"; die "building $bin failed (see the Go output above)"; }
+  rm -rf "$out" && mv "$tmp" "$out"
+  exec {lock}>&-
 }
 
 kube_ldflags() {
