@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use ground_common::{
-    ground, is_ready, load_pod_report, pod_ip, sluice_app, start_load_pod, wait_for,
+    failed_bins, ground, is_ready, load_pod_report, pod_ip, sluice_app, start_load_pod, wait_for,
 };
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
@@ -155,13 +155,11 @@ async fn release_is_lossless_behind_a_lagging_kube_proxy() -> anyhow::Result<()>
         .status["drains"]
         .clone();
     eprintln!("drains: {drains}; load origin {}", report["origin_unix_ms"]);
-    for bin in report["series"].as_array().into_iter().flatten() {
-        if bin["errors"].as_object().is_some_and(|e| !e.is_empty()) {
-            eprintln!(
-                "  failures at +{}s: {} new conns {}",
-                bin["t"], bin["errors"], bin["new_conns"]
-            );
-        }
+    for bin in failed_bins(&report) {
+        eprintln!(
+            "  failures at +{}s: {} new conns {}",
+            bin["t"], bin["errors"], bin["new_conns"]
+        );
     }
 
     let lags: Vec<String> = {

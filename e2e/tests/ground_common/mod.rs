@@ -314,6 +314,15 @@ pub async fn load_pod_report(
     Ok((phase, report, log))
 }
 
+/// The one-second bins of a load report in which some request failed.
+pub fn failed_bins(report: &serde_json::Value) -> impl Iterator<Item = &serde_json::Value> {
+    report["series"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|bin| bin["errors"].as_object().is_some_and(|e| !e.is_empty()))
+}
+
 /// The load CLI's JSON summary in a pod's log. The container runtime splits lines longer
 /// than its limit (32 KiB here) into several: join the lines from the first `{` on until
 /// they parse (the CLI writes its recap line before it, on the same stream).

@@ -520,7 +520,7 @@ pub(super) fn record_drains(c: &mut Ctx, o: &Observed) {
 }
 
 /// How often an unserved pod that is not quiet yet is probed (see [`probe`]).
-pub const PROBE_INTERVAL: f64 = 0.5;
+const PROBE_INTERVAL: f64 = 0.5;
 /// The most connections one probe asks for (a round that comes late catches up).
 const MAX_PROBE_CONNECTIONS: i64 = 4;
 

@@ -483,7 +483,7 @@ fn without_a_lag_probes_cost_no_time() {
         assert!((2.0..3.5).contains(&q), "{r:?}");
     }
     // Two connections a second per pod while not quiet (rounds are a second apart here).
-    let asked: i64 = sim.probe_connections.iter().sum();
+    let asked: i64 = sim.probes.iter().map(|(_, n)| n).sum();
     assert!(asked > 0);
     assert!(asked <= 3 * 2 * 3, "probes: {:?}", sim.probes);
 }

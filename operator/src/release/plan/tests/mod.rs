@@ -55,9 +55,9 @@ struct Sim {
     router: Option<FakeRouter>,
     /// Keep-alive clients, for `spec.rebalance`.
     clients: Option<FakeClients>,
-    /// Every pod asked to let a connection reconnect (probes and rebalancing), in order.
-    probes: Vec<String>,
-    probe_connections: Vec<i64>,
+    /// Every ask to let connections reconnect (probes and rebalancing), in order: the pod
+    /// and how many.
+    probes: Vec<(String, i64)>,
     /// Pods whose `Ready` condition the kubelet has not written yet.
     kubelet_behind: Vec<String>,
 }
@@ -110,7 +110,6 @@ impl Sim {
             router: None,
             clients: None,
             probes: Vec::new(),
-            probe_connections: Vec::new(),
             kubelet_behind: Vec::new(),
         }
     }
@@ -236,8 +235,7 @@ impl Sim {
                     if let Some(p) = self.pods.iter_mut().find(|p| &p.name == pod) {
                         p.asked_at = Some(now);
                     }
-                    self.probes.push(pod.clone());
-                    self.probe_connections.push(*connections);
+                    self.probes.push((pod.clone(), *connections));
                     // Without simulated clients (most tests) a probe moves nothing.
                     if let Some(mut c) = self.clients.take() {
                         c.rebalance(self, pod, *connections);
