@@ -177,9 +177,13 @@ pub(super) fn move_pods(
         }
     }
 
-    // 3. Scale ReplicaSets: grow within the surge, never below the pods to keep.
+    // 3. Scale ReplicaSets: grow within the surge, never below the pods to keep. Like a
+    // Deployment's terminating pods, pods whose drain has started (unserved, closing)
+    // do not count against the surge: new pods then start a few at a time, as soon as
+    // the ones before them serve, while older pods drain, so the node starts and stops
+    // pods at the pace of a rolling update instead of all at once.
     let surge = c.s.surge(n);
-    let total: i32 = counts.values().map(|k| k.active).sum::<i32>() - released_now.len() as i32;
+    let total: i32 = counts.values().map(|k| k.active - k.draining).sum();
     let mut headroom = n.saturating_add(surge).saturating_sub(total).max(0);
     for (rev, want) in wants {
         let k = counts.get(rev).copied().unwrap_or_default();

@@ -587,3 +587,60 @@ fn the_takeover_scales_the_deployment_down_only_once_the_release_pods_are_ready(
     sim.run_until(20, |s| s.phase() == Phase::Completed);
     assert_eq!(sim.dep.as_ref().unwrap().spec_replicas, 0);
 }
+
+#[test]
+fn new_pods_start_while_old_ones_drain_as_a_deployment_s_start_while_old_ones_terminate() {
+    // Pods whose drain has started do not count against maxSurge, as a Deployment's
+    // terminating pods do not: the node starts a pod or two at a time as the ones before
+    // them serve, instead of waiting for each drain to end.
+    let mut sim = Sim::new(
+        "workloadRef: {name: echo}\nmaxSurge: 1\ndrain: {quietPeriod: 10s}",
+        4,
+    );
+    sim.settle();
+    // An old pod goes quiet 10 s after its drain starts.
+    sim.signals = Box::new(|p: &PodView, now| {
+        let mut s = quiet_signals(p, now).unwrap();
+        s.quiet_seconds = Some(p.drain_started.map_or(0.0, |t| (now - t).max(0.0)));
+        Some(s)
+    });
+    sim.new_template("v2");
+    let (mut overlapped, mut first_drain_over) = (false, false);
+    for _ in 0..200 {
+        if sim.phase() == Phase::Completed && sim.pods_of("v1") == 0 {
+            break;
+        }
+        sim.round();
+        let draining_old = sim
+            .pods
+            .iter()
+            .filter(|p| p.revision == "v1" && !p.deleting && p.drain_started.is_some())
+            .filter(|p| p.drain_released.is_none())
+            .count();
+        // The surge still bounds the pods that start: all but the draining ones.
+        let not_draining = sim
+            .pods
+            .iter()
+            .filter(|p| !p.deleting && p.drain_started.is_none())
+            .count();
+        assert!(
+            not_draining <= 5,
+            "{not_draining} pods beside the drains: {:#?}",
+            sim.pods
+        );
+        // The second new pod exists while the first old pod still drains.
+        first_drain_over |= sim.pods_of("v1") < 4
+            || sim
+                .pods
+                .iter()
+                .any(|p| p.revision == "v1" && (p.deleting || p.drain_released.is_some()));
+        overlapped |= !first_drain_over && draining_old >= 1 && sim.pods_of("v2") >= 2;
+    }
+    assert_eq!(sim.phase(), Phase::Completed);
+    assert_eq!(sim.pods_of("v1"), 0);
+    assert!(
+        overlapped,
+        "each new pod waited for an old pod's drain to end"
+    );
+    sim.assert_lossless(4);
+}
