@@ -33,6 +33,10 @@ pub fn set_min_sync_period(period: Duration) -> anyhow::Result<Duration> {
         &[format!("--config={}", config.display()), "--v=1".into()],
         &old.log,
     )?;
+    crate::node::confine_system_daemon(
+        &crate::node::NodeSpec::new(crate::node::LOCAL_NODE, 0),
+        new.pid,
+    );
     state.daemons[at] = new;
     state.save()?;
     Ok(previous)

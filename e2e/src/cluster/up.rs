@@ -266,6 +266,7 @@ async fn start_all(
         &logs.join("kwok.log"),
     )?;
     state.daemons.push(kwok);
+    confine_control_plane(&state.daemons);
 
     // The traffic test ground: the real node, the machine's kube-proxy, and the service
     // proxy (the model of a load balancer that learns endpoint changes late).
@@ -353,12 +354,14 @@ pub fn down() -> anyhow::Result<()> {
             if let Err(err) = crate::node::cleanup(&dir, state.host.as_ref()) {
                 eprintln!("cluster down: {err:#}");
             }
+            remove_control_plane_cgroup();
             println!("stopped {} processes", state.daemons.len());
         }
         Ok(None) => {
             if let Err(err) = crate::node::cleanup(&dir, None) {
                 eprintln!("cluster down: {err:#}");
             }
+            remove_control_plane_cgroup();
             println!("no test ground state in {}: nothing to stop", dir.display())
         }
         Err(err) => eprintln!("cluster down: {err:#}; removing the state anyway"),
@@ -376,6 +379,36 @@ pub fn down() -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
     }
     Ok(())
+}
+
+/// The cgroup of the control plane's daemons (etcd, the API server, the controller
+/// manager, the scheduler, KWOK).
+const CONTROL_PLANE_CGROUP: &str = "/sluice-control-plane";
+
+/// A real cluster's control plane runs on other machines; here it shares the node's cores.
+/// In one cgroup of its own (the default weight) its bursts compete with the node's pods as
+/// one group, as another tenant of the machine would, instead of each of its threads
+/// weighing as much as all the node's pods together (measured: pods waited hundreds of
+/// milliseconds for a core while the API server was busy; docs/testing.md).
+fn confine_control_plane(daemons: &[procs::Daemon]) {
+    use crate::node::host;
+    let confined = host::create_cgroup(CONTROL_PLANE_CGROUP).and_then(|()| {
+        daemons
+            .iter()
+            .try_for_each(|d| host::join_cpu_cgroup(CONTROL_PLANE_CGROUP, d.pid))
+    });
+    if let Err(err) = confined {
+        eprintln!("cluster up: the control plane stays in the machine's cgroup: {err:#}");
+    }
+}
+
+/// Removes the control plane's cgroup (killing what is left in it: a stale ground's).
+fn remove_control_plane_cgroup() {
+    let mut errors = Vec::new();
+    crate::node::host::remove_cgroup_root(CONTROL_PLANE_CGROUP, &mut errors);
+    for e in errors {
+        eprintln!("cluster down: {e}");
+    }
 }
 
 /// The `sluice-e2e` binary that runs the service proxy: this one when

@@ -58,6 +58,12 @@ impl NodeSpec {
     pub fn cgroup_root(&self) -> String {
         format!("/sluice-{}", self.name)
     }
+
+    /// The cgroup of the node's own daemons (containerd and its shims, the kubelet,
+    /// kube-proxy) beside `kubepods`, as `system.slice` is on a systemd node.
+    pub fn system_cgroup(&self) -> String {
+        format!("{}/system", self.cgroup_root())
+    }
 }
 
 /// Where a node keeps its files: persistent ones under the repository's `target/e2e/node/`,

@@ -184,10 +184,14 @@ pub fn cgroup_hierarchies() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Creates the node's cgroup root in every hierarchy (the kubelet expects it to exist);
-/// cpuset needs its cpus and mems copied from the parent before tasks may join.
+/// Creates the node's cgroup root in every hierarchy (the kubelet expects it to exist).
 pub fn create_cgroup_root(spec: &NodeSpec) -> anyhow::Result<()> {
-    let rel = spec.cgroup_root();
+    create_cgroup(&spec.cgroup_root())
+}
+
+/// Creates the cgroup `rel` in every hierarchy; cpuset needs its cpus and mems copied from
+/// the parent before tasks may join.
+pub fn create_cgroup(rel: &str) -> anyhow::Result<()> {
     for h in cgroup_hierarchies() {
         let dir = h.join(rel.trim_start_matches('/'));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -198,6 +202,43 @@ pub fn create_cgroup_root(spec: &NodeSpec) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// CPU weight of a cgroup in the v1 `cpu` hierarchy (`cpu.shares`) or, on a v2 mount,
+/// its `cpu.weight` (converted as runc converts shares). A missing controller is not an
+/// error: the ground then runs with the machine's defaults.
+pub fn set_cpu_shares(rel: &str, shares: u64) -> anyhow::Result<()> {
+    for h in cgroup_hierarchies() {
+        let dir = h.join(rel.trim_start_matches('/'));
+        if dir.join("cpu.shares").exists() {
+            std::fs::write(dir.join("cpu.shares"), shares.to_string())
+                .with_context(|| format!("setting {}/cpu.shares", dir.display()))?;
+        } else if dir.join("cpu.weight").exists() {
+            let weight = 1 + (shares.clamp(2, 262_144) - 2) * 9999 / 262_142;
+            std::fs::write(dir.join("cpu.weight"), weight.to_string())
+                .with_context(|| format!("setting {}/cpu.weight", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Moves `pid` (all its threads) into the cgroup `rel` of the hierarchy that holds the
+/// CPU controller (v1 `cpu`, else the v2 mount).
+pub fn join_cpu_cgroup(rel: &str, pid: i32) -> anyhow::Result<()> {
+    let hierarchy = cgroup_hierarchies()
+        .into_iter()
+        .find(|h| h.join("cpu.shares").exists())
+        .or_else(|| {
+            cgroup_hierarchies()
+                .into_iter()
+                .find(|h| h.join("cgroup.controllers").exists())
+        })
+        .context("no cgroup hierarchy with the cpu controller")?;
+    let procs = hierarchy
+        .join(rel.trim_start_matches('/'))
+        .join("cgroup.procs");
+    std::fs::write(&procs, pid.to_string())
+        .with_context(|| format!("moving {pid} to {}", procs.display()))
 }
 
 /// Every cgroup directory below `root` in every hierarchy, deepest first.

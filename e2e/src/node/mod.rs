@@ -111,6 +111,11 @@ pub fn start_node(
     }
     host::add_node_address(spec)?;
     host::create_cgroup_root(spec)?;
+    // The weight the kubelet gives `kubepods` for this machine's cores: at the machine's
+    // root the node's pods then weigh what a node's pods weigh against its own daemons,
+    // not what one host thread does (the cgroup's default, 1024).
+    host::set_cpu_shares(&spec.cgroup_root(), node_cpu_shares())?;
+    host::create_cgroup(&spec.system_cgroup())?;
 
     std::fs::write(paths.containerd_config(), config::containerd_toml(&paths))?;
     for registry in ["docker.io", "registry.k8s.io", "ghcr.io", "quay.io"] {
@@ -157,6 +162,7 @@ pub fn start_node(
         procs::MountNamespace::Host => procs::MountNamespace::Host,
         _ => procs::MountNamespace::Of(containerd.pid),
     };
+    confine_system_daemon(spec, containerd.pid);
     daemons.push(containerd.clone());
     let sock = paths.containerd_socket();
     wait_sync(Duration::from_secs(30), || {
@@ -240,6 +246,7 @@ pub fn start_node(
         &ctx.logs.join(format!("kubelet-{}.log", spec.name)),
         &kubelet_namespace,
     )?;
+    confine_system_daemon(spec, kubelet.pid);
     daemons.push(kubelet);
     Ok(daemons)
 }
@@ -274,7 +281,7 @@ pub fn start_kube_proxy(
             min_sync_period,
         ),
     )?;
-    procs::spawn(
+    let kube_proxy = procs::spawn(
         "kube-proxy",
         ctx.kube_proxy,
         &[
@@ -282,7 +289,21 @@ pub fn start_kube_proxy(
             "--v=1".into(),
         ],
         &ctx.logs.join("kube-proxy.log"),
-    )
+    )?;
+    confine_system_daemon(spec, kube_proxy.pid);
+    Ok(kube_proxy)
+}
+
+/// Moves one of the node's own daemons into its system cgroup: a busy kubelet or
+/// containerd then competes with the node's pods as one group, as on a real node, not
+/// thread by thread (each as heavy as all of `kubepods` at the machine's root).
+pub fn confine_system_daemon(spec: &NodeSpec, pid: i32) {
+    if let Err(err) = host::join_cpu_cgroup(&spec.system_cgroup(), pid) {
+        eprintln!(
+            "node {}: pid {pid} stays in the machine's cgroup: {err:#}",
+            spec.name
+        );
+    }
 }
 
 /// Gives back what the nodes took: processes in their cgroups, containerd shims, mounts,
@@ -425,4 +446,11 @@ pub fn sync_images(state_dir: &Path, repo_root: &Path) -> anyhow::Result<Vec<Str
         }
     }
     Ok(done)
+}
+
+/// `cpu.shares` for a node's cgroup root: 1024 per core of this machine, as the kubelet
+/// sets `kubepods` for a node's allocatable CPU.
+fn node_cpu_shares() -> u64 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    cores * 1024
 }

@@ -66,7 +66,7 @@ impl Sluice {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(6),
-            max_surge: std::env::var("SLUICE_E2E_MAX_SURGE").unwrap_or_else(|_| "100%".into()),
+            max_surge: std::env::var("SLUICE_E2E_MAX_SURGE").unwrap_or_else(|_| "25%".into()),
             agent_cpu: std::env::var("SLUICE_E2E_AGENT_CPU").ok(),
             operator: Mutex::new(None),
             kills_done: Mutex::new(0),
