@@ -259,12 +259,15 @@ async fn patch_release_json(
     patch: serde_json::Value,
 ) -> Result<(), Error> {
     let api: Api<Release> = Api::namespaced(ctx.client.clone(), ns);
-    api.patch(
-        name,
-        &PatchParams::default(),
-        &Patch::<()>::Json(serde_json::from_value(patch)?),
-    )
-    .await?;
+    let written = api
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::<()>::Json(serde_json::from_value(patch)?),
+        )
+        .await?;
+    ctx.stores
+        .saw_release(ns, name, written.resource_version().as_deref());
     Ok(())
 }
 

@@ -46,14 +46,25 @@ pub(super) async fn gather(cached: &Release, ctx: &Context) -> Result<Option<Gat
     // The planner starts from the status it wrote last. The watch cache can lag behind our
     // own status patch (the next reconcile often comes before the watch event), and
     // planning from an older status would repeat events and lose what the last round
-    // recorded (drain records, quiet times); read the Release itself.
-    let Some(release) = Api::<Release>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(&name)
-        .await?
-    else {
-        lock_samples(ctx).forget_named(&ns, &name);
-        ctx.stores.forget(&ns, &name);
-        return Ok(None);
+    // recorded (drain records, quiet times): unless the cached copy is at least as new as
+    // the operator's last write (`stores.rs`), read the Release itself.
+    let release = if ctx
+        .stores
+        .release_current(&ns, &name, cached.resource_version().as_deref())
+    {
+        cached.clone()
+    } else {
+        let Some(release) = Api::<Release>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(&name)
+            .await?
+        else {
+            lock_samples(ctx).forget_named(&ns, &name);
+            ctx.stores.forget(&ns, &name);
+            return Ok(None);
+        };
+        ctx.stores
+            .saw_release(&ns, &name, release.resource_version().as_deref());
+        release
     };
     let uid = release.uid().ok_or(Error::MissingField("metadata.uid"))?;
     let client = ctx.client.clone();

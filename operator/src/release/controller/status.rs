@@ -22,13 +22,15 @@ pub(super) async fn write_status(
         "kind": "Release",
         "status": plan.status,
     });
-    releases
+    let written = releases
         .patch_status(
             name,
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(&body),
         )
         .await?;
+    ctx.stores
+        .saw_release(ns, name, written.resource_version().as_deref());
     Ok(())
 }
 
@@ -119,10 +121,15 @@ pub(super) async fn report_panic(release: &Release, ctx: &Context, msg: &str) {
     // A merge patch of the two fields: the rest of status stays as the last round wrote it.
     let body = json!({"status": {"message": status.message, "conditions": status.conditions}});
     let api: Api<Release> = Api::namespaced(ctx.client.clone(), &ns);
-    if let Err(err) = api
+    match api
         .patch_status(&name, &PatchParams::default(), &Patch::Merge(&body))
         .await
     {
-        tracing::warn!(error = %err, "could not report the panic in the Release's status");
+        Ok(written) => ctx
+            .stores
+            .saw_release(&ns, &name, written.resource_version().as_deref()),
+        Err(err) => {
+            tracing::warn!(error = %err, "could not report the panic in the Release's status")
+        }
     }
 }

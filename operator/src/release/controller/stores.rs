@@ -12,6 +12,11 @@
 //! `resourceVersion` it has applied (watch events arrive in that order), and a round whose
 //! Release wrote something its cache has not applied yet reads through the API instead
 //! ([`Stores::caught_up`]), exactly as every round did before the caches.
+//!
+//! The Release itself is read from the Controller's own cache the same way: a round plans
+//! from the status it wrote last, so the newest `resourceVersion` of the Release the
+//! operator wrote or read is remembered, and a round whose cached copy is older reads the
+//! Release through the API ([`Stores::release_current`]). Most rounds then make no read.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +39,9 @@ pub(super) struct Stores {
     pods_seen: Arc<AtomicU64>,
     /// Per Release (namespace, name): the highest `resourceVersion` it wrote per kind.
     written: Mutex<HashMap<(String, String), Written>>,
+    /// Per Release: the newest `resourceVersion` of the Release object the operator wrote
+    /// or read (`u64::MAX`: a write whose version is unknown).
+    release_seen: Mutex<HashMap<(String, String), u64>>,
 }
 
 /// What a Release's rounds wrote that the caches may not show yet.
@@ -75,6 +83,7 @@ impl Stores {
             rs_seen,
             pods_seen,
             written: Mutex::new(HashMap::new()),
+            release_seen: Mutex::new(HashMap::new()),
         };
         (stores, rs_stream, pod_stream)
     }
@@ -120,10 +129,45 @@ impl Stores {
 
     /// Drop what the Release `ns/name` wrote (it is gone or finalized).
     pub(super) fn forget(&self, ns: &str, name: &str) {
+        let key = (ns.to_string(), name.to_string());
         self.written
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(&(ns.to_string(), name.to_string()));
+            .remove(&key);
+        self.release_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&key);
+    }
+
+    /// Remember a version of the Release `ns/name` the operator wrote or read (`None`, or
+    /// one that is not a number: unknown, the next round reads the API).
+    pub(super) fn saw_release(&self, ns: &str, name: &str, version: Option<&str>) {
+        let v = version
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(u64::MAX);
+        let mut seen = self
+            .release_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let slot = seen.entry((ns.to_string(), name.to_string())).or_default();
+        *slot = (*slot).max(v);
+    }
+
+    /// Whether the cached copy of the Release `ns/name` (its `resourceVersion`) is at
+    /// least as new as every version of it the operator wrote or read: then a round may
+    /// plan from it instead of reading the Release through the API.
+    pub(super) fn release_current(&self, ns: &str, name: &str, cached: Option<&str>) -> bool {
+        let seen = self
+            .release_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match seen.get(&(ns.to_string(), name.to_string())) {
+            None => true,
+            Some(&newest) => cached
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|c| newest != u64::MAX && c >= newest),
+        }
     }
 }
 
@@ -216,6 +260,17 @@ impl Progress {
 mod tests {
     use super::*;
 
+    fn test_stores() -> Stores {
+        Stores {
+            replica_sets: reflector::store().0,
+            pods: reflector::store().0,
+            rs_seen: Arc::new(AtomicU64::new(0)),
+            pods_seen: Arc::new(AtomicU64::new(0)),
+            written: Mutex::new(HashMap::new()),
+            release_seen: Mutex::new(HashMap::new()),
+        }
+    }
+
     fn pod_at(version: &str) -> Pod {
         let mut p = Pod::default();
         p.metadata.resource_version = Some(version.into());
@@ -246,13 +301,7 @@ mod tests {
     /// applied it; another Release's rounds read the caches meanwhile.
     #[test]
     fn a_release_reads_the_api_until_the_caches_show_its_writes() {
-        let stores = Stores {
-            replica_sets: reflector::store().0,
-            pods: reflector::store().0,
-            rs_seen: Arc::new(AtomicU64::new(0)),
-            pods_seen: Arc::new(AtomicU64::new(0)),
-            written: Mutex::new(HashMap::new()),
-        };
+        let stores = test_stores();
         assert!(stores.caught_up("a", "echo"));
         stores.wrote("a", "echo", Kind::Pod, Some("12"));
         assert!(!stores.caught_up("a", "echo"));
@@ -282,5 +331,27 @@ mod tests {
         assert!(w.shown_by((100, 105)));
         w.record(Kind::Pod, None);
         assert!(!w.shown_by((u64::MAX, u64::MAX)));
+    }
+
+    #[test]
+    fn the_cached_release_serves_once_it_shows_the_operators_last_write() {
+        let stores = test_stores();
+        // Nothing written or read yet: the cache is as new as anything the operator knows.
+        assert!(stores.release_current("a", "echo", Some("5")));
+        stores.saw_release("a", "echo", Some("12"));
+        assert!(!stores.release_current("a", "echo", Some("11")));
+        assert!(!stores.release_current("a", "echo", None));
+        assert!(stores.release_current("a", "echo", Some("12")));
+        assert!(stores.release_current("a", "echo", Some("13")));
+        // Versions only move forward.
+        stores.saw_release("a", "echo", Some("9"));
+        assert!(!stores.release_current("a", "echo", Some("11")));
+        // Another Release is not affected.
+        assert!(stores.release_current("a", "other", Some("1")));
+        // A write of unknown version: read through the API until a read records one.
+        stores.saw_release("a", "echo", None);
+        assert!(!stores.release_current("a", "echo", Some("99")));
+        stores.forget("a", "echo");
+        assert!(stores.release_current("a", "echo", Some("1")));
     }
 }
