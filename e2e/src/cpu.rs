@@ -1,8 +1,10 @@
 //! CPU time the machine's processes spend during a window, by role (the operator, the
 //! agents, the applications, the node, the control plane, the load): what a release costs
-//! beside its latency. A task samples `/proc/<pid>/stat` every 250 ms; the accounting is
-//! pure and unit-tested. A process that exits between two samples loses at most the CPU
-//! of that last interval.
+//! beside its latency; and, for the roles that serve requests, how long their threads
+//! waited for a core (the scheduler's run-queue delay): a request path that is slow while
+//! the machine is not saturated is waiting there. A task samples `/proc/<pid>/stat` (and
+//! `/proc/<pid>/task/*/schedstat`) every 250 ms; the accounting is pure and unit-tested. A
+//! process that exits between two samples loses at most that last interval.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -32,6 +34,18 @@ pub struct ProcSample {
     pub comm: String,
     /// utime + stime, ticks.
     pub cpu_ticks: u64,
+    /// Nanoseconds its threads have spent runnable but waiting for a core (0 when not
+    /// read: only the roles in [`WAIT_ROLES`] are).
+    pub wait_ns: u64,
+}
+
+/// Roles whose run-queue waits are sampled: the request path (reading every thread of
+/// every process would cost more than the processes it measures).
+pub const WAIT_ROLES: [&str; 4] = ["agents", "apps", "load_and_proxy", "operator"];
+
+/// The run-queue delay in `/proc/<pid>/task/<tid>/schedstat` (its second field, ns).
+pub fn parse_schedstat(text: &str) -> Option<u64> {
+    text.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Parse `/proc/<pid>/stat` (the name is in parentheses and may hold spaces or parentheses).
@@ -48,6 +62,7 @@ pub fn parse_stat(text: &str) -> Option<ProcSample> {
         start_ticks: field(22)?,
         comm,
         cpu_ticks: field(14)? + field(15)?,
+        wait_ns: 0,
     })
 }
 
@@ -65,6 +80,10 @@ pub struct CpuAccount {
     by_second: BTreeMap<u64, BTreeMap<&'static str, u64>>,
     /// Ticks by process name, for the processes no role names.
     other_by_comm: BTreeMap<String, u64>,
+    /// (pid, start) → run-queue wait (ns) at last sight.
+    last_wait: BTreeMap<(u32, u64), u64>,
+    /// Whole seconds since the first sample → role → ns waited in that second.
+    wait_by_second: BTreeMap<u64, BTreeMap<&'static str, u64>>,
 }
 
 /// CPU by role in one second of the window: how many cores each role kept busy.
@@ -73,6 +92,10 @@ pub struct CpuSecond {
     /// Seconds since the window opened.
     pub t: u64,
     pub cores: BTreeMap<String, f64>,
+    /// Threads waiting for a core, on average over the second, by role (the roles of
+    /// [`WAIT_ROLES`]; a role absent waited less than 5 ms).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub waiting: BTreeMap<String, f64>,
 }
 
 impl CpuAccount {
@@ -100,6 +123,18 @@ impl CpuAccount {
                     *self.other_by_comm.entry(p.comm.clone()).or_default() += spent;
                 }
             }
+            let base = if first { p.wait_ns } else { 0 };
+            let last = self.last_wait.entry((p.pid, p.start_ticks)).or_insert(base);
+            let waited = p.wait_ns.saturating_sub(*last);
+            *last = (*last).max(p.wait_ns);
+            if waited > 0 {
+                *self
+                    .wait_by_second
+                    .entry(at.as_secs())
+                    .or_default()
+                    .entry(role(&p.comm))
+                    .or_default() += waited;
+            }
         }
         self.first_sample = false;
     }
@@ -116,6 +151,14 @@ impl CpuAccount {
                         let cores = *ticks as f64 / ticks_per_second;
                         (r.to_string(), (cores * 100.0).round() / 100.0)
                     })
+                    .collect(),
+                waiting: self
+                    .wait_by_second
+                    .get(t)
+                    .into_iter()
+                    .flatten()
+                    .map(|(r, ns)| (r.to_string(), (*ns as f64 / 1e7).round() / 100.0))
+                    .filter(|(_, w)| *w > 0.0)
                     .collect(),
             })
             .collect()
@@ -158,11 +201,25 @@ impl CpuAccount {
 /// CPU seconds by role over the seconds of `series` from `from` until `to` (seconds, the
 /// window rounded out to whole seconds).
 pub fn seconds_between(series: &[CpuSecond], from: f64, to: f64) -> BTreeMap<String, f64> {
+    sum_between(series, from, to, |s| &s.cores)
+}
+
+/// Seconds spent waiting for a core, by role, over the same window as [`seconds_between`].
+pub fn waiting_between(series: &[CpuSecond], from: f64, to: f64) -> BTreeMap<String, f64> {
+    sum_between(series, from, to, |s| &s.waiting)
+}
+
+fn sum_between(
+    series: &[CpuSecond],
+    from: f64,
+    to: f64,
+    field: impl Fn(&CpuSecond) -> &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
     let (first, last) = (from.floor() as u64, to.ceil() as u64);
     let mut out: BTreeMap<String, f64> = BTreeMap::new();
     for s in series.iter().filter(|s| s.t >= first && s.t < last) {
-        for (role, cores) in &s.cores {
-            *out.entry(role.clone()).or_default() += cores;
+        for (role, v) in field(s) {
+            *out.entry(role.clone()).or_default() += v;
         }
     }
     for v in out.values_mut() {
@@ -178,9 +235,24 @@ fn sample_all() -> Vec<ProcSample> {
     dir.filter_map(|e| {
         let e = e.ok()?;
         e.file_name().to_str()?.parse::<u32>().ok()?;
-        parse_stat(&std::fs::read_to_string(e.path().join("stat")).ok()?)
+        let mut p = parse_stat(&std::fs::read_to_string(e.path().join("stat")).ok()?)?;
+        if WAIT_ROLES.contains(&role(&p.comm)) {
+            p.wait_ns = threads_waited(&e.path());
+        }
+        Some(p)
     })
     .collect()
+}
+
+/// The run-queue wait of every thread of the process at `proc_dir`, summed.
+fn threads_waited(proc_dir: &std::path::Path) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(proc_dir.join("task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| parse_schedstat(&std::fs::read_to_string(t.path().join("schedstat")).ok()?))
+        .sum()
 }
 
 /// Samples the machine's processes until stopped; [`CpuMeter::stop`] returns what they
@@ -252,6 +324,7 @@ mod tests {
             start_ticks: start,
             comm: comm.into(),
             cpu_ticks: ticks,
+            wait_ns: 0,
         }
     }
 
@@ -342,6 +415,7 @@ mod tests {
         let second = |t: u64, op: f64| CpuSecond {
             t,
             cores: BTreeMap::from([("operator".to_string(), op)]),
+            waiting: BTreeMap::from([("agents".to_string(), op / 2.0)]),
         };
         let series = [
             second(0, 0.1),
@@ -350,12 +424,46 @@ mod tests {
             second(3, 0.8),
         ];
         assert_eq!(seconds_between(&series, 1.2, 2.5)["operator"], 0.6);
+        assert_eq!(waiting_between(&series, 1.2, 2.5)["agents"], 0.3);
         assert_eq!(seconds_between(&series, 0.0, 10.0)["operator"], 1.5);
         assert!(seconds_between(&series, 5.0, 6.0).is_empty());
     }
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn run_queue_waits_count_like_cpu_and_by_second() {
+        let w = |pid: u32, comm: &str, wait_ns: u64| ProcSample {
+            wait_ns,
+            ..p(pid, pid as u64, comm, 0)
+        };
+        let mut a = CpuAccount::new();
+        // Waits before the window do not count.
+        a.observe(ms(0), &[w(1, "sluice-agent", 7_000_000_000)]);
+        a.observe(
+            ms(500),
+            &[
+                w(1, "sluice-agent", 7_300_000_000),
+                w(2, "sluice-echo", 20_000_000),
+            ],
+        );
+        a.observe(
+            ms(1250),
+            &[
+                w(1, "sluice-agent", 7_350_000_000),
+                w(2, "sluice-echo", 20_000_000),
+            ],
+        );
+        let series = a.series(100.0);
+        assert_eq!(series[0].waiting["agents"], 0.3);
+        assert_eq!(series[0].waiting["apps"], 0.02);
+        assert_eq!(series[1].waiting["agents"], 0.05);
+        assert!(!series[1].waiting.contains_key("apps"));
+        assert_eq!(waiting_between(&series, 0.0, 2.0)["agents"], 0.35);
+        assert_eq!(parse_schedstat("123 456 7\n"), Some(456));
+        assert_eq!(parse_schedstat("123"), None);
     }
 
     #[test]

@@ -124,7 +124,7 @@ pub async fn run(args: ScenarioArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("{} at {delay} s", strategy.name()))?;
             eprintln!(
-                "{} delay {:.0}s: {} failed of {} ({:?}), storm {:.2}, p99 {:.1} → {:.1} ms (worst second {:.1} ms), release {:.1} s, CPU {:?} s",
+                "{} delay {:.0}s: {} failed of {} ({:?}), storm {:.2}, p99 {:.1} → {:.1} ms (worst second {:.1} ms), release {:.1} s, CPU {:?} s, waiting for a core {:?} s",
                 result.strategy,
                 result.delay_s,
                 result.failed,
@@ -139,7 +139,8 @@ pub async fn run(args: ScenarioArgs) -> anyhow::Result<()> {
                 result.p99_release_ms,
                 result.tail.worst_second_p99_ms,
                 result.release_s,
-                result.cpu_s
+                result.cpu_s,
+                result.cpu_wait_s
             );
             report.runs.push(result);
             write_report(&report, &args.out, &args.svg)?;

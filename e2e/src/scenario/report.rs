@@ -18,11 +18,11 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "| strategy | delay | requests | failed | outcomes | storm factor | peak new conns/s at the new pods (capacity) | busiest new pod's peak | p99 steady | p99 release | worst 1 s p99 | p99 release old / new pods | p99 release first / later on a connection | CPU s operator / agents / apps / all | release | ok req/s |"
+            "| strategy | delay | requests | failed | outcomes | storm factor | peak new conns/s at the new pods (capacity) | busiest new pod's peak | p99 steady | p99 release | worst 1 s p99 | p99 release old / new pods | p99 release first / later on a connection | CPU s operator / agents / apps / all | s waiting for a core agents / apps | release | ok req/s |"
         );
         let _ = writeln!(
             s,
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for r in &self.runs {
             let outcomes: Vec<String> = r
@@ -32,9 +32,10 @@ impl Report {
                 .map(|(o, n)| format!("{} {n}", o.as_str()))
                 .collect();
             let cpu = |role: &str| r.cpu_s.get(role).copied().unwrap_or(0.0);
+            let waited = |role: &str| r.cpu_wait_s.get(role).copied().unwrap_or(0.0);
             let _ = writeln!(
                 s,
-                "| {} | {:.0} s | {} | {} | {} | {:.2} | {:.0} ({:.0}) | {:.0} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} / {:.1} / {:.1} | {:.1} s | {:.0} |",
+                "| {} | {:.0} s | {} | {} | {} | {:.2} | {:.0} ({:.0}) | {:.0} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} / {:.1} / {:.1} | {:.1} / {:.1} | {:.1} s | {:.0} |",
                 r.strategy,
                 r.delay_s,
                 r.requests,
@@ -59,6 +60,8 @@ impl Report {
                 cpu("agents"),
                 cpu("apps"),
                 r.cpu_s.values().sum::<f64>(),
+                waited("agents"),
+                waited("apps"),
                 r.release_s,
                 r.achieved_rps
             );

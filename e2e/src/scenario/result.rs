@@ -39,6 +39,10 @@ pub struct RunResult {
     /// summed from `cpu_series` (whole seconds: the window is rounded out to them).
     #[serde(default)]
     pub cpu_s: BTreeMap<String, f64>,
+    /// Seconds the request path's threads (agents, apps, the load and proxy, the operator)
+    /// spent runnable but waiting for a core over the same window, by role.
+    #[serde(default)]
+    pub cpu_wait_s: BTreeMap<String, f64>,
     /// Cores busy by role, second by second, over the whole run (t: seconds since the
     /// load started, as in `series`).
     #[serde(default)]

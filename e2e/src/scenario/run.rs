@@ -231,6 +231,11 @@ async fn run_in_namespace(
             rs_ms / 1000.0,
             re_ms / 1000.0 + spec.delay.as_secs_f64(),
         ),
+        cpu_wait_s: crate::cpu::waiting_between(
+            &cpu.series,
+            rs_ms / 1000.0,
+            re_ms / 1000.0 + spec.delay.as_secs_f64(),
+        ),
         cpu_series: cpu.series,
         api_requests,
         cpu_top_other: cpu.top_other,

@@ -141,6 +141,7 @@ fn svg_renders_every_run() {
         p99_release_ms: 2.0,
         tail: crate::tail::TailBreakdown::default(),
         cpu_s: BTreeMap::from([("operator".to_string(), 1.5)]),
+        cpu_wait_s: BTreeMap::new(),
         cpu_series: Vec::new(),
         cpu_top_other: Vec::new(),
         api_requests: BTreeMap::new(),
