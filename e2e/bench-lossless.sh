@@ -21,7 +21,7 @@
 # GATEWAY_RATE (500), GATEWAY_CONNECTIONS (16), REPLICAS (6, both), SLUICE_E2E_KUBECONFIG
 # (default target/e2e/kubeconfig; when unset the ground is brought up with
 # `make cluster-up`, which is idempotent). For Sluice's Release (both):
-# SLUICE_E2E_MAX_SURGE (100%), SLUICE_E2E_MAX_CONCURRENT (drains at once, 6),
+# SLUICE_E2E_MAX_SURGE (25%, as B2), SLUICE_E2E_MAX_CONCURRENT (drains at once, 6),
 # SLUICE_E2E_AGENT_CPU (the agent's CPU request, default the operator's 10m).
 # SLUICE_E2E_RECORDS_DIR writes every request of each scenario run there (docs/testing.md;
 # not the gateway scenario's).
