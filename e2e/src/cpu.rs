@@ -111,29 +111,20 @@ impl CpuAccount {
     pub fn observe(&mut self, at: Duration, sample: &[ProcSample]) {
         let first = self.first_sample;
         let second = self.by_second.entry(at.as_secs()).or_default();
+        let waits = self.wait_by_second.entry(at.as_secs()).or_default();
         for p in sample {
-            let base = if first { p.cpu_ticks } else { 0 };
-            let last = self.last.entry((p.pid, p.start_ticks)).or_insert(base);
-            let spent = p.cpu_ticks.saturating_sub(*last);
-            *last = (*last).max(p.cpu_ticks);
+            let key = (p.pid, p.start_ticks);
+            let role = role(&p.comm);
+            let spent = advance(&mut self.last, key, p.cpu_ticks, first);
             if spent > 0 {
-                let role = role(&p.comm);
                 *second.entry(role).or_default() += spent;
                 if role == "other" {
                     *self.other_by_comm.entry(p.comm.clone()).or_default() += spent;
                 }
             }
-            let base = if first { p.wait_ns } else { 0 };
-            let last = self.last_wait.entry((p.pid, p.start_ticks)).or_insert(base);
-            let waited = p.wait_ns.saturating_sub(*last);
-            *last = (*last).max(p.wait_ns);
+            let waited = advance(&mut self.last_wait, key, p.wait_ns, first);
             if waited > 0 {
-                *self
-                    .wait_by_second
-                    .entry(at.as_secs())
-                    .or_default()
-                    .entry(role(&p.comm))
-                    .or_default() += waited;
+                *waits.entry(role).or_default() += waited;
             }
         }
         self.first_sample = false;
@@ -196,6 +187,15 @@ impl CpuAccount {
         }
         out
     }
+}
+
+/// How much a process's counter grew since it was last seen, remembering the new value.
+/// At the window's first sample a process counts from there; one born later from zero.
+fn advance(last: &mut BTreeMap<(u32, u64), u64>, key: (u32, u64), now: u64, first: bool) -> u64 {
+    let seen = last.entry(key).or_insert(if first { now } else { 0 });
+    let grew = now.saturating_sub(*seen);
+    *seen = (*seen).max(now);
+    grew
 }
 
 /// CPU seconds by role over the seconds of `series` from `from` until `to` (seconds, the

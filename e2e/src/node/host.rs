@@ -225,12 +225,13 @@ pub fn set_cpu_shares(rel: &str, shares: u64) -> anyhow::Result<()> {
 /// Moves `pid` (all its threads) into the cgroup `rel` of the hierarchy that holds the
 /// CPU controller (v1 `cpu`, else the v2 mount).
 pub fn join_cpu_cgroup(rel: &str, pid: i32) -> anyhow::Result<()> {
-    let hierarchy = cgroup_hierarchies()
-        .into_iter()
+    let hierarchies = cgroup_hierarchies();
+    let hierarchy = hierarchies
+        .iter()
         .find(|h| h.join("cpu.shares").exists())
         .or_else(|| {
-            cgroup_hierarchies()
-                .into_iter()
+            hierarchies
+                .iter()
                 .find(|h| h.join("cgroup.controllers").exists())
         })
         .context("no cgroup hierarchy with the cpu controller")?;

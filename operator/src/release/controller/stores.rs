@@ -141,7 +141,9 @@ impl Stores {
     }
 
     /// Remember a version of the Release `ns/name` the operator wrote or read (`None`, or
-    /// one that is not a number: unknown, the next round reads the API).
+    /// one that is not a number: unknown, the next round reads the API). Its writes and
+    /// reads of one Release follow each other, so a known version after an unknown one
+    /// replaces it.
     pub(super) fn saw_release(&self, ns: &str, name: &str, version: Option<&str>) {
         let v = version
             .and_then(|v| v.parse::<u64>().ok())
@@ -151,7 +153,7 @@ impl Stores {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let slot = seen.entry((ns.to_string(), name.to_string())).or_default();
-        *slot = (*slot).max(v);
+        *slot = if *slot == u64::MAX { v } else { (*slot).max(v) };
     }
 
     /// Whether the cached copy of the Release `ns/name` (its `resourceVersion`) is at
@@ -351,6 +353,8 @@ mod tests {
         // A write of unknown version: read through the API until a read records one.
         stores.saw_release("a", "echo", None);
         assert!(!stores.release_current("a", "echo", Some("99")));
+        stores.saw_release("a", "echo", Some("100"));
+        assert!(stores.release_current("a", "echo", Some("100")));
         stores.forget("a", "echo");
         assert!(stores.release_current("a", "echo", Some("1")));
     }
