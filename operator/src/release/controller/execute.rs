@@ -43,8 +43,8 @@ pub(super) async fn execute(ctx: &Context, g: &Gathered, plan: &Plan) -> Result<
     let rss: Api<ReplicaSet> = Api::namespaced(client.clone(), ns);
     let pods: Api<Pod> = Api::namespaced(client, ns);
     let reference = release.object_ref(&());
-    // Each ReplicaSet and pod write is remembered until the caches show it (`stores.rs`);
-    // `None`: the object was gone, nothing to wait for.
+    // Each Deployment, ReplicaSet and pod write is remembered until the caches show it
+    // (`stores.rs`); `None`: the object was gone, nothing to wait for.
     let wrote = |kind: Kind, version: Option<String>| {
         if let Some(v) = version {
             ctx.stores.wrote(ns, name, kind, Some(&v));
@@ -74,7 +74,7 @@ pub(super) async fn execute(ctx: &Context, g: &Gathered, plan: &Plan) -> Result<
                 // The resourceVersion read makes this conditional: when another Release
                 // claimed the Deployment meanwhile, it fails with a conflict, and the next
                 // reconcile sees that claim. Nothing after it in this plan runs.
-                deployments
+                let claimed = deployments
                     .patch(
                         &release.spec.workload_ref.name,
                         &PatchParams::default(),
@@ -84,6 +84,7 @@ pub(super) async fn execute(ctx: &Context, g: &Gathered, plan: &Plan) -> Result<
                         }})),
                     )
                     .await?;
+                wrote(Kind::Deployment, claimed.resource_version());
             }
             Action::ReleaseClaim => {
                 let patch = json!([
@@ -98,27 +99,29 @@ pub(super) async fn execute(ctx: &Context, g: &Gathered, plan: &Plan) -> Result<
                     )
                     .await
                 {
-                    Ok(_) => {}
+                    Ok(released) => wrote(Kind::Deployment, released.resource_version()),
                     // Gone, or the claim is no longer ours (a failed test is a 422).
                     Err(kube::Error::Api(e)) if e.code == 404 || e.code == 422 => {}
                     Err(e) => return Err(e.into()),
                 }
             }
             Action::RecordDeploymentReplicas(n) => {
-                merge(
+                let v = merge(
                     &deployments,
                     &release.spec.workload_ref.name,
                     json!({"metadata": {"annotations": {REPLICAS_ANNOTATION: n.to_string()}}}),
                 )
                 .await?;
+                wrote(Kind::Deployment, v);
             }
             Action::ScaleDeployment(n) => {
-                merge(
+                let v = merge(
                     &deployments,
                     &release.spec.workload_ref.name,
                     json!({"spec": {"replicas": n}}),
                 )
                 .await?;
+                wrote(Kind::Deployment, v);
             }
             Action::CreateReplicaSet { revision, replicas } => {
                 let dep = deployment

@@ -7,6 +7,7 @@ use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, ObjectMeta};
+use kube::runtime::reflector::ObjectRef;
 
 use crate::pod::drain::scrape_all;
 use crate::pod::inject::{inject, revision_of};
@@ -35,8 +36,8 @@ pub(super) struct Gathered {
     pub(super) now: f64,
 }
 
-/// Read the Release and its Deployment, select its ReplicaSets and pods from the caches,
-/// and scrape the agents.
+/// Read the Release, select its Deployment, ReplicaSets and pods from the caches, and
+/// scrape the agents.
 /// `None`: the Release is gone (its samples are forgotten).
 pub(super) async fn gather(cached: &Release, ctx: &Context) -> Result<Option<Gathered>, Error> {
     let ns = cached
@@ -74,7 +75,17 @@ pub(super) async fn gather(cached: &Release, ctx: &Context) -> Result<Option<Gat
     // An invalid spec must not strand the Deployment at 0 on deletion: the hand-back runs
     // with what the spec still says validly (drain policy, replicas), defaults for the rest.
     let settings = Settings::for_reconcile(&release.spec, &ctx.agent_images, deleting);
-    let deployment = deployments.get_opt(&release.spec.workload_ref.name).await?;
+    // The watch caches, unless they may not show this Release's own last writes yet
+    // (`stores.rs`): then consistent reads through the API, as before the caches.
+    let caught_up = ctx.stores.caught_up(&ns, &name);
+    let deployment = if caught_up {
+        ctx.stores
+            .deployments
+            .get(&ObjectRef::new(&release.spec.workload_ref.name).within(&ns))
+            .map(|d| (*d).clone())
+    } else {
+        deployments.get_opt(&release.spec.workload_ref.name).await?
+    };
     let claim = match deployment
         .as_ref()
         .and_then(|d| d.annotations().get(CLAIM_ANNOTATION))
@@ -95,9 +106,7 @@ pub(super) async fn gather(cached: &Release, ctx: &Context) -> Result<Option<Gat
     let dep_view = deployment
         .as_ref()
         .map(|d| deployment_view(d, &settings, claim));
-    // The watch caches, unless they may not show this Release's own last writes yet
-    // (`stores.rs`): then a consistent read through the API, as before the caches.
-    let (rs_items, pod_items) = if ctx.stores.caught_up(&ns, &name) {
+    let (rs_items, pod_items) = if caught_up {
         let ours = |m: &ObjectMeta| labelled_for(m, &ns, &name);
         (
             ctx.stores.replica_sets.state_filter(|r| ours(&r.metadata)),

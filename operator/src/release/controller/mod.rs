@@ -11,7 +11,8 @@
 //! pure planner (`super::plan`), `execute.rs` (the plan's actions, each idempotent),
 //! `status.rs` (status, metrics, and the status a panicked round leaves); `context.rs`
 //! holds the errors, the shared context and the configuration; `stores.rs` the watch
-//! caches that ReplicaSets and pods are read from (no LIST per round).
+//! caches that the Deployment, ReplicaSets and pods are read from (no GET or LIST per
+//! round).
 
 mod analysis;
 mod context;
@@ -30,8 +31,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Predicate, PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::Instrument;
 
@@ -78,7 +79,7 @@ pub async fn run(client: Client, metrics: ReleaseMetrics, config: Config) {
     let pods: Api<Pod> = api(&client, &scope);
     let deployments: Api<Deployment> = api(&client, &scope);
     // One watch per kind: it fills the cache reconciles read and triggers the Controller.
-    let (stores, rs_changes, pod_changes) = Stores::new(rs, pods);
+    let (stores, triggers) = Stores::new(deployments, rs, pods);
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
@@ -87,11 +88,19 @@ pub async fn run(client: Client, metrics: ReleaseMetrics, config: Config) {
         samples: Mutex::new(SampleStore::default()),
         stores,
     });
-    let controller = Controller::new(releases, watcher::Config::default());
+    // The Releases' cache takes every change (the rounds read their status from it); only
+    // changes that ask for a round trigger one (`release_trigger`).
+    let (release_store, release_writer) = reflector::store();
+    let release_changes = watcher(releases, watcher::Config::default())
+        .default_backoff()
+        .reflect(release_writer)
+        .applied_objects()
+        .predicate_filter(release_trigger(), PredicateConfig::default());
+    let controller = Controller::for_stream(release_changes, release_store);
     let store = controller.store();
     controller
-        .owns_stream(rs_changes)
-        .watches_stream(pod_changes, |pod: Pod| {
+        .owns_stream(triggers.replica_sets)
+        .watches_stream(triggers.pods, |pod: Pod| {
             let ns = pod.namespace();
             pod.labels()
                 .get(RELEASE_LABEL)
@@ -105,23 +114,19 @@ pub async fn run(client: Client, metrics: ReleaseMetrics, config: Config) {
                 .into_iter()
                 .collect::<Vec<_>>()
         })
-        .watches(
-            deployments,
-            watcher::Config::default(),
-            move |dep: Deployment| {
-                let ns = dep.namespace().unwrap_or_default();
-                let name = dep.name_any();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|r| {
-                        r.namespace().as_deref() == Some(ns.as_str())
-                            && r.spec.workload_ref.name == name
-                    })
-                    .map(|r| ObjectRef::from_obj(&*r))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(triggers.deployments, move |dep: Deployment| {
+            let ns = dep.namespace().unwrap_or_default();
+            let name = dep.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|r| {
+                    r.namespace().as_deref() == Some(ns.as_str())
+                        && r.spec.workload_ref.name == name
+                })
+                .map(|r| ObjectRef::from_obj(&*r))
+                .collect::<Vec<_>>()
+        })
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(err) = res {
@@ -129,6 +134,17 @@ pub async fn run(client: Client, metrics: ReleaseMetrics, config: Config) {
             }
         })
         .await;
+}
+
+/// What makes a change to a Release worth a round of its own: its spec (`generation`,
+/// which also moves when its deletion starts), its annotations (promote, abort) and its
+/// finalizers. Not the operator's own status writes: the round that wrote one already asked
+/// for the next (`requeue_after`), and a round per write doubled a busy Release's rounds,
+/// each scraping every agent and adding to the API server's load during the release.
+fn release_trigger() -> impl Predicate<Release> {
+    predicates::generation
+        .combine(predicates::annotations)
+        .combine(predicates::finalizers)
 }
 
 fn error_policy(release: Arc<Release>, err: &Error, ctx: Arc<Context>) -> Requeue {

@@ -1,13 +1,15 @@
-//! The watch caches a reconcile reads ReplicaSets and pods from, and how a round knows
-//! whether they already show this Release's own last writes.
+//! The watch caches a reconcile reads Deployments, ReplicaSets and pods from, and how a
+//! round knows whether they already show this Release's own last writes.
 //!
-//! One reflector per kind, over the objects labelled [`RELEASE_LABEL`] in the watched
-//! scope; the same streams trigger the Controller, so each kind is watched once.
+//! One reflector per kind: ReplicaSets and pods labelled [`RELEASE_LABEL`], and every
+//! Deployment (a Release names its Deployment, which carries no label of ours), in the
+//! watched scope; the same streams trigger the Controller, so each kind is watched once.
 //!
 //! A cache lags the API by at least one watch event. Right after a round patched a pod
-//! (drain started, released, serving) or created/scaled a ReplicaSet, the next round could
-//! see the old object and act again: start the same drain twice (a second record, the
-//! drain clock reset), release a pod twice. So every write's returned `resourceVersion` is
+//! (drain started, released, serving), created/scaled a ReplicaSet or claimed/scaled the
+//! Deployment, the next round could see the old object and act again: start the same
+//! drain twice (a second record, the drain clock reset), release a pod twice, scale the
+//! Deployment to 0 twice. So every write's returned `resourceVersion` is
 //! remembered per Release ([`Stores::wrote`]), each cache keeps the highest
 //! `resourceVersion` it has applied (watch events arrive in that order), and a round whose
 //! Release wrote something its cache has not applied yet reads through the API instead
@@ -23,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
-use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
@@ -31,10 +33,12 @@ use kube::runtime::{WatchStreamExt, watcher};
 
 use crate::release::crd::RELEASE_LABEL;
 
-/// The two caches, their progress, and the writes not yet seen in them.
+/// The caches, their progress, and the writes not yet seen in them.
 pub(super) struct Stores {
+    pub(super) deployments: Store<Deployment>,
     pub(super) replica_sets: Store<ReplicaSet>,
     pub(super) pods: Store<Pod>,
+    deployments_seen: Arc<AtomicU64>,
     rs_seen: Arc<AtomicU64>,
     pods_seen: Arc<AtomicU64>,
     /// Per Release (namespace, name): the highest `resourceVersion` it wrote per kind.
@@ -47,6 +51,7 @@ pub(super) struct Stores {
 /// What a Release's rounds wrote that the caches may not show yet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Written {
+    deployments: u64,
     replica_sets: u64,
     pods: u64,
     /// A write whose resulting version is unknown (a delete that answered with a
@@ -57,6 +62,7 @@ pub(super) struct Written {
 /// Which cache a write lands in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Kind {
+    Deployment,
     ReplicaSet,
     Pod,
 }
@@ -66,34 +72,52 @@ pub(super) enum Kind {
 pub(super) type Trigger<K> =
     std::pin::Pin<Box<dyn Stream<Item = Result<K, watcher::Error>> + Send>>;
 
+/// One trigger stream per cache.
+pub(super) struct Triggers {
+    pub(super) deployments: Trigger<Deployment>,
+    pub(super) replica_sets: Trigger<ReplicaSet>,
+    pub(super) pods: Trigger<Pod>,
+}
+
 impl Stores {
-    /// The caches over `rss` and `pods` (their scope: the watched namespace or all), and
-    /// the trigger streams that fill them.
+    /// The caches over `deployments`, `rss` and `pods` (their scope: the watched namespace
+    /// or all), and the trigger streams that fill them.
     pub(super) fn new(
+        deployments: Api<Deployment>,
         rss: Api<ReplicaSet>,
         pods: Api<Pod>,
-    ) -> (Self, Trigger<ReplicaSet>, Trigger<Pod>) {
+    ) -> (Self, Triggers) {
         // The same selection the Controller's own watches had: anything a Release labelled.
         let cfg = || watcher::Config::default().labels(RELEASE_LABEL);
+        let (dep_store, dep_stream, deployments_seen) =
+            reflect(deployments, watcher::Config::default());
         let (rs_store, rs_stream, rs_seen) = reflect(rss, cfg());
         let (pod_store, pod_stream, pods_seen) = reflect(pods, cfg());
         let stores = Stores {
+            deployments: dep_store,
             replica_sets: rs_store,
             pods: pod_store,
+            deployments_seen,
             rs_seen,
             pods_seen,
             written: Mutex::new(HashMap::new()),
             release_seen: Mutex::new(HashMap::new()),
         };
-        (stores, rs_stream, pod_stream)
+        let triggers = Triggers {
+            deployments: dep_stream,
+            replica_sets: rs_stream,
+            pods: pod_stream,
+        };
+        (stores, triggers)
     }
 
-    /// Both caches hold a complete first listing. Before that a round must not plan from
-    /// them (an empty cache reads as "no ReplicaSets, no pods").
+    /// Every cache holds a complete first listing. Before that a round must not plan from
+    /// them (an empty cache reads as "no Deployment, no ReplicaSets, no pods").
     pub(super) fn ready(&self) -> bool {
         let ready =
             |f: Option<Result<(), reflector::store::WriterDropped>>| matches!(f, Some(Ok(())));
-        ready(self.replica_sets.wait_until_ready().now_or_never())
+        ready(self.deployments.wait_until_ready().now_or_never())
+            && ready(self.replica_sets.wait_until_ready().now_or_never())
             && ready(self.pods.wait_until_ready().now_or_never())
     }
 
@@ -115,10 +139,11 @@ impl Stores {
         let Some(w) = written.get(&key) else {
             return true;
         };
-        let seen = (
-            self.rs_seen.load(Ordering::Acquire),
-            self.pods_seen.load(Ordering::Acquire),
-        );
+        let seen = Seen {
+            deployments: self.deployments_seen.load(Ordering::Acquire),
+            replica_sets: self.rs_seen.load(Ordering::Acquire),
+            pods: self.pods_seen.load(Ordering::Acquire),
+        };
         let shown = w.shown_by(seen);
         if shown || w.unknown {
             // An unknown version cannot be waited for: this one round reads the API.
@@ -178,6 +203,7 @@ impl Written {
         match version.and_then(|v| v.parse::<u64>().ok()) {
             Some(v) => {
                 let slot = match kind {
+                    Kind::Deployment => &mut self.deployments,
                     Kind::ReplicaSet => &mut self.replica_sets,
                     Kind::Pod => &mut self.pods,
                 };
@@ -187,10 +213,21 @@ impl Written {
         }
     }
 
-    /// Whether caches that applied up to `(replica_sets, pods)` show these writes.
-    fn shown_by(&self, (rs_seen, pods_seen): (u64, u64)) -> bool {
-        !self.unknown && self.replica_sets <= rs_seen && self.pods <= pods_seen
+    /// Whether caches that applied up to `seen` show these writes.
+    fn shown_by(&self, seen: Seen) -> bool {
+        !self.unknown
+            && self.deployments <= seen.deployments
+            && self.replica_sets <= seen.replica_sets
+            && self.pods <= seen.pods
     }
+}
+
+/// The highest `resourceVersion` each cache has applied.
+#[derive(Clone, Copy, Debug, Default)]
+struct Seen {
+    deployments: u64,
+    replica_sets: u64,
+    pods: u64,
 }
 
 /// A reflector over `api`, its trigger stream, and the highest `resourceVersion` it has
@@ -264,8 +301,10 @@ mod tests {
 
     fn test_stores() -> Stores {
         Stores {
+            deployments: reflector::store().0,
             replica_sets: reflector::store().0,
             pods: reflector::store().0,
+            deployments_seen: Arc::new(AtomicU64::new(0)),
             rs_seen: Arc::new(AtomicU64::new(0)),
             pods_seen: Arc::new(AtomicU64::new(0)),
             written: Mutex::new(HashMap::new()),
@@ -316,6 +355,11 @@ mod tests {
         stores.wrote("a", "echo", Kind::ReplicaSet, None);
         assert!(!stores.caught_up("a", "echo"));
         assert!(stores.caught_up("a", "echo"));
+        // A Deployment write (claim, scale): its cache must show it too.
+        stores.wrote("a", "echo", Kind::Deployment, Some("20"));
+        assert!(!stores.caught_up("a", "echo"));
+        stores.deployments_seen.store(20, Ordering::Release);
+        assert!(stores.caught_up("a", "echo"));
         stores.wrote("a", "echo", Kind::ReplicaSet, Some("99"));
         stores.forget("a", "echo");
         assert!(stores.caught_up("a", "echo"));
@@ -323,16 +367,23 @@ mod tests {
 
     #[test]
     fn writes_are_shown_once_each_cache_applied_their_version() {
+        let seen = |deployments, replica_sets, pods| Seen {
+            deployments,
+            replica_sets,
+            pods,
+        };
         let mut w = Written::default();
-        assert!(w.shown_by((0, 0)));
+        assert!(w.shown_by(seen(0, 0, 0)));
         w.record(Kind::ReplicaSet, Some("100"));
         w.record(Kind::Pod, Some("105"));
         w.record(Kind::Pod, Some("103"));
-        assert!(!w.shown_by((100, 104)));
-        assert!(!w.shown_by((99, 200)));
-        assert!(w.shown_by((100, 105)));
+        w.record(Kind::Deployment, Some("90"));
+        assert!(!w.shown_by(seen(90, 100, 104)));
+        assert!(!w.shown_by(seen(90, 99, 200)));
+        assert!(!w.shown_by(seen(89, 100, 105)));
+        assert!(w.shown_by(seen(90, 100, 105)));
         w.record(Kind::Pod, None);
-        assert!(!w.shown_by((u64::MAX, u64::MAX)));
+        assert!(!w.shown_by(seen(u64::MAX, u64::MAX, u64::MAX)));
     }
 
     #[test]

@@ -356,3 +356,39 @@ fn error_labels() {
         "invalid_workload"
     );
 }
+
+#[test]
+fn a_release_triggers_a_round_on_spec_annotations_and_finalizers_not_on_its_status() {
+    let mut base = Release::new(
+        "echo",
+        serde_yaml::from_str::<ReleaseSpec>("workloadRef: {name: echo}").unwrap(),
+    );
+    base.metadata.namespace = Some("default".into());
+    base.metadata.generation = Some(3);
+    base.metadata.resource_version = Some("100".into());
+    let trigger = release_trigger();
+    let hash = |r: &Release| trigger.hash_property(r);
+
+    // The operator's own status write: a new resourceVersion, a new status, nothing else.
+    let mut status_only = base.clone();
+    status_only.metadata.resource_version = Some("101".into());
+    status_only.status = Some(ReleaseStatus {
+        phase: Some(crate::release::crd::Phase::Progressing),
+        ..Default::default()
+    });
+    assert_eq!(hash(&base), hash(&status_only));
+
+    let mut spec = base.clone();
+    spec.metadata.generation = Some(4);
+    assert_ne!(hash(&base), hash(&spec));
+
+    let mut promote = base.clone();
+    promote
+        .annotations_mut()
+        .insert(crate::release::crd::PROMOTE_ANNOTATION.into(), "1".into());
+    assert_ne!(hash(&base), hash(&promote));
+
+    let mut finalizer = base.clone();
+    finalizer.finalizers_mut().push(FINALIZER.into());
+    assert_ne!(hash(&base), hash(&finalizer));
+}
