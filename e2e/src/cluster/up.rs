@@ -385,18 +385,25 @@ pub fn down() -> anyhow::Result<()> {
 /// manager, the scheduler, KWOK).
 const CONTROL_PLANE_CGROUP: &str = "/sluice-control-plane";
 
+/// The control plane's CPU weight: 1/16 of the node's cgroup root on this two-core machine.
+const CONTROL_PLANE_CPU_SHARES: u64 = 128;
+
 /// A real cluster's control plane runs on other machines; here it shares the node's cores.
-/// In one cgroup of its own (the default weight) its bursts compete with the node's pods as
-/// one group, as another tenant of the machine would, instead of each of its threads
-/// weighing as much as all the node's pods together (measured: pods waited hundreds of
-/// milliseconds for a core while the API server was busy; docs/testing.md).
+/// In one cgroup of its own its bursts compete with the node's pods as one group, instead
+/// of each of its threads weighing as much as all the node's pods together (measured: pods
+/// waited hundreds of milliseconds for a core while the API server was busy), and with a
+/// low weight it takes every cycle the node leaves idle but yields when the node's pods
+/// want the cores, as a control plane on other machines would never take theirs
+/// (docs/testing.md).
 fn confine_control_plane(daemons: &[procs::Daemon]) {
     use crate::node::host;
-    let confined = host::create_cgroup(CONTROL_PLANE_CGROUP).and_then(|()| {
-        daemons
-            .iter()
-            .try_for_each(|d| host::join_cpu_cgroup(CONTROL_PLANE_CGROUP, d.pid))
-    });
+    let confined = host::create_cgroup(CONTROL_PLANE_CGROUP)
+        .and_then(|()| host::set_cpu_shares(CONTROL_PLANE_CGROUP, CONTROL_PLANE_CPU_SHARES))
+        .and_then(|()| {
+            daemons
+                .iter()
+                .try_for_each(|d| host::join_cpu_cgroup(CONTROL_PLANE_CGROUP, d.pid))
+        });
     if let Err(err) = confined {
         eprintln!("cluster up: the control plane stays in the machine's cgroup: {err:#}");
     }
