@@ -180,7 +180,14 @@ pub(super) async fn gather(cached: &Release, ctx: &Context) -> Result<Option<Gat
         deleting,
         has_finalizer: release.finalizers().iter().any(|f| f == FINALIZER),
         settings,
-        status: release.status.clone().unwrap_or_default(),
+        status: {
+            // The counts a round planned but did not write yet (`status_writes.rs`).
+            let mut status = release.status.clone().unwrap_or_default();
+            ctx.stores
+                .status_writes
+                .apply_kept_counts(&ns, &name, &mut status);
+            status
+        },
         promote: annotations.get(PROMOTE_ANNOTATION).cloned(),
         abort: annotations.get(ABORT_ANNOTATION).cloned(),
         deployment: dep_view,

@@ -20,6 +20,7 @@ mod execute;
 mod gather;
 mod routing;
 mod status;
+mod status_writes;
 mod stores;
 
 use std::sync::{Arc, Mutex};
@@ -200,9 +201,19 @@ async fn reconcile_inner(cached: &Release, ctx: &Context) -> Result<Requeue, Err
         return Ok(Requeue::await_change());
     }
     // An unchanged status is not written: even a no-op apply costs the API server a full
-    // decode, merge and compare, and a busy Release is reconciled every 500 ms.
-    if g.release.status.as_ref() != Some(&plan.status) {
+    // decode, merge and compare, and a busy Release is reconciled every 500 ms. A change of
+    // closed-connection counts alone waits a little (`status_writes.rs`).
+    if g.release.status.as_ref() != Some(&plan.status)
+        && ctx.stores.status_writes.write_now(
+            &g.ns,
+            &g.name,
+            g.release.status.as_ref(),
+            &plan.status,
+            g.now,
+        )
+    {
         write_status(ctx, &g.ns, &g.name, &plan).await?;
+        ctx.stores.status_writes.wrote(&g.ns, &g.name, g.now);
     }
     record_metrics(ctx, &g.ns, &g.name, &g.observed, &plan);
     analysis::after_plan(ctx, &g.release, &g.observed, &plan);

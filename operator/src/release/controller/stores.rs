@@ -33,6 +33,8 @@ use kube::runtime::{WatchStreamExt, watcher};
 
 use crate::release::crd::RELEASE_LABEL;
 
+use super::status_writes::StatusWrites;
+
 /// The caches, their progress, and the writes not yet seen in them.
 pub(super) struct Stores {
     pub(super) deployments: Store<Deployment>,
@@ -46,6 +48,8 @@ pub(super) struct Stores {
     /// Per Release: the newest `resourceVersion` of the Release object the operator wrote
     /// or read (`u64::MAX`: a write whose version is unknown).
     release_seen: Mutex<HashMap<(String, String), u64>>,
+    /// Which status changes are written now and which wait (`status_writes.rs`).
+    pub(super) status_writes: StatusWrites,
 }
 
 /// What a Release's rounds wrote that the caches may not show yet.
@@ -102,6 +106,7 @@ impl Stores {
             pods_seen,
             written: Mutex::new(HashMap::new()),
             release_seen: Mutex::new(HashMap::new()),
+            status_writes: StatusWrites::default(),
         };
         let triggers = Triggers {
             deployments: dep_stream,
@@ -163,6 +168,7 @@ impl Stores {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&key);
+        self.status_writes.forget(ns, name);
     }
 
     /// Remember a version of the Release `ns/name` the operator wrote or read (`None`, or
@@ -309,6 +315,7 @@ mod tests {
             pods_seen: Arc::new(AtomicU64::new(0)),
             written: Mutex::new(HashMap::new()),
             release_seen: Mutex::new(HashMap::new()),
+            status_writes: StatusWrites::default(),
         }
     }
 
