@@ -90,10 +90,10 @@ pub async fn run(client: Client, metrics: ReleaseMetrics, config: Config) {
         stores,
     });
     // The Releases' cache takes every change (the rounds read their status from it); only
-    // changes that ask for a round trigger one (`release_trigger`).
+    // changes that ask for a round trigger one (`release_trigger`). No backoff of its own:
+    // the Controller backs off all its triggers.
     let (release_store, release_writer) = reflector::store();
     let release_changes = watcher(releases, watcher::Config::default())
-        .default_backoff()
         .reflect(release_writer)
         .applied_objects()
         .predicate_filter(release_trigger(), PredicateConfig::default());
