@@ -3,7 +3,7 @@
 //! While a pod's connections close, every round's scrape sees more of them closed, so the
 //! planned status differs from the stored one in nothing but a drain's closed-connection
 //! count, round after round. Written each time, that was most of a release's status writes
-//! (33 of 83 in one release of 6 pods), each a server-side apply the API server decodes,
+//! (34 of 79 in one release of 6 pods), each a server-side apply the API server decodes,
 //! merges, stores and sends to every watcher while the node's pods are busiest. Such a
 //! change alone is written at most every [`COUNTS_WRITE_INTERVAL`]; any other change is
 //! written at once, with the counts. Meanwhile the counts are kept here and the next round
